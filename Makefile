@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both install what they need
+# into .venv first (nothing is assumed to be on the machine but python3 and gcc).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# A CPU build of torch; the trainer image pins its CUDA build in the Dockerfile.
+TORCH_SPEC     ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+PYTEST_ARGS    ?=
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# deepspeed's setup.py imports torch: build it against the torch just installed.
+	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[trainer,operator,dev]"
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/run-local-demo.sh
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,211 @@
+"""The trainer's configuration: one YAML file, validated before anything else runs.
+
+This module is the single source of truth for the config contract in DESIGN.md. The
+operator imports it to render a `DreamboothJob` into a trainer config, so it must only
+depend on pydantic and PyYAML (never torch).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+
+
+class ConfigError(Exception):
+    """A config or input problem the user must fix; main turns it into exit code 2."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: reject them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        "tiny",
+        description="`tiny` (built-in random model, no download), a local diffusers folder, or a hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    cache_dir: Path | None = Field(None, description="Where hub downloads go; default: huggingface_hub's cache.")
+
+
+class DataConfig(_Section):
+    instance_dir: Path = Field(description="Folder with the 3-5+ photos of the subject.")
+    instance_prompt: str = Field(min_length=1, description="Prompt with the rare identifier, e.g. `a photo of sks dog`.")
+    class_prompt: str | None = Field(None, description="Prompt of the subject's class; setting it enables prior preservation.")
+    class_dir: Path | None = Field(None, description="Folder of class images; missing ones are generated there.")
+    num_class_images: int = Field(100, ge=1, description="How many class images prior preservation uses.")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (a multiple of 8).")
+    center_crop: bool = Field(True, description="Center crop after resizing; false takes a random crop.")
+    random_flip: bool = Field(True, description="Flip images horizontally at random (deterministic per seed).")
+    class_generation_steps: int = Field(25, ge=1, description="Inference steps per generated class image.")
+    class_generation_batch_size: int = Field(4, ge=1, description="Class images generated per pipeline call.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.resolution % 8:
+            raise ValueError(f"data.resolution = {self.resolution} must be a multiple of 8 (e.g. {self.resolution // 8 * 8 or 8})")
+        if self.class_prompt is not None and self.class_dir is None:
+            raise ValueError("data.class_dir is required when data.class_prompt is set (where class images are kept)")
+        return self
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return self.class_prompt is not None
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(800, ge=1, description="Optimizer steps to train.")
+    learning_rate: float = Field(2e-6, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(1, ge=1, description="Instance images per rank per micro step (as many class images again).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro steps per optimizer step.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class (prior) loss.")
+    train_text_encoder: bool = Field(False, description="Train the CLIP text encoder together with the UNet.")
+    precision: Precision = Field("auto", description="`auto`: fp16 on CUDA, bf16 on CPU.")
+    seed: int = Field(0, description="Seeds model init, noise, timesteps, data order and flips.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged last into the generated DeepSpeed config (e.g. zero_optimization.reduce_bucket_size).",
+    )
+
+
+class CheckpointConfig(_Section):
+    dir: Path = Field(description="Folder of `step-NNNNNNNN/` checkpoints and the `latest` pointer.")
+    every_steps: int = Field(500, ge=1, description="Save every N optimizer steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="How many complete checkpoints to keep.")
+    resume: str = Field("auto", description="`auto` (latest complete one), `never`, or a checkpoint folder.")
+    grace_seconds: float = Field(25.0, gt=0, description="Time allowed to checkpoint after SIGTERM.")
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(description="Final diffusers pipeline folder (with run.json), written atomically.")
+
+
+def _default_metrics_host() -> str:
+    return os.environ.get("POD_IP") or "0.0.0.0"
+
+
+class MetricsConfig(_Section):
+    port: int = Field(0, ge=0, le=65535, description="Prometheus port of rank 0; 0 disables.")
+    host: str = Field(default_factory=_default_metrics_host, description="Bind address; default $POD_IP else 0.0.0.0.")
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(1, ge=1, description="Print a progress line every N steps on rank 0.")
+    format: Literal["text", "json"] = Field("text", description="`json`: one JSON object per line.")
+
+
+class TrainerConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig
+    output: OutputConfig
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainerConfig":
+        if self.training.lr_warmup_steps > self.training.max_steps:
+            raise ValueError(
+                f"training.lr_warmup_steps = {self.training.lr_warmup_steps} exceeds training.max_steps = "
+                f"{self.training.max_steps}; lower the warmup"
+            )
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set training.max_steps=100")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid trainer config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing; add it to the file or pass --set {key}=VALUE")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check its spelling against DESIGN.md / README")
+        else:
+            lines.append(f"  {key} = {item.get('input')!r}: {message}")
+    lines.append("Fix the file or override a key with --set section.key=value.")
+    return "\n".join(lines)
+
+
+def validate_config(raw: Any, source: str = "<config>") -> TrainerConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid trainer config {source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+    config = validate_config(apply_overrides(raw, overrides or []), str(path))
+    return _absolute_paths(config)
+
+
+def _absolute_paths(config: TrainerConfig) -> TrainerConfig:
+    """Relative paths in a config file are relative to the working directory, as with
+    torchrun's own arguments; they are made absolute once so that every rank agrees."""
+    for section, key in _PATH_KEYS:
+        node = getattr(config, section)
+        value = getattr(node, key)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(node, key, value.absolute())
+    return config
+
+
+_PATH_KEYS = [
+    ("data", "instance_dir"),
+    ("data", "class_dir"),
+    ("checkpoint", "dir"),
+    ("output", "dir"),
+]
