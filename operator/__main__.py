@@ -1,0 +1,1 @@
+"""`python -m dreambooth_operator`: placeholder until the controller lands."""
