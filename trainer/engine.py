@@ -1,0 +1,106 @@
+"""DeepSpeed: the engine config (a pure function of the trainer config), the learning
+rate schedule, and engine construction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from trainer.config import TrainerConfig
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` means fp16 on CUDA (with dynamic loss scaling) and bf16 on CPU."""
+    if requested != "auto":
+        if requested == "fp16" and device.type != "cuda":
+            from trainer.config import ConfigError
+
+            raise ConfigError("training.precision = 'fp16' needs a CUDA device; use bf16 or fp32 on CPU (or auto)")
+        return requested
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size: int) -> dict[str, Any]:
+    training = config.training
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation,
+        "train_batch_size": training.batch_size * training.gradient_accumulation * world_size,
+        "gradient_clipping": training.max_grad_norm,
+        "steps_per_print": 10**9,  # progress is ours to report
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": training.learning_rate,
+                "betas": [training.adam_beta1, training.adam_beta2],
+                "eps": training.adam_epsilon,
+                "weight_decay": training.adam_weight_decay,
+            },
+        },
+        "zero_optimization": {
+            "stage": config.deepspeed.zero_stage,
+            "overlap_comm": config.deepspeed.zero_stage > 0,
+            "contiguous_gradients": True,
+        },
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    if config.deepspeed.zero_stage == 3:
+        # Small models (and the tiny one) would otherwise keep everything unpartitioned.
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return deep_merge(ds, config.deepspeed.overrides)
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Factor on the peak learning rate after `step` optimizer steps."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler_factory(config: TrainerConfig) -> Callable:
+    training = config.training
+
+    def factory(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, warmup_steps=training.lr_warmup_steps, max_steps=training.max_steps, schedule=training.lr_scheduler
+            ),
+        )
+
+    return factory
+
+
+def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int):
+    import deepspeed
+
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=trainable,
+        config=build_deepspeed_config(config, precision=precision, world_size=world_size),
+        lr_scheduler=lr_scheduler_factory(config),
+    )
+    return engine

@@ -1,0 +1,110 @@
+"""The final model: a diffusers pipeline folder at `output.dir`, with `run.json`.
+
+The weights are DeepSpeed's fp32 master copies (not the fp16/bf16 working copies),
+gathered from every rank's shards. The folder is written under a temporary name beside
+`output.dir` and renamed into place, so a reader sees the old model or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import write_atomically
+from trainer.distributed import Runtime, barrier
+
+RUN_FILE = "run.json"
+
+
+def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    """Collective over all ranks, in the same parameter order; the result is filled
+    only where `keep` is true (rank 0), so other ranks hold no full copy."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, parameter in module.named_parameters():
+        full = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        if full is None:
+            # Frozen, or no fp32 master copy (ZeRO-0 fp32): gather the working copy (a no-op outside ZeRO-3).
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                full = parameter.detach().float().clone() if keep else None
+        if keep:
+            state[name] = full.detach().float().cpu().clone()
+    if keep:
+        persistent = set(module.state_dict(keep_vars=True))
+        for name, buffer in module.named_buffers():
+            if name in persistent:
+                state[name] = buffer.detach().cpu().clone()
+    return state
+
+
+def build_pipeline(components, unet, text_encoder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet,
+        scheduler=components.inference_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def fresh_like(module: torch.nn.Module) -> torch.nn.Module:
+    """A new fp32 CPU module of the same class and config (diffusers or transformers)."""
+    if hasattr(type(module), "from_config"):
+        return type(module).from_config(module.config)
+    return type(module)(module.config)
+
+
+def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_info: dict[str, Any]) -> Path | None:
+    """Collective. Rank 0 writes the folder; returns its path there, None elsewhere.
+
+    The engine's own modules are cast and (under ZeRO-3) partitioned, so the exported
+    ones are fresh modules loaded with the gathered fp32 weights; the frozen parts
+    (VAE, an untrained text encoder) were never cast and are saved as they are."""
+    state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
+    if runtime.is_main:
+        unet = fresh_like(components.unet)
+        unet.load_state_dict(_submodule_state(state, "unet"))
+        text_encoder = components.text_encoder
+        if any(key.startswith("text_encoder.") for key in state):
+            text_encoder = fresh_like(components.text_encoder)
+            text_encoder.load_state_dict(_submodule_state(state, "text_encoder"))
+        pipeline = build_pipeline(components, unet, text_encoder.to("cpu"))
+        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info))
+    barrier()
+    return output_dir if runtime.is_main else None
+
+
+def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix + "."): value for key, value in state.items() if key.startswith(prefix + ".")}
+
+
+def _write(pipeline, folder: Path, run_info: dict[str, Any]) -> None:
+    pipeline.vae.to("cpu")
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    write_atomically(folder / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
+
+
+def publish_folder(target: Path, write) -> None:
+    """Write a folder under a temporary name, then swap it in with renames."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""The training loop: micro steps under one DeepSpeed engine, checkpoints, progress.
+
+Noise, timesteps and VAE samples of micro step m on rank r come from a generator seeded
+by (seed, m, r), and the data order is a function of (seed, m): a run resumed at any
+step sees exactly what the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import TrainerConfig
+from trainer.data import Batch, DreamBoothData, derived_seed
+from trainer.distributed import Runtime, any_rank
+from trainer.engine import DTYPES
+from trainer.objective import LossTerms, add_noise, dreambooth_loss, encode_latents
+from trainer.progress import Throughput, report_step
+
+EVAL_SEED = 8191
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # batches consumed (data position)
+    samples: int = 0  # images trained on, all ranks, instance and class
+
+    def state_dict(self) -> dict:
+        return {checkpoint.STEP_KEY: self.step, checkpoint.MICRO_STEP_KEY: self.micro_step, checkpoint.SAMPLES_KEY: self.samples}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TrainState":
+        return cls(step=state[checkpoint.STEP_KEY], micro_step=state[checkpoint.MICRO_STEP_KEY], samples=state[checkpoint.SAMPLES_KEY])
+
+
+class DenoisingStep:
+    """Turns a batch into losses through the engine; the frozen VAE (and text encoder,
+    when it is not trained) run beside the engine with fp32 weights."""
+
+    def __init__(self, engine, components, config: TrainerConfig, runtime: Runtime, precision: str):
+        self.engine = engine
+        self.components = components
+        self.config = config
+        self.runtime = runtime
+        self.dtype = DTYPES[precision]
+        self._embeddings: dict[tuple, torch.Tensor] = {}
+
+    def _autocast(self):
+        if self.runtime.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", self.dtype)
+        return contextlib.nullcontext()
+
+    def _frozen_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # A frozen encoder maps a prompt to the same tensor every step: compute each once.
+        rows = []
+        for ids in input_ids:
+            key = tuple(ids.tolist())
+            if key not in self._embeddings:
+                with torch.no_grad(), self._autocast():
+                    self._embeddings[key] = self.components.text_encoder(ids[None].to(self.runtime.device))[0][0]
+            rows.append(self._embeddings[key])
+        return torch.stack(rows).to(self.dtype)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        noisy = noisy.to(self.dtype)
+        if self.config.training.train_text_encoder:
+            return self.engine(noisy, timesteps, input_ids=input_ids.to(self.runtime.device))
+        return self.engine(noisy, timesteps, encoder_hidden_states=self._frozen_embeddings(input_ids))
+
+    def latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        with self._autocast():
+            return encode_latents(self.components.vae, batch.pixel_values, generator)
+
+    def losses(self, batch: Batch, micro_step: int) -> LossTerms:
+        generator = torch.Generator().manual_seed(derived_seed(self.config.training.seed, micro_step, self.runtime.rank))
+        noised = add_noise(self.latents(batch, generator), self.components.noise_scheduler, generator)
+        prediction = self.predict(noised.noisy, noised.timesteps, batch.input_ids)
+        return dreambooth_loss(prediction, noised.target, batch.num_instance, self.config.training.prior_loss_weight)
+
+    @torch.no_grad()
+    def instance_eval_loss(self, batch: Batch) -> float:
+        """Denoising loss on every instance image at fixed noise and timesteps: falls
+        as the model learns its subject. Collective under ZeRO-3 (all ranks call it)."""
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        latents = self.latents(batch, generator)
+        total = 0.0
+        for timestep in EVAL_TIMESTEPS:
+            timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
+            noised = add_noise(latents, self.components.noise_scheduler, generator, timesteps=timesteps)
+            prediction = self.predict(noised.noisy, noised.timesteps, batch.input_ids)
+            total += dreambooth_loss(prediction, noised.target, batch.num_instance, 0.0).instance_loss.item()
+        return total / len(EVAL_TIMESTEPS)
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    if not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return (tensor / torch.distributed.get_world_size()).tolist()
+
+
+def train(
+    config: TrainerConfig,
+    engine,
+    step_fn: DenoisingStep,
+    data: DreamBoothData,
+    runtime: Runtime,
+    state: TrainState,
+    *,
+    stop_requested,
+    on_step=None,
+) -> TrainState:
+    """Runs until max_steps, or until a stop is requested on any rank (then returns
+    early after a checkpoint). `on_step(values)` receives each step's figures."""
+    training = config.training
+    throughput = Throughput()
+    throughput.mark(state.samples)
+    samples_per_micro_step = runtime.world_size * training.batch_size * (2 if data.class_ids is not None else 1)
+    engine.train()
+    while state.step < training.max_steps:
+        sums = torch.zeros(3, dtype=torch.float64)
+        for _ in range(training.gradient_accumulation):
+            terms = step_fn.losses(data.batch(state.micro_step), state.micro_step)
+            engine.backward(terms.loss)
+            engine.step()
+            state.micro_step += 1
+            state.samples += samples_per_micro_step
+            sums += torch.tensor([terms.loss.item(), terms.instance_loss.item(),
+                                  terms.prior_loss.item() if terms.prior_loss is not None else 0.0], dtype=torch.float64)
+        state.step += 1
+        throughput.mark(state.samples)
+        if state.step % config.logging.every_steps == 0 or state.step == training.max_steps:
+            loss, instance_loss, prior_loss = mean_over_ranks((sums / training.gradient_accumulation).tolist())
+            values = dict(
+                step=state.step, max_steps=training.max_steps, loss=loss, instance_loss=instance_loss,
+                prior_loss=prior_loss if data.class_ids is not None else None,
+                learning_rate=engine.get_lr()[0], samples_per_second=throughput.samples_per_second,
+                eta_seconds=throughput.eta_seconds(training.max_steps - state.step), samples=state.samples,
+            )
+            if runtime.is_main:
+                report_step(values, json_format=config.logging.format == "json")
+            if on_step is not None:
+                on_step(values)
+        stopping = any_rank(stop_requested())
+        if stopping or state.step % config.checkpoint.every_steps == 0 or state.step == training.max_steps:
+            started = time.monotonic()
+            checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
+                            zero_stage=config.deepspeed.zero_stage)
+            throughput.reset()  # the pause is not training throughput
+            throughput.mark(state.samples)
+            if runtime.is_main:
+                print(f"checkpoint step {state.step} saved in {time.monotonic() - started:.1f}s", flush=True)
+        if stopping:
+            break
+    return state

@@ -1,0 +1,151 @@
+"""Entry point: `torchrun [args] trainer/main.py --config FILE.yaml [--set section.key=value ...]`.
+
+Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
+143 stopped by SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (torchrun trainer/main.py): import the package, not its siblings.
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    sys.path[:] = [repo_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from trainer.config import ConfigError, TrainerConfig, load_config  # noqa: E402
+
+EXIT_CONFIG_ERROR = 2
+EXIT_TERMINATED = 143
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trainer/main.py", description="DreamBooth fine-tuning of Stable Diffusion.")
+    parser.add_argument("--config", required=True, help="trainer YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    return parser.parse_args(argv)
+
+
+def check_inputs(config: TrainerConfig) -> None:
+    """What can be checked before any process group starts: the instance photos."""
+    from trainer.data import load_image_set
+
+    load_image_set(config.data.instance_dir, "data.instance_dir", config.data.resolution)
+    if config.data.class_dir is not None and config.data.class_dir.exists() and not config.data.class_dir.is_dir():
+        raise ConfigError(f"data.class_dir = {str(config.data.class_dir)!r}: exists and is not a folder")
+
+
+class StopFlag:
+    """SIGTERM (preemption, suspend, delete) asks for a checkpoint at the next step end."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run(config: TrainerConfig) -> int:
+    import torch
+
+    from trainer import checkpoint
+    from trainer.class_images import generate_class_images
+    from trainer.data import DreamBoothData
+    from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
+    from trainer.engine import build_engine, resolve_precision
+    from trainer.export import export_pipeline
+    from trainer.loop import DenoisingStep, TrainState, train
+    from trainer.models import build_components
+    from trainer.objective import DreamBoothDenoiser
+    from trainer.progress import report_event
+
+    started = time.monotonic()
+    stop = StopFlag()
+    runtime = read_runtime()
+    json_logs = config.logging.format == "json"
+    precision = resolve_precision(config.training.precision, runtime.device)
+    init_process_group(runtime)
+    try:
+        torch.manual_seed(config.training.seed)
+        components = build_components(config.model)
+        class_images_generated = 0
+        if config.data.with_prior_preservation:
+            class_images_generated = sum_over_ranks(generate_class_images(config, components, runtime))
+        data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
+                              world_size=runtime.world_size, batch_size=config.training.batch_size)
+        components.vae.requires_grad_(False).to(runtime.device)
+        train_encoder = config.training.train_text_encoder
+        components.text_encoder.requires_grad_(train_encoder)
+        if not train_encoder:
+            components.text_encoder.to(runtime.device)
+        if config.training.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            if train_encoder:
+                components.text_encoder.gradient_checkpointing_enable()
+        module = DreamBoothDenoiser(components.unet, components.text_encoder if train_encoder else None)
+        engine = build_engine(config, module, precision=precision, world_size=runtime.world_size)
+        step_fn = DenoisingStep(engine, components, config, runtime, precision)
+
+        state, resumed_from = TrainState(), None
+        resume_point = checkpoint.find_resume_point(config.checkpoint)
+        if resume_point is not None:
+            state = TrainState.from_state_dict(checkpoint.load(engine, resume_point, runtime))
+            resumed_from = state.step
+            if runtime.is_main:
+                report_event("resumed", json_format=json_logs, checkpoint=str(resume_point), step=state.step)
+        eval_batch = data.instance_batch()
+        eval_before = step_fn.instance_eval_loss(eval_batch)
+        samples_before, train_started = state.samples, time.monotonic()
+        state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop)
+        train_seconds = time.monotonic() - train_started
+        if stop.requested or state.step < config.training.max_steps:
+            if runtime.is_main:
+                report_event("stopped by SIGTERM", json_format=json_logs, step=state.step)
+            return EXIT_TERMINATED
+        eval_after = step_fn.instance_eval_loss(eval_batch)
+        run_info = {
+            "final_step": state.step,
+            "max_steps": config.training.max_steps,
+            "resumed_from_step": resumed_from,
+            "world_size": runtime.world_size,
+            "precision": precision,
+            "zero_stage": config.deepspeed.zero_stage,
+            "train_text_encoder": train_encoder,
+            "prior_preservation": config.data.with_prior_preservation,
+            "class_images_generated": class_images_generated,
+            "instance_eval_loss_before": eval_before,
+            "instance_eval_loss_after": eval_after,
+            "wall_seconds": time.monotonic() - started,
+            "samples_per_second": (state.samples - samples_before) / train_seconds if train_seconds > 0 else 0.0,
+        }
+        export_pipeline(engine, components, config.output.dir, runtime, run_info)
+        if runtime.is_main:
+            report_event("done", json_format=json_logs, model=str(config.output.dir),
+                         checkpoints=str(config.checkpoint.dir), run=str(config.output.dir / "run.json"))
+        return 0
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        check_inputs(config)
+        return run(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

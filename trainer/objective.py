@@ -1,0 +1,79 @@
+"""What DreamBooth optimises: the denoiser module DeepSpeed wraps and the loss.
+
+loss = MSE(instance half) + prior_loss_weight * MSE(class half), against the noise
+(epsilon prediction) or the velocity (v-prediction), as the scheduler config says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DreamBoothDenoiser(nn.Module):
+    """The UNet and, when it is trained, the text encoder in one module: DeepSpeed then
+    shards, scales and steps both under one engine (diffusers' example cannot)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+        if self.text_encoder is not None:
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    instance_loss: torch.Tensor
+    prior_loss: torch.Tensor | None
+
+
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float) -> LossTerms:
+    prediction, target = prediction.float(), target.float()
+    instance_loss = F.mse_loss(prediction[:num_instance], target[:num_instance])
+    if prediction.shape[0] == num_instance:
+        return LossTerms(loss=instance_loss, instance_loss=instance_loss, prior_loss=None)
+    prior_loss = F.mse_loss(prediction[num_instance:], target[num_instance:])
+    return LossTerms(loss=instance_loss + prior_loss_weight * prior_loss, instance_loss=instance_loss, prior_loss=prior_loss)
+
+
+@dataclass
+class NoisedLatents:
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    parameter = next(vae.parameters())
+    pixels = pixel_values.to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        distribution = vae.encode(pixels).latent_dist
+        # Sampled on the CPU generator so that the draw is the same on every device.
+        sample = distribution.mean + distribution.std * torch.randn(
+            distribution.mean.shape, generator=generator, dtype=torch.float32
+        ).to(distribution.mean.device, distribution.mean.dtype)
+    return sample.float() * vae.config.scaling_factor
+
+
+def add_noise(latents: torch.Tensor, noise_scheduler, generator: torch.Generator, timesteps: torch.Tensor | None = None) -> NoisedLatents:
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    return NoisedLatents(noisy=noisy, timesteps=timesteps, target=target)

@@ -1,0 +1,76 @@
+"""Rank 0's view of progress: throughput over a sliding window, ETA, and log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class Throughput:
+    """Samples per second over the last `window` steps, so a slow first step (warm-up,
+    JIT builds) or a checkpoint pause fades out instead of skewing the figure forever."""
+
+    window: int = 20
+    _marks: deque = field(default_factory=deque)
+
+    def mark(self, samples_total: int, now: float | None = None) -> None:
+        self._marks.append((time.monotonic() if now is None else now, samples_total))
+        while len(self._marks) > self.window + 1:
+            self._marks.popleft()
+
+    def reset(self) -> None:
+        self._marks.clear()
+
+    @property
+    def samples_per_second(self) -> float:
+        if len(self._marks) < 2:
+            return 0.0
+        (start, first), (end, last) = self._marks[0], self._marks[-1]
+        return (last - first) / (end - start) if end > start else 0.0
+
+    @property
+    def steps_per_second(self) -> float:
+        if len(self._marks) < 2:
+            return 0.0
+        (start, _), (end, _) = self._marks[0], self._marks[-1]
+        return (len(self._marks) - 1) / (end - start) if end > start else 0.0
+
+    def eta_seconds(self, steps_left: int) -> float:
+        rate = self.steps_per_second
+        return steps_left / rate if rate > 0 else float("nan")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not known yet
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def report_step(values: dict, *, json_format: bool) -> None:
+    if json_format:
+        print(json.dumps({"event": "step", **values}), flush=True)
+        return
+    prior = f" prior {values['prior_loss']:.4f}" if values.get("prior_loss") is not None else ""
+    line = (
+        f"step {values['step']}/{values['max_steps']} loss {values['loss']:.4f} "
+        f"(instance {values['instance_loss']:.4f}{prior}) lr {values['learning_rate']:.2e} "
+        f"{values['samples_per_second']:.2f} samples/s eta {format_duration(values['eta_seconds'])}"
+    )
+    print(line, file=sys.stdout, flush=True)
+
+
+def report_event(message: str, *, json_format: bool, **fields) -> None:
+    if json_format:
+        print(json.dumps({"event": message, **fields}), flush=True)
+    else:
+        details = " ".join(f"{key}={value}" for key, value in fields.items())
+        print(f"{message} {details}".rstrip(), flush=True)
