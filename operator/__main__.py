@@ -1,1 +1,63 @@
-"""`python -m dreambooth_operator`: placeholder until the controller lands."""
+"""`python -m dreambooth_operator`: run the DreamboothJob controller.
+
+Connects with the in-cluster service account, else KUBECONFIG (or ~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import kopf
+
+from . import handlers  # noqa: F401  (registers the handlers)
+from .handlers import OperatorConfig
+from .lifecycle import Timing
+from .reconciler import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_operator", description=__doc__)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="watch only this namespace (repeatable; glob patterns allowed)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (the default when no --namespace is given)")
+    parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    parser.add_argument("--http-host", default="0.0.0.0", help="address of /healthz and /metrics")
+    parser.add_argument("--http-port", type=int, default=8080, help="port of /healthz and /metrics (0 disables)")
+    parser.add_argument("--backoff-seconds", type=float, default=10.0,
+                        help="delay before the first gang restart after a failure; doubles each time")
+    parser.add_argument("--backoff-max-seconds", type=float, default=300.0, help="cap of the restart delay")
+    parser.add_argument("--pending-timeout", type=float, default=300.0,
+                        help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
+    parser.add_argument("--scrape-interval", type=float, default=15.0,
+                        help="seconds between scrapes of rank 0's metrics per job")
+    parser.add_argument("--resync-seconds", type=float, default=30.0,
+                        help="seconds between checks of a job that nothing woke up")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    timing = Timing(backoff_base_seconds=args.backoff_seconds, backoff_max_seconds=args.backoff_max_seconds,
+                    pending_timeout_seconds=args.pending_timeout, resync_seconds=args.resync_seconds)
+    return OperatorConfig(settings=Settings(timing=timing, scrape_interval_seconds=args.scrape_interval),
+                          http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    asyncio.run(kopf.operator(
+        standalone=True,  # one replica; no KopfPeering resource needed
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        memo=kopf.Memo(config=config_from_args(args)),
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Pure builders of a job's children other than the workers: ConfigMap, headless
+Service and (when `storage.size` asks for one) PVC. No API calls here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .constants import ANNOTATION_CONFIG_HASH, CONFIG_FILE_NAME, RENDEZVOUS_PORT
+from .metadata import child_metadata, claim_name, config_map_name, job_labels, service_name
+from .spec import Job
+from .trainer_config import config_hash, config_yaml, render_trainer_config
+
+
+def build_config_map(job: Job) -> dict[str, Any]:
+    """The rendered trainer config, mounted read-only into every worker."""
+    config = render_trainer_config(job.name, job.spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(job, config_map_name(job.name),
+                                   annotations={ANNOTATION_CONFIG_HASH: config_hash(config)}),
+        "data": {CONFIG_FILE_NAME: config_yaml(config)},
+    }
+
+
+def build_service(job: Job) -> dict[str, Any]:
+    """Headless Service that gives each worker a stable DNS name (`<pod>.<job>`)."""
+    ports = [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    if job.spec.metrics.port:
+        ports.append({"name": "metrics", "port": job.spec.metrics.port,
+                      "targetPort": job.spec.metrics.port, "protocol": "TCP"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(job, service_name(job.name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": job_labels(job.name),
+            "ports": ports,
+            # Workers must resolve each other before any of them is Ready: torchrun's
+            # rendezvous happens before the trainer could ever report readiness.
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def build_claim(job: Job) -> dict[str, Any] | None:
+    """A PVC for checkpoints and output when `storage.size` asks for one; None when the
+    job uses an existing claim. A retained claim has no owner, so no garbage collector
+    takes it with the job."""
+    storage = job.spec.storage
+    if not storage.creates_claim:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": [storage.access_mode],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name is not None:
+        spec["storageClassName"] = storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": child_metadata(job, claim_name(job.name), owned=not storage.retain),
+        "spec": spec,
+    }
+
+
+def storage_claim_name(job: Job) -> str:
+    storage = job.spec.storage
+    return storage.claim_name if storage.claim_name is not None else claim_name(job.name)

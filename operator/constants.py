@@ -1,0 +1,84 @@
+"""Names shared by the operator, its manifests and its tests.
+
+Everything another component (kubectl, the trainer image, a dashboard, a test) may
+look for by name lives here, so a rename happens in one place.
+"""
+
+from __future__ import annotations
+
+# The custom resource (manifests/crd.yaml declares the same).
+GROUP = "dreambooth.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DreamboothJob"
+PLURAL = "dreamboothjobs"
+SINGULAR = "dreamboothjob"
+SHORT_NAME = "dbj"
+
+# Labels on every child; selectors use LABEL_JOB (+ LABEL_ROLE for workers).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB = f"{GROUP}/job"
+LABEL_ROLE = f"{GROUP}/role"
+LABEL_WORKER_INDEX = f"{GROUP}/worker-index"
+# Which gang start a worker pod belongs to (restarts + preemptions when it was made);
+# pods of an older gang are stale and get deleted.
+LABEL_GANG = f"{GROUP}/gang"
+APP_NAME = "dreambooth"
+MANAGER = "dreambooth-operator"
+ROLE_WORKER = "worker"
+
+# Hash of the rendered trainer config, on the ConfigMap and the pods that mount it.
+ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+
+# Worker pods.
+WORKER_CONTAINER = "trainer"
+RENDEZVOUS_PORT = 29500
+CONFIG_MOUNT_DIR = "/etc/dreambooth"
+CONFIG_FILE_NAME = "config.yaml"
+CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"
+TRAINER_ENTRY = "trainer/main.py"
+STORAGE_MOUNT_DIR = "/mnt/storage"
+INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
+SHM_MOUNT_DIR = "/dev/shm"
+HF_TOKEN_ENV = "HF_TOKEN"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Exit code of a trainer that checkpointed after SIGTERM (preempted, suspended, deleted).
+EXIT_CODE_SIGTERM = 143
+
+# status.phase values.
+PHASE_PENDING = "Pending"
+PHASE_INITIALIZING = "Initializing"
+PHASE_RUNNING = "Running"
+PHASE_RESTARTING = "Restarting"
+PHASE_SUSPENDED = "Suspended"
+PHASE_SUCCEEDED = "Succeeded"
+PHASE_FAILED = "Failed"
+PHASES = (
+    PHASE_PENDING, PHASE_INITIALIZING, PHASE_RUNNING, PHASE_RESTARTING,
+    PHASE_SUSPENDED, PHASE_SUCCEEDED, PHASE_FAILED,
+)
+TERMINAL_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
+
+# status.conditions types.
+CONDITION_CREATED = "Created"
+CONDITION_RUNNING = "Running"
+CONDITION_RESTARTING = "Restarting"
+CONDITION_SUSPENDED = "Suspended"
+CONDITION_SUCCEEDED = "Succeeded"
+CONDITION_FAILED = "Failed"
+CONDITION_UNSCHEDULABLE = "Unschedulable"
+
+# Condition and Event reasons.
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+REASON_WORKER_FAILED = "WorkerFailed"
+REASON_PREEMPTED = "Preempted"
+REASON_ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
+REASON_ALL_WORKERS_RUNNING = "AllWorkersRunning"
+REASON_WORKERS_CREATED = "WorkersCreated"
+REASON_SUSPENDED = "Suspended"
+REASON_RESUMED = "Resumed"
+REASON_PODS_PENDING = "PodsPending"

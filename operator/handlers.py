@@ -1,0 +1,75 @@
+"""kopf handlers: each only wires an event to the reconciler.
+
+The operator-wide objects (API client, metrics, reconciler) are built in the startup
+handler from the `OperatorConfig` the entry point puts into kopf's memo.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
+from .health import start_http
+from .kube import KubeApi, load_client_config
+from .opmetrics import OperatorMetrics
+from .reconciler import Reconciler, Settings
+
+# (group, version, plural) of the DreamboothJob resource, as kopf decorators take it.
+JOBS = (GROUP, VERSION, PLURAL)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    settings: Settings = Settings()
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080  # 0: no /healthz and /metrics
+    kubeconfig: str | None = None
+
+
+@kopf.on.startup()
+async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    config: OperatorConfig = memo.get("config") or OperatorConfig()
+    # kopf's bookkeeping goes to annotations, leaving `status` to the job's own fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    memo.metrics = OperatorMetrics()
+    memo.api = KubeApi(load_client_config(config.kubeconfig))
+    memo.reconciler = Reconciler(memo.api, memo.metrics, config.settings)
+    memo.http = await start_http(memo.metrics, config.http_host, config.http_port) if config.http_port else None
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("http") is not None:
+        await memo.http.cleanup()
+    if memo.get("reconciler") is not None:
+        await memo.reconciler.close()
+        memo.api.close()
+
+
+@kopf.daemon(*JOBS, cancellation_timeout=5.0)
+async def run_job(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """Each job's reconcile loop, for as long as the job exists (restarted on resume)."""
+    await memo.reconciler.run(namespace, name, stopped)
+
+
+@kopf.on.event(*JOBS)
+def job_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.wakeups.poke(namespace, name)
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def worker_changed(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.wakeups.poke(namespace, labels[LABEL_JOB])
+
+
+@kopf.on.delete(*JOBS)
+async def job_deleted(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.cleanup(namespace, name, dict(body))

@@ -1,0 +1,152 @@
+"""The operator's few Kubernetes API calls, on the official client, returning plain dicts.
+
+Create treats 409 (already exists) as done and delete treats 404 (already gone) as
+done, so every caller is idempotent. The client is synchronous; calls run in a small
+thread pool so the operator's event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import json
+import uuid
+from typing import Any, Callable
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+# Enough for many jobs' short calls at once; each call takes milliseconds.
+API_THREADS = 8
+
+
+def load_client_config(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
+    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        if kubeconfig is not None:
+            raise kubernetes.config.ConfigException("explicit kubeconfig")
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+class KubeApi:
+    def __init__(self, configuration: kubernetes.client.Configuration) -> None:
+        self._client = kubernetes.client.ApiClient(configuration)
+        self._core = kubernetes.client.CoreV1Api(self._client)
+        self._custom = kubernetes.client.CustomObjectsApi(self._client)
+        self._pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    @staticmethod
+    def _json(response: Any) -> Any:
+        return json.loads(response.data) if response.data else None
+
+    # --- children -------------------------------------------------------------------
+
+    _CREATE = {
+        "Pod": "create_namespaced_pod",
+        "Service": "create_namespaced_service",
+        "ConfigMap": "create_namespaced_config_map",
+        "PersistentVolumeClaim": "create_namespaced_persistent_volume_claim",
+        "Event": "create_namespaced_event",
+    }
+    _DELETE = {
+        "Pod": "delete_namespaced_pod",
+        "Service": "delete_namespaced_service",
+        "ConfigMap": "delete_namespaced_config_map",
+        "PersistentVolumeClaim": "delete_namespaced_persistent_volume_claim",
+    }
+    _LIST = {
+        "Pod": "list_namespaced_pod",
+        "Service": "list_namespaced_service",
+        "ConfigMap": "list_namespaced_config_map",
+        "PersistentVolumeClaim": "list_namespaced_persistent_volume_claim",
+    }
+
+    async def create(self, obj: dict[str, Any]) -> bool:
+        """Create `obj`; False when it already exists (409), which callers treat as done."""
+        method = getattr(self._core, self._CREATE[obj["kind"]])
+        try:
+            await self._call(method, obj["metadata"]["namespace"], obj, _preload_content=False)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def replace_config_map(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        await self._call(self._core.patch_namespaced_config_map, meta["name"], meta["namespace"],
+                         {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]},
+                         _preload_content=False)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete with the object's own grace period; False when it was already gone (404)."""
+        method = getattr(self._core, self._DELETE[kind])
+        try:
+            await self._call(method, name, namespace, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        method = getattr(self._core, self._LIST[kind])
+        response = await self._call(method, namespace, label_selector=label_selector, _preload_content=False)
+        return list((self._json(response) or {}).get("items") or [])
+
+    # --- the DreamboothJob itself ----------------------------------------------------
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = await self._call(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
+                                        PLURAL, name, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self._json(response)
+
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        try:
+            await self._call(self._custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+                             PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH, _preload_content=False)
+        except ApiException as error:
+            if error.status != 404:  # the job was deleted meanwhile: nothing to report on
+                raise
+
+    async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = job["metadata"]
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "type": type_,
+            "reason": reason,
+            # The API server caps Event messages at 1 KiB.
+            "message": message[:1024],
+            "source": {"component": MANAGER},
+            "reportingComponent": MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.create(event)

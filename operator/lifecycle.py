@@ -1,0 +1,292 @@
+"""Pod states -> job phase, conditions and the next actions: one pure function.
+
+`decide` looks at a job's spec, its current status and its worker pods, and returns a
+`Plan`: the status to write, the pods to create and delete, the Events to post and
+when to look again. The reconciler (reconciler.py) only carries plans out, so every
+rule of the job's life is tested here as data (tests/operator/test_lifecycle.py).
+
+Gangs: all workers of one start carry the label `dreambooth.io/gang: N`, with
+N = status.restarts + status.preemptions. Counting a failure or a preemption bumps N,
+which makes every existing pod stale; stale pods are deleted, and only when all are
+gone (and the backoff has passed) is the next gang created. A missed step is therefore
+redone on the next pass instead of being counted twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import constants as c
+from .podstates import (
+    POD_FAILED, POD_RUNNING, POD_SUCCEEDED, describe_failure, is_deleting, is_preemption,
+    is_scheduled, pod_gang, pod_index, pod_name, pod_phase, scheduling_problem,
+)
+from .spec import JobSpec
+
+# Conditions that mirror the current phase: at most one of them is True.
+_PHASE_CONDITIONS = {
+    c.PHASE_RUNNING: c.CONDITION_RUNNING,
+    c.PHASE_RESTARTING: c.CONDITION_RESTARTING,
+    c.PHASE_SUSPENDED: c.CONDITION_SUSPENDED,
+    c.PHASE_SUCCEEDED: c.CONDITION_SUCCEEDED,
+    c.PHASE_FAILED: c.CONDITION_FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Operator settings that shape a job's life (set from the command line)."""
+
+    backoff_base_seconds: float = 10.0
+    backoff_max_seconds: float = 300.0
+    pending_timeout_seconds: float = 300.0
+    # How often a job with nothing to wait for is looked at again anyway.
+    resync_seconds: float = 30.0
+
+    def backoff(self, restarts: int) -> float:
+        """Delay before the gang's restart number `restarts` (1, 2, ...): doubles each time."""
+        return min(self.backoff_base_seconds * 2 ** max(restarts - 1, 0), self.backoff_max_seconds)
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[int] = field(default_factory=list)
+    gang: int = 0
+    delete: list[str] = field(default_factory=list)
+    # (type, reason, message) of Kubernetes Events to post on the job.
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    requeue_after: float | None = None
+    counted_restart: bool = False
+
+
+def timestamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def set_condition(conditions: list[dict[str, Any]], kind: str, status: bool, reason: str,
+                  message: str, now: dt.datetime) -> list[dict[str, Any]]:
+    """A new conditions list with `kind` set; its lastTransitionTime moves only when
+    its status flips."""
+    value = "True" if status else "False"
+    result = []
+    found = False
+    for condition in conditions:
+        if condition.get("type") == kind:
+            found = True
+            since = condition.get("lastTransitionTime") if condition.get("status") == value else None
+            condition = {"type": kind, "status": value, "reason": reason, "message": message,
+                         "lastTransitionTime": since or timestamp(now)}
+        result.append(condition)
+    if not found:
+        result.append({"type": kind, "status": value, "reason": reason, "message": message,
+                       "lastTransitionTime": timestamp(now)})
+    return result
+
+
+def enter_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: dt.datetime) -> None:
+    """Set status.phase and make the phase's condition the only True phase condition."""
+    status["phase"] = phase
+    conditions = list(status.get("conditions") or [])
+    for other_phase, kind in _PHASE_CONDITIONS.items():
+        if other_phase == phase:
+            conditions = set_condition(conditions, kind, True, reason, message, now)
+        elif any(cond.get("type") == kind and cond.get("status") == "True" for cond in conditions):
+            conditions = set_condition(conditions, kind, False, reason, message, now)
+    status["conditions"] = conditions
+
+
+def invalid_spec_status(status: dict[str, Any], message: str, now: dt.datetime) -> dict[str, Any]:
+    new = dict(status)
+    enter_phase(new, c.PHASE_FAILED, c.REASON_INVALID_SPEC, message, now)
+    new.setdefault("completionTime", timestamp(now))
+    return new
+
+
+def gang_of(status: dict[str, Any]) -> int:
+    return int(status.get("restarts") or 0) + int(status.get("preemptions") or 0)
+
+
+def _alive(pods: list[dict[str, Any]]) -> list[str]:
+    """Pods still running or waiting that are not already being deleted."""
+    return [pod_name(p) for p in pods if pod_phase(p) not in (POD_SUCCEEDED, POD_FAILED) and not is_deleting(p)]
+
+
+def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
+           timing: Timing = Timing()) -> Plan:
+    status = dict(status or {})
+    status.setdefault("restarts", 0)
+    status.setdefault("preemptions", 0)
+    status.setdefault("maxSteps", spec.training.max_steps)
+    phase = status.get("phase") or c.PHASE_PENDING
+    status["phase"] = phase
+    plan = Plan(status=status, gang=gang_of(status))
+
+    # Failed and Succeeded are final: stop whatever still runs, keep finished pods for their logs.
+    if phase in c.TERMINAL_PHASES:
+        if phase == c.PHASE_FAILED:
+            plan.delete = _alive(pods)
+        return plan
+
+    if spec.run_policy.suspend:
+        # Deleting the pods sends SIGTERM: the trainer checkpoints and exits 143.
+        plan.delete = [pod_name(p) for p in pods if not is_deleting(p)]
+        if phase != c.PHASE_SUSPENDED:
+            enter_phase(status, c.PHASE_SUSPENDED, c.REASON_SUSPENDED, "runPolicy.suspend is true; workers stopped", now)
+            status.pop("nextRestartTime", None)
+            plan.events.append(("Normal", c.REASON_SUSPENDED, "Job suspended; workers deleted"))
+        return plan
+    if phase == c.PHASE_SUSPENDED:
+        enter_phase(status, c.PHASE_PENDING, c.REASON_RESUMED, "runPolicy.suspend is false; recreating workers", now)
+        plan.events.append(("Normal", c.REASON_RESUMED, "Job resumed; recreating workers"))
+        phase = c.PHASE_PENDING
+
+    deadline = spec.run_policy.active_deadline_seconds
+    started = parse_timestamp(status.get("startTime"))
+    if deadline is not None and started is not None:
+        left = deadline - (now - started).total_seconds()
+        if left <= 0:
+            message = f"ran longer than runPolicy.activeDeadlineSeconds = {deadline}"
+            return _fail(plan, pods, c.REASON_DEADLINE_EXCEEDED, message, now)
+        plan.requeue_after = left
+
+    gang = plan.gang
+    stale = [p for p in pods if pod_gang(p) != gang]
+    current = [p for p in pods if pod_gang(p) == gang]
+
+    # A restart first removes the old gang completely: a new worker-0 cannot be
+    # created while the old one is still terminating (same name).
+    if stale:
+        plan.delete = [pod_name(p) for p in stale if not is_deleting(p)]
+        _requeue(plan, 1.0)
+        return plan
+    if phase == c.PHASE_RESTARTING:
+        restart_at = parse_timestamp(status.get("nextRestartTime"))
+        if restart_at is not None and restart_at > now:
+            _requeue(plan, (restart_at - now).total_seconds())
+            return plan
+
+    failed = [p for p in current if pod_phase(p) == POD_FAILED]
+    vanished = phase in (c.PHASE_INITIALIZING, c.PHASE_RUNNING) and (
+        len(current) < spec.workers.nodes or any(is_deleting(p) for p in current))
+    if failed or vanished:
+        return _restart(plan, spec, failed, current, now, timing)
+
+    if len(current) == spec.workers.nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
+        enter_phase(status, c.PHASE_SUCCEEDED, c.REASON_ALL_WORKERS_SUCCEEDED, "every worker exited 0", now)
+        status["completionTime"] = timestamp(now)
+        status.pop("nextRestartTime", None)
+        plan.events.append(("Normal", c.REASON_ALL_WORKERS_SUCCEEDED, "Training finished"))
+        return plan
+
+    present = {pod_index(p) for p in current}
+    plan.create = [i for i in range(spec.workers.nodes) if i not in present]
+    if plan.create:
+        status.setdefault("startTime", timestamp(now))
+        status.pop("nextRestartTime", None)
+        if not any(cond.get("type") == c.CONDITION_CREATED for cond in status.get("conditions") or []):
+            status["conditions"] = set_condition(status.get("conditions") or [], c.CONDITION_CREATED, True,
+                                                 c.REASON_WORKERS_CREATED, f"{spec.workers.nodes} worker pods created", now)
+        if phase != c.PHASE_PENDING:
+            enter_phase(status, c.PHASE_PENDING, c.REASON_WORKERS_CREATED, "creating worker pods", now)
+        return plan
+
+    _update_running_phase(plan, spec, current, now, timing)
+    return plan
+
+
+def _update_running_phase(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], now: dt.datetime,
+                          timing: Timing) -> None:
+    status = plan.status
+    unscheduled = [p for p in current if not is_scheduled(p)]
+    if unscheduled:
+        new_phase, reason, message = c.PHASE_PENDING, c.REASON_PODS_PENDING, f"{len(unscheduled)} worker(s) not scheduled"
+    elif all(pod_phase(p) in (POD_RUNNING, POD_SUCCEEDED) for p in current):
+        new_phase, reason, message = c.PHASE_RUNNING, c.REASON_ALL_WORKERS_RUNNING, f"{len(current)} workers running"
+    else:
+        new_phase, reason, message = c.PHASE_INITIALIZING, c.REASON_WORKERS_CREATED, "workers scheduled, starting"
+    if status["phase"] != new_phase:
+        enter_phase(status, new_phase, reason, message, now)
+    _mark_unschedulable(plan, current, now, timing)
+
+
+def _mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
+    """Pods the scheduler cannot place for longer than the pending timeout get a
+    condition carrying the scheduler's own message (e.g. Insufficient nvidia.com/gpu)."""
+    status = plan.status
+    stuck = []
+    for pod in current:
+        problem = scheduling_problem(pod)
+        created = parse_timestamp(pod["metadata"].get("creationTimestamp"))
+        if problem is None:
+            continue
+        waited = (now - created).total_seconds() if created is not None else 0.0
+        if waited >= timing.pending_timeout_seconds:
+            stuck.append(f"{pod_name(pod)}: {problem}")
+        else:
+            _requeue(plan, timing.pending_timeout_seconds - waited)
+    conditions = status.get("conditions") or []
+    has = any(cond.get("type") == c.CONDITION_UNSCHEDULABLE for cond in conditions)
+    if stuck:
+        status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, True,
+                                             c.REASON_PODS_PENDING, "; ".join(stuck), now)
+    elif has:
+        status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, False,
+                                             c.REASON_PODS_PENDING, "all workers scheduled", now)
+
+
+def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: list[dict[str, Any]],
+             now: dt.datetime, timing: Timing) -> Plan:
+    status = plan.status
+    # One preempted worker takes the others down with it (their collectives fail):
+    # a gang with any preemption in it counts as preempted.
+    preempted = not failed or any(is_preemption(p) for p in failed)
+    if preempted:
+        who = ", ".join(pod_name(p) for p in failed) or "a worker pod disappeared"
+        status["preemptions"] = int(status["preemptions"]) + 1
+        message = f"gang preempted ({who}); restarting from the latest checkpoint, not counted against backoffLimit"
+        enter_phase(status, c.PHASE_RESTARTING, c.REASON_PREEMPTED, message, now)
+        status["nextRestartTime"] = timestamp(now)
+        plan.events.append(("Normal", c.REASON_PREEMPTED, message))
+    else:
+        failure = describe_failure(failed[0])
+        status["lastFailure"] = failure.as_status(timestamp(now))
+        code = f" exit code {failure.exit_code}" if failure.exit_code is not None else ""
+        if int(status["restarts"]) >= spec.run_policy.backoff_limit:
+            message = (f"worker {failure.pod} failed ({failure.reason}{code}) after {status['restarts']} restart(s); "
+                       f"runPolicy.backoffLimit = {spec.run_policy.backoff_limit} reached")
+            return _fail(plan, current, c.REASON_BACKOFF_LIMIT_EXCEEDED, message, now)
+        status["restarts"] = int(status["restarts"]) + 1
+        delay = timing.backoff(status["restarts"])
+        status["nextRestartTime"] = timestamp(now + dt.timedelta(seconds=delay))
+        message = (f"worker {failure.pod} failed ({failure.reason}{code}); restart {status['restarts']} of "
+                   f"{spec.run_policy.backoff_limit} in {delay:g}s from the latest checkpoint")
+        enter_phase(status, c.PHASE_RESTARTING, c.REASON_WORKER_FAILED, message, now)
+        plan.events.append(("Warning", c.REASON_WORKER_FAILED, message))
+        plan.counted_restart = True
+    plan.gang = gang_of(status)
+    plan.delete = [pod_name(p) for p in current if not is_deleting(p)]
+    _requeue(plan, 0.5)
+    return plan
+
+
+def _fail(plan: Plan, pods: list[dict[str, Any]], reason: str, message: str, now: dt.datetime) -> Plan:
+    enter_phase(plan.status, c.PHASE_FAILED, reason, message, now)
+    plan.status["completionTime"] = timestamp(now)
+    plan.status.pop("nextRestartTime", None)
+    plan.delete = _alive(pods)
+    plan.events.append(("Warning", reason, message))
+    return plan
+
+
+def _requeue(plan: Plan, seconds: float) -> None:
+    seconds = max(seconds, 0.05)
+    plan.requeue_after = seconds if plan.requeue_after is None else min(plan.requeue_after, seconds)

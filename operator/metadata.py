@@ -1,0 +1,87 @@
+"""Labels, names and owner references of a job's children, built in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .spec import Job
+from .constants import (
+    API_VERSION, APP_NAME, KIND, LABEL_GANG, LABEL_JOB, LABEL_MANAGED_BY, LABEL_NAME,
+    LABEL_ROLE, LABEL_WORKER_INDEX, MANAGER, ROLE_WORKER,
+)
+
+
+def worker_name(job_name: str, index: int) -> str:
+    return f"{job_name}-worker-{index}"
+
+
+def service_name(job_name: str) -> str:
+    # The headless Service is named after the job, so worker-0's DNS name is
+    # `<job>-worker-0.<job>`: the rendezvous address of DESIGN.md.
+    return job_name
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def claim_name(job_name: str) -> str:
+    return f"{job_name}-storage"
+
+
+def rendezvous_address(job_name: str) -> str:
+    return f"{worker_name(job_name, 0)}.{service_name(job_name)}"
+
+
+def job_labels(job_name: str) -> dict[str, str]:
+    return {LABEL_NAME: APP_NAME, LABEL_MANAGED_BY: MANAGER, LABEL_JOB: job_name}
+
+
+def job_selector(job_name: str) -> str:
+    """Label selector of everything the operator made for one job."""
+    return f"{LABEL_JOB}={job_name}"
+
+
+def worker_selector(job_name: str) -> str:
+    return f"{LABEL_JOB}={job_name},{LABEL_ROLE}={ROLE_WORKER}"
+
+
+def worker_labels(job_name: str, index: int, gang: int) -> dict[str, str]:
+    return {
+        **job_labels(job_name),
+        LABEL_ROLE: ROLE_WORKER,
+        LABEL_WORKER_INDEX: str(index),
+        LABEL_GANG: str(gang),
+    }
+
+
+def owner_reference(job: Job) -> dict[str, Any]:
+    """Makes the job the controller of a child, so a cluster's garbage collector
+    removes the child with the job (the operator also deletes them explicitly)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(
+    job: Job,
+    name: str,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    owned: bool = True,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels or job_labels(job.name),
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    if owned:
+        metadata["ownerReferences"] = [owner_reference(job)]
+    return metadata

@@ -1,0 +1,47 @@
+"""The operator's own Prometheus metrics (DESIGN.md "Metrics", operator part)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .constants import PHASES
+
+METRIC_JOBS = "dreambooth_operator_jobs"
+METRIC_RECONCILE_SECONDS = "dreambooth_operator_reconcile_seconds"
+METRIC_RESTARTS = "dreambooth_operator_restarts_total"
+METRIC_PODS_CREATED = "dreambooth_operator_pods_created_total"
+
+RESTART_FAILURE = "failure"
+RESTART_PREEMPTION = "preemption"
+
+
+class OperatorMetrics:
+    """One registry per operator (not the global one), so tests read exactly ours."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Gauge(METRIC_JOBS, "DreamboothJobs by phase", ["phase"], registry=self.registry)
+        self.reconcile_seconds = Histogram(
+            METRIC_RECONCILE_SECONDS, "Time of one reconcile pass of one job", registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # prometheus_client adds the `_total` suffix to counters itself.
+        self.restarts = Counter(METRIC_RESTARTS.removesuffix("_total"), "Gang restarts by cause",
+                                ["reason"], registry=self.registry)
+        self.pods_created = Counter(METRIC_PODS_CREATED.removesuffix("_total"), "Worker pods created",
+                                    registry=self.registry)
+        self._phases: dict[tuple[str, str], str] = {}
+        for phase in PHASES:
+            self.jobs.labels(phase=phase).set(0)
+
+    def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a job's phase (None: the job is gone) and recount the gauge."""
+        key = (namespace, name)
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        counts = {p: 0 for p in PHASES}
+        for value in self._phases.values():
+            counts[value] = counts.get(value, 0) + 1
+        for value, count in counts.items():
+            self.jobs.labels(phase=value).set(count)

@@ -1,0 +1,135 @@
+"""Pure builder of the worker pods: one per node, torchrun with a static rendezvous."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .constants import (
+    ANNOTATION_CONFIG_HASH, CONFIG_MOUNT_DIR, CONFIG_PATH, GPU_RESOURCE, HF_TOKEN_ENV,
+    INSTANCE_IMAGES_MOUNT_DIR, RENDEZVOUS_PORT, SHM_MOUNT_DIR, STORAGE_MOUNT_DIR,
+    TRAINER_ENTRY, WORKER_CONTAINER,
+)
+from .metadata import (
+    child_metadata, config_map_name, rendezvous_address, service_name, worker_labels, worker_name,
+)
+from .children import storage_claim_name
+from .spec import Job
+
+
+def torchrun_command(job: Job, index: int) -> list[str]:
+    """Static rendezvous: `--node_rank` puts global rank 0 on worker-0, whose metrics
+    endpoint the operator scrapes (with c10d, rank 0 could land on any pod)."""
+    workers = job.spec.workers
+    return [
+        "torchrun",
+        "--nnodes", str(workers.nodes),
+        "--node_rank", str(index),
+        "--nproc_per_node", str(workers.procs_per_node),
+        "--master_addr", rendezvous_address(job.name),
+        "--master_port", str(RENDEZVOUS_PORT),
+        TRAINER_ENTRY,
+        "--config", CONFIG_PATH,
+    ]
+
+
+def worker_env(job: Job, index: int) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        # The trainer binds its metrics endpoint to the pod IP (DESIGN.md metrics.host).
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "JOB_NAME", "value": job.name},
+        {"name": "JOB_NAMESPACE", "value": job.namespace},
+        {"name": "WORKER_INDEX", "value": str(index)},
+    ]
+    secret = job.spec.model.hf_token_secret
+    if secret is not None:
+        env.append({"name": HF_TOKEN_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    # The user's own variables come last, so they can override ours on purpose.
+    env.extend(copy.deepcopy(job.spec.workers.env))
+    return env
+
+
+def worker_resources(job: Job) -> dict[str, Any]:
+    """The user's resources, plus `nvidia.com/gpu: gpusPerNode` when they left it out."""
+    workers = job.spec.workers
+    resources = copy.deepcopy(workers.resources)
+    if workers.gpus_per_node > 0:
+        limits = resources.setdefault("limits", {})
+        limits.setdefault(GPU_RESOURCE, workers.gpus_per_node)
+    return resources
+
+
+def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    images = job.spec.data.instance_images
+    volumes = [
+        {"name": "config", "configMap": {"name": config_map_name(job.name)}},
+        {"name": "storage", "persistentVolumeClaim": {"claimName": storage_claim_name(job)}},
+        {"name": "instance-images", "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}},
+        # NCCL and data loader workers share memory through /dev/shm, which is 64 MiB
+        # in a container by default: far too small.
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    images_mount: dict[str, Any] = {"name": "instance-images", "mountPath": INSTANCE_IMAGES_MOUNT_DIR,
+                                    "readOnly": True}
+    sub_path = images.path.strip("/")
+    if sub_path:
+        images_mount["subPath"] = sub_path
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "storage", "mountPath": STORAGE_MOUNT_DIR},
+        images_mount,
+        {"name": "shm", "mountPath": SHM_MOUNT_DIR},
+    ]
+    return volumes, mounts
+
+
+def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[str, Any]:
+    workers = job.spec.workers
+    volumes, mounts = worker_volumes(job)
+    ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    if job.spec.metrics.port:
+        ports.append({"name": "metrics", "containerPort": job.spec.metrics.port, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": workers.image,
+        "command": torchrun_command(job, index),
+        "env": worker_env(job, index),
+        "ports": ports,
+        "resources": worker_resources(job),
+        "volumeMounts": mounts,
+    }
+    if workers.image_pull_policy is not None:
+        container["imagePullPolicy"] = workers.image_pull_policy
+    spec: dict[str, Any] = {
+        # The operator restarts the whole gang after a failure; a kubelet restarting
+        # one container would leave it alone in a dead rendezvous.
+        "restartPolicy": "Never",
+        "hostname": worker_name(job.name, index),
+        "subdomain": service_name(job.name),
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": workers.termination_grace_period_seconds,
+    }
+    if workers.node_selector:
+        spec["nodeSelector"] = dict(workers.node_selector)
+    if workers.tolerations:
+        spec["tolerations"] = copy.deepcopy(workers.tolerations)
+    if workers.affinity:
+        spec["affinity"] = copy.deepcopy(workers.affinity)
+    if workers.service_account_name is not None:
+        spec["serviceAccountName"] = workers.service_account_name
+    if workers.priority_class_name is not None:
+        spec["priorityClassName"] = workers.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": child_metadata(job, worker_name(job.name, index),
+                                   labels=worker_labels(job.name, index, gang),
+                                   annotations={ANNOTATION_CONFIG_HASH: config_hash}),
+        "spec": spec,
+    }
+
+
+def build_worker_pods(job: Job, gang: int, config_hash: str) -> list[dict[str, Any]]:
+    return [build_worker_pod(job, index, gang, config_hash) for index in range(job.spec.workers.nodes)]

@@ -1,0 +1,108 @@
+"""What a worker pod's status says, read by pure functions (no API calls)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import EXIT_CODE_SIGTERM, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
+
+POD_PENDING = "Pending"
+POD_RUNNING = "Running"
+POD_SUCCEEDED = "Succeeded"
+POD_FAILED = "Failed"
+
+
+def pod_name(pod: dict[str, Any]) -> str:
+    return pod["metadata"]["name"]
+
+
+def pod_phase(pod: dict[str, Any]) -> str:
+    return (pod.get("status") or {}).get("phase") or POD_PENDING
+
+
+def pod_gang(pod: dict[str, Any]) -> int | None:
+    try:
+        return int(pod["metadata"].get("labels", {})[LABEL_GANG])
+    except (KeyError, ValueError):
+        return None
+
+
+def pod_index(pod: dict[str, Any]) -> int | None:
+    try:
+        return int(pod["metadata"].get("labels", {})[LABEL_WORKER_INDEX])
+    except (KeyError, ValueError):
+        return None
+
+
+def is_deleting(pod: dict[str, Any]) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def pod_condition(pod: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return condition
+    return None
+
+
+def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer container's `terminated` state, if it has ended."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for container in statuses:
+        if container.get("name") == WORKER_CONTAINER or len(statuses) == 1:
+            state = container.get("state") or {}
+            return state.get("terminated") or (container.get("lastState") or {}).get("terminated")
+    return None
+
+
+def is_preemption(pod: dict[str, Any]) -> bool:
+    """A failure that is not the job's fault: it restarts the gang without counting
+    against runPolicy.backoffLimit (the trainer checkpoints on SIGTERM and exits 143)."""
+    status = pod.get("status") or {}
+    if status.get("reason") in ("Evicted", "Preempting", "Terminated", "Shutdown", "NodeShutdown"):
+        return True
+    disruption = pod_condition(pod, "DisruptionTarget")
+    if disruption is not None and disruption.get("status") == "True":
+        return True
+    terminated = terminated_state(pod)
+    return terminated is not None and terminated.get("exitCode") == EXIT_CODE_SIGTERM
+
+
+@dataclass(frozen=True)
+class Failure:
+    pod: str
+    reason: str
+    exit_code: int | None
+    message: str
+
+    def as_status(self, time: str) -> dict[str, Any]:
+        failure: dict[str, Any] = {"pod": self.pod, "reason": self.reason, "time": time}
+        if self.exit_code is not None:
+            failure["exitCode"] = self.exit_code
+        if self.message:
+            failure["message"] = self.message
+        return failure
+
+
+def describe_failure(pod: dict[str, Any]) -> Failure:
+    status = pod.get("status") or {}
+    terminated = terminated_state(pod) or {}
+    reason = terminated.get("reason") or status.get("reason") or "Error"
+    message = terminated.get("message") or status.get("message") or ""
+    return Failure(pod=pod_name(pod), reason=reason, exit_code=terminated.get("exitCode"), message=message)
+
+
+def scheduling_problem(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message for a pod it could not place, else None."""
+    if pod_phase(pod) != POD_PENDING:
+        return None
+    scheduled = pod_condition(pod, "PodScheduled")
+    if scheduled is None or scheduled.get("status") != "False":
+        return None
+    return scheduled.get("message") or scheduled.get("reason") or "pod not scheduled"
+
+
+def is_scheduled(pod: dict[str, Any]) -> bool:
+    scheduled = pod_condition(pod, "PodScheduled")
+    return pod_phase(pod) != POD_PENDING or (scheduled is not None and scheduled.get("status") == "True")

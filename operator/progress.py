@@ -1,0 +1,90 @@
+"""Training progress from rank 0's Prometheus endpoint -> `status` fields.
+
+The trainer's metrics are the one source of truth for progress (DESIGN.md); the
+operator only copies them into status, at a bounded rate, so `kubectl get dbj` shows
+them. Parsing is pure; fetching is one short HTTP GET.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .metadata import rendezvous_address
+
+SCRAPE_TIMEOUT_SECONDS = 3.0
+
+# Trainer metric -> status field (DESIGN.md "Metrics").
+METRIC_STEP = "dreambooth_step"
+METRIC_MAX_STEPS = "dreambooth_max_steps"
+METRIC_LOSS = "dreambooth_loss"
+METRIC_SAMPLES_PER_SECOND = "dreambooth_samples_per_second"
+METRIC_ETA_SECONDS = "dreambooth_eta_seconds"
+METRIC_CHECKPOINT_STEP = "dreambooth_checkpoint_step"
+SCRAPED = (METRIC_STEP, METRIC_MAX_STEPS, METRIC_LOSS, METRIC_SAMPLES_PER_SECOND,
+           METRIC_ETA_SECONDS, METRIC_CHECKPOINT_STEP)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The scraped gauges by name (first sample of each; rank 0 exports one series)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in SCRAPED and sample.name not in values and math.isfinite(sample.value):
+                values[sample.name] = sample.value
+    return values
+
+
+def checkpoint_path(checkpoint_dir: str, step: int) -> str:
+    # The trainer's checkpoint layout: `<checkpoint.dir>/step-00000500/`.
+    return f"{checkpoint_dir}/step-{step:08d}"
+
+
+def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint_dir: str,
+                    now: str) -> dict[str, Any]:
+    """Status fields that the scraped values change (an empty dict when none)."""
+    fields: dict[str, Any] = {}
+    if METRIC_STEP in values:
+        fields["step"] = int(values[METRIC_STEP])
+    if METRIC_MAX_STEPS in values and values[METRIC_MAX_STEPS] > 0:
+        fields["maxSteps"] = int(values[METRIC_MAX_STEPS])
+    max_steps = fields.get("maxSteps") or status.get("maxSteps")
+    if "step" in fields and max_steps:
+        fields["progress"] = f"{min(100, int(100 * fields['step'] / max_steps))}%"
+    if METRIC_LOSS in values:
+        fields["loss"] = round(values[METRIC_LOSS], 6)
+    if METRIC_SAMPLES_PER_SECOND in values:
+        fields["samplesPerSecond"] = round(values[METRIC_SAMPLES_PER_SECOND], 3)
+    if METRIC_ETA_SECONDS in values:
+        fields["etaSeconds"] = round(values[METRIC_ETA_SECONDS], 1)
+    checkpoint_step = int(values.get(METRIC_CHECKPOINT_STEP, 0))
+    previous = status.get("latestCheckpoint") or {}
+    if checkpoint_step > 0 and previous.get("step") != checkpoint_step:
+        fields["latestCheckpoint"] = {"step": checkpoint_step,
+                                      "path": checkpoint_path(checkpoint_dir, checkpoint_step), "time": now}
+    return {key: value for key, value in fields.items() if status.get(key) != value}
+
+
+def metrics_url(job_name: str, worker0: dict[str, Any] | None, port: int) -> str:
+    """Rank 0 lives on worker-0: its pod IP when known, else its DNS name."""
+    host = ((worker0 or {}).get("status") or {}).get("podIP") or rendezvous_address(job_name)
+    return f"http://{host}:{port}/metrics"
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
+    """The values at `url`, or None when rank 0 does not answer (yet)."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)) as response:
+            if response.status != 200:
+                return None
+            return parse_metrics(await response.text())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

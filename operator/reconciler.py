@@ -1,0 +1,222 @@
+"""Carries out plans: read a job and its pods, `decide`, then write what was decided.
+
+One reconcile loop runs per job (a kopf daemon), so a job's steps never race each
+other; pod events only wake it up early. All rules live in lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from . import constants as c
+from .children import build_claim, build_config_map, build_service
+from .kube import KubeApi
+from .lifecycle import Timing, decide, invalid_spec_status, timestamp
+from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
+from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
+from .pods import build_worker_pod
+from .podstates import pod_name
+from .progress import metrics_url, progress_status, scrape, utc_now
+from .spec import InvalidSpecError, Job
+from .trainer_config import config_hash, job_storage_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    timing: Timing = Timing()
+    # Progress is copied into status at most this often per job.
+    scrape_interval_seconds: float = 15.0
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new` (null removes a key)."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif before != value:
+            patch[key] = value
+    return patch
+
+
+def _failed_for_invalid_spec(status: dict[str, Any]) -> bool:
+    return any(cond.get("type") == c.CONDITION_FAILED and cond.get("status") == "True"
+               and cond.get("reason") == c.REASON_INVALID_SPEC for cond in status.get("conditions") or [])
+
+
+class Wakeups:
+    """One asyncio.Event per job: pod and job events set it to cut a wait short."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def get(self, namespace: str, name: str) -> asyncio.Event:
+        return self._events.setdefault((namespace, name), asyncio.Event())
+
+    def poke(self, namespace: str, name: str) -> None:
+        self.get(namespace, name).set()
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._events.pop((namespace, name), None)
+
+
+@dataclass
+class Reconciler:
+    api: KubeApi
+    metrics: OperatorMetrics
+    settings: Settings = Settings()
+    wakeups: Wakeups = field(default_factory=Wakeups)
+    _last_scrape: dict[tuple[str, str], float] = field(default_factory=dict)
+    _http: aiohttp.ClientSession | None = None
+
+    async def run(self, namespace: str, name: str, stopped: Any) -> None:
+        """The job's loop: reconcile, then sleep until woken or the plan's next check."""
+        wake = self.wakeups.get(namespace, name)
+        try:
+            while not stopped:
+                wake.clear()
+                try:
+                    delay = await self.reconcile(namespace, name)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # one bad pass must not end the job's loop
+                    log.exception("reconcile of %s/%s failed; retrying", namespace, name)
+                    delay = 2.0
+                if delay is None:
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.wakeups.forget(namespace, name)
+            self._last_scrape.pop((namespace, name), None)
+
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """One pass; returns seconds until the next one, None when the job is gone."""
+        started = time.perf_counter()
+        try:
+            return await self._reconcile(namespace, name)
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    async def _reconcile(self, namespace: str, name: str) -> float | None:
+        body = await self.api.get_job(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.metrics.set_phase(namespace, name, None)
+            return None
+        status = dict(body.get("status") or {})
+        try:
+            job = Job.from_body(body)
+            config_map = build_config_map(job)
+        except InvalidSpecError as error:
+            await self._reject(body, status, str(error))
+            return self.settings.timing.resync_seconds
+        if _failed_for_invalid_spec(status):
+            # The spec was fixed: start over as a new job.
+            status = {}
+
+        pods = await self.api.list("Pod", namespace, worker_selector(name))
+        plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
+        await self._write_status(namespace, name, body.get("status") or {}, plan.status)
+        self.metrics.set_phase(namespace, name, plan.status.get("phase"))
+        for type_, reason, message in plan.events:
+            await self.api.post_event(body, type_, reason, message)
+        if plan.counted_restart:
+            self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()
+        elif plan.gang != job_gang_before(status):
+            self.metrics.restarts.labels(reason=RESTART_PREEMPTION).inc()
+        for pod in plan.delete:
+            await self.api.delete("Pod", namespace, pod)
+        if plan.create:
+            await self._create_children(job, config_map)
+            config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+            for index in plan.create:
+                if await self.api.create(build_worker_pod(job, index, plan.gang, config)):
+                    self.metrics.pods_created.inc()
+
+        delay = plan.requeue_after or self.settings.timing.resync_seconds
+        if plan.status.get("phase") == c.PHASE_RUNNING and job.spec.metrics.port:
+            delay = min(delay, await self._maybe_scrape(job, plan.status, pods))
+        return delay
+
+    async def _reject(self, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
+        meta = body["metadata"]
+        if _failed_for_invalid_spec(status) and any(
+                cond.get("message") == message for cond in status.get("conditions") or []):
+            return  # already reported
+        log.warning("DreamboothJob %s/%s has an invalid spec: %s", meta["namespace"], meta["name"], message)
+        new = invalid_spec_status(status, message, utc_now())
+        await self._write_status(meta["namespace"], meta["name"], status, new)
+        self.metrics.set_phase(meta["namespace"], meta["name"], c.PHASE_FAILED)
+        await self.api.post_event(body, "Warning", c.REASON_INVALID_SPEC, message)
+        # Workers of an earlier, valid spec must not go on with a spec nobody can read.
+        for pod in await self.api.list("Pod", meta["namespace"], worker_selector(meta["name"])):
+            await self.api.delete("Pod", meta["namespace"], pod_name(pod))
+
+    async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+        patch = merge_patch(old, new)
+        if patch:
+            await self.api.patch_job_status(namespace, name, patch)
+
+    async def _create_children(self, job: Job, config_map: dict[str, Any]) -> None:
+        """Everything the workers need, created if absent; the config is refreshed so a
+        new gang runs the job's current spec."""
+        if not await self.api.create(config_map):
+            await self.api.replace_config_map(config_map)
+        await self.api.create(build_service(job))
+        claim = build_claim(job)
+        if claim is not None:
+            await self.api.create(claim)
+
+    async def _maybe_scrape(self, job: Job, status: dict[str, Any], pods: list[dict[str, Any]]) -> float:
+        key = (job.namespace, job.name)
+        interval = self.settings.scrape_interval_seconds
+        waited = time.monotonic() - self._last_scrape.get(key, 0.0)
+        if waited < interval:
+            return interval - waited
+        self._last_scrape[key] = time.monotonic()
+        worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        values = await scrape(self._http, metrics_url(job.name, worker0, job.spec.metrics.port))
+        if values:
+            checkpoint_dir = f"{job_storage_dir(job.name)}/checkpoints"
+            fields = progress_status(values, status, checkpoint_dir, timestamp(utc_now()))
+            if fields:
+                await self.api.patch_job_status(job.namespace, job.name, fields)
+        return interval
+
+    async def cleanup(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        """Delete everything made for a job. A cluster's garbage collector would do it
+        through ownerReferences too; doing it here also works where none runs."""
+        selector = job_selector(name)
+        for pod in await self.api.list("Pod", namespace, selector):
+            await self.api.delete("Pod", namespace, pod_name(pod))
+        await self.api.delete("Service", namespace, service_name(name))
+        await self.api.delete("ConfigMap", namespace, config_map_name(name))
+        storage = ((body.get("spec") or {}).get("storage") or {})
+        if "size" in storage and storage.get("retain") is False:
+            await self.api.delete("PersistentVolumeClaim", namespace, claim_name(name))
+        self.metrics.set_phase(namespace, name, None)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+
+def job_gang_before(status: dict[str, Any]) -> int:
+    return int(status.get("restarts") or 0) + int(status.get("preemptions") or 0)

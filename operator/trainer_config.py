@@ -1,0 +1,96 @@
+"""Spec -> trainer config: the YAML file every worker reads (DESIGN.md "Trainer command").
+
+The trainer's own models (`trainer.config`) validate the result, so the operator and the
+trainer agree on one contract; only `trainer.config` is imported (pydantic, no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from trainer.config import ConfigError, validate_config
+
+from .constants import INSTANCE_IMAGES_MOUNT_DIR, STORAGE_MOUNT_DIR
+from .spec import InvalidSpecError, JobSpec
+
+# The trainer checkpoints after SIGTERM; leave the kubelet this much of the grace
+# period to spare (process teardown, filesystem flush) before it sends SIGKILL.
+SIGTERM_MARGIN_SECONDS = 15
+
+
+def job_storage_dir(job_name: str) -> str:
+    """Each job keeps its files under its own folder, so jobs can share one claim."""
+    return f"{STORAGE_MOUNT_DIR}/{job_name}"
+
+
+def checkpoint_grace_seconds(termination_grace_period_seconds: int) -> float:
+    return float(max(termination_grace_period_seconds - SIGTERM_MARGIN_SECONDS,
+                     termination_grace_period_seconds / 2))
+
+
+def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
+    """The trainer config dict for a job, validated by the trainer's own models."""
+    root = job_storage_dir(job_name)
+    data: dict[str, Any] = {
+        "instance_dir": INSTANCE_IMAGES_MOUNT_DIR,
+        "instance_prompt": spec.data.instance_prompt,
+        "num_class_images": spec.data.num_class_images,
+        "resolution": spec.data.resolution,
+    }
+    if spec.data.class_prompt is not None:
+        data["class_prompt"] = spec.data.class_prompt
+        data["class_dir"] = f"{root}/class-images"
+    model: dict[str, Any] = {"source": spec.model.source}
+    if spec.model.revision is not None:
+        model["revision"] = spec.model.revision
+    training = spec.training
+    config = {
+        "model": model,
+        "data": data,
+        "training": {
+            "max_steps": training.max_steps,
+            "learning_rate": training.learning_rate,
+            "batch_size": training.batch_size,
+            "gradient_accumulation": training.gradient_accumulation,
+            "prior_loss_weight": training.prior_loss_weight,
+            "train_text_encoder": training.train_text_encoder,
+            "precision": training.precision,
+            "seed": training.seed,
+            "lr_scheduler": training.lr_scheduler,
+            "lr_warmup_steps": training.lr_warmup_steps,
+            "gradient_checkpointing": training.gradient_checkpointing,
+        },
+        "deepspeed": {"zero_stage": spec.deepspeed.zero_stage},
+        "checkpoint": {
+            "dir": f"{root}/checkpoints",
+            "every_steps": spec.checkpoint.every_steps,
+            "keep_last": spec.checkpoint.keep_last,
+            # After any restart the gang resumes from the newest complete checkpoint.
+            "resume": "auto",
+            "grace_seconds": checkpoint_grace_seconds(spec.workers.termination_grace_period_seconds),
+        },
+        "output": {"dir": f"{root}/output"},
+        # metrics.host is left out: the trainer binds $POD_IP, which the pod sets.
+        "metrics": {"port": spec.metrics.port},
+        # One JSON object per line is what log collectors in a cluster want.
+        "logging": {"format": "json"},
+    }
+    try:
+        validate_config(config, source=f"rendered from DreamboothJob {job_name}")
+    except ConfigError as error:
+        # Name the trainer's keys in the message, one line: it goes into a condition.
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:-1])
+        raise InvalidSpecError(f"the trainer rejects the config rendered from this spec: {detail}") from None
+    return config
+
+
+def config_yaml(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

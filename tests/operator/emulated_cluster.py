@@ -1,0 +1,159 @@
+"""An emulated Kubernetes API for the operator's integration tests, served over HTTP.
+
+kmock's KubernetesEmulator is a real stateful API server in memory. This helper adds
+what it lacks and the operator or kubectl rely on (DESIGN.md "Testing without a
+cluster"): metadata.uid / resourceVersion / creationTimestamp on create, label-selector
+filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discovery.
+It never stands in for the operator's own calls: the operator talks to it over HTTP
+with the official client, exactly as to a cluster.
+
+There are no controllers: no scheduler, no kubelet, no garbage collector. Tests play
+the kubelet by patching pod statuses through the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kmock
+import yaml
+from kmock import ResourceInfo
+
+ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
+
+# (resource key, kind, namespaced, short names, subresources)
+RESOURCES = [
+    ("v1/namespaces", "Namespace", False, ["ns"], ["status"]),
+    ("v1/pods", "Pod", True, ["po"], ["status"]),
+    ("v1/services", "Service", True, ["svc"], ["status"]),
+    ("v1/configmaps", "ConfigMap", True, ["cm"], []),
+    ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, ["pvc"], ["status"]),
+    ("v1/secrets", "Secret", True, [], []),
+    ("v1/events", "Event", True, ["ev"], []),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, ["crd"], ["status"]),
+    ("dreambooth.io/v1alpha1/dreamboothjobs", "DreamboothJob", True, ["dbj"], ["status"]),
+]
+
+
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """Equality-based label selectors (`a=b,c!=d,e`), which is all the operator and kubectl -l use here."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class Emulator(kmock.KubernetesEmulator):
+    _counter = itertools.count(1)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta.setdefault("generation", 1)
+                meta.setdefault("namespace", request.namespace) if request.namespace else None
+                if request.resource.plural == "pods":
+                    request.data.setdefault("status", {"phase": "Pending"})
+            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+                meta["resourceVersion"] = str(next(self._counter))
+        return await super()._handle(request)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        result = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            result["items"] = [item for item in result["items"]
+                               if selector_matches(selector, (item.get("metadata") or {}).get("labels") or {})]
+        info = self.resources[request.resource]
+        result["kind"] = f"{info.kind}List"
+        group = request.resource.group
+        result["apiVersion"] = f"{group}/{request.resource.version}" if group else request.resource.version
+        result["metadata"] = {"resourceVersion": str(next(self._counter))}
+        return result
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        result = await super()._serve_version(request)
+        result["groupVersion"] = result["groupVersion"].lstrip("/")
+        for entry in result.get("resources", []):
+            if "/" in entry["name"]:  # a subresource: kubectl warns when it has short names too
+                entry["shortNames"] = []
+        return result
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmulatedCluster:
+    """The emulator on 127.0.0.1 in a background thread, plus a kubeconfig for it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.kubeconfig = workdir / "kubeconfig.yaml"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name="emulated-cluster", daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self) -> "EmulatedCluster":
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
+            "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test"}}],
+            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester",
+                                                          "namespace": "default"}}],
+        }))
+        self._thread.start()
+        if not self._ready.wait(15) or self._error is not None:
+            raise RuntimeError(f"emulated API did not start: {self._error!r}")
+        return self
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as error:  # reported by start()
+            self._error = error
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        emulator = Emulator()
+        for key, kind, namespaced, short, subresources in RESOURCES:
+            emulator.resources[key] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced,
+                                                   verbs=ALL_VERBS, shortnames=short, subresources=subresources)
+        for namespace in ("default", "team-a", "team-b"):
+            emulator.objects["v1/namespaces", None, namespace] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "uid": str(uuid.uuid4())}}
+        async with emulator, kmock.Server(emulator, host="127.0.0.1", port=self.port):
+            self._ready.set()
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

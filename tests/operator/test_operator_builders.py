@@ -1,0 +1,223 @@
+"""The pure builders, tested as data: spec -> trainer config and child objects.
+
+Every object the operator creates must pass kubernetes-validate --strict for the
+Kubernetes version the project targets.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
+
+from dreambooth_operator import constants as c
+from dreambooth_operator.children import build_claim, build_config_map, build_service
+from dreambooth_operator.kube import KubeApi
+from dreambooth_operator.metadata import owner_reference
+from dreambooth_operator.pods import build_worker_pod, build_worker_pods
+from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
+from dreambooth_operator.trainer_config import render_trainer_config
+from trainer.config import validate_config
+
+SPECS = {"minimal": MINIMAL_SPEC, "full": FULL_SPEC}
+
+
+def job(spec: dict[str, Any] = MINIMAL_SPEC, name: str = "sks-dog") -> Job:
+    return Job.from_body(job_body(name, spec))
+
+
+def all_children(the_job: Job) -> list[dict[str, Any]]:
+    config_map = build_config_map(the_job)
+    digest = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+    objects = [config_map, build_service(the_job), *build_worker_pods(the_job, gang=0, config_hash=digest)]
+    claim = build_claim(the_job)
+    return objects + ([claim] if claim is not None else [])
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+def test_every_child_is_a_valid_kubernetes_object(spec_name: str) -> None:
+    children = all_children(job(SPECS[spec_name]))
+    assert children
+    for obj in children:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_event_the_operator_posts_is_valid() -> None:
+    captured: list[dict[str, Any]] = []
+
+    class Capture(KubeApi):
+        def __init__(self) -> None:  # no client: only the body the real post_event builds is kept
+            pass
+
+        async def create(self, obj: dict[str, Any]) -> bool:
+            captured.append(obj)
+            return True
+
+    import asyncio
+    asyncio.run(Capture().post_event(job_body(), "Warning", c.REASON_INVALID_SPEC, "spec.workers.nodes = 0: ..."))
+    kubernetes_validate.validate(captured[0], KUBERNETES_VERSION, strict=True)
+    assert captured[0]["involvedObject"]["kind"] == c.KIND
+
+
+def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None:
+    config = render_trainer_config("sks-dog", parse_spec(FULL_SPEC))
+    validate_config(copy.deepcopy(config))
+    assert config["model"] == {"source": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert config["data"] == {
+        "instance_dir": c.INSTANCE_IMAGES_MOUNT_DIR,
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "class_dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/class-images",
+        "num_class_images": 200,
+        "resolution": 512,
+    }
+    assert config["training"]["max_steps"] == 800
+    assert config["training"]["train_text_encoder"] is True
+    assert config["training"]["precision"] == "fp16"
+    assert config["deepspeed"] == {"zero_stage": 2}
+    assert config["checkpoint"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/checkpoints"
+    assert config["checkpoint"]["every_steps"] == 100
+    assert config["checkpoint"]["resume"] == "auto"
+    # The trainer must finish its SIGTERM checkpoint inside the pod's grace period.
+    assert config["checkpoint"]["grace_seconds"] < FULL_SPEC["workers"]["terminationGracePeriodSeconds"]
+    assert config["output"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/output"
+    assert config["metrics"] == {"port": 9090}
+
+
+def test_config_map_holds_the_rendered_yaml() -> None:
+    the_job = job(FULL_SPEC)
+    config_map = build_config_map(the_job)
+    assert config_map["metadata"]["name"] == "sks-dog-config"
+    assert yaml.safe_load(config_map["data"][c.CONFIG_FILE_NAME]) == render_trainer_config("sks-dog", the_job.spec)
+
+
+def test_headless_service_gives_workers_stable_names() -> None:
+    service = build_service(job(FULL_SPEC))
+    assert service["metadata"]["name"] == "sks-dog"
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"][c.LABEL_JOB] == "sks-dog"
+    assert {p["port"] for p in service["spec"]["ports"]} == {c.RENDEZVOUS_PORT, 9090}
+
+
+@pytest.mark.parametrize("nodes,gpus,expected_procs", [(1, 0, "1"), (2, 8, "8"), (3, 1, "1"), (4, 4, "4")])
+def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, expected_procs: str) -> None:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["workers"].update(nodes=nodes, gpusPerNode=gpus)
+    pods = build_worker_pods(job(spec), gang=0, config_hash="h")
+    assert [p["metadata"]["name"] for p in pods] == [f"sks-dog-worker-{i}" for i in range(nodes)]
+    for index, pod in enumerate(pods):
+        container = pod["spec"]["containers"][0]
+        assert container["command"] == [
+            "torchrun", "--nnodes", str(nodes), "--node_rank", str(index), "--nproc_per_node", expected_procs,
+            "--master_addr", "sks-dog-worker-0.sks-dog", "--master_port", "29500",
+            "trainer/main.py", "--config", "/etc/dreambooth/config.yaml",
+        ]
+        assert pod["spec"]["hostname"] == f"sks-dog-worker-{index}"
+        assert pod["spec"]["subdomain"] == "sks-dog"
+        assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["metadata"]["labels"][c.LABEL_WORKER_INDEX] == str(index)
+        limits = container["resources"].get("limits", {})
+        assert limits.get(c.GPU_RESOURCE) == (gpus or None)
+
+
+def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
+    pod = build_worker_pod(job(FULL_SPEC), index=1, gang=2, config_hash="abc")
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["JOB_NAME"]["value"] == "sks-dog"
+    assert env["JOB_NAMESPACE"]["value"] == "default"
+    assert env[c.HF_TOKEN_ENV]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["NCCL_DEBUG"]["value"] == "WARN"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8, "memory": "400Gi"}
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert spec["nodeSelector"] == FULL_SPEC["workers"]["nodeSelector"]
+    assert spec["tolerations"] == FULL_SPEC["workers"]["tolerations"]
+    assert spec["affinity"] == FULL_SPEC["workers"]["affinity"]
+    assert spec["terminationGracePeriodSeconds"] == 300
+    assert spec["serviceAccountName"] == "trainer"
+    assert spec["priorityClassName"] == "training"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "sks-dog-config"
+    assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == "sks-dog-storage"
+    assert volumes["instance-images"]["persistentVolumeClaim"] == {"claimName": "dog-photos", "readOnly": True}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["instance-images"]["subPath"] == "dogs"
+    assert mounts["config"]["mountPath"] == c.CONFIG_MOUNT_DIR
+    assert pod["metadata"]["labels"][c.LABEL_GANG] == "2"
+    assert pod["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH] == "abc"
+
+
+def test_children_are_owned_by_the_job_except_a_retained_claim() -> None:
+    the_job = job(FULL_SPEC)
+    reference = owner_reference(the_job)
+    assert reference == {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamboothJob", "name": "sks-dog",
+                         "uid": "uid-sks-dog", "controller": True, "blockOwnerDeletion": True}
+    for obj in all_children(the_job):
+        assert obj["metadata"]["ownerReferences"] == [reference]
+        assert obj["metadata"]["labels"][c.LABEL_JOB] == "sks-dog"
+    retained = copy.deepcopy(FULL_SPEC)
+    retained["storage"]["retain"] = True
+    assert "ownerReferences" not in build_claim(job(retained))["metadata"]
+
+
+def test_existing_claim_is_used_and_none_is_created() -> None:
+    the_job = job(MINIMAL_SPEC)
+    assert build_claim(the_job) is None
+    pod = build_worker_pod(the_job, 0, 0, "h")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == "dreambooth-ckpt"
+
+
+def test_created_claim_asks_for_size_class_and_access_mode() -> None:
+    claim = build_claim(job(FULL_SPEC))
+    assert claim["metadata"]["name"] == "sks-dog-storage"
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "200Gi"}},
+                             "storageClassName": "fast-rwx"}
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    node = spec
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is _DELETE:
+        node.pop(last)
+    else:
+        node[last] = value
+    return spec
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path,value,expected", [
+    ("workers.nodes", 0, "spec.workers.nodes = 0"),
+    ("workers.image", _DELETE, "spec.workers.image: required field is missing"),
+    ("training.maxSteps", -5, "spec.training.maxSteps = -5"),
+    ("training.precision", "fp8", "spec.training.precision = 'fp8'"),
+    ("deepspeed.zeroStage", 4, "spec.deepspeed.zeroStage = 4"),
+    ("data.resolution", 500, "spec.data.resolution = 500"),
+    ("training.maxStep", 10, "spec.training.maxStep: unknown field"),
+    ("storage.size", "10Gi", "set exactly one of storage.claimName"),
+    ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
+])
+def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: Any, expected: str) -> None:
+    with pytest.raises(InvalidSpecError) as error:
+        the_job = job(_with(path, value))
+        render_trainer_config(the_job.name, the_job.spec)
+    assert expected in str(error.value)
+
+
+def test_spec_the_trainer_rejects_is_an_invalid_spec() -> None:
+    # Valid for the CRD, invalid for the trainer's own cross-field rule.
+    spec = _with("training", {"maxSteps": 10, "lrWarmupSteps": 50})
+    with pytest.raises(InvalidSpecError, match="lr_warmup_steps"):
+        build_config_map(job(spec))
