@@ -1,0 +1,142 @@
+"""The trainer's pure parts: loss, noise targets, DeepSpeed config, lr schedule,
+class-image planning, atomic publishing and checkpoint selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from tests.conftest import tiny_config
+from trainer.checkpoint import MANIFEST, complete_checkpoints, find_resume_point, list_files, write_atomically
+from trainer.class_images import class_image_path, plan_missing, share_of_rank
+from trainer.config import CheckpointConfig, validate_config
+from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
+from trainer.export import publish_folder
+from trainer.objective import DreamBoothDenoiser, add_noise, dreambooth_loss
+from trainer.tiny import SCHEDULER_CONFIG, build_tiny_components
+
+
+def test_loss_is_instance_plus_weighted_prior():
+    prediction = torch.zeros(4, 2)
+    target = torch.tensor([[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]])
+    terms = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5)
+    assert terms.instance_loss.item() == pytest.approx(1.0)
+    assert terms.prior_loss.item() == pytest.approx(4.0)
+    assert terms.loss.item() == pytest.approx(1.0 + 0.5 * 4.0)
+
+
+def test_loss_without_class_images_has_no_prior_term():
+    terms = dreambooth_loss(torch.zeros(2, 3), torch.ones(2, 3), num_instance=2, prior_loss_weight=1.0)
+    assert terms.prior_loss is None and terms.loss.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_target_follows_the_scheduler_prediction_type(prediction_type):
+    scheduler = DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    latents = torch.randn(2, 4, 8, 8)
+    noised = add_noise(latents, scheduler, torch.Generator().manual_seed(0), timesteps=torch.tensor([10, 900]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, torch.tensor([10, 900]))
+    assert torch.allclose(noised.target, expected)
+    assert torch.allclose(noised.noisy, scheduler.add_noise(latents, noise, torch.tensor([10, 900])))
+
+
+def test_denoiser_trains_unet_and_text_encoder_through_one_backward():
+    parts = build_tiny_components()
+    module = DreamBoothDenoiser(parts["unet"], parts["text_encoder"])
+    ids = parts["tokenizer"](["a photo of sks robot"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    out = module(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), input_ids=ids)
+    assert out.shape == (2, 4, 8, 8)
+    out.square().mean().backward()
+    assert parts["unet"].conv_in.weight.grad is not None
+    assert parts["text_encoder"].get_input_embeddings().weight.grad is not None
+
+
+def test_tiny_model_is_identical_on_every_build():
+    first, second = build_tiny_components(), build_tiny_components()
+    for name in ("unet", "vae", "text_encoder"):
+        for a, b in zip(first[name].parameters(), second[name].parameters()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_reflects_the_trainer_config(tmp_path, stage):
+    raw = tiny_config(tmp_path, training={"batch_size": 2, "gradient_accumulation": 3, "max_grad_norm": 0.5},
+                      deepspeed={"zero_stage": stage, "overrides": {"zero_optimization": {"reduce_bucket_size": 123}}})
+    ds = build_deepspeed_config(validate_config(raw), precision="fp16", world_size=4)
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert not ds["bf16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+
+
+def test_precision_auto_is_fp16_on_cuda_and_bf16_on_cpu():
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    shape = dict(warmup_steps=4, max_steps=14)
+    assert [lr_multiplier(step, schedule="constant", **shape) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_multiplier(9, schedule="linear", **shape) == pytest.approx(0.5)
+    assert lr_multiplier(14, schedule="cosine", **shape) == pytest.approx(0.0)
+    assert lr_multiplier(9, schedule="cosine", **shape) == pytest.approx(0.5)
+
+
+def test_class_image_plan_keeps_existing_images_and_fills_the_gap(tmp_path):
+    (tmp_path / "mine.jpg").write_bytes(b"x")
+    class_image_path(tmp_path, 1).write_bytes(b"x")
+    missing = plan_missing(tmp_path, 5)
+    assert missing == [0, 2, 3]
+    assert plan_missing(tmp_path, 2) == []
+    assert share_of_rank(missing, 0, 2) + share_of_rank(missing, 1, 2) == [0, 3, 2]
+
+
+def test_publish_folder_replaces_the_old_folder_whole(tmp_path):
+    target = tmp_path / "model"
+    publish_folder(target, lambda folder: (folder.mkdir(), (folder / "a").write_text("1")))
+    publish_folder(target, lambda folder: (folder.mkdir(), (folder / "b").write_text("2")))
+    assert sorted(path.name for path in target.iterdir()) == ["b"]
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+    def crash(folder):
+        folder.mkdir()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        publish_folder(target, crash)
+    assert (target / "b").read_text() == "2"
+
+
+def fake_checkpoint(root, step, *, complete=True, corrupt=False):
+    folder = root / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "shard.pt").write_bytes(b"0123456789")
+    if complete:
+        manifest = {"step": step, "world_size": 2, "zero_stage": 2, "files": list_files(folder)}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    if corrupt:
+        (folder / "shard.pt").write_bytes(b"01234")
+    return folder
+
+
+def test_resume_takes_latest_and_skips_incomplete_or_corrupt(tmp_path):
+    config = CheckpointConfig(dir=tmp_path)
+    assert find_resume_point(config) is None
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 30, complete=False)
+    write_atomically(tmp_path / "latest", "step-00000020")
+    assert find_resume_point(config).name == "step-00000020"
+    fake_checkpoint(tmp_path, 25, corrupt=True)
+    write_atomically(tmp_path / "latest", "step-00000025")
+    assert find_resume_point(config).name == "step-00000020"
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000025", "step-00000020", "step-00000010"]
+    assert find_resume_point(CheckpointConfig(dir=tmp_path, resume="never")) is None

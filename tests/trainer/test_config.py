@@ -1,0 +1,128 @@
+"""The config contract: keys, overrides, and one-paragraph errors with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
+from trainer.config import ConfigError, TrainerConfig, apply_overrides, load_config, validate_config
+
+
+def test_contract_keys_exist_with_their_names(tmp_path):
+    config = validate_config(tiny_config(tmp_path))
+    for dotted in [
+        "model.source", "data.instance_dir", "data.instance_prompt", "data.class_prompt", "data.class_dir",
+        "data.num_class_images", "data.resolution", "training.max_steps", "training.learning_rate",
+        "training.batch_size", "training.gradient_accumulation", "training.prior_loss_weight",
+        "training.train_text_encoder", "training.precision", "deepspeed.zero_stage", "checkpoint.dir",
+        "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "output.dir", "metrics.port",
+        "metrics.host",
+    ]:
+        section, key = dotted.split(".")
+        assert key in type(getattr(config, section)).model_fields, dotted
+
+
+def test_set_overrides_are_typed_and_nested(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    config = load_config(path, ["training.max_steps=17", "training.learning_rate=3e-5", "deepspeed.zero_stage=3",
+                                "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 1000}}"])
+    assert config.training.max_steps == 17
+    assert config.training.learning_rate == pytest.approx(3e-5)
+    assert config.deepspeed.zero_stage == 3
+    assert config.deepspeed.overrides == {"zero_optimization": {"reduce_bucket_size": 1000}}
+
+
+def test_relative_paths_become_absolute_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_config(tmp_path, output={"dir": "out/model"})
+    config = load_config(write_config(tmp_path, raw))
+    assert config.output.dir == tmp_path / "out" / "model"
+
+
+def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    assert validate_config(tiny_config(tmp_path)).metrics.host == "10.1.2.3"
+    monkeypatch.delenv("POD_IP")
+    assert validate_config(tiny_config(tmp_path)).metrics.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"training": {"precision": "fp8"}}, ["training.precision", "'fp8'", "'fp16'", "'bf16'"]),
+        ({"training": {"learning_rate": -1}}, ["training.learning_rate", "-1", "greater than 0"]),
+        ({"training": {"max_stepz": 5}}, ["training.max_stepz", "unknown key"]),
+        ({"deepspeed": {"zero_stage": 4}}, ["deepspeed.zero_stage", "4"]),
+        ({"data": {"resolution": 70}}, ["data.resolution", "70", "multiple of 8"]),
+        ({"data": {"class_dir": None}}, ["data.class_dir", "required", "class_prompt"]),
+        ({"output": None}, ["output", "required key is missing"]),
+        ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
+        ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
+    ],
+)
+def test_bad_values_name_the_key_and_the_value(tmp_path, change, expected):
+    raw = tiny_config(tmp_path)
+    for section, values in change.items():
+        if values is None:
+            raw.pop(section)
+        else:
+            raw[section].update(values)
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw, "job.yaml")
+    message = str(caught.value)
+    assert "job.yaml" in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_overrides({}, ["training.max_steps"])
+
+
+def test_json_schema_is_available_for_docs_and_the_operator():
+    schema = TrainerConfig.model_json_schema()
+    assert {"model", "data", "training", "deepspeed", "checkpoint", "output", "metrics"} <= set(schema["properties"])
+
+
+BAD_CLI_CASES = {
+    "unknown key": (["--set", "training.foo=1"], "training.foo"),
+    "bad value": (["--set", "training.precision=fp64"], "training.precision"),
+    "missing instance folder": (["--set", "data.instance_dir=/nonexistent/photos"], "/nonexistent/photos"),
+    "empty instance folder": (["--set", "data.instance_dir={empty}"], "no images found"),
+    "corrupt image": (["--set", "data.instance_dir={corrupt}"], "broken.jpg"),
+    "fp16 on cpu": (["--set", "training.precision=fp16"], "needs a CUDA device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLI_CASES))
+def test_cli_rejects_bad_input_with_exit_2_and_writes_no_output(tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "good.png").write_bytes((INSTANCE_IMAGES / "robot-0.png").read_bytes())
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    args, expected = BAD_CLI_CASES[case]
+    args = [arg.format(empty=empty, corrupt=corrupt) for arg in args]
+    config = write_config(tmp_path, tiny_config(tmp_path))
+    result = run_trainer(config, nproc=0, extra=args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_reports_a_missing_config_file(tmp_path):
+    result = run_trainer(tmp_path / "nope.yaml", nproc=0, timeout=60)
+    assert result.returncode == 2
+    assert "nope.yaml: no such file" in result.stderr
+
+
+def test_yaml_round_trip_of_the_example_config():
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "examples" / "local-tiny.yaml").read_text())
+    config = validate_config(raw, "examples/local-tiny.yaml")
+    assert config.deepspeed.zero_stage == 2 and config.data.with_prior_preservation
