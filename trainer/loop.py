@@ -19,7 +19,7 @@ from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_rank
 from trainer.engine import DTYPES
 from trainer.objective import LossTerms, add_noise, dreambooth_loss, encode_latents
-from trainer.progress import Throughput, report_step
+from trainer.progress import Throughput, report_event, report_step
 
 EVAL_SEED = 8191
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -156,7 +156,8 @@ def train(
             throughput.reset()  # the pause is not training throughput
             throughput.mark(state.samples)
             if runtime.is_main:
-                print(f"checkpoint step {state.step} saved in {time.monotonic() - started:.1f}s", flush=True)
+                report_event("checkpoint saved", json_format=config.logging.format == "json",
+                             step=state.step, seconds=round(time.monotonic() - started, 3))
         if stopping:
             break
     return state

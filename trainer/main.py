@@ -79,7 +79,9 @@ def run(config: TrainerConfig) -> int:
         components = build_components(config.model)
         class_images_generated = 0
         if config.data.with_prior_preservation:
-            class_images_generated = sum_over_ranks(generate_class_images(config, components, runtime))
+            mine = generate_class_images(config, components, runtime)
+            report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)
+            class_images_generated = sum_over_ranks(mine)
         data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         components.vae.requires_grad_(False).to(runtime.device)

@@ -47,6 +47,13 @@ class Throughput:
         return steps_left / rate if rate > 0 else float("nan")
 
 
+def emit(line: str) -> None:
+    # One write per line: ranks share torchrun's stdout, and print()'s separate
+    # newline write lets lines of two ranks run together.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def format_duration(seconds: float) -> str:
     if seconds != seconds:  # NaN: not known yet
         return "?"
@@ -57,7 +64,7 @@ def format_duration(seconds: float) -> str:
 
 def report_step(values: dict, *, json_format: bool) -> None:
     if json_format:
-        print(json.dumps({"event": "step", **values}), flush=True)
+        emit(json.dumps({"event": "step", **values}))
         return
     prior = f" prior {values['prior_loss']:.4f}" if values.get("prior_loss") is not None else ""
     line = (
@@ -65,12 +72,12 @@ def report_step(values: dict, *, json_format: bool) -> None:
         f"(instance {values['instance_loss']:.4f}{prior}) lr {values['learning_rate']:.2e} "
         f"{values['samples_per_second']:.2f} samples/s eta {format_duration(values['eta_seconds'])}"
     )
-    print(line, file=sys.stdout, flush=True)
+    emit(line)
 
 
 def report_event(message: str, *, json_format: bool, **fields) -> None:
     if json_format:
-        print(json.dumps({"event": message, **fields}), flush=True)
+        emit(json.dumps({"event": message, **fields}))
     else:
         details = " ".join(f"{key}={value}" for key, value in fields.items())
-        print(f"{message} {details}".rstrip(), flush=True)
+        emit(f"{message} {details}".rstrip())

@@ -1,0 +1,100 @@
+"""Real training: 2 ranks under torchrun, real DeepSpeed (CPU accelerator, gloo, bf16)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.conftest import run_trainer, tiny_config, write_config
+from trainer.tiny import build_tiny_components
+
+
+def read_run(root):
+    return json.loads((root / "model" / "run.json").read_text())
+
+
+def json_events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage, train_text_encoder", [(2, True), (2, False), (3, True), (3, False)])
+def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage, train_text_encoder):
+    config = tiny_config(tiny_root, deepspeed={"zero_stage": zero_stage},
+                         training={"max_steps": 4, "train_text_encoder": train_text_encoder})
+    result = run_trainer(write_config(tiny_root, config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = read_run(tiny_root)
+    assert run["final_step"] == 4 and run["resumed_from_step"] is None
+    assert run["world_size"] == 2 and run["zero_stage"] == zero_stage and run["precision"] == "bf16"
+    assert run["wall_seconds"] > 0 and run["samples_per_second"] > 0
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_root / "model")
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a photo of sks robot", num_inference_steps=2, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    base = build_tiny_components()
+    assert pipeline.unet.dtype == torch.float32
+    assert not weights_equal(pipeline.unet, base["unet"])
+    assert weights_equal(pipeline.vae, base["vae"])
+    assert weights_equal(pipeline.text_encoder, base["text_encoder"]) is not train_text_encoder
+
+
+@pytest.mark.slow
+def test_the_model_learns_its_subject_with_prior_preservation_and_class_images_are_made_once(tiny_root):
+    config = tiny_config(
+        tiny_root,
+        data={"num_class_images": 6},
+        training={"max_steps": 24, "learning_rate": 1e-3, "train_text_encoder": True},
+        checkpoint={"every_steps": 8, "keep_last": 2},
+        logging={"format": "json"},
+    )
+    path = write_config(tiny_root, config)
+    result = run_trainer(path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = read_run(tiny_root)
+    # Denoising loss on the instance photos, fixed noise and timesteps, before vs after.
+    assert run["instance_eval_loss_after"] < 0.5 * run["instance_eval_loss_before"], run
+
+    events = json_events(result.stdout)
+    steps = [event for event in events if event["event"] == "step"]
+    assert [event["step"] for event in steps] == list(range(1, 25))
+    assert all(event["prior_loss"] is not None and event["prior_loss"] > 0 for event in steps)
+    assert all(event["loss"] == pytest.approx(event["instance_loss"] + event["prior_loss"], rel=1e-6) for event in steps)
+
+    # Six class images, three made by each rank.
+    made = {event["rank"]: event["generated"] for event in events if event["event"] == "class images"}
+    assert made == {0: 3, 1: 3} and run["class_images_generated"] == 6
+    class_dir = tiny_root / "class-images"
+    stamps = {path.name: path.stat().st_mtime_ns for path in class_dir.iterdir()}
+    assert len(stamps) == 6
+
+    # Retention kept the last two checkpoints, `latest` names the newest.
+    assert sorted(path.name for path in (tiny_root / "checkpoints").glob("step-*")) == ["step-00000016", "step-00000024"]
+    assert (tiny_root / "checkpoints" / "latest").read_text() == "step-00000024"
+
+    # A second run: no class image is regenerated, training continues from the checkpoint.
+    again = run_trainer(path, extra=["--set", "training.max_steps=26"])
+    assert again.returncode == 0, again.stderr[-5000:]
+    made = {event["rank"]: event["generated"] for event in json_events(again.stdout) if event["event"] == "class images"}
+    assert made == {0: 0, 1: 0}
+    assert {path.name: path.stat().st_mtime_ns for path in class_dir.iterdir()} == stamps
+    rerun = read_run(tiny_root)
+    assert rerun["resumed_from_step"] == 24 and rerun["final_step"] == 26 and rerun["class_images_generated"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: fp16 with dynamic loss scaling (CPU twin: bf16 runs above)")
+def test_fp16_on_cuda(tiny_root):
+    config = tiny_config(tiny_root, training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True})
+    result = run_trainer(write_config(tiny_root, config), nproc=1)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert read_run(tiny_root)["precision"] == "fp16"
