@@ -98,3 +98,35 @@ def test_fp16_on_cuda(tiny_root):
     result = run_trainer(write_config(tiny_root, config), nproc=1)
     assert result.returncode == 0, result.stderr[-5000:]
     assert read_run(tiny_root)["precision"] == "fp16"
+
+
+@pytest.mark.slow
+def test_a_local_diffusers_folder_is_a_model_source(tiny_root, tmp_path):
+    """Export the tiny model as a pipeline folder, then fine-tune from that folder."""
+    from trainer.export import build_pipeline
+    from trainer.models import Components
+
+    base = tmp_path / "base-model"
+    parts = Components(**build_tiny_components())
+    build_pipeline(parts, parts.unet, parts.text_encoder).save_pretrained(base)
+    config = tiny_config(tiny_root, model={"source": str(base)}, data={"class_prompt": None, "class_dir": None},
+                         training={"max_steps": 2})
+    result = run_trainer(write_config(tiny_root, config), nproc=0)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert read_run(tiny_root)["world_size"] == 1
+    assert StableDiffusionPipeline.from_pretrained(tiny_root / "model").unet.config.sample_size == 8
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/nonexistent/sd15", "no such folder"),
+    ("some-org/some-model", "cannot be reached (offline?)"),
+])
+def test_unavailable_model_source_is_a_clear_error(tiny_root, monkeypatch, source, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tiny_root / "hf-home"))
+    config = tiny_config(tiny_root, model={"source": source})
+    result = run_trainer(write_config(tiny_root, config), nproc=0, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"model.source = {source!r}" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tiny_root / "model").exists()
