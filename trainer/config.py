@@ -157,9 +157,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid trainer config {source}:"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "missing":
+        if not key or item["type"] == "value_error":
+            # Our own cross-field checks already name the keys and values involved.
+            lines.append(f"  {message}")
+        elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing; add it to the file or pass --set {key}=VALUE")
         elif item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; remove it or check its spelling against DESIGN.md / README")

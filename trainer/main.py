@@ -54,7 +54,22 @@ class StopFlag:
         return self.requested
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our progress lines: the libraries' import-time notices
+    (DeepSpeed's accelerator guess, transformers' optional backends) say nothing to act on."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run(config: TrainerConfig) -> int:
+    quiet_libraries()
     import torch
 
     from trainer import checkpoint
