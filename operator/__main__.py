@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 import kopf
 
@@ -49,6 +50,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.kubeconfig:
+        # kopf's own login reads $KUBECONFIG; the operator's client gets the path directly.
+        os.environ["KUBECONFIG"] = args.kubeconfig
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(kopf.operator(

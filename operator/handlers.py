@@ -14,7 +14,7 @@ import kopf
 
 from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
 from .health import start_http
-from .kube import KubeApi, load_client_config
+from .kube import KubeApi, connection_info, load_client_config
 from .opmetrics import OperatorMetrics
 from .reconciler import Reconciler, Settings
 
@@ -28,6 +28,14 @@ class OperatorConfig:
     http_host: str = "0.0.0.0"
     http_port: int = 8080  # 0: no /healthz and /metrics
     kubeconfig: str | None = None
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches use the same credentials as the operator's own client (the
+    --kubeconfig given on the command line, else in-cluster, else $KUBECONFIG)."""
+    config: OperatorConfig = memo.get("config") or OperatorConfig()
+    return connection_info(load_client_config(config.kubeconfig))
 
 
 @kopf.on.startup()
@@ -60,13 +68,14 @@ async def run_job(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.Daem
     await memo.reconciler.run(namespace, name, stopped)
 
 
+# Event handlers are async on purpose: sync ones would queue in kopf's small thread pool.
 @kopf.on.event(*JOBS)
-def job_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.wakeups.poke(namespace, name)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def worker_changed(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def worker_changed(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.wakeups.poke(namespace, labels[LABEL_JOB])
 
 

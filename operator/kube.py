@@ -36,6 +36,26 @@ def load_client_config(kubeconfig: str | None = None) -> kubernetes.client.Confi
     return configuration
 
 
+def connection_info(configuration: kubernetes.client.Configuration) -> Any:
+    """The same credentials, in the form kopf's own API client takes."""
+    import kopf
+
+    header = (configuration.get_api_key_with_prefix("BearerToken")
+              or configuration.get_api_key_with_prefix("authorization") or "")
+    scheme, _, token = header.rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
 class KubeApi:
     def __init__(self, configuration: kubernetes.client.Configuration) -> None:
         self._client = kubernetes.client.ApiClient(configuration)

@@ -57,6 +57,10 @@ def worker_resources(job: Job) -> dict[str, Any]:
     if workers.gpus_per_node > 0:
         limits = resources.setdefault("limits", {})
         limits.setdefault(GPU_RESOURCE, workers.gpus_per_node)
+    # Quantities are int-or-string in YAML (`nvidia.com/gpu: 8`); the client wants strings.
+    for section in ("limits", "requests"):
+        if isinstance(resources.get(section), dict):
+            resources[section] = {name: str(value) for name, value in resources[section].items()}
     return resources
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .metadata import rendezvous_address
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
 
@@ -69,10 +68,12 @@ def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint
     return {key: value for key, value in fields.items() if status.get(key) != value}
 
 
-def metrics_url(job_name: str, worker0: dict[str, Any] | None, port: int) -> str:
-    """Rank 0 lives on worker-0: its pod IP when known, else its DNS name."""
-    host = ((worker0 or {}).get("status") or {}).get("podIP") or rendezvous_address(job_name)
-    return f"http://{host}:{port}/metrics"
+def metrics_url(worker0: dict[str, Any] | None, port: int) -> str | None:
+    """Rank 0 lives on worker-0 (static rendezvous). Its pod IP, which every running
+    pod has, is used rather than its DNS name `<job>-worker-0.<job>`: that name only
+    resolves inside the cluster, and a lookup that cannot succeed would stall."""
+    host = ((worker0 or {}).get("status") or {}).get("podIP")
+    return f"http://{host}:{port}/metrics" if host else None
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float] | None:

@@ -192,7 +192,8 @@ class Reconciler:
         worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
         if self._http is None:
             self._http = aiohttp.ClientSession()
-        values = await scrape(self._http, metrics_url(job.name, worker0, job.spec.metrics.port))
+        url = metrics_url(worker0, job.spec.metrics.port)
+        values = await scrape(self._http, url) if url is not None else None
         if values:
             checkpoint_dir = f"{job_storage_dir(job.name)}/checkpoints"
             fields = progress_status(values, status, checkpoint_dir, timestamp(utc_now()))

@@ -122,7 +122,7 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
         assert pod["spec"]["restartPolicy"] == "Never"
         assert pod["metadata"]["labels"][c.LABEL_WORKER_INDEX] == str(index)
         limits = container["resources"].get("limits", {})
-        assert limits.get(c.GPU_RESOURCE) == (gpus or None)
+        assert limits.get(c.GPU_RESOURCE) == (str(gpus) if gpus else None)
 
 
 def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
@@ -135,7 +135,7 @@ def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
     assert env["JOB_NAMESPACE"]["value"] == "default"
     assert env[c.HF_TOKEN_ENV]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert env["NCCL_DEBUG"]["value"] == "WARN"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8, "memory": "400Gi"}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "400Gi"}, "requests": {"cpu": "32"}}
     assert container["imagePullPolicy"] == "IfNotPresent"
     assert spec["nodeSelector"] == FULL_SPEC["workers"]["nodeSelector"]
     assert spec["tolerations"] == FULL_SPEC["workers"]["tolerations"]

@@ -1,0 +1,301 @@
+"""The real operator (a `python -m dreambooth_operator` process) against an emulated
+Kubernetes API over HTTP. The test plays the kubelet by setting pod statuses.
+
+One cluster and one operator serve the whole module (each test uses its own job
+names); the restart test restarts that operator.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import kubernetes_validate
+import pytest
+from conftest import KUBERNETES_VERSION, MINIMAL_SPEC
+from emulated_cluster import EmulatedCluster, free_port
+from operator_harness import Cluster, OperatorProcess, condition, evicted, running, terminated, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
+    cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(emulated: EmulatedCluster, operator: OperatorProcess) -> Cluster:
+    return Cluster(emulated)
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    """MINIMAL_SPEC with `section={...}` merged in."""
+    result = copy.deepcopy(MINIMAL_SPEC)
+    for section, values in changes.items():
+        result.setdefault(section, {}).update(values)
+    return result
+
+
+def phase_is(cluster: Cluster, job: str, phase: str) -> Any:
+    return lambda: cluster.status(job).get("phase") == phase
+
+
+def pod_names(cluster: Cluster, job: str) -> list[str]:
+    return [p["metadata"]["name"] for p in cluster.pods(job)]
+
+
+def gang_of(pod: dict[str, Any]) -> str:
+    return pod["metadata"]["labels"]["dreambooth.io/gang"]
+
+
+def test_create_makes_valid_children_then_follows_pods_to_success(cluster: Cluster) -> None:
+    cluster.create_job("three", spec(workers={"nodes": 3}))
+    pods = wait_for(lambda: len(cluster.pods("three")) == 3 and cluster.pods("three"), what="3 worker pods")
+    assert [p["metadata"]["name"] for p in pods] == ["three-worker-0", "three-worker-1", "three-worker-2"]
+    [service] = cluster.services("three")
+    [config_map] = cluster.config_maps("three")
+    assert service["spec"]["clusterIP"] == "None"
+    assert "config.yaml" in config_map["data"]
+    owner_uid = cluster.job("three")["metadata"]["uid"]
+    for obj in [*pods, service, config_map]:
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    command = pods[2]["spec"]["containers"][0]["command"]
+    assert command[command.index("--node_rank") + 1] == "2"
+    assert command[command.index("--master_addr") + 1] == "three-worker-0.three"
+
+    status = cluster.status("three")
+    assert condition(status, "Created")["status"] == "True"
+    cluster.run_pods("three")
+    wait_for(phase_is(cluster, "three", "Running"), what="phase Running")
+    assert condition(cluster.status("three"), "Running")["status"] == "True"
+
+    for name in pod_names(cluster, "three"):
+        cluster.set_pod_status(name, terminated(0, "Completed", phase="Succeeded"))
+    wait_for(phase_is(cluster, "three", "Succeeded"), what="phase Succeeded")
+    status = cluster.status("three")
+    assert condition(status, "Succeeded")["status"] == "True"
+    assert condition(status, "Running")["status"] == "False"
+    assert status["completionTime"]
+
+
+def test_worker_failure_restarts_the_whole_gang(cluster: Cluster) -> None:
+    cluster.create_job("flaky", spec(workers={"nodes": 2}, runPolicy={"backoffLimit": 2}))
+    wait_for(lambda: len(cluster.pods("flaky")) == 2, what="2 worker pods")
+    cluster.run_pods("flaky")
+    wait_for(phase_is(cluster, "flaky", "Running"), what="Running")
+    first_uids = {p["metadata"]["uid"] for p in cluster.pods("flaky")}
+
+    cluster.set_pod_status("flaky-worker-1", terminated(1, "Error"))
+    status = wait_for(lambda: cluster.status("flaky").get("restarts") == 1 and cluster.status("flaky"),
+                      what="restarts: 1")
+    assert status["lastFailure"]["pod"] == "flaky-worker-1"
+    assert status["lastFailure"]["exitCode"] == 1
+    assert status["lastFailure"]["reason"] == "Error"
+    # The whole gang is replaced: new pods (new uids) of gang 1, both workers.
+    pods = wait_for(lambda: (p := cluster.pods("flaky")) and len(p) == 2 and all(gang_of(x) == "1" for x in p) and p,
+                    what="a new gang of 2 pods")
+    assert not first_uids & {p["metadata"]["uid"] for p in pods}
+    assert any(e["reason"] == "WorkerFailed" and e["type"] == "Warning" for e in cluster.events("flaky"))
+    cluster.run_pods("flaky")
+    wait_for(phase_is(cluster, "flaky", "Running"), what="Running again")
+    assert cluster.status("flaky")["restarts"] == 1
+
+
+def test_backoff_limit_exceeded_fails_the_job_with_the_reason(cluster: Cluster) -> None:
+    cluster.create_job("doomed", spec(runPolicy={"backoffLimit": 1}))
+    for attempt in range(2):
+        wait_for(lambda: (p := cluster.pods("doomed")) and gang_of(p[0]) == str(attempt)
+                 and p[0]["status"]["phase"] == "Pending", what=f"gang {attempt}")
+        cluster.set_pod_status("doomed-worker-0", terminated(137, "OOMKilled"))
+    wait_for(phase_is(cluster, "doomed", "Failed"), what="phase Failed")
+    status = cluster.status("doomed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "OOMKilled" in failed["message"] and "backoffLimit = 1" in failed["message"]
+    assert status["restarts"] == 1
+    assert status["lastFailure"] == {**status["lastFailure"], "reason": "OOMKilled", "exitCode": 137}
+    assert any(e["reason"] == "BackoffLimitExceeded" for e in cluster.events("doomed"))
+
+
+@pytest.mark.parametrize("how", ["exit143", "evicted", "disruption"])
+def test_preemption_restarts_without_counting(cluster: Cluster, how: str) -> None:
+    name = f"preempt-{how}"
+    cluster.create_job(name, spec(workers={"nodes": 2}, runPolicy={"backoffLimit": 0}))
+    wait_for(lambda: len(cluster.pods(name)) == 2, what="2 pods")
+    cluster.run_pods(name)
+    wait_for(phase_is(cluster, name, "Running"), what="Running")
+    if how == "exit143":
+        cluster.set_pod_status(f"{name}-worker-0", terminated(143, "Error"))
+    elif how == "evicted":
+        cluster.set_pod_status(f"{name}-worker-1", evicted())
+    else:
+        status = terminated(1, "Error")
+        status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+        cluster.set_pod_status(f"{name}-worker-1", status)
+    wait_for(lambda: cluster.status(name).get("preemptions") == 1, what="preemptions: 1")
+    wait_for(lambda: (p := cluster.pods(name)) and len(p) == 2 and all(gang_of(x) == "1" for x in p),
+             what="a new gang")
+    status = cluster.status(name)
+    # backoffLimit 0 would have failed the job on any counted failure.
+    assert status["restarts"] == 0
+    assert status["phase"] != "Failed"
+
+
+def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
+    cluster.create_job("broken", spec(workers={"nodes": 0}))
+    cluster.create_job("healthy", spec())
+    wait_for(phase_is(cluster, "broken", "Failed"), what="broken job Failed")
+    failed = condition(cluster.status("broken"), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.workers.nodes = 0" in failed["message"]
+    events = wait_for(lambda: [e for e in cluster.events("broken") if e["reason"] == "InvalidSpec"], what="Event")
+    assert events[0]["type"] == "Warning" and "spec.workers.nodes" in events[0]["message"]
+    assert cluster.pods("broken") == []
+    wait_for(lambda: len(cluster.pods("healthy")) == 1, what="the other job's pod")
+
+    # Fixing the spec starts the job afresh.
+    cluster.patch_spec("broken", {"workers": {"nodes": 1}})
+    wait_for(lambda: len(cluster.pods("broken")) == 1, what="pod after the fix")
+    assert cluster.status("broken")["phase"] == "Pending"
+
+
+def test_suspend_deletes_workers_and_resume_recreates_them(cluster: Cluster) -> None:
+    cluster.create_job("pausable", spec(workers={"nodes": 2}))
+    wait_for(lambda: len(cluster.pods("pausable")) == 2, what="2 pods")
+    cluster.run_pods("pausable")
+    wait_for(phase_is(cluster, "pausable", "Running"), what="Running")
+
+    cluster.patch_spec("pausable", {"runPolicy": {"suspend": True}})
+    wait_for(phase_is(cluster, "pausable", "Suspended"), what="Suspended")
+    wait_for(lambda: cluster.pods("pausable") == [], what="workers deleted")
+    assert condition(cluster.status("pausable"), "Suspended")["status"] == "True"
+
+    cluster.patch_spec("pausable", {"runPolicy": {"suspend": False}})
+    wait_for(lambda: len(cluster.pods("pausable")) == 2, what="workers recreated")
+    status = cluster.status("pausable")
+    assert status["phase"] == "Pending"
+    assert condition(status, "Suspended")["status"] == "False"
+    assert status["restarts"] == 0
+
+
+def test_active_deadline_fails_the_job(cluster: Cluster) -> None:
+    cluster.create_job("slow", spec(runPolicy={"activeDeadlineSeconds": 1}))
+    wait_for(lambda: len(cluster.pods("slow")) == 1, what="pod")
+    cluster.run_pods("slow")
+    wait_for(phase_is(cluster, "slow", "Failed"), timeout=10, what="Failed after the deadline")
+    assert condition(cluster.status("slow"), "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: cluster.pods("slow") == [], what="workers stopped")
+
+
+def test_unschedulable_pods_get_a_condition_with_the_scheduler_message(cluster: Cluster) -> None:
+    cluster.create_job("huge", spec(workers={"gpusPerNode": 64}))
+    wait_for(lambda: len(cluster.pods("huge")) == 1, what="pod")
+    message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    cluster.set_pod_status("huge-worker-0", {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]})
+    unschedulable = wait_for(lambda: condition(cluster.status("huge"), "Unschedulable"), what="Unschedulable")
+    assert unschedulable["status"] == "True" and message in unschedulable["message"]
+
+
+class _FakeRank0(BaseHTTPRequestHandler):
+    """Rank 0's metrics endpoint, as the trainer exports it."""
+
+    body = (b"# TYPE dreambooth_step gauge\ndreambooth_step{job=\"scraped\",namespace=\"default\"} 42.0\n"
+            b"# TYPE dreambooth_max_steps gauge\ndreambooth_max_steps 100.0\n"
+            b"# TYPE dreambooth_loss gauge\ndreambooth_loss 0.125\n"
+            b"# TYPE dreambooth_samples_per_second gauge\ndreambooth_samples_per_second 12.5\n"
+            b"# TYPE dreambooth_eta_seconds gauge\ndreambooth_eta_seconds 8.0\n"
+            b"# TYPE dreambooth_checkpoint_step gauge\ndreambooth_checkpoint_step 40.0\n")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_progress_is_scraped_from_rank_0_into_status(cluster: Cluster) -> None:
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), _FakeRank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cluster.create_job("scraped", spec(metrics={"port": port}))
+        wait_for(lambda: len(cluster.pods("scraped")) == 1, what="pod")
+        cluster.run_pods("scraped", pod_ip="127.0.0.1")
+        status = wait_for(lambda: (s := cluster.status("scraped")).get("step") == 42 and s, what="step 42")
+    finally:
+        server.shutdown()
+    assert status["maxSteps"] == 100
+    assert status["progress"] == "42%"
+    assert status["loss"] == 0.125
+    assert status["samplesPerSecond"] == 12.5
+    assert status["etaSeconds"] == 8.0
+    assert status["latestCheckpoint"]["step"] == 40
+    assert status["latestCheckpoint"]["path"].endswith("/scraped/checkpoints/step-00000040")
+
+
+def test_delete_removes_every_child(cluster: Cluster) -> None:
+    cluster.create_job("doomed-by-user", spec(workers={"nodes": 2}, storage={"claimName": None, "size": "1Gi",
+                                                                            "retain": False}))
+    wait_for(lambda: len(cluster.pods("doomed-by-user")) == 2, what="2 pods")
+    assert len(cluster.claims("doomed-by-user")) == 1
+    cluster.delete_job("doomed-by-user")
+    wait_for(lambda: not cluster.job_exists("doomed-by-user"), what="job gone (finalizer released)")
+    assert cluster.pods("doomed-by-user") == []
+    assert cluster.services("doomed-by-user") == []
+    assert cluster.config_maps("doomed-by-user") == []
+    assert cluster.claims("doomed-by-user") == []
+
+
+def test_delete_keeps_a_retained_claim(cluster: Cluster) -> None:
+    cluster.create_job("keeper", spec(storage={"claimName": None, "size": "1Gi"}))
+    wait_for(lambda: len(cluster.pods("keeper")) == 1, what="pod")
+    cluster.delete_job("keeper")
+    wait_for(lambda: not cluster.job_exists("keeper"), what="job gone")
+    assert cluster.pods("keeper") == []
+    assert [c["metadata"]["name"] for c in cluster.claims("keeper")] == ["keeper-storage"]
+
+
+def test_operator_metrics_and_health(cluster: Cluster, operator: OperatorProcess) -> None:
+    cluster.create_job("counted", spec(workers={"nodes": 2}))
+    wait_for(lambda: len(cluster.pods("counted")) == 2, what="pods")
+    text = wait_for(lambda: (t := operator.metrics()) and 'dreambooth_operator_jobs{phase="Pending"}' in t and t,
+                    what="metrics")
+    for name in ("dreambooth_operator_reconcile_seconds_bucket", "dreambooth_operator_pods_created_total",
+                 "dreambooth_operator_restarts_total"):
+        assert name in text
+    created = [line for line in text.splitlines() if line.startswith("dreambooth_operator_pods_created_total")]
+    assert float(created[0].split()[-1]) >= 2
+    assert operator.healthy()
+
+
+def test_restarted_operator_adopts_pods_instead_of_duplicating(cluster: Cluster, operator: OperatorProcess) -> None:
+    cluster.create_job("survivor", spec(workers={"nodes": 3}))
+    before = wait_for(lambda: len(p := cluster.pods("survivor")) == 3 and p, what="3 pods")
+    operator.stop()
+    operator.start()
+    # The new operator resumes the job: give it time to (wrongly) act, then check.
+    cluster.run_pods("survivor")
+    wait_for(phase_is(cluster, "survivor", "Running"), what="Running, seen by the new operator")
+    after = cluster.pods("survivor")
+    assert [p["metadata"]["uid"] for p in after] == [p["metadata"]["uid"] for p in before]
+    created = [line for line in operator.metrics().splitlines()
+               if line.startswith("dreambooth_operator_pods_created_total")]
+    assert float(created[0].split()[-1]) == 0
