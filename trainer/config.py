@@ -106,11 +106,27 @@ def _default_metrics_host() -> str:
 class MetricsConfig(_Section):
     port: int = Field(0, ge=0, le=65535, description="Prometheus port of rank 0; 0 disables.")
     host: str = Field(default_factory=_default_metrics_host, description="Bind address; default $POD_IP else 0.0.0.0.")
+    linger_seconds: float = Field(
+        5.0, ge=0, description="After a finished run, keep serving this long so that a last scrape sees the final step."
+    )
 
 
 class LoggingConfig(_Section):
     every_steps: int = Field(1, ge=1, description="Print a progress line every N steps on rank 0.")
     format: Literal["text", "json"] = Field("text", description="`json`: one JSON object per line.")
+
+
+class ValidationConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Sample images every N optimizer steps (and at the end); 0 disables.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts sampled each time; default: data.instance_prompt.")
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps per sample.")
+    seed: int = Field(0, description="Fixed seed: the samples of different steps differ only by what was learned.")
+    dir: Path | None = Field(None, description="Folder of the `step-NNNNNNNN.png` grids; default: `samples/` beside checkpoint.dir.")
+
+
+class TensorBoardConfig(_Section):
+    enabled: bool = Field(False, description="Write TensorBoard scalars (and validation images) on rank 0.")
+    dir: Path | None = Field(None, description="Event file folder; default: `tensorboard/` beside checkpoint.dir.")
 
 
 class TrainerConfig(_Section):
@@ -122,6 +138,8 @@ class TrainerConfig(_Section):
     output: OutputConfig
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":
@@ -211,4 +229,6 @@ _PATH_KEYS = [
     ("data", "class_dir"),
     ("checkpoint", "dir"),
     ("output", "dir"),
+    ("validation", "dir"),
+    ("tensorboard", "dir"),
 ]

@@ -18,6 +18,7 @@ from trainer.config import TrainerConfig
 from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_rank
 from trainer.engine import DTYPES
+from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
 from trainer.objective import LossTerms, add_noise, dreambooth_loss, encode_latents
 from trainer.progress import Throughput, report_event, report_step
 
@@ -116,15 +117,20 @@ def train(
     *,
     stop_requested,
     on_step=None,
+    after_step=None,
+    metrics=None,
 ) -> TrainState:
     """Runs until max_steps, or until a stop is requested on any rank (then returns
-    early after a checkpoint). `on_step(values)` receives each step's figures."""
+    early after a checkpoint). `on_step(values)` receives each step's figures;
+    `after_step(step)` runs on every rank after each step and its checkpoint and returns
+    true when it paused training; `metrics` (a TrainerMetrics) times steps and checkpoints."""
     training = config.training
     throughput = Throughput()
     throughput.mark(state.samples)
     samples_per_micro_step = runtime.world_size * training.batch_size * (2 if data.class_ids is not None else 1)
     engine.train()
     while state.step < training.max_steps:
+        step_started = time.monotonic()
         sums = torch.zeros(3, dtype=torch.float64)
         for _ in range(training.gradient_accumulation):
             terms = step_fn.losses(data.batch(state.micro_step), state.micro_step)
@@ -136,6 +142,8 @@ def train(
                                   terms.prior_loss.item() if terms.prior_loss is not None else 0.0], dtype=torch.float64)
         state.step += 1
         throughput.mark(state.samples)
+        if metrics is not None:
+            metrics.record_step(step=state.step, samples=state.samples, seconds=time.monotonic() - step_started, engine=engine)
         if state.step % config.logging.every_steps == 0 or state.step == training.max_steps:
             loss, instance_loss, prior_loss = mean_over_ranks((sums / training.gradient_accumulation).tolist())
             values = dict(
@@ -151,13 +159,21 @@ def train(
         stopping = any_rank(stop_requested())
         if stopping or state.step % config.checkpoint.every_steps == 0 or state.step == training.max_steps:
             started = time.monotonic()
+            if metrics is not None:
+                metrics.set_phase(PHASE_CHECKPOINTING)
             checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
                             zero_stage=config.deepspeed.zero_stage)
             throughput.reset()  # the pause is not training throughput
             throughput.mark(state.samples)
+            if metrics is not None:
+                metrics.record_checkpoint(step=state.step, seconds=time.monotonic() - started)
+                metrics.set_phase(PHASE_TRAINING)
             if runtime.is_main:
                 report_event("checkpoint saved", json_format=config.logging.format == "json",
                              step=state.step, seconds=round(time.monotonic() - started, 3))
         if stopping:
             break
+        if after_step is not None and after_step(state.step):
+            throughput.reset()  # sampling is not training throughput either
+            throughput.mark(state.samples)
     return state

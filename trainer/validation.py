@@ -1,0 +1,112 @@
+"""Validation samples: every `validation.every_steps`, one image per prompt from a fixed
+seed, saved by rank 0 as one PNG grid per step (`step-NNNNNNNN.png`).
+
+Under ZeRO-3 every rank holds only a shard of each weight, so a forward pass on rank 0
+alone would wait forever for the others. Instead all ranks gather the fp32 master
+weights collectively, in the same order (as the export does), rank 0 rebuilds the
+pipeline from them and generates, and the other ranks wait at a barrier. One code path
+for every ZeRO stage, and the samples show the same weights the export would write.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainerConfig
+from trainer.distributed import Runtime, barrier
+from trainer.export import build_pipeline, fresh_like, gather_fp32_state_dict
+
+SAMPLE_PREFIX = "step-"
+GRID_COLUMNS = 4
+
+
+def samples_dir(config: TrainerConfig) -> Path:
+    """`validation.dir`, else `samples/` beside checkpoint.dir (on the same volume,
+    outside output.dir, which the export replaces whole)."""
+    return config.validation.dir or config.checkpoint.dir.parent / "samples"
+
+
+def sample_path(folder: Path, step: int) -> Path:
+    return folder / f"{SAMPLE_PREFIX}{step:08d}.png"
+
+
+def validation_prompts(config: TrainerConfig) -> list[str]:
+    return list(config.validation.prompts) or [config.data.instance_prompt]
+
+
+def is_validation_step(config: TrainerConfig, step: int) -> bool:
+    every = config.validation.every_steps
+    return every > 0 and (step % every == 0 or step == config.training.max_steps)
+
+
+def image_grid(images: list, columns: int = GRID_COLUMNS):
+    """Images of one size in rows of `columns` (fewer when there are fewer images)."""
+    from PIL import Image
+
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def _submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix + "."): value for key, value in state.items() if key.startswith(prefix + ".")}
+
+
+def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime):
+    """Collective (every rank calls it at the same step). Returns the grid on rank 0,
+    None elsewhere."""
+    state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
+    grid = None
+    if runtime.is_main:
+        grid = _generate_on_main(state, components, config, runtime)
+    del state
+    barrier()
+    return grid
+
+
+def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime):
+    validation, device = config.validation, runtime.device
+    # Half precision on a GPU: the sampling copy then costs half the UNet's fp32 size.
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = fresh_like(components.unet)
+    unet.load_state_dict(_submodule(state, "unet"))
+    text_encoder = components.text_encoder
+    if any(key.startswith("text_encoder.") for key in state):
+        text_encoder = fresh_like(components.text_encoder)
+        text_encoder.load_state_dict(_submodule(state, "text_encoder"))
+    # The shared scheduler object is left untouched: sampling sets its timesteps.
+    scheduler = type(components.inference_scheduler).from_config(components.inference_scheduler.config)
+    pipeline = build_pipeline(components, unet.to(device, dtype), text_encoder.to(device))
+    pipeline.scheduler = scheduler
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(config)
+    generators = [torch.Generator().manual_seed(validation.seed + index) for index in range(len(prompts))]
+    with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
+        images = pipeline(
+            prompts,
+            num_inference_steps=validation.num_inference_steps,
+            height=config.data.resolution,
+            width=config.data.resolution,
+            generator=generators,
+        ).images
+    del pipeline, unet
+    return image_grid(images)
+
+
+def save_grid(grid, folder: Path, step: int) -> Path:
+    """Written under a temporary name and renamed: a reader never sees half a PNG."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = sample_path(folder, step)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    grid.save(temporary, format="PNG")
+    os.replace(temporary, path)
+    return path
