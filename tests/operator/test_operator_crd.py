@@ -1,0 +1,140 @@
+"""The CRD: valid, documented field by field, and in step with the operator's spec model."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from dreambooth_operator import constants as c
+from dreambooth_operator.lifecycle import decide
+from dreambooth_operator.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO / "manifests" / "crd.yaml"
+CHART_CRD_PATH = REPO / "charts" / "dreambooth-operator" / "crds" / "crd.yaml"
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+
+CRD = yaml.safe_load(CRD_PATH.read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+
+
+def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, child in (schema.get("properties") or {}).items():
+        yield f"{path}.{name}", child
+        yield from walk(child, f"{path}.{name}")
+    if "items" in schema:
+        yield from walk(schema["items"], f"{path}[]")
+
+
+def unknown_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """Fields a real API server would prune silently: every one is a bug here."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, dict) and "properties" in schema:
+        found = []
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += unknown_fields(schema["properties"][key], item, f"{path}.{key}")
+        return found
+    if isinstance(value, list) and "items" in schema:
+        return [f for i, item in enumerate(value) for f in unknown_fields(schema["items"], item, f"{path}[{i}]")]
+    return []
+
+
+def test_chart_ships_the_same_crd() -> None:
+    assert CHART_CRD_PATH.read_text() == CRD_PATH.read_text()
+
+
+def test_crd_is_a_valid_kubernetes_object() -> None:
+    kubernetes_validate.validate(CRD, KUBERNETES_VERSION, strict=True)
+
+
+def test_crd_names_scope_columns_and_status_subresource() -> None:
+    spec = CRD["spec"]
+    assert CRD["metadata"]["name"] == f"{c.PLURAL}.{c.GROUP}"
+    assert spec["group"] == c.GROUP and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == c.KIND and spec["names"]["plural"] == c.PLURAL
+    assert spec["names"]["shortNames"] == [c.SHORT_NAME]
+    assert VERSION["name"] == c.VERSION and VERSION["served"] and VERSION["storage"]
+    assert VERSION["subresources"] == {"status": {}}
+    columns = [column["name"] for column in VERSION["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Step", "Progress", "Loss", "Restarts", "Age"]
+    assert SCHEMA["properties"]["status"]["properties"]["phase"]["enum"] == list(c.PHASES)
+
+
+def test_every_field_has_a_description() -> None:
+    missing = [path for path, child in walk(SCHEMA) if path != ".metadata" and not child.get("description")]
+    assert missing == []
+
+
+def _model_fields(model: type[BaseModel], schema: dict[str, Any], path: str) -> Iterator[str]:
+    """Differences between a pydantic spec model and its CRD schema, as messages."""
+    properties = schema.get("properties") or {}
+    aliases = {field.alias or name: (name, field) for name, field in model.model_fields.items()}
+    for extra in sorted(set(properties) - set(aliases)):
+        yield f"{path}.{extra}: in the CRD, not in operator/spec.py"
+    for alias, (_, field) in aliases.items():
+        if alias not in properties:
+            yield f"{path}.{alias}: in operator/spec.py, not in the CRD"
+            continue
+        prop = properties[alias]
+        required = field.is_required()
+        if required != (alias in (schema.get("required") or [])):
+            yield f"{path}.{alias}: required is {required} in the model"
+        annotation = field.annotation
+        nested = next((arg for arg in getattr(annotation, "__args__", (annotation,))
+                       if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        if nested is not None:
+            yield from _model_fields(nested, prop, f"{path}.{alias}")
+        elif field.default is not PydanticUndefined and field.default is not None:
+            if prop.get("default") != field.default:
+                yield f"{path}.{alias}: default {field.default!r} in the model, {prop.get('default')!r} in the CRD"
+
+
+def test_crd_spec_schema_matches_the_operator_spec_model() -> None:
+    assert list(_model_fields(JobSpec, SCHEMA["properties"]["spec"], "spec")) == []
+
+
+@pytest.mark.parametrize("spec", [MINIMAL_SPEC, FULL_SPEC, *[yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]],
+                         ids=["minimal", "full", *[p.stem for p in EXAMPLES]])
+def test_example_specs_pass_the_crd_schema_and_the_model(spec: dict[str, Any]) -> None:
+    jsonschema.Draft4Validator(SCHEMA["properties"]["spec"]).validate(spec)
+    assert unknown_fields(SCHEMA["properties"]["spec"], spec) == []
+    JobSpec.model_validate(spec)
+
+
+def test_crd_schema_rejects_what_the_model_rejects() -> None:
+    validator = jsonschema.Draft4Validator(SCHEMA["properties"]["spec"])
+    bad = {**MINIMAL_SPEC, "workers": {**MINIMAL_SPEC["workers"], "nodes": 0}}
+    assert not validator.is_valid(bad)
+    bad = {**MINIMAL_SPEC, "training": {"precision": "fp8"}}
+    assert not validator.is_valid(bad)
+
+
+def test_every_status_the_operator_writes_fits_the_schema() -> None:
+    spec = JobSpec.model_validate(FULL_SPEC)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    failed = {"metadata": {"name": "sks-dog-worker-0", "labels": {"dreambooth.io/gang": "0",
+                                                                  "dreambooth.io/worker-index": "0"}},
+              "status": {"phase": "Failed", "containerStatuses": [
+                  {"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}]}}
+    status = decide(spec, {}, [], now).status
+    status = decide(spec, {**status, "phase": c.PHASE_RUNNING}, [failed], now).status
+    status.update(step=10, progress="1%", loss=0.5, samplesPerSecond=1.0, etaSeconds=3.0,
+                  latestCheckpoint={"step": 10, "path": "/x/step-00000010", "time": "2026-01-01T00:00:00Z"})
+    assert status["lastFailure"]["exitCode"] == 1
+    status_schema = SCHEMA["properties"]["status"]
+    jsonschema.Draft4Validator(status_schema).validate(status)
+    assert unknown_fields(status_schema, status) == []

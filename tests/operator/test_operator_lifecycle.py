@@ -1,0 +1,203 @@
+"""Pod states -> phase, conditions and actions (lifecycle.decide), as tables."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+from conftest import MINIMAL_SPEC
+
+from dreambooth_operator import constants as c
+from dreambooth_operator.lifecycle import Timing, decide, timestamp
+from dreambooth_operator.podstates import describe_failure, is_preemption
+from dreambooth_operator.spec import JobSpec
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+TIMING = Timing(backoff_base_seconds=10, backoff_max_seconds=60, pending_timeout_seconds=300)
+
+
+def job_spec(nodes: int = 2, backoff_limit: int = 3, **run_policy: Any) -> JobSpec:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["workers"]["nodes"] = nodes
+    spec["runPolicy"] = {"backoffLimit": backoff_limit, **run_policy}
+    return JobSpec.model_validate(spec)
+
+
+def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, reason: str | None = None,
+        conditions: list[dict[str, Any]] | None = None, pod_reason: str | None = None,
+        created: dt.datetime = NOW, deleting: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error")}}}]
+    if conditions is not None:
+        status["conditions"] = conditions
+    if pod_reason is not None:
+        status["reason"] = pod_reason
+    metadata: dict[str, Any] = {"name": f"j-worker-{index}", "creationTimestamp": timestamp(created),
+                                "labels": {c.LABEL_GANG: str(gang), c.LABEL_WORKER_INDEX: str(index)}}
+    if deleting:
+        metadata["deletionTimestamp"] = timestamp(NOW)
+    return {"metadata": metadata, "status": status}
+
+
+def scheduled(index: int, **kwargs: Any) -> dict[str, Any]:
+    return pod(index, "Pending", conditions=[{"type": "PodScheduled", "status": "True"}], **kwargs)
+
+
+def unscheduled(index: int, **kwargs: Any) -> dict[str, Any]:
+    return pod(index, "Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                              "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}],
+               **kwargs)
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((x for x in status.get("conditions") or [] if x["type"] == kind), None)
+
+
+RUNNING = {"phase": c.PHASE_RUNNING, "restarts": 0, "preemptions": 0, "startTime": timestamp(NOW)}
+
+
+@pytest.mark.parametrize("status,pods,phase,create,delete", [
+    # nothing yet: create every worker
+    ({}, [], c.PHASE_PENDING, [0, 1], []),
+    # one was created before a crash: create only the missing one
+    ({"phase": c.PHASE_PENDING}, [pod(0, "Pending")], c.PHASE_PENDING, [1], []),
+    # all exist, one not scheduled yet
+    ({"phase": c.PHASE_PENDING}, [unscheduled(0), scheduled(1)], c.PHASE_PENDING, [], []),
+    # all scheduled, containers starting
+    ({"phase": c.PHASE_PENDING}, [scheduled(0), pod(1)], c.PHASE_INITIALIZING, [], []),
+    # all running
+    ({"phase": c.PHASE_INITIALIZING}, [pod(0), pod(1)], c.PHASE_RUNNING, [], []),
+    # one finished early, the other still running
+    (RUNNING, [pod(0, "Succeeded", exit_code=0), pod(1)], c.PHASE_RUNNING, [], []),
+    # every worker exited 0
+    (RUNNING, [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)], c.PHASE_SUCCEEDED, [], []),
+    # a worker failed: restart the gang (delete the rest, including the running one)
+    (RUNNING, [pod(0), pod(1, "Failed", exit_code=1)], c.PHASE_RESTARTING, [], ["j-worker-0", "j-worker-1"]),
+    # a worker vanished from a running gang (node lost): a preemption
+    (RUNNING, [pod(0)], c.PHASE_RESTARTING, [], ["j-worker-0"]),
+    # stale pods of an older gang are deleted before anything else
+    ({**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING}, [pod(0, gang=0), pod(1, gang=0, deleting=True)],
+     c.PHASE_RESTARTING, [], ["j-worker-0"]),
+    # backoff not over yet: wait
+    ({**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING,
+      "nextRestartTime": timestamp(NOW + dt.timedelta(seconds=5))}, [], c.PHASE_RESTARTING, [], []),
+    # backoff over: create the next gang
+    ({**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING,
+      "nextRestartTime": timestamp(NOW - dt.timedelta(seconds=1))}, [], c.PHASE_PENDING, [0, 1], []),
+    # terminal phases create nothing; a failed job stops what still runs
+    ({"phase": c.PHASE_SUCCEEDED}, [pod(0, "Succeeded", exit_code=0)], c.PHASE_SUCCEEDED, [], []),
+    ({"phase": c.PHASE_FAILED}, [pod(0), pod(1, "Failed", exit_code=1)], c.PHASE_FAILED, [], ["j-worker-0"]),
+])
+def test_phase_and_actions(status: dict[str, Any], pods: list[dict[str, Any]], phase: str, create: list[int],
+                           delete: list[str]) -> None:
+    plan = decide(job_spec(), status, pods, NOW, TIMING)
+    assert plan.status["phase"] == phase
+    assert plan.create == create
+    assert plan.delete == delete
+
+
+@pytest.mark.parametrize("failed_pod,preempted", [
+    (pod(1, "Failed", exit_code=1), False),
+    (pod(1, "Failed", exit_code=137, reason="OOMKilled"), False),
+    (pod(1, "Failed", exit_code=143), True),
+    (pod(1, "Failed", pod_reason="Evicted"), True),
+    (pod(1, "Failed", exit_code=1, conditions=[{"type": "DisruptionTarget", "status": "True"}]), True),
+    (pod(1, "Failed", exit_code=1, conditions=[{"type": "DisruptionTarget", "status": "False"}]), False),
+])
+def test_preemptions_restart_without_counting(failed_pod: dict[str, Any], preempted: bool) -> None:
+    assert is_preemption(failed_pod) is preempted
+    plan = decide(job_spec(backoff_limit=0), RUNNING, [pod(0), failed_pod], NOW, TIMING)
+    if preempted:
+        assert plan.status["phase"] == c.PHASE_RESTARTING
+        assert (plan.status["restarts"], plan.status["preemptions"]) == (0, 1)
+        assert plan.gang == 1 and not plan.counted_restart
+        assert condition(plan.status, c.CONDITION_RESTARTING)["reason"] == c.REASON_PREEMPTED
+    else:  # backoffLimit 0: the first counted failure fails the job
+        assert plan.status["phase"] == c.PHASE_FAILED
+        assert condition(plan.status, c.CONDITION_FAILED)["reason"] == c.REASON_BACKOFF_LIMIT_EXCEEDED
+
+
+@pytest.mark.parametrize("restarts,delay", [(0, 10), (1, 20), (2, 40), (3, 60), (9, 60)])
+def test_restart_backoff_doubles_up_to_the_cap(restarts: int, delay: float) -> None:
+    status = {**RUNNING, "restarts": restarts}
+    gang = [pod(0, gang=restarts), pod(1, "Failed", exit_code=1, gang=restarts)]
+    plan = decide(job_spec(backoff_limit=10), status, gang, NOW, TIMING)
+    assert plan.status["restarts"] == restarts + 1
+    assert plan.status["nextRestartTime"] == timestamp(NOW + dt.timedelta(seconds=delay))
+    assert plan.counted_restart and plan.gang == restarts + 1
+    assert plan.events[0][:2] == ("Warning", c.REASON_WORKER_FAILED)
+
+
+def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
+    status = {**RUNNING, "restarts": 3}
+    failed = pod(1, "Failed", exit_code=137, reason="OOMKilled", gang=3)
+    plan = decide(job_spec(backoff_limit=3), status, [pod(0, gang=3), failed], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_FAILED
+    assert plan.status["restarts"] == 3
+    assert plan.status["lastFailure"] == {"pod": "j-worker-1", "reason": "OOMKilled", "exitCode": 137,
+                                          "time": timestamp(NOW)}
+    assert "OOMKilled" in condition(plan.status, c.CONDITION_FAILED)["message"]
+    assert plan.delete == ["j-worker-0"]
+    assert plan.status["completionTime"] == timestamp(NOW)
+
+
+def test_failure_description_prefers_the_container_state() -> None:
+    failure = describe_failure(pod(0, "Failed", exit_code=137, reason="OOMKilled"))
+    assert (failure.pod, failure.reason, failure.exit_code) == ("j-worker-0", "OOMKilled", 137)
+    assert describe_failure(pod(0, "Failed", pod_reason="Evicted")).reason == "Evicted"
+
+
+def test_suspend_deletes_every_worker_and_resume_recreates_them() -> None:
+    plan = decide(job_spec(suspend=True), RUNNING, [pod(0), pod(1)], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_SUSPENDED
+    assert plan.delete == ["j-worker-0", "j-worker-1"] and plan.create == []
+    assert condition(plan.status, c.CONDITION_SUSPENDED)["status"] == "True"
+    assert condition(plan.status, c.CONDITION_RUNNING) is None or \
+        condition(plan.status, c.CONDITION_RUNNING)["status"] == "False"
+
+    # Workers that exit 143 while suspended are not failures.
+    plan = decide(job_spec(suspend=True), plan.status, [pod(0, "Failed", exit_code=143)], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_SUSPENDED and plan.status["restarts"] == 0
+
+    plan = decide(job_spec(), plan.status, [], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_PENDING
+    assert plan.create == [0, 1]
+    assert condition(plan.status, c.CONDITION_SUSPENDED)["status"] == "False"
+
+
+def test_active_deadline_fails_the_job_and_stops_workers() -> None:
+    started = {**RUNNING, "startTime": timestamp(NOW - dt.timedelta(seconds=100))}
+    plan = decide(job_spec(activeDeadlineSeconds=100), started, [pod(0), pod(1)], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_FAILED
+    assert condition(plan.status, c.CONDITION_FAILED)["reason"] == c.REASON_DEADLINE_EXCEEDED
+    assert plan.delete == ["j-worker-0", "j-worker-1"]
+
+    plan = decide(job_spec(activeDeadlineSeconds=160), started, [pod(0), pod(1)], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_RUNNING
+    assert plan.requeue_after == pytest.approx(60)
+
+
+def test_pods_pending_past_the_timeout_get_an_unschedulable_condition() -> None:
+    young = decide(job_spec(nodes=1), {"phase": c.PHASE_PENDING}, [unscheduled(0)], NOW, TIMING)
+    assert condition(young.status, c.CONDITION_UNSCHEDULABLE) is None
+    assert young.requeue_after == pytest.approx(300)
+
+    old = unscheduled(0, created=NOW - dt.timedelta(seconds=301))
+    plan = decide(job_spec(nodes=1), {"phase": c.PHASE_PENDING}, [old], NOW, TIMING)
+    stuck = condition(plan.status, c.CONDITION_UNSCHEDULABLE)
+    assert stuck["status"] == "True" and "Insufficient nvidia.com/gpu" in stuck["message"]
+
+    plan = decide(job_spec(nodes=1), plan.status, [pod(0)], NOW, TIMING)
+    assert condition(plan.status, c.CONDITION_UNSCHEDULABLE)["status"] == "False"
+
+
+def test_condition_transition_time_moves_only_when_its_status_flips() -> None:
+    first = decide(job_spec(), {"phase": c.PHASE_INITIALIZING}, [pod(0), pod(1)], NOW, TIMING).status
+    later = NOW + dt.timedelta(minutes=5)
+    again = decide(job_spec(), first, [pod(0), pod(1)], later, TIMING).status
+    assert condition(again, c.CONDITION_RUNNING)["lastTransitionTime"] == timestamp(NOW)
+    assert again == first  # nothing changed: nothing to patch
