@@ -21,7 +21,7 @@ from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
 # Enough for many jobs' short calls at once; each call takes milliseconds.
-API_THREADS = 8
+API_THREADS = 16
 
 
 def load_client_config(kubeconfig: str | None = None) -> kubernetes.client.Configuration:

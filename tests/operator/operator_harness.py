@@ -133,6 +133,10 @@ class Cluster:
         pods = self._raw_list(self.core.list_namespaced_pod, namespace, f"dreambooth.io/job={job}")
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
+    def all_pods(self) -> list[dict[str, Any]]:
+        import json
+        return json.loads(self.core.list_pod_for_all_namespaces(_preload_content=False).data)["items"]
+
     def services(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
         return self._raw_list(self.core.list_namespaced_service, namespace, f"dreambooth.io/job={job}")
 
