@@ -138,3 +138,24 @@ def test_every_status_the_operator_writes_fits_the_schema() -> None:
     status_schema = SCHEMA["properties"]["status"]
     jsonschema.Draft4Validator(status_schema).validate(status)
     assert unknown_fields(status_schema, status) == []
+
+
+@pytest.mark.parametrize("path", [REPO / "manifests" / "install.yaml", *EXAMPLES], ids=lambda p: p.name)
+def test_plain_manifests_are_valid_kubernetes_objects(path: Path) -> None:
+    documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert documents
+    for document in documents:
+        if document["kind"] == c.KIND:
+            continue  # a custom resource: checked against the CRD above
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_operator_rbac_covers_what_it_calls() -> None:
+    documents = list(yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()))
+    [role] = [d for d in documents if d["kind"] == "ClusterRole"]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    needed = [("dreambooth.io", "dreamboothjobs", "watch"), ("dreambooth.io", "dreamboothjobs/status", "patch"),
+              ("", "pods", "create"), ("", "pods", "delete"), ("", "pods", "watch"), ("", "services", "create"),
+              ("", "configmaps", "patch"), ("", "persistentvolumeclaims", "create"), ("", "events", "create")]
+    assert [need for need in needed if need not in granted] == []
