@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import re
 import socket
 import threading
 import uuid
@@ -24,6 +25,7 @@ from typing import Any
 
 import kmock
 import yaml
+from aiohttp import web
 from kmock import ResourceInfo
 
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
@@ -61,12 +63,41 @@ def selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+NAMESPACES = ("default", "team-a", "team-b")
+# kmock's URL parser reads `/api/v1/namespaces[/<name>]` as a namespace prefix with no
+# resource (and fails), so it cannot serve Namespace objects; kopf lists and watches
+# them when given --namespace. The emulator answers those URLs itself.
+NAMESPACES_URL = re.compile(r"/api/v1/namespaces(?:/([^/]+))?/?")
+
+
 class Emulator(kmock.KubernetesEmulator):
     _counter = itertools.count(1)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._in_flight: set[int] = set()
+        self._namespaces = {name: {"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
+                                   "status": {"phase": "Active"}} for name in NAMESPACES}
+
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        match = NAMESPACES_URL.fullmatch(raw_request.path)
+        if match is None or raw_request.method != "GET":
+            return await super().__call__(raw_request)
+        name = match.group(1)
+        if name is not None:
+            if name not in self._namespaces:
+                return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                          "reason": "NotFound", "code": 404}, status=404)
+            return web.json_response(self._namespaces[name])
+        if raw_request.query.get("watch") in ("true", "1"):
+            # Namespaces never change here: an open stream with no events.
+            response = web.StreamResponse()
+            await response.prepare(raw_request)
+            await asyncio.sleep(float(raw_request.query.get("timeoutSeconds", 3600)))
+            return response
+        return web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
+                                  "items": list(self._namespaces.values())})
 
     async def _handle(self, request: kmock.Request) -> Any:
         # kmock logs every request for assertions and scans the whole log to route each
@@ -162,9 +193,6 @@ class EmulatedCluster:
         for key, kind, namespaced, short, subresources in RESOURCES:
             emulator.resources[key] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced,
                                                    verbs=ALL_VERBS, shortnames=short, subresources=subresources)
-        for namespace in ("default", "team-a", "team-b"):
-            emulator.objects["v1/namespaces", None, namespace] = {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "uid": str(uuid.uuid4())}}
         async with emulator, kmock.Server(emulator, host="127.0.0.1", port=self.port):
             self._ready.set()
             await self._stop.wait()

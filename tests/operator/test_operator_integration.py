@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import kubernetes_validate
 import pytest
-from conftest import KUBERNETES_VERSION, MINIMAL_SPEC
+from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
 from emulated_cluster import EmulatedCluster, free_port
 from operator_harness import Cluster, OperatorProcess, condition, evicted, running, terminated, wait_for
 
@@ -299,3 +299,17 @@ def test_restarted_operator_adopts_pods_instead_of_duplicating(cluster: Cluster,
     created = [line for line in operator.metrics().splitlines()
                if line.startswith("dreambooth_operator_pods_created_total")]
     assert float(created[0].split()[-1]) == 0
+
+
+def test_a_job_using_every_spec_field_gets_valid_children(cluster: Cluster) -> None:
+    full = copy.deepcopy(FULL_SPEC)
+    cluster.create_job("everything", full)
+    pods = wait_for(lambda: len(p := cluster.pods("everything")) == 2 and p, what="2 worker pods")
+    [claim] = cluster.claims("everything")
+    for obj in [*pods, claim, *cluster.services("everything"), *cluster.config_maps("everything")]:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    spec = pods[0]["spec"]
+    assert spec["tolerations"] == full["workers"]["tolerations"]
+    assert spec["affinity"] == full["workers"]["affinity"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
