@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 
-from conftest import MINIMAL_SPEC  # noqa: E402
+from dbj_examples import MINIMAL_SPEC  # noqa: E402
 from emulated_cluster import EmulatedCluster  # noqa: E402
 from operator_harness import Cluster, OperatorProcess  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

@@ -1,68 +1,10 @@
-"""Shared fixtures of the operator tests: example jobs as data."""
+"""Operator tests: the helper modules beside this file import by their plain names
+(emulated_cluster, operator_harness, dbj_examples); none is named `conftest` so that
+no other test folder's conftest can shadow them."""
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-# The helpers beside this file (emulated_cluster, ...) import by their plain names.
 sys.path.insert(0, str(Path(__file__).parent))
-
-REPO = Path(__file__).resolve().parents[2]
-KUBERNETES_VERSION = "1.35.0"
-
-MINIMAL_SPEC: dict[str, Any] = {
-    "data": {"instanceImages": {"claimName": "dog-photos"}, "instancePrompt": "a photo of sks dog"},
-    "workers": {"image": "dreambooth-trainer:0.1.0", "gpusPerNode": 0},
-    "storage": {"claimName": "dreambooth-ckpt"},
-}
-
-FULL_SPEC: dict[str, Any] = {
-    "model": {"source": "stable-diffusion-v1-5/stable-diffusion-v1-5", "hfTokenSecret": {"name": "hf", "key": "token"}},
-    "data": {
-        "instanceImages": {"claimName": "dog-photos", "path": "/dogs"},
-        "instancePrompt": "a photo of sks dog",
-        "classPrompt": "a photo of dog",
-        "numClassImages": 200,
-        "resolution": 512,
-    },
-    "training": {"maxSteps": 800, "learningRate": 2.0e-6, "batchSize": 1, "trainTextEncoder": True, "precision": "fp16"},
-    "deepspeed": {"zeroStage": 2},
-    "workers": {
-        "nodes": 2,
-        "gpusPerNode": 8,
-        "image": "dreambooth-trainer:0.1.0",
-        "resources": {"limits": {"nvidia.com/gpu": 8, "memory": "400Gi"}, "requests": {"cpu": "32"}},
-        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
-        "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
-        "serviceAccountName": "trainer",
-        "priorityClassName": "training",
-        "terminationGracePeriodSeconds": 300,
-        "imagePullPolicy": "IfNotPresent",
-    },
-    "storage": {"storageClassName": "fast-rwx", "size": "200Gi", "retain": False},
-    "checkpoint": {"everySteps": 100, "keepLast": 3},
-    "runPolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 86400, "suspend": False},
-    "metrics": {"port": 9090},
-}
-
-
-def job_body(name: str = "sks-dog", spec: dict[str, Any] | None = None, namespace: str = "default") -> dict[str, Any]:
-    return {
-        "apiVersion": "dreambooth.io/v1alpha1",
-        "kind": "DreamboothJob",
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
-        "spec": copy.deepcopy(spec if spec is not None else MINIMAL_SPEC),
-    }
-
-
-@pytest.fixture
-def full_spec() -> dict[str, Any]:
-    return copy.deepcopy(FULL_SPEC)

@@ -23,7 +23,7 @@ FAST_FLAGS = ["--backoff-seconds", "0.3", "--backoff-max-seconds", "2", "--resyn
               "--scrape-interval", "0.5", "--pending-timeout", "1"]
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll `check` until it returns something truthy; fail with the last value."""
     deadline = time.monotonic() + timeout
     last: Any = None

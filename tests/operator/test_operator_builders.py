@@ -12,7 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
+from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.children import build_claim, build_config_map, build_service

@@ -10,7 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
+from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 

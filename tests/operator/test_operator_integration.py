@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import kubernetes_validate
 import pytest
-from conftest import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
+from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
 from emulated_cluster import EmulatedCluster, free_port
 from operator_harness import Cluster, OperatorProcess, condition, evicted, running, terminated, wait_for
 
@@ -196,7 +196,7 @@ def test_active_deadline_fails_the_job(cluster: Cluster) -> None:
     cluster.create_job("slow", spec(runPolicy={"activeDeadlineSeconds": 1}))
     wait_for(lambda: len(cluster.pods("slow")) == 1, what="pod")
     cluster.run_pods("slow")
-    wait_for(phase_is(cluster, "slow", "Failed"), timeout=10, what="Failed after the deadline")
+    wait_for(phase_is(cluster, "slow", "Failed"), what="Failed after the deadline")
     assert condition(cluster.status("slow"), "Failed")["reason"] == "DeadlineExceeded"
     wait_for(lambda: cluster.pods("slow") == [], what="workers stopped")
 

@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from conftest import MINIMAL_SPEC
+from dbj_examples import MINIMAL_SPEC
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.lifecycle import Timing, decide, timestamp

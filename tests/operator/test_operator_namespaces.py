@@ -6,7 +6,7 @@ import time
 from typing import Iterator
 
 import pytest
-from conftest import MINIMAL_SPEC
+from dbj_examples import MINIMAL_SPEC
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, wait_for
 
