@@ -8,16 +8,15 @@ names); the restart test restarts that operator.
 from __future__ import annotations
 
 import copy
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Iterator
 
 import kubernetes_validate
 import pytest
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
-from emulated_cluster import EmulatedCluster, free_port
-from operator_harness import Cluster, OperatorProcess, condition, evicted, running, terminated, wait_for
+from emulated_cluster import EmulatedCluster
+from operator_harness import Cluster, OperatorProcess, condition, evicted, terminated, wait_for
+
+from trainer.metrics import TrainerMetrics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,37 +210,23 @@ def test_unschedulable_pods_get_a_condition_with_the_scheduler_message(cluster: 
     assert unschedulable["status"] == "True" and message in unschedulable["message"]
 
 
-class _FakeRank0(BaseHTTPRequestHandler):
-    """Rank 0's metrics endpoint, as the trainer exports it."""
-
-    body = (b"# TYPE dreambooth_step gauge\ndreambooth_step{job=\"scraped\",namespace=\"default\"} 42.0\n"
-            b"# TYPE dreambooth_max_steps gauge\ndreambooth_max_steps 100.0\n"
-            b"# TYPE dreambooth_loss gauge\ndreambooth_loss 0.125\n"
-            b"# TYPE dreambooth_samples_per_second gauge\ndreambooth_samples_per_second 12.5\n"
-            b"# TYPE dreambooth_eta_seconds gauge\ndreambooth_eta_seconds 8.0\n"
-            b"# TYPE dreambooth_checkpoint_step gauge\ndreambooth_checkpoint_step 40.0\n")
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 def test_progress_is_scraped_from_rank_0_into_status(cluster: Cluster) -> None:
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), _FakeRank0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Rank 0's endpoint is the trainer's own metrics module, served on loopback.
+    rank0 = TrainerMetrics(max_steps=100, labels={"job": "scraped", "namespace": "default"})
+    rank0.serve("127.0.0.1", 0)
+    rank0.record_position(step=42, samples=84)
+    rank0.record_values({"loss": 0.125, "instance_loss": 0.1, "prior_loss": 0.025, "learning_rate": 2e-6,
+                         "samples_per_second": 12.5, "eta_seconds": 8.0})
+    rank0.record_checkpoint(step=40, seconds=1.0)
     try:
-        cluster.create_job("scraped", spec(metrics={"port": port}))
+        cluster.create_job("scraped", spec(metrics={"port": rank0.serving_port}))
         wait_for(lambda: len(cluster.pods("scraped")) == 1, what="pod")
         cluster.run_pods("scraped", pod_ip="127.0.0.1")
         status = wait_for(lambda: (s := cluster.status("scraped")).get("step") == 42 and s, what="step 42")
+        rank0.record_position(step=50, samples=100)
+        wait_for(lambda: cluster.status("scraped").get("step") == 50, what="step 50 at the next scrape")
     finally:
-        server.shutdown()
+        rank0.close()
     assert status["maxSteps"] == 100
     assert status["progress"] == "42%"
     assert status["loss"] == 0.125

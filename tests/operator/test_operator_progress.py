@@ -1,0 +1,58 @@
+"""Progress from rank 0's metrics: the operator's parser against the trainer's own
+metrics module (the contract of DESIGN.md "Metrics"), and the status fields it yields."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import generate_latest
+
+from dreambooth_operator.progress import metrics_url, parse_metrics, progress_status
+from trainer.metrics import TrainerMetrics
+
+NOW = "2026-06-01T12:00:00Z"
+
+
+def trainer_exposition(step: int = 42, checkpoint_step: int = 40, eta: float = 8.0) -> str:
+    metrics = TrainerMetrics(max_steps=100, labels={"job": "sks-dog", "namespace": "default"})
+    metrics.record_position(step=step, samples=2 * step)
+    metrics.record_values({"loss": 0.125, "instance_loss": 0.1, "prior_loss": 0.025, "learning_rate": 2e-6,
+                           "samples_per_second": 12.5, "eta_seconds": eta})
+    if checkpoint_step:
+        metrics.record_checkpoint(step=checkpoint_step, seconds=1.5)
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_trainers_own_endpoint_becomes_status_fields() -> None:
+    values = parse_metrics(trainer_exposition())
+    fields = progress_status(values, {}, "/mnt/storage/sks-dog/checkpoints", NOW)
+    assert fields == {
+        "step": 42,
+        "maxSteps": 100,
+        "progress": "42%",
+        "loss": 0.125,
+        "samplesPerSecond": 12.5,
+        "etaSeconds": 8.0,
+        "latestCheckpoint": {"step": 40, "path": "/mnt/storage/sks-dog/checkpoints/step-00000040", "time": NOW},
+    }
+
+
+def test_unknown_values_are_left_out_and_unchanged_fields_are_not_patched() -> None:
+    values = parse_metrics(trainer_exposition(checkpoint_step=0, eta=math.nan))
+    assert "dreambooth_eta_seconds" not in values  # NaN until the trainer knows
+    fields = progress_status(values, {}, "/c", NOW)
+    assert "etaSeconds" not in fields and "latestCheckpoint" not in fields
+    again = progress_status(values, {**fields}, "/c", NOW)
+    assert again == {}
+
+
+def test_checkpoint_time_is_kept_while_the_checkpoint_is_the_same() -> None:
+    values = parse_metrics(trainer_exposition())
+    status = {"latestCheckpoint": {"step": 40, "path": "/c/step-00000040", "time": "earlier"}}
+    assert "latestCheckpoint" not in progress_status(values, status, "/c", NOW)
+
+
+def test_rank0_is_scraped_at_worker0s_pod_ip() -> None:
+    assert metrics_url({"status": {"podIP": "10.0.0.7"}}, 9090) == "http://10.0.0.7:9090/metrics"
+    assert metrics_url({"status": {}}, 9090) is None
+    assert metrics_url(None, 9090) is None
