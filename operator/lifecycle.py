@@ -20,8 +20,18 @@ from typing import Any
 
 from . import constants as c
 from .podstates import (
-    POD_FAILED, POD_RUNNING, POD_SUCCEEDED, describe_failure, is_deleting, is_preemption,
-    is_scheduled, pod_gang, pod_index, pod_name, pod_phase, scheduling_problem,
+    POD_FAILED,
+    POD_RUNNING,
+    POD_SUCCEEDED,
+    describe_failure,
+    is_deleting,
+    is_preemption,
+    is_scheduled,
+    pod_gang,
+    pod_index,
+    pod_name,
+    pod_phase,
+    scheduling_problem,
 )
 from .spec import JobSpec
 

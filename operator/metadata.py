@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import Job
 from .constants import (
-    API_VERSION, APP_NAME, KIND, LABEL_GANG, LABEL_JOB, LABEL_MANAGED_BY, LABEL_NAME,
-    LABEL_ROLE, LABEL_WORKER_INDEX, MANAGER, ROLE_WORKER,
+    API_VERSION,
+    APP_NAME,
+    KIND,
+    LABEL_GANG,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_ROLE,
+    LABEL_WORKER_INDEX,
+    MANAGER,
+    ROLE_WORKER,
 )
+from .spec import Job
 
 
 def worker_name(job_name: str, index: int) -> str:

@@ -5,15 +5,28 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .children import storage_claim_name
 from .constants import (
-    ANNOTATION_CONFIG_HASH, CONFIG_MOUNT_DIR, CONFIG_PATH, GPU_RESOURCE, HF_TOKEN_ENV,
-    INSTANCE_IMAGES_MOUNT_DIR, RENDEZVOUS_PORT, SHM_MOUNT_DIR, STORAGE_MOUNT_DIR,
-    TRAINER_ENTRY, WORKER_CONTAINER,
+    ANNOTATION_CONFIG_HASH,
+    CONFIG_MOUNT_DIR,
+    CONFIG_PATH,
+    GPU_RESOURCE,
+    HF_TOKEN_ENV,
+    INSTANCE_IMAGES_MOUNT_DIR,
+    RENDEZVOUS_PORT,
+    SHM_MOUNT_DIR,
+    STORAGE_MOUNT_DIR,
+    TRAINER_ENTRY,
+    WORKER_CONTAINER,
 )
 from .metadata import (
-    child_metadata, config_map_name, rendezvous_address, service_name, worker_labels, worker_name,
+    child_metadata,
+    config_map_name,
+    rendezvous_address,
+    service_name,
+    worker_labels,
+    worker_name,
 )
-from .children import storage_claim_name
 from .spec import Job
 
 

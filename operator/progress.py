@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-
 SCRAPE_TIMEOUT_SECONDS = 3.0
 
 # Trainer metric -> status field (DESIGN.md "Metrics").

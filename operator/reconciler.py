@@ -24,7 +24,7 @@ from .pods import build_worker_pod
 from .podstates import pod_name
 from .progress import metrics_url, progress_status, scrape, utc_now
 from .spec import InvalidSpecError, Job
-from .trainer_config import config_hash, job_storage_dir
+from .trainer_config import job_storage_dir
 
 log = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def test_worker_failure_restarts_the_whole_gang(cluster: Cluster) -> None:
 def test_backoff_limit_exceeded_fails_the_job_with_the_reason(cluster: Cluster) -> None:
     cluster.create_job("doomed", spec(runPolicy={"backoffLimit": 1}))
     for attempt in range(2):
-        wait_for(lambda: (p := cluster.pods("doomed")) and gang_of(p[0]) == str(attempt)
+        wait_for(lambda attempt=attempt: (p := cluster.pods("doomed")) and gang_of(p[0]) == str(attempt)
                  and p[0]["status"]["phase"] == "Pending", what=f"gang {attempt}")
         cluster.set_pod_status("doomed-worker-0", terminated(137, "OOMKilled"))
     wait_for(phase_is(cluster, "doomed", "Failed"), what="phase Failed")
