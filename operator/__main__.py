@@ -9,11 +9,14 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 
 import kopf
+import kubernetes
 
 from . import handlers  # noqa: F401  (registers the handlers)
 from .handlers import OperatorConfig
+from .kube import load_client_config
 from .lifecycle import Timing
 from .reconciler import Settings
 
@@ -53,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.kubeconfig:
         # kopf's own login reads $KUBECONFIG; the operator's client gets the path directly.
         os.environ["KUBECONFIG"] = args.kubeconfig
+    try:
+        load_client_config(args.kubeconfig)
+    except (kubernetes.config.ConfigException, OSError) as error:
+        reason = str(error).rstrip(".")
+        sys.exit(f"dreambooth-operator: no cluster to talk to: {reason}. Run it in a pod (in-cluster "
+                 "service account), or pass --kubeconfig FILE / set KUBECONFIG.")
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(kopf.operator(

@@ -54,6 +54,8 @@ class Timing:
     pending_timeout_seconds: float = 300.0
     # How often a job with nothing to wait for is looked at again anyway.
     resync_seconds: float = 30.0
+    # The same for a finished job: only a spec edit (which wakes it) can change it.
+    finished_resync_seconds: float = 600.0
 
     def backoff(self, restarts: int) -> float:
         """Delay before the gang's restart number `restarts` (1, 2, ...): doubles each time."""
@@ -144,6 +146,7 @@ def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], no
     if phase in c.TERMINAL_PHASES:
         if phase == c.PHASE_FAILED:
             plan.delete = _alive(pods)
+        plan.requeue_after = timing.finished_resync_seconds
         return plan
 
     if spec.run_policy.suspend:
