@@ -23,7 +23,7 @@ class OperatorMetrics:
         self.jobs = Gauge(METRIC_JOBS, "DreamboothJobs by phase", ["phase"], registry=self.registry)
         self.reconcile_seconds = Histogram(
             METRIC_RECONCILE_SECONDS, "Time of one reconcile pass of one job", registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         # prometheus_client adds the `_total` suffix to counters itself.
         self.restarts = Counter(METRIC_RESTARTS.removesuffix("_total"), "Gang restarts by cause",
                                 ["reason"], registry=self.registry)

@@ -115,8 +115,13 @@ class Reconciler:
 
     async def _reconcile(self, namespace: str, name: str) -> float | None:
         body = await self.api.get_job(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        if body is None:
             self.metrics.set_phase(namespace, name, None)
+            return None
+        if body["metadata"].get("deletionTimestamp"):
+            # The delete handler cleans up too; doing it here as well catches a pod this
+            # loop created while that handler was already deleting.
+            await self.cleanup(namespace, name, body)
             return None
         status = dict(body.get("status") or {})
         try:
