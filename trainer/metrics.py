@@ -180,6 +180,11 @@ class TrainerMetrics:
             self.samples_total.inc(samples - self._samples_counted)
             self._samples_counted = samples
 
+    def record_resume(self, *, step: int, samples: int) -> None:
+        """A resumed run starts where its checkpoint left off, counters included."""
+        self.record_position(step=step, samples=samples)
+        self.checkpoint_step.set(step)
+
     def record_step(self, *, step: int, samples: int, seconds: float, engine) -> None:
         """After every optimizer step (cheap: no collectives)."""
         self.record_position(step=step, samples=samples)

@@ -48,10 +48,52 @@ class Throughput:
 
 
 def emit(line: str) -> None:
+    if _terminal_bar.active:
+        _terminal_bar.write_above(line)
+        return
     # One write per line: ranks share torchrun's stdout, and print()'s separate
     # newline write lets lines of two ranks run together.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+class TerminalBar:
+    """Step lines as one progress bar redrawn in place, for a person at a terminal;
+    pipes, files and log collectors get plain lines (a bar there is noise)."""
+
+    def __init__(self):
+        self._bar = None
+
+    @property
+    def active(self) -> bool:
+        return self._bar is not None
+
+    @staticmethod
+    def wanted() -> bool:
+        return sys.stdout.isatty()
+
+    def update(self, values: dict, summary: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=values["max_steps"], initial=values["step"], file=sys.stdout, unit="step",
+                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+        self._bar.n = values["step"]
+        self._bar.set_postfix_str(summary)  # also redraws
+        if values["step"] >= values["max_steps"]:
+            self.close()
+
+    def write_above(self, line: str) -> None:
+        self._bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# Rank 0 has one console and one run: the bar is per process.
+_terminal_bar = TerminalBar()
 
 
 def format_duration(seconds: float) -> str:
@@ -67,12 +109,15 @@ def report_step(values: dict, *, json_format: bool) -> None:
         emit(json.dumps({"event": "step", **values}))
         return
     prior = f" prior {values['prior_loss']:.4f}" if values.get("prior_loss") is not None else ""
-    line = (
-        f"step {values['step']}/{values['max_steps']} loss {values['loss']:.4f} "
+    figures = (
+        f"loss {values['loss']:.4f} "
         f"(instance {values['instance_loss']:.4f}{prior}) lr {values['learning_rate']:.2e} "
         f"{values['samples_per_second']:.2f} samples/s eta {format_duration(values['eta_seconds'])}"
     )
-    emit(line)
+    if _terminal_bar.active or TerminalBar.wanted():
+        _terminal_bar.update(values, figures)
+        return
+    emit(f"step {values['step']}/{values['max_steps']} {figures}")
 
 
 def report_event(message: str, *, json_format: bool, **fields) -> None:

@@ -73,8 +73,6 @@ def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime
 
 def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime):
     validation, device = config.validation, runtime.device
-    # Half precision on a GPU: the sampling copy then costs half the UNet's fp32 size.
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = fresh_like(components.unet)
     unet.load_state_dict(_submodule(state, "unet"))
     text_encoder = components.text_encoder
@@ -83,7 +81,10 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
         text_encoder.load_state_dict(_submodule(state, "text_encoder"))
     # The shared scheduler object is left untouched: sampling sets its timesteps.
     scheduler = type(components.inference_scheduler).from_config(components.inference_scheduler.config)
-    pipeline = build_pipeline(components, unet.to(device, dtype), text_encoder.to(device))
+    if device.type == "cuda":
+        # Half precision beside the training state: the sampling copy costs half the fp32 size.
+        unet = unet.to(device, torch.float16)
+    pipeline = build_pipeline(components, unet, text_encoder.to(device))
     pipeline.scheduler = scheduler
     pipeline.set_progress_bar_config(disable=True)
     prompts = validation_prompts(config)
