@@ -264,6 +264,9 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
     preempted = not failed or any(is_preemption(p) for p in failed)
     if preempted:
         who = ", ".join(pod_name(p) for p in failed) or "a worker pod disappeared"
+        preempted_pods = [p for p in failed if is_preemption(p)]
+        if preempted_pods:  # recorded for people; it does not count against backoffLimit
+            status["lastFailure"] = describe_failure(preempted_pods[0]).as_status(timestamp(now))
         status["preemptions"] = int(status["preemptions"]) + 1
         message = f"gang preempted ({who}); restarting from the latest checkpoint, not counted against backoffLimit"
         enter_phase(status, c.PHASE_RESTARTING, c.REASON_PREEMPTED, message, now)

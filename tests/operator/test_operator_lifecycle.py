@@ -116,6 +116,7 @@ def test_preemptions_restart_without_counting(failed_pod: dict[str, Any], preemp
         assert (plan.status["restarts"], plan.status["preemptions"]) == (0, 1)
         assert plan.gang == 1 and not plan.counted_restart
         assert condition(plan.status, c.CONDITION_RESTARTING)["reason"] == c.REASON_PREEMPTED
+        assert plan.status["lastFailure"]["pod"] == "j-worker-1"
     else:  # backoffLimit 0: the first counted failure fails the job
         assert plan.status["phase"] == c.PHASE_FAILED
         assert condition(plan.status, c.CONDITION_FAILED)["reason"] == c.REASON_BACKOFF_LIMIT_EXCEEDED
@@ -143,6 +144,12 @@ def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
     assert "OOMKilled" in condition(plan.status, c.CONDITION_FAILED)["message"]
     assert plan.delete == ["j-worker-0"]
     assert plan.status["completionTime"] == timestamp(NOW)
+
+
+def test_eviction_is_recorded_as_the_last_failure_but_not_counted() -> None:
+    plan = decide(job_spec(), RUNNING, [pod(0), pod(1, "Failed", pod_reason="Evicted")], NOW, TIMING)
+    assert plan.status["lastFailure"]["reason"] == "Evicted"
+    assert plan.status["restarts"] == 0 and plan.status["preemptions"] == 1
 
 
 def test_failure_description_prefers_the_container_state() -> None:
