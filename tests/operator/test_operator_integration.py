@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import kubernetes_validate
 import pytest
+import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, evicted, terminated, wait_for
@@ -298,3 +299,17 @@ def test_a_job_using_every_spec_field_gets_valid_children(cluster: Cluster) -> N
     assert spec["affinity"] == full["workers"]["affinity"]
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+
+
+def test_a_spec_edit_reaches_the_next_gang(cluster: Cluster) -> None:
+    cluster.create_job("edited", spec(runPolicy={"backoffLimit": 3}))
+    wait_for(lambda: len(cluster.pods("edited")) == 1, what="pod")
+    old_hash = cluster.pods("edited")[0]["metadata"]["annotations"]["dreambooth.io/config-hash"]
+    cluster.patch_spec("edited", {"training": {"maxSteps": 50}})
+    cluster.set_pod_status("edited-worker-0", terminated(1, "Error"))
+    pod = wait_for(lambda: (p := cluster.pods("edited")) and gang_of(p[0]) == "1" and p[0], what="the next gang")
+    [config_map] = cluster.config_maps("edited")
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["training"]["max_steps"] == 50
+    new_hash = config_map["metadata"]["annotations"]["dreambooth.io/config-hash"]
+    assert new_hash != old_hash
+    assert pod["metadata"]["annotations"]["dreambooth.io/config-hash"] == new_hash
