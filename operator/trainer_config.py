@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
 from trainer.config import ConfigError, validate_config
 
@@ -82,10 +85,24 @@ def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
     try:
         validate_config(config, source=f"rendered from DreamboothJob {job_name}")
     except ConfigError as error:
-        # Name the trainer's keys in the message, one line: it goes into a condition.
+        # One line (it goes into a condition), naming spec fields where the trainer's
+        # key has one: training.lr_warmup_steps -> spec.training.lrWarmupSteps.
         detail = " ".join(line.strip() for line in str(error).splitlines()[1:-1])
+        detail = _TRAINER_KEY.sub(_spec_field, detail)
         raise InvalidSpecError(f"the trainer rejects the config rendered from this spec: {detail}") from None
     return config
+
+
+_TRAINER_KEY = re.compile(r"\b([a-z]+)\.([a-z_]+)\b")
+
+
+def _spec_field(match: re.Match[str]) -> str:
+    section, key = match.groups()
+    spec_section = JobSpec.model_fields.get(section)
+    model = getattr(spec_section, "annotation", None) if spec_section is not None else None
+    if isinstance(model, type) and issubclass(model, BaseModel) and key in model.model_fields:
+        return f"spec.{section}.{to_camel(key)}"
+    return match.group(0)
 
 
 def config_yaml(config: dict[str, Any]) -> str:
