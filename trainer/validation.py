@@ -11,6 +11,7 @@ for every ZeRO stage, and the samples show the same weights the export would wri
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -103,8 +104,6 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
 
 def save_grid(grid, folder: Path, step: int) -> Path:
     """Written under a temporary name and renamed: a reader never sees half a PNG."""
-    import os
-
     folder.mkdir(parents=True, exist_ok=True)
     path = sample_path(folder, step)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
