@@ -109,7 +109,9 @@ def test_worker_failure_restarts_the_whole_gang(cluster: Cluster) -> None:
     pods = wait_for(lambda: (p := cluster.pods("flaky")) and len(p) == 2 and all(gang_of(x) == "1" for x in p) and p,
                     what="a new gang of 2 pods")
     assert not first_uids & {p["metadata"]["uid"] for p in pods}
-    assert any(e["reason"] == "WorkerFailed" and e["type"] == "Warning" for e in cluster.events("flaky"))
+    # The Event is posted right after the status: wait for it rather than race it.
+    wait_for(lambda: any(e["reason"] == "WorkerFailed" and e["type"] == "Warning" for e in cluster.events("flaky")),
+             what="a WorkerFailed Event")
     cluster.run_pods("flaky")
     wait_for(phase_is(cluster, "flaky", "Running"), what="Running again")
     assert cluster.status("flaky")["restarts"] == 1
@@ -128,7 +130,8 @@ def test_backoff_limit_exceeded_fails_the_job_with_the_reason(cluster: Cluster) 
     assert "OOMKilled" in failed["message"] and "backoffLimit = 1" in failed["message"]
     assert status["restarts"] == 1
     assert status["lastFailure"] == {**status["lastFailure"], "reason": "OOMKilled", "exitCode": 137}
-    assert any(e["reason"] == "BackoffLimitExceeded" for e in cluster.events("doomed"))
+    wait_for(lambda: any(e["reason"] == "BackoffLimitExceeded" for e in cluster.events("doomed")),
+             what="a BackoffLimitExceeded Event")
 
 
 @pytest.mark.parametrize("how", ["exit143", "evicted", "disruption"])
