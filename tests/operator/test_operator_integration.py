@@ -57,6 +57,12 @@ def pod_names(cluster: Cluster, job: str) -> list[str]:
     return [p["metadata"]["name"] for p in cluster.pods(job)]
 
 
+def pods_created(operator: OperatorProcess) -> float:
+    lines = [line for line in operator.metrics().splitlines()
+             if line.startswith("dreambooth_operator_pods_created_total")]
+    return float(lines[0].split()[-1])
+
+
 def gang_of(pod: dict[str, Any]) -> str:
     return pod["metadata"]["labels"]["dreambooth.io/gang"]
 
@@ -270,8 +276,7 @@ def test_operator_metrics_and_health(cluster: Cluster, operator: OperatorProcess
     for name in ("dreambooth_operator_reconcile_seconds_bucket", "dreambooth_operator_pods_created_total",
                  "dreambooth_operator_restarts_total"):
         assert name in text
-    created = [line for line in text.splitlines() if line.startswith("dreambooth_operator_pods_created_total")]
-    assert float(created[0].split()[-1]) >= 2
+    wait_for(lambda: pods_created(operator) >= 2, what="pods_created_total >= 2")
     assert operator.healthy()
 
 
@@ -285,9 +290,7 @@ def test_restarted_operator_adopts_pods_instead_of_duplicating(cluster: Cluster,
     wait_for(phase_is(cluster, "survivor", "Running"), what="Running, seen by the new operator")
     after = cluster.pods("survivor")
     assert [p["metadata"]["uid"] for p in after] == [p["metadata"]["uid"] for p in before]
-    created = [line for line in operator.metrics().splitlines()
-               if line.startswith("dreambooth_operator_pods_created_total")]
-    assert float(created[0].split()[-1]) == 0
+    assert pods_created(operator) == 0
 
 
 def test_a_job_using_every_spec_field_gets_valid_children(cluster: Cluster) -> None:
