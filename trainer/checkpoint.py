@@ -125,6 +125,20 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted((path for path in folders if (path / MANIFEST).is_file()), key=lambda path: path.name, reverse=True)
 
 
+def remove_incomplete(directory: Path) -> list[Path]:
+    """Step folders without a manifest, left by a run that died while writing them:
+    removed at start (rank 0, before anyone saves) so no stale shard joins a new
+    checkpoint of the same step."""
+    if not directory.is_dir():
+        return []
+    stale = [path for path in directory.iterdir()
+             if path.is_dir() and path.name.startswith(STEP_PREFIX) and not (path / MANIFEST).exists()]
+    for folder in stale:
+        log.warning("removing incomplete checkpoint %s", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def apply_retention(directory: Path, *, keep_last: int, in_use: str) -> None:
     for folder in complete_checkpoints(directory)[keep_last:]:
         if folder.name != in_use:
@@ -144,40 +158,68 @@ def verified(folder: Path) -> Manifest | None:
     return manifest
 
 
-def find_resume_point(config: CheckpointConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start."""
+def resume_candidates(config: CheckpointConfig) -> list[Path]:
+    """Checkpoints to try, best first: the one `latest` names, then older complete ones
+    (a newer folder that `latest` does not name was never finished). Empty: start fresh."""
     if config.resume == "never":
-        return None
+        return []
     if config.resume != "auto":
         folder = Path(config.resume)
         if verified(folder) is None:
             raise ConfigError(f"checkpoint.resume = {config.resume!r}: not a complete checkpoint folder (no valid manifest)")
-        return folder
+        return [folder]
     candidates = complete_checkpoints(config.dir)
     pointer = config.dir / LATEST
     if pointer.is_file():
         named = config.dir / pointer.read_text().strip()
-        # `latest` first, then older ones: a newer folder without the pointer swap is suspect.
-        candidates = [named] + [path for path in candidates if path.name < named.name]
-    for folder in candidates:
-        if verified(folder) is not None:
-            return folder
-    return None
+        if named.parent != config.dir or not named.name.startswith(STEP_PREFIX):
+            log.warning("checkpoint pointer %s names %r, which is not a step folder; ignored", pointer, named.name)
+        else:
+            candidates = [named] + [path for path in candidates if path.name < named.name]
+    return [folder for folder in candidates if verified(folder) is not None]
 
 
-def load(engine, folder: Path, runtime: Runtime) -> dict[str, Any]:
+def find_resume_point(config: CheckpointConfig) -> Path | None:
+    candidates = resume_candidates(config)
+    return candidates[0] if candidates else None
+
+
+def check_world_size(folder: Path, runtime: Runtime) -> None:
     manifest = Manifest.read(folder)
     if manifest.world_size != runtime.world_size:
         raise ConfigError(
             f"checkpoint {folder} was written by {manifest.world_size} processes, this run has {runtime.world_size}; "
-            "resume with the same nodes x processes, or set checkpoint.resume=never to start over"
+            "resume with the same nodes x processes per node, or set checkpoint.resume=never to start over"
         )
+
+
+def load(engine, folder: Path, runtime: Runtime) -> dict[str, Any]:
+    check_world_size(folder, runtime)
     _, state = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
     rng_file = folder / f"rng-rank{runtime.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def load_latest(engine, config: CheckpointConfig, runtime: Runtime) -> tuple[Path | None, dict[str, Any] | None]:
+    """Loads the best checkpoint that loads on every rank; a corrupt one is skipped with
+    a warning. Collective: every rank walks the same candidate list in step."""
+    from trainer.distributed import any_rank
+
+    for folder in resume_candidates(config):
+        error = None
+        try:
+            state = load(engine, folder, runtime)
+        except ConfigError:
+            raise
+        except Exception as caught:  # a truncated or garbled shard: torch/pickle/zip errors vary
+            error, state = caught, None
+        if not any_rank(error is not None):
+            return folder, state
+        log.warning("checkpoint %s skipped: it does not load (%s)", folder, error or "failed on another rank")
+    return None, None

@@ -56,8 +56,9 @@ def build_generation_pipeline(components, device: torch.device):
     return pipeline.to(device)
 
 
-def generate_class_images(config: TrainerConfig, components, runtime: Runtime) -> int:
-    """Returns how many images this rank generated. Collective: every rank calls it."""
+def generate_class_images(config: TrainerConfig, components, runtime: Runtime, stop_requested=lambda: False) -> int:
+    """Returns how many images this rank generated. Collective: every rank calls it.
+    A stop request ends generation after the current batch; finished images stay."""
     data = config.data
     data.class_dir.mkdir(parents=True, exist_ok=True)
     missing = plan_missing(data.class_dir, data.num_class_images)
@@ -68,6 +69,8 @@ def generate_class_images(config: TrainerConfig, components, runtime: Runtime) -
         pipeline = build_generation_pipeline(components, runtime.device)
         half = runtime.device.type == "cuda"
         for start in range(0, len(mine), data.class_generation_batch_size):
+            if stop_requested():
+                break
             chunk = mine[start : start + data.class_generation_batch_size]
             generators = [torch.Generator().manual_seed(config.training.seed + index) for index in chunk]
             with torch.no_grad(), torch.autocast(runtime.device.type, torch.float16, enabled=half):
@@ -82,6 +85,8 @@ def generate_class_images(config: TrainerConfig, components, runtime: Runtime) -
                 save_atomically(image, class_image_path(data.class_dir, index), runtime.rank)
         pipeline.to("cpu")
         del pipeline
+    if stop_requested():
+        return sum(class_image_path(data.class_dir, index).exists() for index in mine)
     barrier()
     return len(mine)
 

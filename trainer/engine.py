@@ -34,7 +34,7 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size: int) -> dict[str, Any]:
+def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size: int, device_type: str = "cuda") -> dict[str, Any]:
     training = config.training
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.batch_size,
@@ -50,6 +50,9 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
                 "betas": [training.adam_beta1, training.adam_beta2],
                 "eps": training.adam_epsilon,
                 "weight_decay": training.adam_weight_decay,
+                # On CPU, torch's AdamW: DeepSpeed's CPU FusedAdam differs by an ulp on
+                # the first step after a resume, which breaks bit-for-bit resume.
+                "torch_adam": device_type != "cuda",
             },
         },
         "zero_optimization": {
@@ -93,14 +96,14 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
     return factory
 
 
-def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int):
+def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int, device_type: str):
     import deepspeed
 
     trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=trainable,
-        config=build_deepspeed_config(config, precision=precision, world_size=world_size),
+        config=build_deepspeed_config(config, precision=precision, world_size=world_size, device_type=device_type),
         lr_scheduler=lr_scheduler_factory(config),
     )
     return engine

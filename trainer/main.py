@@ -7,9 +7,11 @@ Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,14 +43,28 @@ def check_inputs(config: TrainerConfig) -> None:
 
 
 class StopFlag:
-    """SIGTERM (preemption, suspend, delete) asks for a checkpoint at the next step end."""
+    """SIGTERM (preemption, suspend, delete) asks for a checkpoint at the end of the
+    current step. If that has not finished within `grace_seconds`, the process exits
+    anyway, before the kubelet's SIGKILL: the half-written checkpoint has no manifest
+    and is skipped on resume, so the previous one is used."""
 
-    def __init__(self):
+    def __init__(self, grace_seconds: float):
         self.requested = False
+        self.grace_seconds = grace_seconds
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested:
+            return
         self.requested = True
+        watchdog = threading.Timer(self.grace_seconds, self._give_up)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _give_up(self):
+        sys.stderr.write(f"no checkpoint within checkpoint.grace_seconds={self.grace_seconds}; exiting\n")
+        sys.stderr.flush()
+        os._exit(EXIT_TERMINATED)
 
     def __call__(self) -> bool:
         return self.requested
@@ -73,30 +89,40 @@ def run(config: TrainerConfig) -> int:
     import torch
 
     from trainer import checkpoint
+    from trainer import metrics as m
     from trainer.class_images import generate_class_images
     from trainer.data import DreamBoothData
-    from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
+    from trainer.distributed import barrier, init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
     from trainer.loop import DenoisingStep, TrainState, train
     from trainer.models import build_components
+    from trainer.monitor import TrainingMonitor
     from trainer.objective import DreamBoothDenoiser
     from trainer.progress import report_event
 
     started = time.monotonic()
-    stop = StopFlag()
+    stop = StopFlag(config.checkpoint.grace_seconds)
     runtime = read_runtime()
     json_logs = config.logging.format == "json"
     precision = resolve_precision(config.training.precision, runtime.device)
+    # Rank 0 binds its port before the process group starts: a taken port fails at once.
+    metrics = m.TrainerMetrics.start(config.metrics, runtime, max_steps=config.training.max_steps)
     init_process_group(runtime)
     try:
         torch.manual_seed(config.training.seed)
         components = build_components(config.model)
         class_images_generated = 0
         if config.data.with_prior_preservation:
-            mine = generate_class_images(config, components, runtime)
+            metrics.set_phase(m.PHASE_GENERATING_CLASS_IMAGES)
+            mine = generate_class_images(config, components, runtime, stop_requested=stop)
+            if stop.requested:
+                report_event("stopped by SIGTERM during class-image generation", json_format=json_logs)
+                metrics.set_phase(m.PHASE_STOPPED)
+                return EXIT_TERMINATED
             report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)
             class_images_generated = sum_over_ranks(mine)
+            metrics.set_class_images_generated(class_images_generated)
         data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         components.vae.requires_grad_(False).to(runtime.device)
@@ -109,24 +135,34 @@ def run(config: TrainerConfig) -> int:
             if train_encoder:
                 components.text_encoder.gradient_checkpointing_enable()
         module = DreamBoothDenoiser(components.unet, components.text_encoder if train_encoder else None)
-        engine = build_engine(config, module, precision=precision, world_size=runtime.world_size)
+        engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
+                              device_type=runtime.device.type)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)
 
         state, resumed_from = TrainState(), None
-        resume_point = checkpoint.find_resume_point(config.checkpoint)
+        resume_point, saved_state = checkpoint.load_latest(engine, config.checkpoint, runtime)
+        if runtime.is_main:
+            checkpoint.remove_incomplete(config.checkpoint.dir)
+        barrier()
         if resume_point is not None:
-            state = TrainState.from_state_dict(checkpoint.load(engine, resume_point, runtime))
+            state = TrainState.from_state_dict(saved_state)
             resumed_from = state.step
+            metrics.record_resume(step=state.step, samples=state.samples)
             if runtime.is_main:
                 report_event("resumed", json_format=json_logs, checkpoint=str(resume_point), step=state.step)
         eval_batch = data.instance_batch()
         eval_before = step_fn.instance_eval_loss(eval_batch)
         samples_before, train_started = state.samples, time.monotonic()
-        state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop)
+        monitor = TrainingMonitor(config, runtime, metrics, engine, components)
+        metrics.set_phase(m.PHASE_TRAINING)
+        state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop,
+                      on_step=monitor.on_step, after_step=monitor.after_step, metrics=metrics)
+        monitor.close()
         train_seconds = time.monotonic() - train_started
         if stop.requested or state.step < config.training.max_steps:
             if runtime.is_main:
                 report_event("stopped by SIGTERM", json_format=json_logs, step=state.step)
+            metrics.set_phase(m.PHASE_STOPPED)
             return EXIT_TERMINATED
         eval_after = step_fn.instance_eval_loss(eval_batch)
         run_info = {
@@ -144,17 +180,21 @@ def run(config: TrainerConfig) -> int:
             "wall_seconds": time.monotonic() - started,
             "samples_per_second": (state.samples - samples_before) / train_seconds if train_seconds > 0 else 0.0,
         }
+        metrics.set_phase(m.PHASE_EXPORTING)
         export_pipeline(engine, components, config.output.dir, runtime, run_info)
+        metrics.set_phase(m.PHASE_DONE)
         if runtime.is_main:
             report_event("done", json_format=json_logs, model=str(config.output.dir),
                          checkpoints=str(config.checkpoint.dir), run=str(config.output.dir / "run.json"))
         return 0
     finally:
         shutdown()
+        metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase == m.PHASE_DONE else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.set)
         check_inputs(config)

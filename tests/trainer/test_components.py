@@ -74,6 +74,8 @@ def test_deepspeed_config_reflects_the_trainer_config(tmp_path, stage):
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert not ds["bf16"]["enabled"]
     assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam on CUDA
+    assert build_deepspeed_config(validate_config(raw), precision="bf16", world_size=1, device_type="cpu")["optimizer"]["params"]["torch_adam"]
 
 
 def test_precision_auto_is_fp16_on_cuda_and_bf16_on_cpu():

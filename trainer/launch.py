@@ -1,0 +1,43 @@
+"""`python -m trainer.launch [torchrun args] trainer/main.py --config ...`: torchrun with
+exit codes that mean something to whoever runs it (the operator, a job scheduler).
+
+Plain torchrun exits 1 for every failure, and with a traceback when it is itself told
+to stop. This launcher runs the same torchrun in-process and exits with:
+  0     every worker finished;
+  2     a worker rejected the config or its inputs (retrying cannot help);
+  143   stopped by SIGTERM (preemption, suspend, delete), after the workers saved a checkpoint;
+  N     otherwise the first failed worker's exit code (or 128 + signal when it was killed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_TERMINATED = 143
+
+
+def exit_code_for_failure(exitcode: int) -> int:
+    """Map a worker's exit status (negative: killed by that signal) to a shell-style code."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as stop:
+        print(f"launcher: stopped by signal {int(stop.sigval)}", file=sys.stderr, flush=True)
+        return 128 + int(stop.sigval)
+    except ChildFailedError as failure:
+        rank, first = failure.get_first_failure()
+        code = exit_code_for_failure(first.exitcode)
+        print(f"launcher: rank {rank} failed with exit code {code}", file=sys.stderr, flush=True)
+        return code or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
