@@ -72,8 +72,11 @@ async def run_job(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.Daem
 
 # Event handlers are async on purpose: sync ones would queue in kopf's small thread pool.
 @kopf.on.event(*JOBS)
-async def job_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.wakeups.poke(namespace, name)
+async def job_changed(name: str, namespace: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    # Only a new spec (generation) or a deletion is news to the job's loop; its own
+    # status patches come back here too and would wake it for nothing.
+    change = (meta.get("generation"), bool(meta.get("deletionTimestamp")))
+    memo.reconciler.wakeups.poke_if_changed(namespace, name, change)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})

@@ -62,6 +62,7 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._markers: dict[tuple[str, str], Any] = {}
 
     def get(self, namespace: str, name: str) -> asyncio.Event:
         return self._events.setdefault((namespace, name), asyncio.Event())
@@ -69,8 +70,17 @@ class Wakeups:
     def poke(self, namespace: str, name: str) -> None:
         self.get(namespace, name).set()
 
+    def poke_if_changed(self, namespace: str, name: str, marker: Any) -> None:
+        """Poke only when `marker` differs from the last one seen for this job (or is
+        unknown: an API without generations pokes every time)."""
+        key = (namespace, name)
+        if marker is None or marker[0] is None or self._markers.get(key) != marker:
+            self._markers[key] = marker
+            self.poke(namespace, name)
+
     def forget(self, namespace: str, name: str) -> None:
         self._events.pop((namespace, name), None)
+        self._markers.pop((namespace, name), None)
 
 
 @dataclass

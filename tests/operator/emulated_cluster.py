@@ -121,6 +121,12 @@ class Emulator(kmock.KubernetesEmulator):
                 meta.setdefault("namespace", request.namespace) if request.namespace else None
                 if request.resource.plural == "pods":
                     request.data.setdefault("status", {"phase": "Pending"})
+            if request.action == kmock.action.UPDATE and request.subresource is None and "spec" in request.data:
+                # Like an API server: a spec change (not a status or metadata one) bumps the generation.
+                key = (request.resource, request.namespace, request.name)
+                current = self.objects[key] if key in self.objects else None
+                if current is not None and not current.deleted:
+                    meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._counter))
         return await super()._handle(request)
