@@ -40,8 +40,8 @@ def read_until(process: subprocess.Popen, predicate, timeout: float) -> list[str
 
 
 def resume_config(root, **sections):
-    # fp32: bit-for-bit resume holds there (with bf16, DeepSpeed 0.19 resumes within ~1e-4, not exactly).
-    base = dict(training={"max_steps": 12, "precision": "fp32", "lr_warmup_steps": 3, "lr_scheduler": "linear"},
+    # bf16: what `auto` picks on CPU; resume is bit-for-bit there (and in fp32).
+    base = dict(training={"max_steps": 12, "precision": "bf16", "lr_warmup_steps": 3, "lr_scheduler": "linear"},
                 checkpoint={"every_steps": 100, "keep_last": 3, "grace_seconds": 20}, logging={"format": "json"})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
