@@ -72,10 +72,10 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(1e-2, ge=0)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
 
 

@@ -126,3 +126,12 @@ def test_yaml_round_trip_of_the_example_config():
     raw = yaml.safe_load((REPO / "examples" / "local-tiny.yaml").read_text())
     config = validate_config(raw, "examples/local-tiny.yaml")
     assert config.deepspeed.zero_stage == 2 and config.data.with_prior_preservation
+
+
+def test_config_reference_doc_is_up_to_date():
+    from tests.conftest import REPO
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "render_config_reference.py"), "--check"])
+    assert check.returncode == 0, "docs/config.md is stale: run python scripts/render_config_reference.py"
