@@ -77,12 +77,20 @@ def worker_resources(job: Job) -> dict[str, Any]:
     return resources
 
 
+def instance_images_volume(job: Job) -> dict[str, Any]:
+    images = job.spec.data.instance_images
+    if images.config_map_name is not None:
+        # A few small photos fit a ConfigMap (binaryData): no volume to provision.
+        return {"name": "instance-images", "configMap": {"name": images.config_map_name}}
+    return {"name": "instance-images", "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}}
+
+
 def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     images = job.spec.data.instance_images
     volumes = [
         {"name": "config", "configMap": {"name": config_map_name(job.name)}},
         {"name": "storage", "persistentVolumeClaim": {"claimName": storage_claim_name(job)}},
-        {"name": "instance-images", "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}},
+        instance_images_volume(job),
         # NCCL and data loader workers share memory through /dev/shm, which is 64 MiB
         # in a container by default: far too small.
         {"name": "shm", "emptyDir": {"medium": "Memory"}},

@@ -36,8 +36,18 @@ class ModelSpec(_Spec):
 
 
 class InstanceImages(_Spec):
-    claim_name: str = Field(min_length=1)
+    claim_name: str | None = Field(None, min_length=1)
+    config_map_name: str | None = Field(None, min_length=1)
     path: str = "/"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InstanceImages":
+        if (self.claim_name is None) == (self.config_map_name is None):
+            raise ValueError(
+                "set exactly one of data.instanceImages.claimName (a PVC with the photos) or "
+                "data.instanceImages.configMapName (e.g. kubectl create configmap NAME --from-file=DIR)"
+            )
+        return self
 
 
 class DataSpec(_Spec):

@@ -175,6 +175,15 @@ def test_existing_claim_is_used_and_none_is_created() -> None:
     assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == "dreambooth-ckpt"
 
 
+def test_instance_images_can_come_from_a_config_map() -> None:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["data"]["instanceImages"] = {"configMapName": "robot-photos"}
+    pod = build_worker_pod(job(spec), 0, 0, "h")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["instance-images"] == {"name": "instance-images", "configMap": {"name": "robot-photos"}}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
 def test_created_claim_asks_for_size_class_and_access_mode() -> None:
     claim = build_claim(job(FULL_SPEC))
     assert claim["metadata"]["name"] == "sks-dog-storage"
@@ -207,6 +216,8 @@ _DELETE = object()
     ("data.resolution", 500, "spec.data.resolution = 500"),
     ("training.maxStep", 10, "spec.training.maxStep: unknown field"),
     ("storage.size", "10Gi", "set exactly one of storage.claimName"),
+    ("data.instanceImages", {"claimName": "a", "configMapName": "b"}, "set exactly one of data.instanceImages"),
+    ("data.instanceImages", {}, "set exactly one of data.instanceImages"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
 ])
 def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: Any, expected: str) -> None:
