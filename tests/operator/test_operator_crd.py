@@ -159,3 +159,21 @@ def test_operator_rbac_covers_what_it_calls() -> None:
               ("", "pods", "create"), ("", "pods", "delete"), ("", "pods", "watch"), ("", "services", "create"),
               ("", "configmaps", "patch"), ("", "persistentvolumeclaims", "create"), ("", "events", "create")]
     assert [need for need in needed if need not in granted] == []
+
+
+def test_printer_columns_point_at_status_fields_the_operator_writes() -> None:
+    from dreambooth_operator.progress import parse_metrics, progress_status
+
+    scraped = progress_status(parse_metrics("dreambooth_step 5\ndreambooth_max_steps 10\ndreambooth_loss 0.5\n"),
+                              {}, "/c", "2026-01-01T00:00:00Z")
+    written = set(scraped) | {"phase", "restarts"}
+    status_properties = SCHEMA["properties"]["status"]["properties"]
+    for column in VERSION["additionalPrinterColumns"]:
+        path = column["jsonPath"].split(".")[1:]
+        if path[0] == "metadata":
+            continue
+        assert path[0] == "status" and len(path) == 2, column
+        assert path[1] in status_properties and path[1] in written, column
+        kind = {"integer": int, "number": (int, float), "string": str}[column["type"]]
+        if path[1] in scraped:
+            assert isinstance(scraped[path[1]], kind), column
