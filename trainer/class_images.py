@@ -39,18 +39,9 @@ def share_of_rank(indices: list[int], rank: int, world_size: int) -> list[int]:
 
 
 def build_generation_pipeline(components, device: torch.device):
-    from diffusers import StableDiffusionPipeline
+    from trainer.export import build_pipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.inference_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = build_pipeline(components, components.unet, components.text_encoder)
     pipeline.set_progress_bar_config(disable=True)
     # Only moved, never cast: training starts from the untouched fp32 weights.
     return pipeline.to(device)
