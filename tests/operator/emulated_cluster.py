@@ -207,3 +207,29 @@ class EmulatedCluster:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def main() -> None:
+    """Serve the emulated API until Ctrl-C, e.g. to try the operator and kubectl by hand:
+
+        .venv/bin/python tests/operator/emulated_cluster.py /tmp/emulated
+        .venv/bin/python -m dreambooth_operator --kubeconfig /tmp/emulated/kubeconfig.yaml &
+        .tools/bin/kubectl --kubeconfig /tmp/emulated/kubeconfig.yaml apply --validate=false \\
+            -f manifests/examples/tiny-cpu-job.yaml
+    """
+    import sys
+    import time
+
+    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cluster = EmulatedCluster(workdir).start()
+    print(f"emulated Kubernetes API at {cluster.url}; kubeconfig: {cluster.kubeconfig}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
