@@ -188,9 +188,12 @@ def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], no
             return plan
 
     failed = [p for p in current if pod_phase(p) == POD_FAILED]
+    # The gang no longer matches: a worker vanished (node lost, deleted by hand) or
+    # workers.nodes was edited. Restarted like a preemption: not the job's fault.
     vanished = phase in (c.PHASE_INITIALIZING, c.PHASE_RUNNING) and (
         len(current) < spec.workers.nodes or any(is_deleting(p) for p in current))
-    if failed or vanished:
+    resized = any((pod_index(p) or 0) >= spec.workers.nodes for p in current)
+    if failed or vanished or resized:
         return _restart(plan, spec, failed, current, now, timing)
 
     if len(current) == spec.workers.nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
@@ -263,7 +266,7 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
     # a gang with any preemption in it counts as preempted.
     preempted = not failed or any(is_preemption(p) for p in failed)
     if preempted:
-        who = ", ".join(pod_name(p) for p in failed) or "a worker pod disappeared"
+        who = ", ".join(pod_name(p) for p in failed) or "the gang changed: a worker vanished or workers.nodes was edited"
         preempted_pods = [p for p in failed if is_preemption(p)]
         if preempted_pods:  # recorded for people; it does not count against backoffLimit
             status["lastFailure"] = describe_failure(preempted_pods[0]).as_status(timestamp(now))

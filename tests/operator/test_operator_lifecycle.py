@@ -79,6 +79,8 @@ RUNNING = {"phase": c.PHASE_RUNNING, "restarts": 0, "preemptions": 0, "startTime
     (RUNNING, [pod(0), pod(1, "Failed", exit_code=1)], c.PHASE_RESTARTING, [], ["j-worker-0", "j-worker-1"]),
     # a worker vanished from a running gang (node lost): a preemption
     (RUNNING, [pod(0)], c.PHASE_RESTARTING, [], ["j-worker-0"]),
+    # workers.nodes lowered from 3 to 2 while running: a new gang of the new size
+    (RUNNING, [pod(0), pod(1), pod(2)], c.PHASE_RESTARTING, [], ["j-worker-0", "j-worker-1", "j-worker-2"]),
     # stale pods of an older gang are deleted before anything else
     ({**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING}, [pod(0, gang=0), pod(1, gang=0, deleting=True)],
      c.PHASE_RESTARTING, [], ["j-worker-0"]),
