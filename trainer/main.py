@@ -107,7 +107,7 @@ def run(config: TrainerConfig) -> int:
     json_logs = config.logging.format == "json"
     precision = resolve_precision(config.training.precision, runtime.device)
     # Rank 0 binds its port before the process group starts: a taken port fails at once.
-    metrics = m.TrainerMetrics.start(config.metrics, runtime, max_steps=config.training.max_steps)
+    metrics = m.TrainerMetrics.start(config, runtime)
     init_process_group(runtime)
     try:
         torch.manual_seed(config.training.seed)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from trainer.config import ConfigError, MetricsConfig
+from trainer.config import CheckpointConfig, ConfigError, TrainerConfig
 
 STEP = "dreambooth_step"
 MAX_STEPS = "dreambooth_max_steps"
@@ -84,6 +85,28 @@ def engine_loss_scale(engine) -> float:
     return float(scale)
 
 
+def checkpoint_step_hint(config: CheckpointConfig) -> int:
+    """The step of the checkpoint a restarted run will most likely resume from (the one
+    `latest` names, or checkpoint.resume), read before anything loads: the endpoint then
+    does not say step 0 while a restarted run starts. The loaded checkpoint's step
+    replaces it (`record_resume`); 0 when there is none or it cannot be read."""
+    from trainer import checkpoint
+
+    if config.resume == "never":
+        return 0
+    if config.resume != "auto":
+        folder = Path(config.resume)
+    else:
+        try:
+            folder = config.dir / (config.dir / checkpoint.LATEST).read_text().strip()
+        except OSError:
+            return 0
+    try:
+        return checkpoint.Manifest.read(folder).step
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def gpu_memory_bytes(device) -> int:
     """Peak bytes held by tensors on this rank's GPU since the previous reading; 0 on CPU."""
     import torch
@@ -143,12 +166,13 @@ class TrainerMetrics:
         return metric.labels(**self.labels) if self.labels else metric
 
     @classmethod
-    def start(cls, config: MetricsConfig, runtime, *, max_steps: int) -> "TrainerMetrics":
+    def start(cls, config: TrainerConfig, runtime) -> "TrainerMetrics":
         """Every rank builds one; rank 0 also binds the endpoint, before any process
         group exists, so that a taken port fails the run at once (exit code 2)."""
-        metrics = cls(max_steps=max_steps, labels=constant_labels())
-        if runtime.is_main and config.port:
-            metrics.serve(config.host, config.port)
+        metrics = cls(max_steps=config.training.max_steps, labels=constant_labels())
+        if runtime.is_main and config.metrics.port:
+            metrics.step.set(checkpoint_step_hint(config.checkpoint))
+            metrics.serve(config.metrics.host, config.metrics.port)
         return metrics
 
     def serve(self, host: str, port: int) -> None:

@@ -181,3 +181,21 @@ def test_step_lines_are_plain_off_a_terminal_and_a_bar_on_one(capsys, monkeypatc
     assert "step 29/30" not in screen  # a bar, not lines
     assert "checkpoint saved step=30" in screen
     assert not progress._terminal_bar.active
+
+
+def test_a_restarted_run_reports_its_checkpoint_step_before_loading_it(tmp_path):
+    import json
+
+    from trainer.checkpoint import LATEST, MANIFEST, step_folder_name
+
+    raw = tiny_config(tmp_path)
+    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 0  # fresh: nothing to resume
+    folder = tmp_path / "checkpoints" / step_folder_name(12)
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(json.dumps({"step": 12, "world_size": 2, "zero_stage": 2, "files": {}}))
+    (tmp_path / "checkpoints" / LATEST).write_text(folder.name)
+    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 12
+    never = tiny_config(tmp_path, checkpoint={"resume": "never"})
+    assert m.checkpoint_step_hint(validate_config(never).checkpoint) == 0
+    (folder / MANIFEST).write_text("{garbled")
+    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 0
