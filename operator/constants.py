@@ -38,6 +38,9 @@ CONFIG_MOUNT_DIR = "/etc/dreambooth"
 CONFIG_FILE_NAME = "config.yaml"
 CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"
 TRAINER_ENTRY = "trainer/main.py"
+# torchrun through the trainer's launcher, which keeps the workers' exit codes
+# (plain torchrun turns every failure into 1): 2 = bad config or input, 143 = SIGTERM.
+LAUNCHER = ("python", "-m", "trainer.launch")
 STORAGE_MOUNT_DIR = "/mnt/storage"
 INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
 SHM_MOUNT_DIR = "/dev/shm"
@@ -46,6 +49,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 # Exit code of a trainer that checkpointed after SIGTERM (preempted, suspended, deleted).
 EXIT_CODE_SIGTERM = 143
+EXIT_CODE_INVALID_INPUT = 2  # the trainer rejected its config or inputs: a retry cannot help
 
 # status.phase values.
 PHASE_PENDING = "Pending"
@@ -75,6 +79,7 @@ REASON_INVALID_SPEC = "InvalidSpec"
 REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_WORKER_FAILED = "WorkerFailed"
+REASON_INVALID_TRAINER_INPUT = "InvalidTrainerInput"
 REASON_PREEMPTED = "Preempted"
 REASON_ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
 REASON_ALL_WORKERS_RUNNING = "AllWorkersRunning"

@@ -279,6 +279,10 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
         failure = describe_failure(failed[0])
         status["lastFailure"] = failure.as_status(timestamp(now))
         code = f" exit code {failure.exit_code}" if failure.exit_code is not None else ""
+        if failure.exit_code == c.EXIT_CODE_INVALID_INPUT:
+            message = (f"worker {failure.pod} rejected its config or inputs (exit code 2); not retried: "
+                       f"fix the spec (the pod's log names the field) and recreate the job")
+            return _fail(plan, current, c.REASON_INVALID_TRAINER_INPUT, message, now)
         if int(status["restarts"]) >= spec.run_policy.backoff_limit:
             message = (f"worker {failure.pod} failed ({failure.reason}{code}) after {status['restarts']} restart(s); "
                        f"runPolicy.backoffLimit = {spec.run_policy.backoff_limit} reached")

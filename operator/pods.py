@@ -13,6 +13,7 @@ from .constants import (
     GPU_RESOURCE,
     HF_TOKEN_ENV,
     INSTANCE_IMAGES_MOUNT_DIR,
+    LAUNCHER,
     RENDEZVOUS_PORT,
     SHM_MOUNT_DIR,
     STORAGE_MOUNT_DIR,
@@ -35,7 +36,7 @@ def torchrun_command(job: Job, index: int) -> list[str]:
     endpoint the operator scrapes (with c10d, rank 0 could land on any pod)."""
     workers = job.spec.workers
     return [
-        "torchrun",
+        *LAUNCHER,
         "--nnodes", str(workers.nodes),
         "--node_rank", str(index),
         "--nproc_per_node", str(workers.procs_per_node),

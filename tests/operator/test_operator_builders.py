@@ -113,7 +113,7 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
     for index, pod in enumerate(pods):
         container = pod["spec"]["containers"][0]
         assert container["command"] == [
-            "torchrun", "--nnodes", str(nodes), "--node_rank", str(index), "--nproc_per_node", expected_procs,
+            "python", "-m", "trainer.launch", "--nnodes", str(nodes), "--node_rank", str(index), "--nproc_per_node", expected_procs,
             "--master_addr", "sks-dog-worker-0.sks-dog", "--master_port", "29500",
             "trainer/main.py", "--config", "/etc/dreambooth/config.yaml",
         ]

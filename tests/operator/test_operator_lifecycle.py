@@ -148,6 +148,15 @@ def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
     assert plan.status["completionTime"] == timestamp(NOW)
 
 
+def test_a_worker_rejecting_its_input_fails_the_job_without_retrying() -> None:
+    failed = pod(0, "Failed", exit_code=c.EXIT_CODE_INVALID_INPUT)
+    plan = decide(job_spec(backoff_limit=3), dict(RUNNING), [failed, pod(1)], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_FAILED
+    assert plan.status["restarts"] == 0
+    assert condition(plan.status, c.CONDITION_FAILED)["reason"] == c.REASON_INVALID_TRAINER_INPUT
+    assert plan.status["lastFailure"]["exitCode"] == 2
+
+
 def test_eviction_is_recorded_as_the_last_failure_but_not_counted() -> None:
     plan = decide(job_spec(), RUNNING, [pod(0), pod(1, "Failed", pod_reason="Evicted")], NOW, TIMING)
     assert plan.status["lastFailure"]["reason"] == "Evicted"
