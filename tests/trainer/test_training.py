@@ -25,10 +25,18 @@ def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, train_text_encoder", [(2, True), (2, False), (3, True), (3, False)])
-def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage, train_text_encoder):
+@pytest.mark.parametrize("zero_stage, train_text_encoder, extra", [
+    (2, True, {}),
+    (2, False, {}),
+    (3, True, {}),
+    (3, False, {}),
+    (0, True, {}),
+    # Micro-batches of 2, two of them per optimizer step, activations recomputed.
+    (1, True, {"batch_size": 2, "gradient_accumulation": 2, "gradient_checkpointing": True}),
+])
+def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage, train_text_encoder, extra):
     config = tiny_config(tiny_root, deepspeed={"zero_stage": zero_stage},
-                         training={"max_steps": 4, "train_text_encoder": train_text_encoder})
+                         training={"max_steps": 4, "train_text_encoder": train_text_encoder, **extra})
     result = run_trainer(write_config(tiny_root, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     run = read_run(tiny_root)
