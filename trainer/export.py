@@ -75,16 +75,23 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     (VAE, an untrained text encoder) were never cast and are saved as they are."""
     state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
     if runtime.is_main:
-        unet = fresh_like(components.unet)
-        unet.load_state_dict(_submodule_state(state, "unet"))
-        text_encoder = components.text_encoder
-        if any(key.startswith("text_encoder.") for key in state):
-            text_encoder = fresh_like(components.text_encoder)
-            text_encoder.load_state_dict(_submodule_state(state, "text_encoder"))
+        unet, text_encoder = trained_modules(state, components)
         pipeline = build_pipeline(components, unet, text_encoder.to("cpu"))
         publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info))
     barrier()
     return output_dir if runtime.is_main else None
+
+
+def trained_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Fresh fp32 UNet (and text encoder, when it was trained) loaded from a gathered
+    DreamBoothDenoiser state; an untrained text encoder is the frozen original."""
+    unet = fresh_like(components.unet)
+    unet.load_state_dict(_submodule_state(state, "unet"))
+    text_encoder = components.text_encoder
+    if any(key.startswith("text_encoder.") for key in state):
+        text_encoder = fresh_like(components.text_encoder)
+        text_encoder.load_state_dict(_submodule_state(state, "text_encoder"))
+    return unet, text_encoder
 
 
 def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

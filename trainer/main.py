@@ -84,31 +84,46 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def restore_training_state(engine, config: TrainerConfig, runtime):
+    """(state, checkpoint folder) from the best loadable checkpoint, or a fresh state and
+    None. Collective. Leftovers of checkpoints that were never finished are removed."""
+    from trainer import checkpoint
+    from trainer.distributed import barrier
+    from trainer.loop import TrainState
+
+    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime)
+    if runtime.is_main:
+        checkpoint.remove_incomplete(config.checkpoint.dir)
+    barrier()
+    return (TrainState.from_state_dict(saved) if folder is not None else TrainState()), folder
+
+
 def run(config: TrainerConfig) -> int:
     quiet_libraries()
     import torch
 
-    from trainer import checkpoint
     from trainer import metrics as m
     from trainer.class_images import generate_class_images
     from trainer.data import DreamBoothData
-    from trainer.distributed import barrier, init_process_group, read_runtime, shutdown, sum_over_ranks
+    from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
-    from trainer.loop import DenoisingStep, TrainState, train
+    from trainer.loop import DenoisingStep, train
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
-    from trainer.objective import DreamBoothDenoiser
+    from trainer.objective import build_denoiser
     from trainer.progress import report_event
 
     started = time.monotonic()
-    stop = StopFlag(config.checkpoint.grace_seconds)
     runtime = read_runtime()
     json_logs = config.logging.format == "json"
     precision = resolve_precision(config.training.precision, runtime.device)
     # Rank 0 binds its port before the process group starts: a taken port fails at once.
     metrics = m.TrainerMetrics.start(config, runtime)
     init_process_group(runtime)
+    # Installed only now: a process blocked in the C++ rendezvous cannot run a Python
+    # handler, and must stay killable by the default SIGTERM action until it returns.
+    stop = StopFlag(config.checkpoint.grace_seconds)
     try:
         torch.manual_seed(config.training.seed)
         components = build_components(config.model)
@@ -125,28 +140,15 @@ def run(config: TrainerConfig) -> int:
             metrics.set_class_images_generated(class_images_generated)
         data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
-        components.vae.requires_grad_(False).to(runtime.device)
-        train_encoder = config.training.train_text_encoder
-        components.text_encoder.requires_grad_(train_encoder)
-        if not train_encoder:
-            components.text_encoder.to(runtime.device)
-        if config.training.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
-            if train_encoder:
-                components.text_encoder.gradient_checkpointing_enable()
-        module = DreamBoothDenoiser(components.unet, components.text_encoder if train_encoder else None)
+        module = build_denoiser(components, train_text_encoder=config.training.train_text_encoder,
+                                gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device)
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
                               device_type=runtime.device.type)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)
 
-        state, resumed_from = TrainState(), None
-        resume_point, saved_state = checkpoint.load_latest(engine, config.checkpoint, runtime)
-        if runtime.is_main:
-            checkpoint.remove_incomplete(config.checkpoint.dir)
-        barrier()
+        state, resume_point = restore_training_state(engine, config, runtime)
+        resumed_from = state.step if resume_point is not None else None
         if resume_point is not None:
-            state = TrainState.from_state_dict(saved_state)
-            resumed_from = state.step
             metrics.record_resume(step=state.step, samples=state.samples)
             if runtime.is_main:
                 report_event("resumed", json_format=json_logs, checkpoint=str(resume_point), step=state.step)
@@ -172,7 +174,7 @@ def run(config: TrainerConfig) -> int:
             "world_size": runtime.world_size,
             "precision": precision,
             "zero_stage": config.deepspeed.zero_stage,
-            "train_text_encoder": train_encoder,
+            "train_text_encoder": config.training.train_text_encoder,
             "prior_preservation": config.data.with_prior_preservation,
             "class_images_generated": class_images_generated,
             "instance_eval_loss_before": eval_before,

@@ -28,6 +28,20 @@ class DreamBoothDenoiser(nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
+def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointing: bool, device) -> DreamBoothDenoiser:
+    """The trainable module; the frozen VAE (and text encoder, when it is not trained)
+    keep fp32 weights and move to the device to run beside the engine."""
+    components.vae.requires_grad_(False).to(device)
+    components.text_encoder.requires_grad_(train_text_encoder)
+    if not train_text_encoder:
+        components.text_encoder.to(device)
+    if gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
+    return DreamBoothDenoiser(components.unet, components.text_encoder if train_text_encoder else None)
+
+
 @dataclass
 class LossTerms:
     loss: torch.Tensor

@@ -18,7 +18,7 @@ import torch
 
 from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, barrier
-from trainer.export import build_pipeline, fresh_like, gather_fp32_state_dict
+from trainer.export import build_pipeline, gather_fp32_state_dict, trained_modules
 
 SAMPLE_PREFIX = "step-"
 GRID_COLUMNS = 4
@@ -56,10 +56,6 @@ def image_grid(images: list, columns: int = GRID_COLUMNS):
     return grid
 
 
-def _submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key.removeprefix(prefix + "."): value for key, value in state.items() if key.startswith(prefix + ".")}
-
-
 def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime):
     """Collective (every rank calls it at the same step). Returns the grid on rank 0,
     None elsewhere."""
@@ -74,12 +70,7 @@ def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime
 
 def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime):
     validation, device = config.validation, runtime.device
-    unet = fresh_like(components.unet)
-    unet.load_state_dict(_submodule(state, "unet"))
-    text_encoder = components.text_encoder
-    if any(key.startswith("text_encoder.") for key in state):
-        text_encoder = fresh_like(components.text_encoder)
-        text_encoder.load_state_dict(_submodule(state, "text_encoder"))
+    unet, text_encoder = trained_modules(state, components)
     # The shared scheduler object is left untouched: sampling sets its timesteps.
     scheduler = type(components.inference_scheduler).from_config(components.inference_scheduler.config)
     if device.type == "cuda":
