@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=runs/local-tiny
+export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 # A fresh training each time; class images from an earlier demo are kept and reused.
 rm -rf "$RUN/checkpoints" "$RUN/model" "$RUN/samples"
 torchrun --nproc_per_node 2 trainer/main.py --config examples/local-tiny.yaml
