@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 
 def main() -> None:
@@ -17,6 +18,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    diffusers_logging.disable_progress_bar()
     pipeline = StableDiffusionPipeline.from_pretrained(args.model_dir)
     pipeline.set_progress_bar_config(disable=True)
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
