@@ -11,7 +11,10 @@ from trainer.config import ConfigError, ModelConfig
 
 # The subfolders of a diffusers Stable Diffusion pipeline that training needs.
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"]
+# Only the subfolders training reads: hub repos also hold multi-GB single-file
+# checkpoints, fp16/non-EMA variants and Flax/ONNX exports that would be downloaded for nothing.
+HUB_ALLOW = ["model_index.json", *(f"{part}/*" for part in PIPELINE_PARTS)]
+HUB_IGNORE = ["*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*fp16*", "*non_ema*", "*.pb"]
 
 
 @dataclass
@@ -81,7 +84,8 @@ def download_from_hub(config: ModelConfig) -> Path:
             config.source,
             revision=config.revision,
             cache_dir=config.cache_dir,
-            allow_patterns=HUB_PATTERNS,
+            allow_patterns=HUB_ALLOW,
+            ignore_patterns=HUB_IGNORE,
             token=os.environ.get("HF_TOKEN") or None,
         )
     except GatedRepoError:
