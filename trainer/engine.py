@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.config import TrainerConfig
+from trainer.config import ConfigError, TrainerConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -17,8 +17,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """`auto` means fp16 on CUDA (with dynamic loss scaling) and bf16 on CPU."""
     if requested != "auto":
         if requested == "fp16" and device.type != "cuda":
-            from trainer.config import ConfigError
-
             raise ConfigError("training.precision = 'fp16' needs a CUDA device; use bf16 or fp32 on CPU (or auto)")
         return requested
     return "fp16" if device.type == "cuda" else "bf16"

@@ -107,6 +107,22 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return (tensor / torch.distributed.get_world_size()).tolist()
 
 
+def save_checkpoint(config: TrainerConfig, engine, runtime: Runtime, state: TrainState, metrics=None) -> None:
+    """Collective: a checkpoint of the current step, timed and reported."""
+    started = time.monotonic()
+    if metrics is not None:
+        metrics.set_phase(PHASE_CHECKPOINTING)
+    checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
+                    zero_stage=config.deepspeed.zero_stage)
+    seconds = time.monotonic() - started
+    if metrics is not None:
+        metrics.record_checkpoint(step=state.step, seconds=seconds)
+        metrics.set_phase(PHASE_TRAINING)
+    if runtime.is_main:
+        report_event("checkpoint saved", json_format=config.logging.format == "json",
+                     step=state.step, seconds=round(seconds, 3))
+
+
 def train(
     config: TrainerConfig,
     engine,
@@ -158,19 +174,9 @@ def train(
                 on_step(values)
         stopping = any_rank(stop_requested())
         if stopping or state.step % config.checkpoint.every_steps == 0 or state.step == training.max_steps:
-            started = time.monotonic()
-            if metrics is not None:
-                metrics.set_phase(PHASE_CHECKPOINTING)
-            checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
-                            zero_stage=config.deepspeed.zero_stage)
+            save_checkpoint(config, engine, runtime, state, metrics)
             throughput.reset()  # the pause is not training throughput
             throughput.mark(state.samples)
-            if metrics is not None:
-                metrics.record_checkpoint(step=state.step, seconds=time.monotonic() - started)
-                metrics.set_phase(PHASE_TRAINING)
-            if runtime.is_main:
-                report_event("checkpoint saved", json_format=config.logging.format == "json",
-                             step=state.step, seconds=round(time.monotonic() - started, 3))
         if stopping:
             break
         if after_step is not None and after_step(state.step):
