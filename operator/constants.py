@@ -46,6 +46,9 @@ INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
 SHM_MOUNT_DIR = "/dev/shm"
 HF_TOKEN_ENV = "HF_TOKEN"
 GPU_RESOURCE = "nvidia.com/gpu"
+# The trainer image's non-root user (Dockerfile). fsGroup makes the volumes writable to it.
+WORKER_UID = 1000
+WORKER_GID = 1000
 
 # Exit code of a trainer that checkpointed after SIGTERM (preempted, suspended, deleted).
 EXIT_CODE_SIGTERM = 143

@@ -154,6 +154,20 @@ def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
     assert pod["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH] == "abc"
 
 
+def test_worker_pod_runs_as_non_root_without_privilege_escalation() -> None:
+    pod = build_worker_pod(job(FULL_SPEC), index=0, gang=1, config_hash="abc")
+    pod_context = pod["spec"]["securityContext"]
+    assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] != 0
+    assert pod_context["fsGroup"] == pod_context["runAsGroup"]
+    for container in pod["spec"]["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container.get("securityContext", {}).get("privileged") is not True
+    # Secrets reach the pod only by reference, never as literal values.
+    secret_like = [e for e in pod["spec"]["containers"][0]["env"] if "TOKEN" in e["name"]]
+    assert secret_like and all("secretKeyRef" in e["valueFrom"] for e in secret_like)
+
+
 def test_children_are_owned_by_the_job_except_a_retained_claim() -> None:
     the_job = job(FULL_SPEC)
     reference = owner_reference(the_job)
