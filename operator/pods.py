@@ -145,6 +145,9 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         "resources": worker_resources(job),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        # The trainer's last log lines (its one-paragraph error on exit 2) become the
+        # termination message, which the operator copies into status.lastFailure.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if workers.image_pull_policy is not None:
         container["imagePullPolicy"] = workers.image_pull_policy

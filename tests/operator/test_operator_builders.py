@@ -137,6 +137,7 @@ def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
     assert env["NCCL_DEBUG"]["value"] == "WARN"
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "400Gi"}, "requests": {"cpu": "32"}}
     assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert spec["nodeSelector"] == FULL_SPEC["workers"]["nodeSelector"]
     assert spec["tolerations"] == FULL_SPEC["workers"]["tolerations"]
     assert spec["affinity"] == FULL_SPEC["workers"]["affinity"]
