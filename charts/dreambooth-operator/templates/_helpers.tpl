@@ -1,0 +1,68 @@
+{{/* Name of the release's objects: the chart name, or release-chart when they differ. */}}
+{{- define "dreambooth-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dreambooth-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dreambooth-operator.labels" -}}
+{{ include "dreambooth-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "dreambooth-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dreambooth-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dreambooth-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The operator's permissions, derived from what it calls (operator/kube.py, operator/handlers.py)
+and what kopf needs. One list serves the ClusterRole and each namespaced Role.
+*/}}
+{{- define "dreambooth-operator.namespacedRules" -}}
+# The jobs: kopf watches them and keeps its bookkeeping in annotations and a finalizer;
+# the operator reads them and patches their status.
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs]
+  verbs: [get, list, watch, patch]
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs/status]
+  verbs: [get, patch]
+# Children carry an ownerReference with blockOwnerDeletion, which the API server
+# allows only to who may update the owner's finalizers.
+- apiGroups: [dreambooth.io]
+  resources: [dreamboothjobs/finalizers]
+  verbs: [update]
+# Worker pods: watched (kopf), listed by job label, created and deleted as a gang.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+# Each job's headless Service, trainer ConfigMap and (optional) checkpoint claim;
+# the ConfigMap is patched when the spec changes.
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [get, create, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, delete, patch]
+# The operator's and kopf's Events on jobs.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}

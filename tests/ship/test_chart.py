@@ -1,0 +1,217 @@
+"""The Helm chart: lint, schema-valid objects for Kubernetes 1.35 in every mode, least
+privilege that still covers every API call the operator makes, and manifests/install.yaml
+identical to the chart's default rendering."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from dreambooth_operator.kube import KubeApi
+from tests.ship.chart import (
+    ALL_OPTIONS_ON,
+    CHART,
+    CHART_DASHBOARD,
+    DASHBOARD,
+    INSTALL_MANIFEST,
+    KUBERNETES_VERSION,
+    NAMESPACED,
+    REPO,
+    by_kind,
+    helm,
+    render,
+    template_text,
+)
+from tests.ship.install_manifest import render_install_manifest
+from tests.ship.workloads import example_job, worker_pods
+
+# No registry this project installs from ships the Prometheus Operator's CRD schemas as
+# data (PyPI has generated pydantic models only, the Go module has Go types), and tests
+# download nothing; these two kinds are checked by test_monitors_select_what_exists instead.
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor"}
+
+OPERATOR_SOURCE = REPO / "operator"
+MODES = {"defaults": None, "all-options": ALL_OPTIONS_ON, "namespaced": NAMESPACED}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {mode: render(values) for mode, values in MODES.items()}
+
+
+def test_helm_lint_strict_is_clean() -> None:
+    for values in MODES.values():
+        args = ["lint", "--strict", str(CHART)]
+        for key, value in (values or {}).items():
+            args += ["--set-json", f"{key}={json.dumps(value)}"]
+        result = helm(*args)
+        assert "0 chart(s) failed" in result.stdout, result.stdout
+        assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_object_is_valid_for_kubernetes_1_35(rendered, mode: str) -> None:
+    objects = rendered[mode]
+    assert by_kind(objects, "Deployment"), "the chart rendered no operator Deployment"
+    for obj in objects:
+        if obj["kind"] in PROMETHEUS_OPERATOR_KINDS:
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_optional_features_are_off_by_default_and_render_when_on(rendered) -> None:
+    kinds = lambda mode: {obj["kind"] for obj in rendered[mode]}  # noqa: E731
+    assert not kinds("defaults") & (PROMETHEUS_OPERATOR_KINDS | {"ConfigMap"})
+    assert PROMETHEUS_OPERATOR_KINDS | {"ConfigMap"} <= kinds("all-options")
+
+
+def test_monitors_select_what_exists(rendered) -> None:
+    """The ServiceMonitor finds the operator's metrics Service by its labels and port name;
+    the PodMonitor finds rank 0's worker pod by the labels and port the operator gives it."""
+    objects = rendered["all-options"]
+    [service_monitor] = by_kind(objects, "ServiceMonitor")
+    [service] = [s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert service_monitor["metadata"]["labels"]["release"] == "prometheus"
+
+    [pod_monitor] = by_kind(objects, "PodMonitor")
+    rank0, other = worker_pods(example_job())
+    selector = pod_monitor["spec"]["selector"]["matchLabels"].items()
+    assert selector <= rank0["metadata"]["labels"].items()
+    assert not selector <= other["metadata"]["labels"].items(), "only rank 0 serves metrics"
+    [endpoint] = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in rank0["spec"]["containers"][0]["ports"]}
+    assert endpoint["honorLabels"] is True
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    [namespaced] = by_kind(rendered["namespaced"], "PodMonitor")
+    assert namespaced["spec"]["namespaceSelector"] == {"matchNames": NAMESPACED["watchNamespaces"]}
+
+
+def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def listed_kinds() -> set[str]:
+    calls = set()
+    for source in OPERATOR_SOURCE.glob("*.py"):
+        calls |= set(re.findall(r"\bapi\.list\(\s*\"(\w+)\"", source.read_text()))
+    assert calls, "found no api.list(...) call in the operator: update this test"
+    return calls
+
+
+def required_permissions() -> dict[tuple[str, str], set[str]]:
+    """What the operator calls, read from its API layer's own tables, plus kopf's needs."""
+    plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps",
+              "PersistentVolumeClaim": "persistentvolumeclaims", "Event": "events"}
+    needed: dict[tuple[str, str], set[str]] = {}
+    for verb, table in (("create", KubeApi._CREATE), ("delete", KubeApi._DELETE)):
+        for kind in table:
+            needed.setdefault(("", plural[kind]), set()).add(verb)
+    # KubeApi can list every child kind; grant `list` only on those the operator lists.
+    for kind in listed_kinds():
+        needed[("", plural[kind])].add("list")
+    needed[("", "configmaps")].add("patch")  # replace_config_map
+    needed[("", "pods")].add("watch")  # kopf's pod event handler
+    needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch"}
+    needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
+    needed[("dreambooth.io", "dreamboothjobs/finalizers")] = {"update"}  # blockOwnerDeletion
+    return needed
+
+
+def assert_covers(granted: dict[tuple[str, str], set[str]], needed: dict[tuple[str, str], set[str]]) -> None:
+    for key, verbs in needed.items():
+        missing = verbs - granted.get(key, set())
+        assert not missing, f"RBAC lacks {sorted(missing)} on {key}"
+
+
+def test_cluster_wide_rbac_covers_every_call_and_grants_nothing_more(rendered) -> None:
+    objects = rendered["defaults"]
+    roles = {role["metadata"]["name"]: rules_of(role) for role in by_kind(objects, "ClusterRole")}
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rules in roles.values():
+        for key, verbs in rules.items():
+            granted.setdefault(key, set()).update(verbs)
+    needed = required_permissions()
+    assert_covers(granted, needed)
+    # Least privilege: no wildcards, no secrets, and nothing beyond the calls above and kopf's discovery.
+    discovery = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    assert set(granted) - set(needed) == discovery
+    for key, verbs in granted.items():
+        assert "*" not in verbs and key[1] != "*" and key[1] != "secrets", key
+        assert verbs <= {"get", "list", "watch", "create", "delete", "patch", "update"}, key
+    assert not by_kind(objects, "Role")
+    [deployment] = by_kind(objects, "Deployment")
+    assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_namespaced_mode_grants_per_namespace_and_watches_only_those(rendered) -> None:
+    objects = rendered["namespaced"]
+    watched = NAMESPACED["watchNamespaces"]
+    roles = by_kind(objects, "Role")
+    assert sorted(role["metadata"]["namespace"] for role in roles) == sorted(watched)
+    for role in roles:
+        assert_covers(rules_of(role), required_permissions())
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
+    [cluster_role] = by_kind(objects, "ClusterRole")
+    assert set(rules_of(cluster_role)) == {("apiextensions.k8s.io", "customresourcedefinitions")}
+    [deployment] = by_kind(objects, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={ns}" for ns in watched]
+    assert "--all-namespaces" not in args
+
+
+def test_operator_deployment_shape(rendered) -> None:
+    [deployment] = by_kind(rendered["defaults"], "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    # The args are the operator's real CLI: it accepts them.
+    from dreambooth_operator.__main__ import parse_args
+    parsed = parse_args(container["args"])
+    assert parsed.all_namespaces and parsed.http_port == 8080 and parsed.http_host == "0.0.0.0"
+
+
+def test_values_schema_rejects_bad_values_naming_the_field() -> None:
+    result = helm("template", str(CHART), "--set", "securityContext.readOnlyRootFilesystem=false", check=False)
+    assert result.returncode != 0 and "readOnlyRootFilesystem" in result.stderr, result.stderr
+    result = helm("template", str(CHART), "--set", "watchNamespaces[0]=Team_A", check=False)
+    assert result.returncode != 0 and "watchNamespaces" in result.stderr, result.stderr
+    result = helm("template", str(CHART), "--set", "metrics.podMonitor.enabeld=true", check=False)
+    assert result.returncode != 0 and "enabeld" in result.stderr, result.stderr
+
+
+def test_notes_tell_what_to_run_next() -> None:
+    result = helm("install", "dreambooth-operator", str(CHART), "--dry-run=client", "--namespace", "dreambooth-system")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for command in ("kubectl create configmap", "kubectl apply -f", "kubectl get dbj -w", "helm uninstall"):
+        assert command in notes, notes
+
+
+def test_install_manifest_is_the_default_rendering() -> None:
+    assert INSTALL_MANIFEST.read_text() == render_install_manifest(), (
+        "manifests/install.yaml differs from the chart's default rendering: "
+        "run `python -m tests.ship.install_manifest`")
+    assert [obj for obj in yaml.safe_load_all(INSTALL_MANIFEST.read_text()) if obj]
+
+
+def test_chart_ships_the_dashboard_unchanged(rendered) -> None:
+    assert CHART_DASHBOARD.read_text() == DASHBOARD.read_text(), (
+        "charts/dreambooth-operator/dashboards/dreambooth.json differs from dashboards/dreambooth.json: copy it")
+    [config_map] = by_kind(rendered["all-options"], "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert json.loads(config_map["data"]["dreambooth.json"]) == json.loads(DASHBOARD.read_text())
