@@ -3,12 +3,15 @@
 kmock's KubernetesEmulator is a real stateful API server in memory. This helper adds
 what it lacks and the operator or kubectl rely on (DESIGN.md "Testing without a
 cluster"): metadata.uid / resourceVersion / creationTimestamp on create, label-selector
-filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discovery.
+filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discovery,
+graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
+its kubelet deletes it with grace 0) and server-side tables for custom resources
+(`kubectl get` columns from the stored CRD's additionalPrinterColumns).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
 There are no controllers: no scheduler, no kubelet, no garbage collector. Tests play
-the kubelet by patching pod statuses through the API.
+the kubelet by patching pod statuses through the API (tests/e2e/kubelet.py runs the pods).
 """
 
 from __future__ import annotations
@@ -112,6 +115,10 @@ class Emulator(kmock.KubernetesEmulator):
             self._in_flight.discard(id(request))
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
+        if request.action == kmock.action.DELETE and request.resource == PODS and request.name:
+            response = await self._delete_pod(request)
+            if response is not None:
+                return response
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
@@ -131,7 +138,57 @@ class Emulator(kmock.KubernetesEmulator):
                 meta["resourceVersion"] = str(next(self._counter))
         return await super()._handle(request)
 
+    async def _delete_pod(self, request: kmock.Request) -> web.StreamResponse | None:
+        """A real API server's graceful pod delete: a pod bound to a node and not yet
+        finished is only marked (deletionTimestamp, deletionGracePeriodSeconds); its
+        kubelet stops the containers and then deletes it with grace 0. None: kmock's
+        plain delete (or its 404) is right."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return None
+            pod = self._objects[key]
+            grace = delete_grace_seconds(request, pod.raw)
+            if pod.raw["metadata"].get("deletionTimestamp"):
+                if grace != 0:
+                    return web.json_response(pod.raw)  # already terminating
+                raw = pod.raw
+                pod.delete()
+                await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+                return web.json_response(raw)
+            terminal = (pod.raw.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            if grace == 0 or terminal or not (pod.raw.get("spec") or {}).get("nodeName"):
+                return None
+            now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            pod.patch({"metadata": {"deletionTimestamp": now, "deletionGracePeriodSeconds": grace,
+                                    "resourceVersion": str(next(self._counter))}})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": pod.raw})
+            return web.json_response(pod.raw)
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        result = await super()._serve_fetch(request)
+        return self._as_table(request, [result]) or result
+
     async def _serve_list(self, request: kmock.Request) -> Any:
+        result = await self._serve_plain_list(request)
+        return self._as_table(request, result["items"]) or result
+
+    def _as_table(self, request: kmock.Request, items: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A meta.k8s.io/v1 Table when kubectl asks for one and the resource's CRD is
+        stored (built-in kinds keep kubectl's own NAME/AGE fallback)."""
+        accept = next((v for k, v in request.headers.items() if k.lower() == "accept"), "")
+        if "as=Table" not in accept or request.resource is None:
+            return None
+        crd = next((obj.raw for (resource, _, _), obj in self._objects.items()
+                    if resource == CRDS and not obj.deleted
+                    and obj.raw.get("spec", {}).get("group") == request.resource.group
+                    and obj.raw.get("spec", {}).get("names", {}).get("plural") == request.resource.plural), None)
+        if crd is None:
+            return None
+        version = next((v for v in crd["spec"].get("versions") or [] if v.get("name") == request.resource.version), {})
+        return printer_table(version.get("additionalPrinterColumns") or [], items, dt.datetime.now(dt.timezone.utc))
+
+    async def _serve_plain_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
         if selector:
@@ -151,6 +208,65 @@ class Emulator(kmock.KubernetesEmulator):
             if "/" in entry["name"]:  # a subresource: kubectl warns when it has short names too
                 entry["shortNames"] = []
         return result
+
+
+PODS = kmock.resource("", "v1", "pods")
+CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+
+
+def delete_grace_seconds(request: kmock.Request, pod: dict[str, Any]) -> int:
+    """The grace period a DELETE asks for (DeleteOptions body or query), else the pod's own."""
+    options = request.data if isinstance(request.data, dict) else {}
+    asked = options.get("gracePeriodSeconds", request.params.get("gracePeriodSeconds"))
+    if asked is not None:
+        return int(asked)
+    return int((pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+
+
+def json_path(obj: dict[str, Any], path: str) -> Any:
+    """The simple `.a.b.c` JSONPaths that printer columns use; None where absent."""
+    value: Any = obj
+    for part in path.strip().lstrip(".").split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def human_age(since: str | None, now: dt.datetime) -> str:
+    """kubectl's short duration (`45s`, `3m12s`, `2h5m`, `4d`) of a timestamp's age."""
+    if not since:
+        return "<unknown>"
+    seconds = max(0, int((now - dt.datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60}s" if seconds < 600 else f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds < 8 * 3600 else f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def printer_table(columns: list[dict[str, Any]], items: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
+    """The server-side table an API server renders for a custom resource: a Name column,
+    then the CRD's additionalPrinterColumns (dates as ages, absent values empty)."""
+    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                    "description": "Name must be unique within a namespace."}]
+    definitions += [{"name": col["name"], "type": col.get("type", "string"), "format": col.get("format", ""),
+                     "priority": col.get("priority", 0), "description": col.get("description", "")}
+                    for col in columns]
+
+    def cell(item: dict[str, Any], column: dict[str, Any]) -> Any:
+        value = json_path(item, column["jsonPath"])
+        if column.get("type") == "date":
+            return human_age(value, now)
+        return value
+
+    rows = [{"cells": [item["metadata"]["name"], *(cell(item, col) for col in columns)],
+             "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                        "metadata": item["metadata"]}} for item in items]
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "1"},
+            "columnDefinitions": definitions, "rows": rows}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

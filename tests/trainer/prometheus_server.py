@@ -36,14 +36,18 @@ class PrometheusServer:
     """Scrapes `targets` every second; keeps the targets' own `job` label (honor_labels),
     as a Prometheus scraping the trainer must, or it would become `exported_job`."""
 
-    def __init__(self, binary: str, root: Path, targets: list[str]):
+    def __init__(self, binary: str, root: Path, targets: list[str], target_files: list[Path] = (),
+                 scrape_interval: str = SCRAPE_INTERVAL):
+        """`target_files`: file_sd JSON files that whoever starts the targets keeps up to date."""
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
+        scrape = {"job_name": "trainer", "honor_labels": True, "static_configs": [{"targets": targets}]}
+        if target_files:
+            scrape["file_sd_configs"] = [{"files": [str(path) for path in target_files], "refresh_interval": "1s"}]
         config = {
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": SCRAPE_INTERVAL},
-            "scrape_configs": [{"job_name": "trainer", "honor_labels": True,
-                                "static_configs": [{"targets": targets}]}],
+            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+            "scrape_configs": [scrape],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(root / "prometheus.log", "w")

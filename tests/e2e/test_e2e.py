@@ -1,0 +1,272 @@
+"""The whole chain as a user drives it: `kubectl apply` -> the real operator -> a gang of
+two worker pods running the real torchrun + DeepSpeed trainer -> failures, preemption
+and suspension -> resume from the checkpoint -> an exported model.
+
+One emulated API (kmock), one operator process, one kubelet (tests/e2e/kubelet.py, which
+runs the pods as local processes on their own loopback addresses) and one real
+Prometheus serve all scenarios; each scenario is one job of its own, the README's
+example (`manifests/examples/tiny-cpu-job.yaml`: 2 nodes x 1 process, ZeRO-2, tiny
+model, prior preservation, 30 steps, a checkpoint every 5) under another name.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from emulated_cluster import EmulatedCluster
+from operator_harness import Cluster, OperatorProcess, condition, wait_for
+
+from tests.e2e.kubelet import Kubelet
+from tests.trainer.prometheus_server import PrometheusServer, install_prometheus
+
+REPO = Path(__file__).resolve().parents[2]
+KUBECTL = REPO / ".tools" / "bin" / "kubectl"
+EXAMPLE = REPO / "manifests" / "examples" / "tiny-cpu-job.yaml"
+PHOTOS = REPO / "examples" / "instance-images"
+# A first run compiles DeepSpeed's CPU op (cached later); a gang start takes ~20 s here.
+JOB_TIMEOUT = 360
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+# --- the cluster, shared by every scenario ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def kubectl_binary() -> Path:
+    if not KUBECTL.exists():
+        subprocess.run(["bash", str(REPO / "scripts" / "install-k8s-tools.sh")], check=True)
+    return KUBECTL
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
+    cluster = EmulatedCluster(tmp_path_factory.mktemp("e2e-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def kubelet(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubelet]:
+    root = tmp_path_factory.mktemp("e2e-node")
+    node = Kubelet(emulated, root, scrape_targets=root / "scrape-targets.json").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(kubelet: Kubelet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    # Scrapes every pod's `metrics` port (the kubelet keeps the file_sd list), often
+    # enough to see the few steps a gang makes between a checkpoint and its failure.
+    server = PrometheusServer(install_prometheus(), tmp_path_factory.mktemp("e2e-prometheus"), [],
+                              target_files=[kubelet.scrape_targets], scrape_interval="250ms")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("e2e-operator")).start()
+    yield process
+    process.stop()
+
+
+class User:
+    """What the user does and sees: kubectl, and the job's files on the claim."""
+
+    def __init__(self, emulated: EmulatedCluster, kubectl_binary: Path, kubelet: Kubelet) -> None:
+        self.emulated = emulated
+        self.binary = kubectl_binary
+        self.kubelet = kubelet
+        self.cluster = Cluster(emulated)
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run([str(self.binary), "--kubeconfig", str(self.emulated.kubeconfig), *args],
+                                input=stdin, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"kubectl {' '.join(args)} failed:\n{result.stderr}"
+        return result.stdout
+
+    def apply_example(self, name: str, **spec_changes: dict[str, Any]) -> None:
+        """The README's example job under another name, with some spec sections changed."""
+        job = yaml.safe_load(EXAMPLE.read_text())
+        job["metadata"]["name"] = name
+        for section, values in spec_changes.items():
+            job["spec"].setdefault(section, {}).update(values)
+        out = self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(job))
+        assert f"dreamboothjob.dreambooth.io/{name} created" in out
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.cluster.status(name)
+
+    def wait_phase(self, name: str, phase: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, timeout=timeout,
+                        what=f"{name} phase {phase}")
+
+    def job_dir(self, name: str) -> Path:
+        # The operator's layout: the claim `<job>-storage` mounted at /mnt/storage, the job under /<job>.
+        return self.kubelet.claim_folder(f"{name}-storage") / name
+
+    def latest_checkpoint(self, name: str) -> str:
+        latest = self.job_dir(name) / "checkpoints" / "latest"
+        return latest.read_text().strip() if latest.exists() else ""
+
+    def run_json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.job_dir(name) / "output" / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def user(emulated: EmulatedCluster, kubectl_binary: Path, kubelet: Kubelet, operator: OperatorProcess,
+         prometheus: PrometheusServer) -> User:
+    person = User(emulated, kubectl_binary, kubelet)
+    # The README's quick start.
+    person.kubectl("apply", "--validate=false", "-f", str(REPO / "manifests" / "crd.yaml"))
+    # `kubectl create configmap` sends built-in kinds as protobuf, which kmock cannot
+    # read; the same object rendered client-side and created from YAML goes as JSON.
+    config_map = person.kubectl("create", "configmap", "robot-photos", f"--from-file={PHOTOS}/",
+                                "--dry-run=client", "-o", "yaml")
+    person.kubectl("create", "--validate=false", "-f", "-", stdin=config_map)
+    return person
+
+
+@pytest.fixture(autouse=True)
+def explain_failure(request: pytest.FixtureRequest, user: User, operator: OperatorProcess,
+                    kubelet: Kubelet) -> Iterator[None]:
+    """On failure: the operator's log, every pod's output and the jobs' status."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        jobs = json.loads(user.kubectl("get", "dbj", "-o", "json"))["items"]
+        print("=== operator log ===\n" + operator.log())
+        print("=== pods (kubelet) ===\n" + kubelet.logs())
+        print(f"=== kubelet error === {kubelet.error!r}")
+        print("=== jobs ===\n" + json.dumps([{j["metadata"]["name"]: j.get("status")} for j in jobs], indent=1))
+
+
+def trainer_events(kubelet: Kubelet, pod: str, uid_prefix: str = "") -> list[dict[str, Any]]:
+    """The JSON log events (logging.format: json) a pod's trainer printed."""
+    events = []
+    for folder in (kubelet.root / "pods").glob(f"default_{pod}_{uid_prefix}*"):
+        for line in (folder / "output.log").read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+    return events
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+def test_apply_runs_the_gang_to_an_exported_model(user: User, kubelet: Kubelet) -> None:
+    out = user.kubectl("apply", "--validate=false", "-f", str(EXAMPLE))
+    assert "dreamboothjob.dreambooth.io/tiny-cpu created" in out
+    status = user.wait_phase("tiny-cpu", "Succeeded")
+
+    assert status["step"] == 30 and status["progress"] == "100%"
+    assert status["restarts"] == 0 and status["preemptions"] == 0
+    assert condition(status, "Succeeded")["status"] == "True"
+    run = user.run_json("tiny-cpu")
+    assert run["final_step"] == 30 and run["resumed_from_step"] is None
+    assert (run["world_size"], run["zero_stage"]) == (2, 2)
+    # Prior preservation: the class images were generated onto the claim.
+    assert len(list((user.job_dir("tiny-cpu") / "class-images").glob("*.png"))) == 4
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(user.job_dir("tiny-cpu") / "output")
+    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor >= 8
+
+    header, row = user.kubectl("get", "dbj", "tiny-cpu").splitlines()
+    assert header.split() == ["NAME", "PHASE", "STEP", "PROGRESS", "LOSS", "RESTARTS", "AGE"]
+    name, phase, step, progress, loss, restarts, age = row.split()
+    assert (name, phase, step, progress, restarts) == ("tiny-cpu", "Succeeded", "30", "100%", "0")
+    assert float(loss) == pytest.approx(status["loss"], rel=1e-4)
+    assert age.endswith(("s", "m"))
+
+
+def test_killed_worker_restarts_the_gang_from_the_checkpoint(user: User, kubelet: Kubelet,
+                                                             prometheus: PrometheusServer) -> None:
+    user.apply_example("tiny-kill")
+    started = time.time()
+    # Kill -9 a trainer of worker-1 a step or two after the checkpoint of step 10,
+    # once Prometheus has seen rank 0 go past it.
+    wait_for(lambda: user.latest_checkpoint("tiny-kill") == "step-00000010", timeout=JOB_TIMEOUT,
+             what="checkpoint step-00000010 of tiny-kill")
+    wait_for(lambda: steps_seen(prometheus, "tiny-kill", started) and max(steps_seen(prometheus, "tiny-kill", started)) > 10,
+             timeout=30, what="Prometheus seeing step > 10")
+    kubelet.kill_trainer("tiny-kill-worker-1")
+    latest_at_kill = user.latest_checkpoint("tiny-kill")
+
+    status = user.wait_phase("tiny-kill", "Succeeded")
+    assert status["restarts"] == 1 and status["preemptions"] == 0
+    assert status["lastFailure"]["pod"] in ("tiny-kill-worker-0", "tiny-kill-worker-1")
+    assert status["step"] == 30
+    run = user.run_json("tiny-kill")
+    assert latest_at_kill == "step-00000010", "the kill came too late: a later checkpoint was already complete"
+    assert run["resumed_from_step"] == 10 and run["final_step"] == 30
+
+    # Prometheus saw rank 0's step pass 10, fall back to 10 in the new gang, then reach 30.
+    steps = wait_for(lambda: (s := steps_seen(prometheus, "tiny-kill", started)) and s[-1] == 30 and s,
+                     timeout=20, what="Prometheus seeing step 30")
+    peak = steps.index(max(steps[:steps.index(30)] if 30 in steps else steps))
+    first_gang_peak = next(i for i, value in enumerate(steps) if value > 10)
+    fallback = next((i for i in range(first_gang_peak, len(steps)) if steps[i] == 10), None)
+    assert fallback is not None, f"no fall back to step 10 after {steps[first_gang_peak]}: {steps}"
+    assert steps[fallback:] == sorted(steps[fallback:]) and steps[-1] == 30, steps
+    assert peak >= 0
+
+
+def steps_seen(prometheus: PrometheusServer, job: str, since: float) -> list[int]:
+    """Every scraped value of rank 0's `dreambooth_step` for a job, in time order
+    (all gangs: each is its own series, on its own pod address)."""
+    window = max(1, int(time.time() - since) + 5)
+    result = prometheus.api("query", query=f'dreambooth_step{{job="{job}"}}[{window}s]')["result"]
+    samples = sorted((float(t), int(float(v))) for series in result for t, v in series["values"])
+    return [value for _, value in samples]
+
+
+def test_graceful_delete_of_a_worker_checkpoints_and_is_not_counted(user: User, kubelet: Kubelet) -> None:
+    # backoffLimit 0: a restart counted as a failure would fail the job.
+    user.apply_example("tiny-preempt", runPolicy={"backoffLimit": 0})
+    wait_for(lambda: user.latest_checkpoint("tiny-preempt") == "step-00000010", timeout=JOB_TIMEOUT,
+             what="checkpoint step-00000010 of tiny-preempt")
+    first = kubelet.pod("tiny-preempt-worker-0")
+    user.kubectl("delete", "pod", "tiny-preempt-worker-0", "--wait=false")
+
+    status = user.wait_phase("tiny-preempt", "Succeeded")
+    assert status["restarts"] == 0 and status["preemptions"] == 1
+    # Worker-0's trainer finished its step, checkpointed there and exited 143 ...
+    assert kubelet.exit_codes[first.uid] == 143
+    stopped = [e for e in trainer_events(kubelet, "tiny-preempt-worker-0", first.uid[:8])
+               if "SIGTERM" in str(e.get("event") or e.get("message"))]
+    assert stopped, "worker-0 logged no stop by SIGTERM"
+    stop_step = stopped[-1]["step"]
+    assert stop_step >= 10
+    # ... and the next gang resumed from exactly that step.
+    run = user.run_json("tiny-preempt")
+    assert run["resumed_from_step"] == stop_step and run["final_step"] == 30
+
+
+def test_suspend_then_resume_continues_from_the_suspend_checkpoint(user: User, kubelet: Kubelet) -> None:
+    user.apply_example("tiny-suspend")
+    wait_for(lambda: user.latest_checkpoint("tiny-suspend") == "step-00000010", timeout=JOB_TIMEOUT,
+             what="checkpoint step-00000010 of tiny-suspend")
+    workers = [kubelet.pod(f"tiny-suspend-worker-{i}") for i in range(2)]
+    user.kubectl("patch", "dbj", "tiny-suspend", "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    user.wait_phase("tiny-suspend", "Suspended", timeout=30)
+    wait_for(lambda: user.cluster.pods("tiny-suspend") == [], timeout=90, what="workers stopped and deleted")
+    assert [kubelet.exit_codes[w.uid] for w in workers] == [143, 143]
+    suspended_at = int(user.latest_checkpoint("tiny-suspend").removeprefix("step-"))
+    assert 10 <= suspended_at < 30
+
+    user.kubectl("patch", "dbj", "tiny-suspend", "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    status = user.wait_phase("tiny-suspend", "Succeeded")
+    assert status["restarts"] == 0
+    run = user.run_json("tiny-suspend")
+    assert run["resumed_from_step"] == suspended_at and run["final_step"] == 30
