@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,14 +29,29 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     source: str = Field(
         "tiny",
-        description="`tiny` (built-in random model, no download), a local diffusers folder, or a hub id.",
+        description="`tiny` (built-in random model, no download), a local diffusers folder, a hub id, "
+        "or a folder URL (file://, s3://, ...; needs cache_dir).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
-    cache_dir: Path | None = Field(None, description="Where hub downloads go; default: huggingface_hub's cache.")
+    cache_dir: Path | None = Field(
+        None,
+        description="Shared model cache: a hub id or URL is fetched once into `<cache_dir>/<id>@<revision>` "
+        "(lock + atomic rename, safe on a volume many nodes share); default: huggingface_hub's own cache.",
+    )
 
 
 class DataConfig(_Section):
+    # The files read as photos, here so that the operator (no torch) checks ConfigMap keys alike.
+    IMAGE_SUFFIXES: ClassVar[frozenset[str]] = frozenset(
+        {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    )
+
     instance_dir: Path = Field(description="Folder with the 3-5+ photos of the subject.")
+    instance_url: str | None = Field(
+        None,
+        description="fsspec URL of a folder of photos (file://, https://, s3://, gs://, memory://), copied once "
+        "into instance_dir before training.",
+    )
     instance_prompt: str = Field(min_length=1, description="Prompt with the rare identifier, e.g. `a photo of sks dog`.")
     class_prompt: str | None = Field(None, description="Prompt of the subject's class; setting it enables prior preservation.")
     class_dir: Path | None = Field(None, description="Folder of class images; missing ones are generated there.")
@@ -97,6 +112,11 @@ class CheckpointConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Field(description="Final diffusers pipeline folder (with run.json), written atomically.")
+    uri: str | None = Field(
+        None,
+        description="Also upload the exported folder here: an fsspec URL (file://, s3://, gs://, ...) or "
+        "`hf://org/repo` (one commit, token from HF_TOKEN). A failed upload keeps the model in dir; exit code 3.",
+    )
 
 
 def _default_metrics_host() -> str:
@@ -225,6 +245,7 @@ def _absolute_paths(config: TrainerConfig) -> TrainerConfig:
 
 
 _PATH_KEYS = [
+    ("model", "cache_dir"),
     ("data", "instance_dir"),
     ("data", "class_dir"),
     ("checkpoint", "dir"),

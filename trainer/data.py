@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer.config import ConfigError, DataConfig
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = DataConfig.IMAGE_SUFFIXES
 
 
 def list_images(folder: Path, key: str) -> list[Path]:

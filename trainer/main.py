@@ -1,6 +1,8 @@
 """Entry point: `torchrun [args] trainer/main.py --config FILE.yaml [--set section.key=value ...]`.
 
 Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
+3 trained and exported but the upload to output.uri failed (the model is in output.dir;
+a retry resumes from the final checkpoint and uploads again),
 143 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -23,6 +25,7 @@ if __package__ in (None, ""):
 from trainer.config import ConfigError, TrainerConfig, load_config  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2
+EXIT_UPLOAD_FAILED = 3
 EXIT_TERMINATED = 143
 
 
@@ -31,6 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="trainer YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     return parser.parse_args(argv)
+
+
+def fetch_inputs(config: TrainerConfig) -> None:
+    """Before any process group starts: the base model into its cache and the photos
+    from data.instance_url onto the volume, each once for all ranks and nodes."""
+    from trainer.model_cache import model_folder
+    from trainer.sources import fetch_instance_images
+
+    fetch_instance_images(config.data)
+    model_folder(config.model)
 
 
 def check_inputs(config: TrainerConfig) -> None:
@@ -184,6 +197,13 @@ def run(config: TrainerConfig) -> int:
         }
         metrics.set_phase(m.PHASE_EXPORTING)
         export_pipeline(engine, components, config.output.dir, runtime, run_info)
+        if runtime.is_main and config.output.uri is not None:
+            from trainer.publish import upload_and_record
+
+            upload = upload_and_record(config.output.dir, config.output.uri)
+            if not upload["ok"]:
+                print(f"error: {upload['error']}", file=sys.stderr, flush=True)
+                return EXIT_UPLOAD_FAILED
         metrics.set_phase(m.PHASE_DONE)
         if runtime.is_main:
             report_event("done", json_format=json_logs, model=str(config.output.dir),
@@ -199,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.set)
+        fetch_inputs(config)
         check_inputs(config)
         return run(config)
     except ConfigError as error:

@@ -1,0 +1,158 @@
+"""Photos from where users have them (a URL, a ConfigMap mount) and the model out to a
+URL: real fsspec file:// and memory:// filesystems, and one real training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import fsspec
+import huggingface_hub.constants
+import pytest
+import yaml
+
+from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
+from trainer.config import ConfigError, DataConfig
+from trainer.data import list_images
+from trainer.fetch_once import FETCH_RECORD
+from trainer.publish import COMPLETE_MARKER, UploadError, upload_and_record, upload_model
+from trainer.sources import fetch_instance_images
+
+PHOTOS = sorted(path.name for path in INSTANCE_IMAGES.iterdir() if path.suffix == ".png")
+
+
+def data_config(instance_dir: Path, url: str) -> DataConfig:
+    return DataConfig(instance_dir=instance_dir, instance_url=url, instance_prompt="a photo of sks robot")
+
+
+@pytest.fixture
+def memory_folder():
+    """A fresh folder on fsspec's in-memory filesystem (lives only in this process)."""
+    fs = fsspec.filesystem("memory")
+    root = f"/test-{uuid.uuid4().hex[:8]}"
+    yield fs, root
+    fs.rm(root, recursive=True)
+
+
+def test_photos_from_a_memory_url_are_copied_once(tmp_path, memory_folder):
+    fs, root = memory_folder
+    for name in PHOTOS:
+        fs.pipe(f"{root}/{name}", (INSTANCE_IMAGES / name).read_bytes())
+    fs.pipe(f"{root}/notes.txt", b"not a photo")
+    config = data_config(tmp_path / "instance-images", f"memory://{root}")
+    assert fetch_instance_images(config) is True
+    assert [path.name for path in list_images(config.instance_dir, "k")] == PHOTOS
+    assert not (config.instance_dir / "notes.txt").exists()
+    assert json.loads((config.instance_dir / FETCH_RECORD).read_text())["source"] == f"memory://{root}"
+    assert fetch_instance_images(config) is False  # already on the volume
+
+
+def test_an_empty_image_set_names_the_key_and_the_url(tmp_path, memory_folder):
+    fs, root = memory_folder
+    fs.pipe(f"{root}/notes.txt", b"not a photo")
+    with pytest.raises(ConfigError, match=rf"data\.instance_url = 'memory://{root}': no images there"):
+        fetch_instance_images(data_config(tmp_path / "images", f"memory://{root}"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_url_names_the_key_and_the_url(tmp_path):
+    url = f"file://{tmp_path}/nowhere"
+    with pytest.raises(ConfigError, match=r"data\.instance_url = .*nowhere.*cannot read it: FileNotFoundError"):
+        fetch_instance_images(data_config(tmp_path / "images", url))
+
+
+def test_a_protocol_without_its_package_names_the_package(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.instance_url = 's3://bucket/photos'.*Install s3fs"):
+        fetch_instance_images(data_config(tmp_path / "images", "s3://bucket/photos"))
+
+
+def test_a_configmap_mount_reads_only_its_keys(tmp_path):
+    """The kubelet's layout: keys are symlinks into a timestamped folder behind `..data`."""
+    mount = tmp_path / "instance-images"
+    versioned = mount / "..2026_11_26_18_00_00.123456789"
+    versioned.mkdir(parents=True)
+    for name in PHOTOS:
+        shutil.copy(INSTANCE_IMAGES / name, versioned / name)
+    (mount / "..data").symlink_to(versioned.name)
+    for name in PHOTOS:
+        (mount / name).symlink_to(f"..data/{name}")
+    assert [path.name for path in list_images(mount, "data.instance_dir")] == PHOTOS
+
+
+def exported_folder(root: Path) -> Path:
+    folder = root / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.safetensors").write_bytes(b"w" * 100)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "run.json").write_text(json.dumps({"final_step": 6}))
+    return folder
+
+
+def test_upload_to_memory_writes_the_marker_last(tmp_path, memory_folder):
+    fs, root = memory_folder
+    fs.pipe(f"{root}/out/{COMPLETE_MARKER}", b"from an older upload")
+    record = upload_and_record(exported_folder(tmp_path), f"memory://{root}/out")
+    assert record == {"uri": f"memory://{root}/out", "ok": True}
+    assert fs.cat(f"{root}/out/unet/weights.safetensors") == b"w" * 100
+    assert json.loads(fs.cat(f"{root}/out/{COMPLETE_MARKER}")) == {"files": 3}
+    assert json.loads((tmp_path / "model" / "run.json").read_text())["upload"]["ok"] is True
+
+
+def test_upload_to_a_local_path_replaces_the_folder_atomically(tmp_path):
+    target = tmp_path / "published"
+    (target / "stale").mkdir(parents=True)
+    upload_model(exported_folder(tmp_path), f"file://{target}")
+    assert sorted(path.name for path in target.iterdir()) == ["model_index.json", "run.json", "unet"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "published"]  # no temporaries
+
+
+def test_a_failed_upload_keeps_the_model_and_says_where(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    folder = exported_folder(tmp_path)
+    record = upload_and_record(folder, f"file://{tmp_path}/a-file/model")
+    assert record["ok"] is False
+    assert f"output.uri = 'file://{tmp_path}/a-file/model'" in record["error"]
+    assert f"the model is kept at {folder}" in record["error"]
+    assert json.loads((folder / "run.json").read_text())["upload"] == record
+    assert (folder / "unet" / "weights.safetensors").exists()
+
+
+def test_hub_upload_needs_org_and_repo(tmp_path):
+    with pytest.raises(UploadError, match=r"output\.uri = 'hf://just-a-name': expected hf://ORG/REPO"):
+        upload_model(exported_folder(tmp_path), "hf://just-a-name")
+
+
+def test_an_unreachable_hub_fails_the_upload_with_the_uri(tmp_path, monkeypatch):
+    # A closed local port as the hub endpoint: huggingface_hub's real client, no network.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UploadError, match=r"output\.uri = 'hf://my-org/sks-robot': upload failed"):
+        upload_model(exported_folder(tmp_path), "hf://my-org/sks-robot")
+
+
+@pytest.fixture(scope="module")
+def url_run(tmp_path_factory):
+    """One real training run: photos from a file:// URL, model out to a file:// URL."""
+    root = tmp_path_factory.mktemp("url-run")
+    published = root / "published"
+    config = tiny_config(
+        root,
+        data={"instance_dir": str(root / "instance-images"), "instance_url": f"file://{INSTANCE_IMAGES}",
+              "class_prompt": None, "class_dir": None},
+        training={"max_steps": 2},
+        checkpoint={"every_steps": 2},
+        output={"uri": f"file://{published}"},
+    )
+    result = run_trainer(write_config(root, config), nproc=1)
+    return root, published, result
+
+
+def test_training_reads_photos_from_a_url_and_uploads_the_model(url_run):
+    root, published, result = url_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in list_images(root / "instance-images", "k")) == PHOTOS
+    assert (published / "model_index.json").is_file() and (published / "unet").is_dir()
+    run = json.loads((root / "model" / "run.json").read_text())
+    assert run["final_step"] == 2 and run["upload"] == {"uri": f"file://{published}", "ok": True}

@@ -1,0 +1,80 @@
+"""Folders behind fsspec URLs (file://, memory://, https://, s3://, gs://, ...), copied
+to local disk: instance images from `data.instance_url`, a base model from a URL.
+
+Protocols other than file/memory/http need their fsspec package in the trainer image
+(s3fs, gcsfs); a missing one is reported with its name.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.config import ConfigError, DataConfig
+from trainer.fetch_once import fetch_once
+
+
+def is_url(text: str) -> bool:
+    return "://" in text
+
+
+def open_url(url: str, key: str) -> tuple[Any, str]:
+    """(filesystem, path inside it), or a ConfigError naming the key and the missing package."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:
+        raise ConfigError(f"{key} = {url!r}: this protocol needs a package the trainer image lacks: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"{key} = {url!r}: not a URL fsspec knows ({error}); use file://, https://, s3://, gs://, ...") from None
+
+
+def list_files(fs: Any, root: str, *, recursive: bool) -> list[str]:
+    """Paths of the files under `root`, relative to it, sorted."""
+    if recursive:
+        found = fs.find(root)
+    else:
+        found = [entry["name"] for entry in fs.ls(root, detail=True) if entry.get("type") == "file"]
+    base = root.rstrip("/")
+    return sorted(posixpath.relpath(name, base) for name in found)
+
+
+def copy_folder(url: str, destination: Path, key: str, *, recursive: bool,
+                keep: Callable[[str], bool] = lambda relative: True) -> int:
+    """Copy the files of the folder at `url` that `keep` accepts; returns how many."""
+    fs, root = open_url(url, key)
+    try:
+        names = [name for name in list_files(fs, root, recursive=recursive) if keep(name)]
+        for name in names:
+            local = destination / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(posixpath.join(root.rstrip("/"), name), str(local))
+    except ConfigError:
+        raise
+    except Exception as error:  # every backend has its own errors: name the key whatever they are
+        raise ConfigError(f"{key} = {url!r}: cannot read it: {type(error).__name__}: {error}") from None
+    return len(names)
+
+
+def is_image_name(relative: str) -> bool:
+    name = posixpath.basename(relative)
+    return "/" not in relative and not name.startswith(".") and Path(name).suffix.lower() in DataConfig.IMAGE_SUFFIXES
+
+
+def fetch_instance_images(config: DataConfig) -> bool:
+    """With `data.instance_url`, copy its images once into `data.instance_dir` (shared by
+    every rank and node); returns True when this process copied them."""
+    if config.instance_url is None:
+        return False
+    url = config.instance_url
+
+    def fetch(folder: Path) -> None:
+        if not copy_folder(url, folder, "data.instance_url", recursive=False, keep=is_image_name):
+            raise ConfigError(
+                f"data.instance_url = {url!r}: no images there (looked for {', '.join(sorted(DataConfig.IMAGE_SUFFIXES))}); "
+                "upload the photos or fix the URL"
+            )
+
+    return fetch_once(config.instance_dir, fetch, what=url)
