@@ -43,6 +43,10 @@ TRAINER_ENTRY = "trainer/main.py"
 LAUNCHER = ("python", "-m", "trainer.launch")
 STORAGE_MOUNT_DIR = "/mnt/storage"
 INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
+# Base models fetched from the hub, shared by every job on the same claim: <dir>/<id>@<revision>.
+MODEL_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/models"
+# The API server's limit on a ConfigMap's data (etcd's object size limit).
+CONFIG_MAP_MAX_BYTES = 1024 * 1024
 SHM_MOUNT_DIR = "/dev/shm"
 HF_TOKEN_ENV = "HF_TOKEN"
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -80,36 +80,44 @@ def worker_resources(job: Job) -> dict[str, Any]:
     return resources
 
 
-def instance_images_volume(job: Job) -> dict[str, Any]:
+def instance_images_volume(job: Job) -> dict[str, Any] | None:
+    """The volume the photos are mounted from; None when the trainer copies them from a URL."""
     images = job.spec.data.instance_images
     if images.config_map_name is not None:
         # A few small photos fit a ConfigMap (binaryData): no volume to provision.
         return {"name": "instance-images", "configMap": {"name": images.config_map_name}}
-    return {"name": "instance-images", "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}}
+    if images.claim_name is not None:
+        return {"name": "instance-images",
+                "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}}
+    return None
 
 
 def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    images = job.spec.data.instance_images
     volumes = [
         {"name": "config", "configMap": {"name": config_map_name(job.name)}},
         {"name": "storage", "persistentVolumeClaim": {"claimName": storage_claim_name(job)}},
-        instance_images_volume(job),
         # NCCL and data loader workers share memory through /dev/shm, which is 64 MiB
         # in a container by default: far too small.
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
     ]
-    images_mount: dict[str, Any] = {"name": "instance-images", "mountPath": INSTANCE_IMAGES_MOUNT_DIR,
-                                    "readOnly": True}
-    sub_path = images.path.strip("/")
-    if sub_path:
-        images_mount["subPath"] = sub_path
     mounts = [
         {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
         {"name": "storage", "mountPath": STORAGE_MOUNT_DIR},
-        images_mount,
         {"name": "shm", "mountPath": SHM_MOUNT_DIR},
     ]
+    images = instance_images_volume(job)
+    if images is not None:
+        volumes.insert(2, images)
+        mounts.insert(2, instance_images_mount(job))
     return volumes, mounts
+
+
+def instance_images_mount(job: Job) -> dict[str, Any]:
+    mount: dict[str, Any] = {"name": "instance-images", "mountPath": INSTANCE_IMAGES_MOUNT_DIR, "readOnly": True}
+    sub_path = job.spec.data.instance_images.path.strip("/")
+    if sub_path:
+        mount["subPath"] = sub_path
+    return mount
 
 
 def pod_security_context() -> dict[str, Any]:
@@ -149,6 +157,9 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         # termination message, which the operator copies into status.lastFailure.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if job.spec.credentials_secrets:
+        # Storage credentials (AWS_*, HF_TOKEN, ...) straight from Secrets, never as literal values.
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in job.spec.credentials_secrets]
     if workers.image_pull_policy is not None:
         container["imagePullPolicy"] = workers.image_pull_policy
     spec: dict[str, Any] = {

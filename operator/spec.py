@@ -38,14 +38,18 @@ class ModelSpec(_Spec):
 class InstanceImages(_Spec):
     claim_name: str | None = Field(None, min_length=1)
     config_map_name: str | None = Field(None, min_length=1)
+    url: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
     path: str = "/"
+    # A Secret whose keys become the workers' environment (AWS_ACCESS_KEY_ID, ...) for `url`.
+    credentials_secret: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "InstanceImages":
-        if (self.claim_name is None) == (self.config_map_name is None):
+        if sum(source is not None for source in (self.claim_name, self.config_map_name, self.url)) != 1:
             raise ValueError(
-                "set exactly one of data.instanceImages.claimName (a PVC with the photos) or "
-                "data.instanceImages.configMapName (e.g. kubectl create configmap NAME --from-file=DIR)"
+                "set exactly one of data.instanceImages.claimName (a PVC with the photos), "
+                "data.instanceImages.configMapName (e.g. kubectl create configmap NAME --from-file=DIR) or "
+                "data.instanceImages.url (an fsspec URL such as s3://bucket/photos/ or https://...)"
             )
         return self
 
@@ -132,6 +136,13 @@ class MetricsSpec(_Spec):
     port: int = Field(9090, ge=0, le=65535)
 
 
+class OutputSpec(_Spec):
+    # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, file://) or hf://ORG/REPO.
+    uri: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
+    # A Secret whose keys become the workers' environment (AWS_*, HF_TOKEN, ...) for the upload.
+    credentials_secret: str | None = Field(None, min_length=1)
+
+
 class JobSpec(_Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec
@@ -142,6 +153,13 @@ class JobSpec(_Spec):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @property
+    def credentials_secrets(self) -> list[str]:
+        """The Secrets the workers take their storage credentials from, each once."""
+        names = [self.data.instance_images.credentials_secret, self.output.credentials_secret]
+        return list(dict.fromkeys(name for name in names if name is not None))
 
 
 def parse_spec(raw: Any) -> JobSpec:

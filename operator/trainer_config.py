@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from trainer.config import ConfigError, validate_config
 
-from .constants import INSTANCE_IMAGES_MOUNT_DIR, STORAGE_MOUNT_DIR
+from .constants import INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
 from .spec import InvalidSpecError, JobSpec
 
 # The trainer checkpoints after SIGTERM; leave the kubelet this much of the grace
@@ -44,10 +44,15 @@ def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
         "num_class_images": spec.data.num_class_images,
         "resolution": spec.data.resolution,
     }
+    if spec.data.instance_images.url is not None:
+        # Copied once onto the job's volume by the first worker, then read like a mount.
+        data["instance_url"] = spec.data.instance_images.url
+        data["instance_dir"] = f"{root}/instance-images"
     if spec.data.class_prompt is not None:
         data["class_prompt"] = spec.data.class_prompt
         data["class_dir"] = f"{root}/class-images"
-    model: dict[str, Any] = {"source": spec.model.source}
+    # Every job on the claim shares one copy of each base model.
+    model: dict[str, Any] = {"source": spec.model.source, "cache_dir": MODEL_CACHE_DIR}
     if spec.model.revision is not None:
         model["revision"] = spec.model.revision
     training = spec.training
@@ -76,7 +81,7 @@ def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
             "resume": "auto",
             "grace_seconds": checkpoint_grace_seconds(spec.workers.termination_grace_period_seconds),
         },
-        "output": {"dir": f"{root}/output"},
+        "output": {"dir": f"{root}/output", **({"uri": spec.output.uri} if spec.output.uri else {})},
         # metrics.host is left out: the trainer binds $POD_IP, which the pod sets.
         "metrics": {"port": spec.metrics.port},
         # One JSON object per line is what log collectors in a cluster want.

@@ -66,7 +66,7 @@ def test_the_event_the_operator_posts_is_valid() -> None:
 def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None:
     config = render_trainer_config("sks-dog", parse_spec(FULL_SPEC))
     validate_config(copy.deepcopy(config))
-    assert config["model"] == {"source": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert config["model"] == {"source": "stable-diffusion-v1-5/stable-diffusion-v1-5", "cache_dir": c.MODEL_CACHE_DIR}
     assert config["data"] == {
         "instance_dir": c.INSTANCE_IMAGES_MOUNT_DIR,
         "instance_prompt": "a photo of sks dog",
@@ -199,6 +199,23 @@ def test_instance_images_can_come_from_a_config_map() -> None:
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
+def test_instance_images_from_a_url_are_copied_to_the_job_volume_with_credentials_from_a_secret() -> None:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["data"]["instanceImages"] = {"url": "s3://bucket/dogs/", "credentialsSecret": "s3-creds"}
+    spec["output"] = {"uri": "s3://bucket/models/sks-dog", "credentialsSecret": "s3-creds"}
+    the_job = job(spec)
+    config = render_trainer_config(the_job.name, the_job.spec)
+    assert config["data"]["instance_url"] == "s3://bucket/dogs/"
+    assert config["data"]["instance_dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/instance-images"
+    assert config["output"] == {"dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/output", "uri": "s3://bucket/models/sks-dog"}
+    pod = build_worker_pod(the_job, 0, 0, "h")
+    assert "instance-images" not in {v["name"] for v in pod["spec"]["volumes"]}
+    [container] = pod["spec"]["containers"]
+    # One Secret named twice is referenced once; its values never appear in the pod.
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
 def test_created_claim_asks_for_size_class_and_access_mode() -> None:
     claim = build_claim(job(FULL_SPEC))
     assert claim["metadata"]["name"] == "sks-dog-storage"
@@ -233,6 +250,9 @@ _DELETE = object()
     ("storage.size", "10Gi", "set exactly one of storage.claimName"),
     ("data.instanceImages", {"claimName": "a", "configMapName": "b"}, "set exactly one of data.instanceImages"),
     ("data.instanceImages", {}, "set exactly one of data.instanceImages"),
+    ("data.instanceImages", {"configMapName": "b", "url": "file:///x"}, "or data.instanceImages.url"),
+    ("data.instanceImages", {"url": "bucket/photos"}, "spec.data.instanceImages.url = 'bucket/photos'"),
+    ("output", {"uri": "models/x"}, "spec.output.uri = 'models/x'"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
 ])
 def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: Any, expected: str) -> None:
