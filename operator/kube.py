@@ -114,6 +114,17 @@ class KubeApi:
                          {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]},
                          _preload_content=False)
 
+    async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ConfigMap, or None when it does not exist (404)."""
+        try:
+            response = await self._call(self._core.read_namespaced_config_map, name, namespace,
+                                        _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self._json(response)
+
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with the object's own grace period; False when it was already gone (404)."""
         method = getattr(self._core, self._DELETE[kind])

@@ -16,6 +16,7 @@ import aiohttp
 
 from . import constants as c
 from .children import build_claim, build_config_map, build_service
+from .inputs import input_problem
 from .kube import KubeApi
 from .lifecycle import Timing, decide, invalid_spec_status, timestamp
 from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
@@ -146,6 +147,10 @@ class Reconciler:
 
         pods = await self.api.list("Pod", namespace, worker_selector(name))
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
+        problem = await input_problem(self.api, job) if plan.create else None
+        if problem is not None:
+            await self._reject(body, dict(body.get("status") or {}), problem)
+            return self.settings.timing.resync_seconds
         await self._write_status(namespace, name, body.get("status") or {}, plan.status)
         self.metrics.set_phase(namespace, name, plan.status.get("phase"))
         for type_, reason, message in plan.events:

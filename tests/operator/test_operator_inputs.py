@@ -1,0 +1,144 @@
+"""A job's photos from a ConfigMap: checked before pods are created, each bad case a
+clear reason on the job; and a trainer's input error reaching status.lastFailure."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from dbj_examples import MINIMAL_SPEC, REPO
+from emulated_cluster import EmulatedCluster
+from operator_harness import Cluster, OperatorProcess, condition, wait_for
+
+from dreambooth_operator import constants as c
+from dreambooth_operator.inputs import config_map_problem, config_map_size
+from dreambooth_operator.lifecycle import Timing, decide
+from dreambooth_operator.podstates import describe_failure
+from dreambooth_operator.spec import parse_spec
+from dreambooth_operator.trainer_config import render_trainer_config
+
+PHOTOS = REPO / "examples" / "instance-images"
+KEY = "spec.data.instanceImages.configMapName"
+
+
+def photo_config_map(name: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """What `kubectl create configmap NAME --from-file=DIR` makes of binary files."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"},
+            "binaryData": {key: base64.b64encode(value).decode() for key, value in files.items()}}
+
+
+def robot_photos() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(PHOTOS.glob("*.png"))}
+
+
+def config_map_spec(name: str) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["data"]["instanceImages"] = {"configMapName": name}
+    return spec
+
+
+# --- the check as data -------------------------------------------------------------
+
+def test_the_bundled_photos_fit_a_config_map() -> None:
+    config_map = photo_config_map("robot-photos", robot_photos())
+    assert config_map_problem(config_map, "robot-photos", "default") is None
+    assert config_map_size(config_map) == sum(len(k) + len(v) for k, v in robot_photos().items())
+
+
+def test_a_missing_config_map_says_how_to_create_it() -> None:
+    problem = config_map_problem(None, "dog-photos", "team-a")
+    assert problem.startswith(f"{KEY} = 'dog-photos': no ConfigMap 'dog-photos' in namespace 'team-a'")
+    assert "kubectl create configmap dog-photos -n team-a --from-file=photos/" in problem
+
+
+def test_an_oversized_config_map_names_its_size_and_the_alternatives() -> None:
+    config_map = photo_config_map("big", {"a.jpg": b"x" * (c.CONFIG_MAP_MAX_BYTES - 10), "b.jpg": b"y" * 100})
+    problem = config_map_problem(config_map, "big", "default")
+    assert f"{KEY} = 'big': holds {c.CONFIG_MAP_MAX_BYTES + 100 - 10 + 10} bytes" in problem
+    assert "data.instanceImages.claimName" in problem and "data.instanceImages.url" in problem
+
+
+@pytest.mark.parametrize("config_map", [
+    {"data": {"notes.txt": "hello"}, "binaryData": {"archive.zip": base64.b64encode(b"PK").decode()}},
+    {},
+])
+def test_a_config_map_without_image_keys_names_what_it_found(config_map: dict[str, Any]) -> None:
+    problem = config_map_problem(config_map, "photos", "default")
+    assert f"{KEY} = 'photos': no image among its keys" in problem
+    assert ("archive.zip, notes.txt" if config_map else "it is empty") in problem
+    assert ".jpg" in problem
+
+
+# --- the real operator against the emulated API ----------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    emulated = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    operator = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    yield Cluster(emulated)
+    operator.stop()
+    emulated.stop()
+
+
+def failed_message(cluster: Cluster, job: str) -> str | None:
+    failed = condition(cluster.status(job), c.CONDITION_FAILED)
+    return failed["message"] if failed and failed["status"] == "True" else None
+
+
+@pytest.mark.timeout(120)
+def test_a_job_waits_failed_for_its_config_map_and_starts_once_it_exists(cluster: Cluster) -> None:
+    cluster.create_job("robot", config_map_spec("robot-photos"))
+    message = wait_for(lambda: failed_message(cluster, "robot"), what="Failed condition")
+    assert "no ConfigMap 'robot-photos' in namespace 'default'" in message
+    assert cluster.status("robot")["phase"] == c.PHASE_FAILED
+    assert cluster.pods("robot") == []
+
+    cluster.core.create_namespaced_config_map("default", photo_config_map("robot-photos", robot_photos()))
+    pods = wait_for(lambda: cluster.pods("robot"), what="worker pod once the ConfigMap exists")
+    volumes = {volume["name"]: volume for volume in pods[0]["spec"]["volumes"]}
+    assert volumes["instance-images"]["configMap"] == {"name": "robot-photos"}
+    assert failed_message(cluster, "robot") is None
+
+
+@pytest.mark.timeout(120)
+def test_a_job_whose_config_map_holds_no_photos_fails_with_a_reason(cluster: Cluster) -> None:
+    cluster.core.create_namespaced_config_map("default", photo_config_map("notes", {"readme.txt": b"photos?"}))
+    cluster.create_job("notes", config_map_spec("notes"))
+    message = wait_for(lambda: failed_message(cluster, "notes"), what="Failed condition")
+    assert "'notes': no image among its keys (readme.txt)" in message
+    assert condition(cluster.status("notes"), c.CONDITION_FAILED)["reason"] == c.REASON_INVALID_SPEC
+    assert cluster.pods("notes") == []
+
+
+# --- a trainer's input error, through the pod's termination message -----------------
+
+def test_a_trainer_input_error_reaches_the_jobs_last_failure(tmp_path: Path) -> None:
+    """The trainer the operator configures, offline with a hub model: its last log lines
+    are what FallbackToLogsOnError puts into the termination message."""
+    spec = parse_spec({**MINIMAL_SPEC, "model": {"source": "example-org/no-such-model", "revision": "v1"}})
+    config = render_trainer_config("dog", spec)
+    config["model"]["cache_dir"] = str(tmp_path / "models")  # the pod's /mnt/storage/models
+    config["data"]["instance_dir"] = str(PHOTOS)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    result = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == c.EXIT_CODE_INVALID_INPUT
+    log_tail = (result.stdout + result.stderr)[-2048:]  # what the kubelet keeps of the log
+    pod = {"metadata": {"name": "dog-worker-0", "labels": {c.LABEL_WORKER_INDEX: "0", c.LABEL_GANG: "0"}},
+           "status": {"phase": "Failed", "containerStatuses": [{"name": c.WORKER_CONTAINER, "state": {"terminated": {
+               "exitCode": result.returncode, "reason": "Error", "message": log_tail}}}]}}
+    assert "model.source = 'example-org/no-such-model' (revision v1)" in describe_failure(pod).message
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc)
+    plan = decide(spec, {"phase": c.PHASE_RUNNING}, [pod], now, Timing())
+    assert plan.status["phase"] == c.PHASE_FAILED
+    assert "offline" in plan.status["lastFailure"]["message"]
