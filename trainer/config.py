@@ -92,10 +92,28 @@ class TrainingConfig(_Section):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    cache_latents: bool = Field(
+        True,
+        description="Encode each distinct training image with the VAE once and sample its latents from the kept "
+        "distribution every step (identical losses, no VAE pass per step). Ignored with a random crop "
+        "(`data.center_crop: false`), where nearly every view is new.",
+    )
+    prefetch_batches: bool = Field(True, description="Build the next batch on a background thread during the current step.")
+    channels_last: bool = Field(
+        False,
+        description="UNet in channels-last memory format: faster convolutions on tensor-core GPUs, but a different "
+        "rounding order, so losses are not bit-identical to the default.",
+    )
 
 
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    bucket_size: int | None = Field(
+        None,
+        ge=1,
+        description="Elements per gradient-reduce and all-gather bucket. Default: an eighth of the trained "
+        "parameters, between 10M and 500M, so communication starts early in the backward pass.",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Merged last into the generated DeepSpeed config (e.g. zero_optimization.reduce_bucket_size).",

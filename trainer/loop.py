@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,7 +21,8 @@ from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_rank
 from trainer.engine import DTYPES
 from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
-from trainer.objective import LossTerms, add_noise, dreambooth_loss, encode_latents
+from trainer.latents import LatentEncoder, batch_keys
+from trainer.objective import LossTerms, add_noise, dreambooth_loss
 from trainer.progress import Throughput, report_event, report_step
 
 EVAL_SEED = 8191
@@ -40,6 +43,38 @@ class TrainState:
         return cls(step=state[checkpoint.STEP_KEY], micro_step=state[checkpoint.MICRO_STEP_KEY], samples=state[checkpoint.SAMPLES_KEY])
 
 
+@dataclass
+class PreparedBatch:
+    """A batch and the cache keys of its images, both computed ahead of the step."""
+    batch: Batch
+    latent_keys: list[bytes] | None
+
+
+class BatchPrefetcher:
+    """Prepares the batch of micro step m+1 on a worker thread while step m trains:
+    image cropping, flipping and hashing leave the training thread. Batches are a pure
+    function of the micro step, so prefetching changes nothing but the timing."""
+
+    def __init__(self, prepare: Callable[[int], PreparedBatch], *, enabled: bool):
+        self.prepare = prepare
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if enabled else None
+        self.pending: tuple[int, Future] | None = None
+
+    def get(self, micro_step: int) -> PreparedBatch:
+        if self.executor is None:
+            return self.prepare(micro_step)
+        if self.pending is not None and self.pending[0] == micro_step:
+            prepared = self.pending[1].result()
+        else:
+            prepared = self.prepare(micro_step)
+        self.pending = (micro_step + 1, self.executor.submit(self.prepare, micro_step + 1))
+        return prepared
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 class DenoisingStep:
     """Turns a batch into losses through the engine; the frozen VAE (and text encoder,
     when it is not trained) run beside the engine with fp32 weights."""
@@ -51,6 +86,9 @@ class DenoisingStep:
         self.runtime = runtime
         self.dtype = DTYPES[precision]
         self._embeddings: dict[tuple, torch.Tensor] = {}
+        # A random crop makes nearly every view a new image: nothing to reuse.
+        self.cache_latents = config.training.cache_latents and config.data.center_crop
+        self.encoder = LatentEncoder(components.vae, cache=self.cache_latents)
 
     def _autocast(self):
         if self.runtime.device.type == "cuda" and self.dtype != torch.float32:
@@ -74,15 +112,21 @@ class DenoisingStep:
             return self.engine(noisy, timesteps, input_ids=input_ids.to(self.runtime.device))
         return self.engine(noisy, timesteps, encoder_hidden_states=self._frozen_embeddings(input_ids))
 
-    def latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        with self._autocast():
-            return encode_latents(self.components.vae, batch.pixel_values, generator)
+    def prepare(self, batch: Batch) -> PreparedBatch:
+        """What can be done before the step, off the training thread."""
+        return PreparedBatch(batch, batch_keys(batch.pixel_values) if self.cache_latents else None)
 
-    def losses(self, batch: Batch, micro_step: int) -> LossTerms:
+    def latents(self, batch: Batch, generator: torch.Generator, keys: list[bytes] | None = None) -> torch.Tensor:
+        with self._autocast():
+            return self.encoder.latents(batch.pixel_values, generator, keys)
+
+    def losses(self, batch: Batch | PreparedBatch, micro_step: int) -> LossTerms:
+        prepared = batch if isinstance(batch, PreparedBatch) else self.prepare(batch)
         generator = torch.Generator().manual_seed(derived_seed(self.config.training.seed, micro_step, self.runtime.rank))
-        noised = add_noise(self.latents(batch, generator), self.components.noise_scheduler, generator)
-        prediction = self.predict(noised.noisy, noised.timesteps, batch.input_ids)
-        return dreambooth_loss(prediction, noised.target, batch.num_instance, self.config.training.prior_loss_weight)
+        latents = self.latents(prepared.batch, generator, prepared.latent_keys)
+        noised = add_noise(latents, self.components.noise_scheduler, generator)
+        prediction = self.predict(noised.noisy, noised.timesteps, prepared.batch.input_ids)
+        return dreambooth_loss(prediction, noised.target, prepared.batch.num_instance, self.config.training.prior_loss_weight)
 
     @torch.no_grad()
     def instance_eval_loss(self, batch: Batch) -> float:
@@ -97,6 +141,14 @@ class DenoisingStep:
             prediction = self.predict(noised.noisy, noised.timesteps, batch.input_ids)
             total += dreambooth_loss(prediction, noised.target, batch.num_instance, 0.0).instance_loss.item()
         return total / len(EVAL_TIMESTEPS)
+
+
+def train_micro_step(engine, step_fn: DenoisingStep, prepared: PreparedBatch, micro_step: int) -> LossTerms:
+    """Forward, backward and (at an accumulation boundary, DeepSpeed decides) the update."""
+    terms = step_fn.losses(prepared, micro_step)
+    engine.backward(terms.loss)
+    engine.step()
+    return terms
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
@@ -144,14 +196,14 @@ def train(
     throughput = Throughput()
     throughput.mark(state.samples)
     samples_per_micro_step = runtime.world_size * training.batch_size * (2 if data.class_ids is not None else 1)
+    # Not closed on an exception: the worker finishes its one batch and the process exits.
+    batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=training.prefetch_batches)
     engine.train()
     while state.step < training.max_steps:
         step_started = time.monotonic()
         sums = torch.zeros(3, dtype=torch.float64)
         for _ in range(training.gradient_accumulation):
-            terms = step_fn.losses(data.batch(state.micro_step), state.micro_step)
-            engine.backward(terms.loss)
-            engine.step()
+            terms = train_micro_step(engine, step_fn, batches.get(state.micro_step), state.micro_step)
             state.micro_step += 1
             state.samples += samples_per_micro_step
             sums += torch.tensor([terms.loss.item(), terms.instance_loss.item(),
@@ -182,4 +234,5 @@ def train(
         if after_step is not None and after_step(state.step):
             throughput.reset()  # sampling is not training throughput either
             throughput.mark(state.samples)
+    batches.close()
     return state

@@ -154,7 +154,8 @@ def run(config: TrainerConfig) -> int:
         data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         module = build_denoiser(components, train_text_encoder=config.training.train_text_encoder,
-                                gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device)
+                                gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device,
+                                channels_last=config.training.channels_last)
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
                               device_type=runtime.device.type)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)

@@ -17,20 +17,27 @@ class DreamBoothDenoiser(nn.Module):
     """The UNet and, when it is trained, the text encoder in one module: DeepSpeed then
     shards, scales and steps both under one engine (diffusers' example cannot)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, *, channels_last: bool = False):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        # Activations follow the input's layout; ZeRO's flat fp16 buffers may not keep the weights'.
+        self.channels_last = channels_last
 
     def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+        if self.channels_last:
+            noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
         if self.text_encoder is not None:
             encoder_hidden_states = self.text_encoder(input_ids)[0]
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
-def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointing: bool, device) -> DreamBoothDenoiser:
+def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointing: bool, device,
+                   channels_last: bool = False) -> DreamBoothDenoiser:
     """The trainable module; the frozen VAE (and text encoder, when it is not trained)
     keep fp32 weights and move to the device to run beside the engine."""
+    if channels_last:
+        components.unet.to(memory_format=torch.channels_last)
     components.vae.requires_grad_(False).to(device)
     components.text_encoder.requires_grad_(train_text_encoder)
     if not train_text_encoder:
@@ -39,7 +46,8 @@ def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointi
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
-    return DreamBoothDenoiser(components.unet, components.text_encoder if train_text_encoder else None)
+    return DreamBoothDenoiser(components.unet, components.text_encoder if train_text_encoder else None,
+                              channels_last=channels_last)
 
 
 @dataclass
@@ -65,16 +73,23 @@ class NoisedLatents:
     target: torch.Tensor
 
 
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_moments(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution of one CHW image. Encoded alone: a
+    batched convolution may round differently from a single-image one, and an image's
+    latents must not depend on the images it happens to be batched with (or on whether
+    they came from the latent cache)."""
     parameter = next(vae.parameters())
-    pixels = pixel_values.to(parameter.device, parameter.dtype)
+    pixels = image[None].to(parameter.device, parameter.dtype)
     with torch.no_grad():
         distribution = vae.encode(pixels).latent_dist
-        # Sampled on the CPU generator so that the draw is the same on every device.
-        sample = distribution.mean + distribution.std * torch.randn(
-            distribution.mean.shape, generator=generator, dtype=torch.float32
-        ).to(distribution.mean.device, distribution.mean.dtype)
-    return sample.float() * vae.config.scaling_factor
+    return distribution.mean[0], distribution.std[0]
+
+
+def sample_latents(means: torch.Tensor, stds: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+    """One draw from the stacked per-image distributions, scaled for the UNet."""
+    # Sampled on the CPU generator so that the draw is the same on every device.
+    noise = torch.randn(means.shape, generator=generator, dtype=torch.float32).to(means.device, means.dtype)
+    return (means + stds * noise).float() * scaling_factor
 
 
 def add_noise(latents: torch.Tensor, noise_scheduler, generator: torch.Generator, timesteps: torch.Tensor | None = None) -> NoisedLatents:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool), from the repository root, with .whl/ carried
+# (filled by benchmarks/prepare_device_wheels.sh). Installs the wheels into /tmp/site,
+# checks that every module the benchmark imports is there (naming the missing ones),
+# then runs benchmarks/gpu_dreambooth.py: (a), (b), (c) at 8+8 and 16+16, about 3-5
+# minutes in all. Results: $OUT/gpu_dreambooth.json and $OUT/gpu_dreambooth.log.
+#   bash benchmarks/run_on_device.sh [extra gpu_dreambooth.py arguments]
+set -euo pipefail
+OUT="${OUT:-$PWD/benchmark-results}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site
+python3 - <<'PY'
+import importlib.util, sys
+needed = ["torch", "deepspeed", "diffusers", "transformers", "pydantic", "yaml", "PIL", "numpy", "hjson", "einops",
+          "msgpack", "cpuinfo", "psutil", "tqdm", "ninja", "prometheus_client", "safetensors", "huggingface_hub"]
+missing = [name for name in needed if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit(f"missing on this machine: {', '.join(missing)}; add their wheels to .whl/ (benchmarks/prepare_device_wheels.sh)")
+import torch
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nvcc: {'yes' if importlib.util.find_spec('torch.utils.cpp_extension') and __import__('shutil').which('nvcc') else 'no'}")
+PY
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+timeout 420 python3 benchmarks/gpu_dreambooth.py --json "$OUT/gpu_dreambooth.json" "$@" 2>&1 | tee "$OUT/gpu_dreambooth.log"

@@ -1,0 +1,95 @@
+"""The speed levers that are on by default change no number: latents from the cache, the
+batch prefetch thread and ZeRO bucket sizes give the same per-step losses as without them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_trainer, tiny_config, write_config
+from trainer.config import validate_config
+from trainer.data import DreamBoothData
+from trainer.engine import MAX_BUCKET_SIZE, MIN_BUCKET_SIZE, bucket_size, build_deepspeed_config
+from trainer.latents import LatentEncoder, batch_keys
+from trainer.loop import BatchPrefetcher
+from trainer.tiny import build_tiny_components
+
+STEPS = 6  # 2 ranks x 6 steps over 5 instance photos: later steps revisit views, so the cache serves hits
+
+
+def step_losses(stdout: str) -> list[tuple[float, float]]:
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": "step"')]
+    return [(event["loss"], event["instance_loss"]) for event in events]
+
+
+@pytest.fixture(scope="module")
+def losses_with_and_without_levers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    runs = {
+        "default": {},
+        "levers off": {"training": {"cache_latents": False, "prefetch_batches": False},
+                       "deepspeed": {"bucket_size": 4096}},  # many small buckets: dozens of reductions per step
+    }
+    losses = {}
+    for name, changes in runs.items():
+        run_root = root / name.replace(" ", "-")
+        # Without prior preservation: generating class images would double the cost and test nothing here.
+        config = tiny_config(run_root, data={"class_prompt": None, "class_dir": None},
+                             training={"max_steps": STEPS, "train_text_encoder": True, **changes.get("training", {})},
+                             deepspeed={"zero_stage": 2, **changes.get("deepspeed", {})},
+                             checkpoint={"every_steps": STEPS}, logging={"format": "json"})
+        result = run_trainer(write_config(run_root, config))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        losses[name] = step_losses(result.stdout)
+    return losses
+
+
+@pytest.mark.slow
+def test_default_levers_give_bit_identical_losses(losses_with_and_without_levers):
+    default, off = losses_with_and_without_levers["default"], losses_with_and_without_levers["levers off"]
+    assert len(default) == STEPS
+    assert default == off  # exact float equality, every step, every term
+
+
+def test_cached_latents_equal_encoded_ones_and_each_view_is_encoded_once(tmp_path):
+    vae = build_tiny_components()["vae"]
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    flipped = images.flip(-1)
+    batches = [torch.stack([images[0], images[1]]), torch.stack([images[1], flipped[1]]), torch.stack([images[0], images[2]])]
+    cached, uncached = LatentEncoder(vae, cache=True), LatentEncoder(vae, cache=False)
+    for step, pixels in enumerate(batches):
+        # Precomputed keys (the prefetch path) and keys computed here must agree.
+        keys = batch_keys(pixels) if step % 2 else None
+        a = cached.latents(pixels, torch.Generator().manual_seed(step), keys)
+        b = uncached.latents(pixels, torch.Generator().manual_seed(step))
+        assert torch.equal(a, b)
+    assert cached.num_cached == 4  # images 0, 1, 2 and the flipped view of 1
+    assert uncached.num_cached == 0
+
+
+def test_prefetched_batches_are_the_batches_of_their_micro_steps(tmp_path):
+    config = validate_config(tiny_config(tmp_path, data={"class_prompt": None, "class_dir": None}))
+    tokenizer = build_tiny_components()["tokenizer"]
+    data = DreamBoothData(config.data, tokenizer, seed=0, rank=0, world_size=1, batch_size=2)
+    prefetcher = BatchPrefetcher(lambda step: data.batch(step), enabled=True)
+    # In order (served by the worker), then a jump (a resume): built on the spot.
+    for step in [0, 1, 2, 7, 8]:
+        got, expected = prefetcher.get(step), data.batch(step)
+        assert torch.equal(got.pixel_values, expected.pixel_values) and torch.equal(got.input_ids, expected.input_ids)
+    prefetcher.close()
+
+
+def test_bucket_size_follows_the_model_size_within_bounds(tmp_path):
+    assert bucket_size(1_000) == MIN_BUCKET_SIZE
+    assert bucket_size(983_000_000) == 122_875_000  # SD 1.5 UNet + text encoder: eight buckets
+    assert bucket_size(10**11) == MAX_BUCKET_SIZE
+    config = validate_config(tiny_config(tmp_path))
+    zero = build_deepspeed_config(config, precision="fp16", world_size=8, num_trainable=983_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 122_875_000
+    assert zero["overlap_comm"] and zero["contiguous_gradients"]
+    explicit = validate_config(tiny_config(tmp_path, deepspeed={"bucket_size": 4096}))
+    assert build_deepspeed_config(explicit, precision="fp16", world_size=8, num_trainable=10**9)["zero_optimization"]["reduce_bucket_size"] == 4096
+    # Without a count (or a setting), DeepSpeed's own defaults stay.
+    assert "reduce_bucket_size" not in build_deepspeed_config(config, precision="fp16", world_size=8)["zero_optimization"]
