@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime as dt
 import json
 import os
 import subprocess
@@ -137,8 +138,6 @@ def test_a_trainer_input_error_reaches_the_jobs_last_failure(tmp_path: Path) -> 
            "status": {"phase": "Failed", "containerStatuses": [{"name": c.WORKER_CONTAINER, "state": {"terminated": {
                "exitCode": result.returncode, "reason": "Error", "message": log_tail}}}]}}
     assert "model.source = 'example-org/no-such-model' (revision v1)" in describe_failure(pod).message
-    import datetime as dt
-    now = dt.datetime.now(dt.timezone.utc)
-    plan = decide(spec, {"phase": c.PHASE_RUNNING}, [pod], now, Timing())
+    plan = decide(spec, {"phase": c.PHASE_RUNNING}, [pod], dt.datetime.now(dt.timezone.utc), Timing())
     assert plan.status["phase"] == c.PHASE_FAILED
     assert "offline" in plan.status["lastFailure"]["message"]

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import fsspec
 import huggingface_hub.constants
 import pytest
-import yaml
 
-from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
+from tests.conftest import INSTANCE_IMAGES, REPO, tiny_config, write_config
 from trainer.config import ConfigError, DataConfig
 from trainer.data import list_images
 from trainer.fetch_once import FETCH_RECORD
@@ -133,26 +134,54 @@ def test_an_unreachable_hub_fails_the_upload_with_the_uri(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def url_run(tmp_path_factory):
-    """One real training run: photos from a file:// URL, model out to a file:// URL."""
+def url_runs(tmp_path_factory):
+    """Real training: photos from a file:// URL, the model out to a file:// URL that cannot
+    be written (exit 3), then the retry the operator makes, to a good one."""
     root = tmp_path_factory.mktemp("url-run")
-    published = root / "published"
+    (root / "a-file").write_text("")
     config = tiny_config(
         root,
         data={"instance_dir": str(root / "instance-images"), "instance_url": f"file://{INSTANCE_IMAGES}",
               "class_prompt": None, "class_dir": None},
         training={"max_steps": 2},
         checkpoint={"every_steps": 2},
-        output={"uri": f"file://{published}"},
+        output={"uri": f"file://{root}/a-file/model"},
     )
-    result = run_trainer(write_config(root, config), nproc=1)
-    return root, published, result
+    path = write_config(root, config)
+    failed = launch_trainer(path)
+    failed_run = json.loads((root / "model" / "run.json").read_text())
+    retried = launch_trainer(path, "--set", f"output.uri=file://{root}/published")
+    return root, failed, failed_run, retried
 
 
-def test_training_reads_photos_from_a_url_and_uploads_the_model(url_run):
-    root, published, result = url_run
-    assert result.returncode == 0, result.stderr[-3000:]
+def launch_trainer(config_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """As a worker pod runs it: through the launcher, which keeps the trainer's exit code."""
+    command = [sys.executable, "-m", "trainer.launch", "--standalone", "--nproc_per_node=1",
+               str(REPO / "trainer" / "main.py"), "--config", str(config_path), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_training_reads_photos_from_a_url(url_runs):
+    root, _, _, _ = url_runs
     assert sorted(path.name for path in list_images(root / "instance-images", "k")) == PHOTOS
-    assert (published / "model_index.json").is_file() and (published / "unet").is_dir()
+
+
+def test_a_failed_upload_exits_3_and_keeps_the_model_on_the_volume(url_runs):
+    root, failed, failed_run, _ = url_runs
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert f"error: output.uri = 'file://{root}/a-file/model': upload failed" in failed.stderr
+    assert f"the model is kept at {root / 'model'}" in failed.stderr
+    assert failed_run["final_step"] == 2 and failed_run["upload"]["ok"] is False
+    assert (root / "model" / "model_index.json").is_file()
+
+
+def test_the_retry_resumes_from_the_final_checkpoint_and_uploads(url_runs):
+    root, _, _, retried = url_runs
+    assert retried.returncode == 0, retried.stderr[-3000:]
     run = json.loads((root / "model" / "run.json").read_text())
-    assert run["final_step"] == 2 and run["upload"] == {"uri": f"file://{published}", "ok": True}
+    assert run["resumed_from_step"] == 2 and run["final_step"] == 2
+    assert run["upload"] == {"uri": f"file://{root}/published", "ok": True}
+    published = root / "published"
+    assert (published / "model_index.json").is_file() and (published / "unet").is_dir()
+    assert json.loads((published / "run.json").read_text())["resumed_from_step"] == 2
