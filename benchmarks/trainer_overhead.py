@@ -3,7 +3,7 @@
 against the bare PyTorch loop in benchmarks/bare_loop.py. Steady state: samples/s over
 the last 20 steps of each (the trainer's sliding-window figure).
 
-    python benchmarks/trainer_overhead.py [--steps 60]
+    python benchmarks/trainer_overhead.py [--steps 60] [--set training.cache_latents=false ...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run(command: list[str]) -> str:
     return result.stdout
 
 
-def ours(steps: int, root: Path) -> float:
+def ours(steps: int, root: Path, overrides: list[str]) -> float:
     config = {
         "data": {"instance_dir": str(REPO / "examples" / "instance-images"), "instance_prompt": "a photo of sks robot",
                  "class_prompt": "a photo of a robot", "class_dir": str(root / "class"), "num_class_images": 2,
@@ -41,7 +41,8 @@ def ours(steps: int, root: Path) -> float:
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    stdout = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "trainer/main.py", "--config", str(path)])
+    settings = [argument for override in overrides for argument in ("--set", override)]
+    stdout = run([TORCHRUN, "--standalone", "--nproc_per_node=2", "trainer/main.py", "--config", str(path), *settings])
     steps_seen = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event": "step"')]
     return steps_seen[-1]["samples_per_second"]
 
@@ -54,9 +55,10 @@ def bare(steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="trainer config override")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        trainer_rate = ours(args.steps, Path(folder))
+        trainer_rate = ours(args.steps, Path(folder), args.set)
     bare_rate = bare(args.steps)
     print(json.dumps({"trainer_samples_per_second": round(trainer_rate, 2), "bare_samples_per_second": round(bare_rate, 2),
                       "trainer_vs_bare": round(trainer_rate / bare_rate, 3)}))
