@@ -4,14 +4,17 @@ Test code, not a product feature (DESIGN.md "Testing without a cluster"). It doe
 a node does for the pods it is given, through the same API a real kubelet uses:
 - binds each new pod to its node (spec.nodeName) and gives it its own loopback address,
   127.<job>.<gang>.<index + 2>: known before the pod starts, and a restarted gang never
-  collides with a dying one;
+  collides with a dying one; a pod whose container ports another process (not one of
+  its pods) listens on waits for them: all pods share the host's network namespace;
 - runs the container's command (a leading `python` is this interpreter) in a private
   mount and UTS namespace (`unshare`): the pod's hostname, a hosts file that resolves the
   headless Service names of its peers, and its volumes bind-mounted at their mountPaths
   (a claim is one folder shared by every pod, like ReadWriteMany; a ConfigMap is
   materialised as a kubelet does it; an emptyDir is a fresh folder), so the trainer's
   config needs no path rewriting;
-- sets env from values, the downward API (status.podIP, metadata.*) and Secrets/ConfigMaps;
+- sets env from values, the downward API (status.podIP, metadata.*), Secrets and
+  ConfigMaps (env and envFrom); a missing one keeps the container waiting
+  (CreateContainerConfigError) until it exists;
 - reports status.phase, podIP and the container's terminated state (exit code, reason,
   and with FallbackToLogsOnError the last lines of the output as message);
 - on a graceful delete (the API sets deletionTimestamp) sends SIGTERM to the container's
@@ -24,13 +27,12 @@ The security context is not applied: the processes run as the test's user.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import os
-import shlex
+import random
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,45 +42,33 @@ from typing import Any
 import kubernetes
 
 from emulated_cluster import EmulatedCluster
+from tests.e2e.pod_sandbox import (
+    container_command,
+    exit_code,
+    hosts_line,
+    materialise_config_map,
+    now_text,
+    output_tail,
+    ports_held_by_others,
+    running_status,
+    sandbox_script,
+    terminated_status,
+    waiting_status,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "e2e-node"
 POLL_SECONDS = 0.2
-# What a real kubelet keeps of the log for FallbackToLogsOnError.
-MESSAGE_LINES, MESSAGE_BYTES = 80, 2048
 # The workers ask for one CPU each: one thread per process, as a CPU limit would suggest.
 CONTAINER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def now_text() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+class PodSetupError(Exception):
+    """What keeps a pod's container from being created (reported, retried next pass)."""
 
-
-def exit_code(returncode: int) -> int:
-    """A shell-style exit code: 128 + signal for a process killed by a signal."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def output_tail(log: Path) -> str:
-    if not log.exists():
-        return ""
-    lines = log.read_bytes()[-64 * 1024:].decode(errors="replace").splitlines()[-MESSAGE_LINES:]
-    return "\n".join(lines)[-MESSAGE_BYTES:]
-
-
-def materialise_config_map(config_map: dict[str, Any], folder: Path) -> None:
-    """Like a kubelet's atomic writer: keys are symlinks into `..data`, itself a symlink
-    to a timestamped folder holding the files."""
-    stamp = folder / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
-    stamp.mkdir(parents=True)
-    files = dict((config_map.get("data") or {}).items())
-    for key, value in (config_map.get("binaryData") or {}).items():
-        files[key] = base64.b64decode(value)
-    for key, value in files.items():
-        (stamp / key).write_bytes(value if isinstance(value, bytes) else value.encode())
-    (folder / "..data").symlink_to(stamp.name)
-    for key in files:
-        (folder / key).symlink_to(f"..data/{key}")
+    def __init__(self, message: str, reason: str = "CreateContainerConfigError") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -108,6 +98,9 @@ class Kubelet:
     exit_codes: dict[str, int] = field(default_factory=dict)
     _pods: dict[str, RunningPod] = field(default_factory=dict)
     _job_numbers: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Addresses 127.<first_job + n>.<gang>.<index + 2>: a random start keeps two test
+    # runs on one machine (each with its own kubelet) off each other's addresses.
+    _first_job: int = field(default_factory=lambda: random.randrange(1, 128))
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     error: BaseException | None = None
@@ -158,7 +151,7 @@ class Kubelet:
             if running is None:
                 if (pod.get("status") or {}).get("phase", "Pending") == "Pending" \
                         and not pod["metadata"].get("deletionTimestamp"):
-                    self._start(pod)
+                    self._maybe_start(pod)
             else:
                 self._follow(pod, running)
         for uid in list(self._pods):
@@ -192,20 +185,35 @@ class Kubelet:
     def address(self, pod: dict[str, Any]) -> str:
         labels = pod["metadata"].get("labels") or {}
         key = (pod["metadata"]["namespace"], labels.get("dreambooth.io/job", pod["metadata"]["name"]))
-        job = self._job_numbers.setdefault(key, len(self._job_numbers) + 1)
+        job = self._job_numbers.setdefault(key, self._first_job + len(self._job_numbers))
         gang = int(labels.get("dreambooth.io/gang", 0))
         index = int(labels.get("dreambooth.io/worker-index", 0))
         return f"127.{job}.{gang % 256}.{index + 2}"
 
+    def _maybe_start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        try:
+            self._start(pod)
+        except PodSetupError as error:
+            [container] = pod["spec"]["containers"]
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {
+                "status": waiting_status(container, error.reason, str(error))})
+
     def _start(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         namespace, name = meta["namespace"], meta["name"]
-        # The scheduler's part: bind the pod to this node (its graceful delete needs a node).
-        self.core.patch_namespaced_pod(name, namespace, {"spec": {"nodeName": NODE_NAME}})
-        folder = self.root / "pods" / f"{namespace}_{name}_{meta['uid'][:8]}"
-        folder.mkdir(parents=True)
-        address = self.address(pod)
         [container] = spec["containers"]
+        address = self.address(pod)
+        busy = ports_held_by_others(address, [port["containerPort"] for port in container.get("ports") or []],
+                                    self._own_pids())
+        if busy:  # a pod of its own network namespace would not care; here it waits its turn
+            raise PodSetupError(f"port(s) {busy} in use on this host by another process", "ContainerCreating")
+        if spec.get("nodeName") != NODE_NAME:
+            # The scheduler's part: bind the pod to this node (its graceful delete needs a node).
+            self.core.patch_namespaced_pod(name, namespace, {"spec": {"nodeName": NODE_NAME}})
+        folder = self.root / "pods" / f"{namespace}_{name}_{meta['uid'][:8]}"
+        shutil.rmtree(folder, ignore_errors=True)  # a start retried after a setup error
+        folder.mkdir(parents=True)
         script = self._sandbox_script(pod, container, folder, address)
         env = {**os.environ, **CONTAINER_ENV, **self._container_env(pod, container, address)}
         log = folder / "output.log"
@@ -216,35 +224,28 @@ class Kubelet:
         started = now_text()
         ports = [port["containerPort"] for port in container.get("ports") or [] if port.get("name") == "metrics"]
         self._pods[meta["uid"]] = RunningPod(meta["uid"], namespace, name, address, process, log, started, ports)
-        self.core.patch_namespaced_pod_status(name, namespace, {"status": {
-            "phase": "Running", "podIP": address, "podIPs": [{"ip": address}], "hostIP": "127.0.0.1",
-            "startTime": started,
-            "conditions": [{"type": kind, "status": "True", "lastTransitionTime": started}
-                           for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-            "containerStatuses": [{"name": container["name"], "image": container.get("image", ""), "imageID": "",
-                                   "ready": True, "started": True, "restartCount": 0,
-                                   "state": {"running": {"startedAt": started}}}],
-        }})
+        self.core.patch_namespaced_pod_status(name, namespace, {"status": running_status(container, address, started)})
+
+    def _own_pids(self) -> set[int]:
+        import psutil
+
+        pids = set()
+        for running in self._pods.values():
+            try:
+                root = psutil.Process(running.process.pid)
+                pids |= {root.pid, *(child.pid for child in root.children(recursive=True))}
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def _sandbox_script(self, pod: dict[str, Any], container: dict[str, Any], folder: Path, address: str) -> str:
-        """Shell run inside the new namespaces: hostname, /etc/hosts, volume mounts, exec."""
-        spec = pod["spec"]
-        hostname = spec.get("hostname") or pod["metadata"]["name"]
         hosts = folder / "hosts"
         hosts.write_text(self._hosts_file(pod, address))
-        lines = ["set -e", f"hostname {shlex.quote(hostname)}", f"mount --bind {hosts} /etc/hosts"]
-        volumes = {volume["name"]: self._volume_folder(pod, volume, folder) for volume in spec.get("volumes") or []}
-        for mount in container.get("volumeMounts") or []:
-            source = volumes[mount["name"]] / mount.get("subPath", "")
-            target = shlex.quote(mount["mountPath"])
-            lines += [f"mkdir -p {target}", f"mount --bind {shlex.quote(str(source))} {target}"]
-            if mount.get("readOnly"):
-                lines.append(f"mount -o remount,bind,ro {target}")
-        command = [*container.get("command", []), *container.get("args", [])]
-        if command and command[0] in ("python", "python3"):
-            command[0] = sys.executable
-        lines.append("exec " + shlex.join(command))
-        return "\n".join(lines)
+        volumes = {volume["name"]: self._volume_folder(pod, volume, folder) for volume in pod["spec"].get("volumes") or []}
+        mounts = [(volumes[mount["name"]] / mount.get("subPath", ""), mount["mountPath"], bool(mount.get("readOnly")))
+                  for mount in container.get("volumeMounts") or []]
+        hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        return sandbox_script(hostname, hosts, mounts, container_command(container))
 
     def _hosts_file(self, pod: dict[str, Any], address: str) -> str:
         """Names a headless Service gives: `<hostname>.<subdomain>[.<ns>.svc.cluster.local]`
@@ -262,11 +263,8 @@ class Kubelet:
                 peer_address = self.address(peer)
             else:
                 continue
-            host = peer["spec"].get("hostname") or peer["metadata"]["name"]
-            names = [host]
-            if subdomain:
-                names = [f"{host}.{subdomain}.{namespace}.svc.cluster.local", f"{host}.{subdomain}", host]
-            lines.append(f"{peer_address} {' '.join(names)}")
+            lines.append(hosts_line(peer_address, peer["spec"].get("hostname") or peer["metadata"]["name"],
+                                    subdomain, namespace))
         return "\n".join(lines) + "\n"
 
     def _volume_folder(self, pod: dict[str, Any], volume: dict[str, Any], folder: Path) -> Path:
@@ -278,20 +276,34 @@ class Kubelet:
         path = folder / "volumes" / volume["name"]
         path.mkdir(parents=True)
         if "configMap" in volume:
-            name = volume["configMap"]["name"]
-            config_map = json.loads(self.core.read_namespaced_config_map(name, namespace,
-                                                                         _preload_content=False).data)
-            materialise_config_map(config_map, path)
+            materialise_config_map(self._read("ConfigMap", volume["configMap"]["name"], namespace), path)
         elif "emptyDir" not in volume:
             raise ValueError(f"e2e kubelet: volume {volume['name']!r} of pod {pod['metadata']['name']} is of a "
                              f"kind it cannot provide ({sorted(volume)}); add it to Kubelet._volume_folder")
         return path
+
+    def _read(self, kind: str, name: str, namespace: str) -> dict[str, Any]:
+        """A Secret or ConfigMap the pod refers to; a missing one stops the pod's start
+        the way a kubelet does (CreateContainerConfigError), until it appears."""
+        method = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
+        try:
+            return json.loads(method(name, namespace, _preload_content=False).data)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                raise PodSetupError(f'{kind.lower()} "{name}" not found') from None
+            raise
 
     def _container_env(self, pod: dict[str, Any], container: dict[str, Any], address: str) -> dict[str, str]:
         namespace = pod["metadata"]["namespace"]
         fields = {"status.podIP": address, "metadata.name": pod["metadata"]["name"],
                   "metadata.namespace": namespace, "spec.nodeName": NODE_NAME}
         env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            if "secretRef" in source:
+                secret = self._read("Secret", source["secretRef"]["name"], namespace)
+                env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
+            elif "configMapRef" in source:
+                env.update(self._read("ConfigMap", source["configMapRef"]["name"], namespace).get("data") or {})
         for var in container.get("env") or []:
             source = var.get("valueFrom")
             if source is None:
@@ -300,14 +312,16 @@ class Kubelet:
                 env[var["name"]] = fields[source["fieldRef"]["fieldPath"]]
             elif "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
-                secret = json.loads(self.core.read_namespaced_secret(ref["name"], namespace,
-                                                                     _preload_content=False).data)
-                env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+                data = self._read("Secret", ref["name"], namespace).get("data") or {}
+                if ref["key"] not in data:
+                    raise PodSetupError(f'couldn\'t find key {ref["key"]} in Secret {namespace}/{ref["name"]}')
+                env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
             elif "configMapKeyRef" in source:
                 ref = source["configMapKeyRef"]
-                config_map = json.loads(self.core.read_namespaced_config_map(ref["name"], namespace,
-                                                                             _preload_content=False).data)
-                env[var["name"]] = config_map["data"][ref["key"]]
+                data = self._read("ConfigMap", ref["name"], namespace).get("data") or {}
+                if ref["key"] not in data:
+                    raise PodSetupError(f'couldn\'t find key {ref["key"]} in ConfigMap {namespace}/{ref["name"]}')
+                env[var["name"]] = data[ref["key"]]
             else:
                 raise ValueError(f"e2e kubelet: env {var['name']} has an unsupported source {source}")
         return env
@@ -316,19 +330,7 @@ class Kubelet:
 
     def _report_exit(self, pod: dict[str, Any], running: RunningPod, code: int) -> None:
         [container] = pod["spec"]["containers"]
-        terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                      "startedAt": running.started, "finishedAt": now_text()}
-        if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            terminated["message"] = output_tail(running.log)
-        status = {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [{"type": kind, "status": "False", "lastTransitionTime": now_text()}
-                           for kind in ("ContainersReady", "Ready")] +
-                          [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}],
-            "containerStatuses": [{"name": container["name"], "image": container.get("image", ""), "imageID": "",
-                                   "ready": False, "started": False, "restartCount": 0,
-                                   "state": {"terminated": terminated}}],
-        }
+        status = terminated_status(container, code, running.started, output_tail(running.log))
         try:
             self.core.patch_namespaced_pod_status(running.name, running.namespace, {"status": status})
         except kubernetes.client.ApiException as error:
