@@ -152,12 +152,15 @@ def test_plain_manifests_are_valid_kubernetes_objects(path: Path) -> None:
 
 def test_operator_rbac_covers_what_it_calls() -> None:
     documents = list(yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()))
-    [role] = [d for d in documents if d["kind"] == "ClusterRole"]
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+    # The operator's service account is bound to every ClusterRole of the install (discovery + its own).
+    roles = [d for d in documents if d["kind"] == "ClusterRole"]
+    granted = {(group, resource, verb) for role in roles for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     needed = [("dreambooth.io", "dreamboothjobs", "watch"), ("dreambooth.io", "dreamboothjobs/status", "patch"),
               ("", "pods", "create"), ("", "pods", "delete"), ("", "pods", "watch"), ("", "services", "create"),
-              ("", "configmaps", "patch"), ("", "persistentvolumeclaims", "create"), ("", "events", "create")]
+              ("", "configmaps", "patch"), ("", "persistentvolumeclaims", "create"), ("", "events", "create"),
+              # operator/inputs.py reads a job's ConfigMap of photos before creating its pods.
+              ("", "configmaps", "get")]
     assert [need for need in needed if need not in granted] == []
 
 
