@@ -121,7 +121,7 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     # KubeApi can list every child kind; grant `list` only on those the operator lists.
     for kind in listed_kinds():
         needed[("", plural[kind])].add("list")
-    needed[("", "configmaps")].add("patch")  # replace_config_map
+    needed[("", "configmaps")] |= {"patch", "get"}  # replace_config_map; get_config_map (the photos)
     needed[("", "pods")].add("watch")  # kopf's pod event handler
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch"}
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
