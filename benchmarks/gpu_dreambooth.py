@@ -72,7 +72,8 @@ def count_flops(step, micro_step: int) -> float:
 
 
 def measure(name: str, step, *, device, samples_per_step: int, warmup: int, steps: int, peak: float | None) -> dict:
-    """Warm-up steps, timed steps, then one counted step (the counter slows it down)."""
+    """Warm-up steps, timed steps, then one counted step (the counter slows it down).
+    The case's models are built already; its peak memory counts from before they were."""
     for micro_step in range(warmup):
         step(micro_step)
     synchronize(device)
@@ -103,7 +104,7 @@ def release(device: torch.device) -> None:
 def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
     from trainer.data import DreamBoothData
 
-    components = sd_models.build_components(args.size)
+    components = sd_models.build_components(args.size, device)
     data = DreamBoothData(trainer_config(args, device, data_root, batch_size=1).data, components.tokenizer,
                           seed=0, rank=0, world_size=1, batch_size=1)
     # The recipe's DataLoader workers prepare batches ahead: not on the timed path.
@@ -116,7 +117,8 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
         del recipe, components, batches
 
 
-def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides: dict | None = None):
+def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides: dict | None = None,
+                   channels_last: bool = False):
     from trainer.config import validate_config
 
     return validate_config({
@@ -126,23 +128,25 @@ def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides:
                  "num_class_images": args.images, "resolution": sd_models.resolution(args.size),
                  "random_flip": False},  # with flips, 2x the warm-up until every view is cached
         "training": {"batch_size": batch_size, "train_text_encoder": True, "learning_rate": 5e-6,
-                     "precision": "fp16" if device.type == "cuda" else "fp32", "max_steps": 10**6},
+                     "precision": "fp16" if device.type == "cuda" else "fp32", "max_steps": 10**6,
+                     "channels_last": channels_last},
         "deepspeed": {"zero_stage": 2, "overrides": overrides or {}},
         "checkpoint": {"dir": str(data_root / "checkpoints")},
         "output": {"dir": str(data_root / "model")},
     }, source="benchmark")
 
 
-def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int, overrides: dict) -> dict:
+def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int, overrides: dict,
+             channels_last: bool = False) -> dict:
     from trainer.data import DreamBoothData
     from trainer.distributed import read_runtime
     from trainer.engine import build_engine
     from trainer.loop import BatchPrefetcher, DenoisingStep, train_micro_step
     from trainer.objective import build_denoiser
 
-    config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides)
+    config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides, channels_last=channels_last)
     runtime = read_runtime()
-    components = sd_models.build_components(args.size)
+    components = sd_models.build_components(args.size, device)
     data = DreamBoothData(config.data, components.tokenizer, seed=0, rank=0, world_size=1, batch_size=batch_size)
     module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=runtime.device,
                             channels_last=config.training.channels_last)
@@ -227,10 +231,23 @@ def targets(cases: list[dict]) -> dict:
     return found
 
 
+def our_cases(args) -> list[tuple[str, int, bool]]:
+    """(name, instance images per step, channels_last) of the cases of our trainer."""
+    cases = [("(b) ours, ZeRO-2, 1+1", 1, False)] if "b" in args.cases else []
+    if "c" in args.cases:
+        cases += [(f"(c) ours, ZeRO-2, {n}+{n}", n, False) for n in args.throughput_batches]
+        if args.channels_last and args.throughput_batches:
+            n = args.throughput_batches[0]
+            cases.append((f"(c) ours, ZeRO-2, channels_last, {n}+{n}", n, True))
+    return cases
+
+
 def run_case(name: str, run, device) -> dict:
     release(device)
+    # Left over from earlier cases (should be ~0): part of this case's peak.
+    before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     try:
-        return run(name)
+        return run(name) | {"memory_before_case_gib": before}
     except torch.OutOfMemoryError as error:
         return {"case": name, "error": f"out of memory: {str(error).splitlines()[0][:120]}"}
     finally:
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=8, help="instance images and as many class images")
     parser.add_argument("--throughput-batches", type=int, nargs="*", default=[8, 16], help="(c): instance images per step")
     parser.add_argument("--cases", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--channels-last", action="store_true", help="also (c) at the first throughput batch with channels_last")
     parser.add_argument("--optimizer", choices=["auto", "deepspeed", "torch-fused"], default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak, if the card is not known")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -256,30 +274,32 @@ def main(argv: list[str] | None = None) -> dict:
     single_process_group(device)
     peak = peak_tflops(device, args.peak_tflops)
     optimizer, overrides = choose_optimizer(device, args.optimizer)
-    cases = []
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        count = max([args.images, *args.throughput_batches])
-        args.images = count
-        for stream, seed in (("instance", 1), ("class", 2)):
-            write_images(root / stream, count, sd_models.resolution(args.size), seed)
-        if "a" in args.cases:
-            cases.append(run_case("(a) diffusers train_dreambooth.py, 1+1",
-                                  lambda name: diffusers_case(name, args, device, root, peak), device))
-        batches = ([("b", 1)] if "b" in args.cases else []) + ([("c", n) for n in args.throughput_batches] if "c" in args.cases else [])
-        for case, batch in batches:
-            cases.append(run_case(f"({case}) ours, ZeRO-2, {batch}+{batch}", lambda name, batch=batch: our_case(
-                name, args, device, root, peak, batch_size=batch, overrides=overrides), device))
     report = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__, "size": args.size,
-        "resolution": sd_models.resolution(args.size), "optimizer": optimizer, "peak_tflops": peak, "cases": cases,
+        "resolution": sd_models.resolution(args.size), "optimizer": optimizer, "peak_tflops": peak, "cases": [],
     }
-    report["targets"] = targets(cases)
+
+    def record(row: dict) -> None:
+        # Written after every case: a run cut short by its time limit still leaves its figures.
+        report["cases"].append(row)
+        report["targets"] = targets(report["cases"])
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        args.images = max([args.images, *args.throughput_batches])
+        for stream, seed in (("instance", 1), ("class", 2)):
+            write_images(root / stream, args.images, sd_models.resolution(args.size), seed)
+        if "a" in args.cases:
+            name = "(a) diffusers train_dreambooth.py, 1+1"
+            record(run_case(name, lambda name: diffusers_case(name, args, device, root, peak), device))
+        for name, batch, channels_last in our_cases(args):
+            record(run_case(name, lambda name, batch=batch, channels_last=channels_last: our_case(
+                name, args, device, root, peak, batch_size=batch, overrides=overrides, channels_last=channels_last), device))
     print(markdown_table(report))
     print(json.dumps({"targets": report["targets"]}))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -21,4 +21,4 @@ import torch
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nvcc: {'yes' if importlib.util.find_spec('torch.utils.cpp_extension') and __import__('shutil').which('nvcc') else 'no'}")
 PY
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-timeout 420 python3 benchmarks/gpu_dreambooth.py --json "$OUT/gpu_dreambooth.json" "$@" 2>&1 | tee "$OUT/gpu_dreambooth.log"
+timeout 330 python3 benchmarks/gpu_dreambooth.py --channels-last --json "$OUT/gpu_dreambooth.json" "$@" 2>&1 | tee "$OUT/gpu_dreambooth.log"

@@ -35,9 +35,10 @@ SD15_TEXT = dict(
 )
 
 
-def build_components(size: str, seed: int = 0) -> Components:
-    """Fresh random components of `size` (`sd15` or `tiny`), on the CPU in fp32."""
-    with torch.random.fork_rng(devices=[]):
+def build_components(size: str, device: torch.device, seed: int = 0) -> Components:
+    """Fresh random components of `size` (`sd15` or `tiny`) in fp32, initialised on
+    `device` (a GPU initialises SD 1.5's weights in a second, a CPU takes many)."""
+    with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)
         tokenizer = tiny.byte_level_clip_tokenizer()
         if size == "tiny":

@@ -21,7 +21,9 @@ class DreamBoothDenoiser(nn.Module):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
-        # Activations follow the input's layout; ZeRO's flat fp16 buffers may not keep the weights'.
+        # Only the input is converted: a convolution runs channels-last when its input is,
+        # and the activations after it follow. The weights stay contiguous: DeepSpeed
+        # broadcasts and flattens them as plain buffers (a channels-last weight fails there).
         self.channels_last = channels_last
 
     def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
@@ -36,8 +38,6 @@ def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointi
                    channels_last: bool = False) -> DreamBoothDenoiser:
     """The trainable module; the frozen VAE (and text encoder, when it is not trained)
     keep fp32 weights and move to the device to run beside the engine."""
-    if channels_last:
-        components.unet.to(memory_format=torch.channels_last)
     components.vae.requires_grad_(False).to(device)
     components.text_encoder.requires_grad_(train_text_encoder)
     if not train_text_encoder:

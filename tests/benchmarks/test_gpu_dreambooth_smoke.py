@@ -17,7 +17,7 @@ from tests.conftest import REPO
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
     command = [sys.executable, "benchmarks/gpu_dreambooth.py", "--device", "cpu", "--size", "tiny", "--steps", "2",
-               "--warmup", "1", "--images", "2", "--throughput-batches", "2", "--json", str(path)]
+               "--warmup", "1", "--images", "2", "--throughput-batches", "2", "--channels-last", "--json", str(path)]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -27,13 +27,15 @@ def report(tmp_path_factory):
 
 def test_cpu_run_measures_the_recipe_and_our_trainer(report):
     cases = {row["case"]: row for row in report["cases"]}
-    assert list(cases) == ["(a) diffusers train_dreambooth.py, 1+1", "(b) ours, ZeRO-2, 1+1", "(c) ours, ZeRO-2, 2+2"]
+    assert list(cases) == ["(a) diffusers train_dreambooth.py, 1+1", "(b) ours, ZeRO-2, 1+1", "(c) ours, ZeRO-2, 2+2",
+                           "(c) ours, ZeRO-2, channels_last, 2+2"]
     for row in cases.values():
         assert row["step_seconds"] > 0 and row["samples_per_second"] == pytest.approx(row["samples_per_step"] / row["step_seconds"])
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no card: no peak to compare with
-    a, b, c = cases.values()
+    a, b, c, c_channels_last = cases.values()
     # Same models and batch, but our latents come from the cache: no VAE encoder in the step.
     assert b["tflop_per_step"] < 0.8 * a["tflop_per_step"]
     assert c["tflop_per_step"] == pytest.approx(2 * b["tflop_per_step"], rel=0.05)
+    assert c_channels_last["tflop_per_step"] == c["tflop_per_step"]  # a layout, not a different computation
     assert report["targets"]["b_over_a_samples_per_second"] == pytest.approx(b["samples_per_second"] / a["samples_per_second"])
     assert report["device_name"] == "CPU" and report["resolution"] == 64
