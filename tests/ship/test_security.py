@@ -24,8 +24,11 @@ def chart_workloads() -> list[tuple[str, dict[str, Any]]]:
 
 
 def operator_workloads() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{path.name}:{pod['metadata']['name']}", pod["spec"])
-            for path in (GPU_EXAMPLE, CPU_EXAMPLE) for pod in worker_pods(example_job(path))]
+    jobs = {path.name: example_job(path) for path in (GPU_EXAMPLE, CPU_EXAMPLE)}
+    jobs["photos and model on s3"] = example_job(GPU_EXAMPLE, spec_changes={
+        "data": {"instanceImages": {"url": "s3://bucket/photos/", "credentialsSecret": "s3"}},
+        "output": {"uri": "s3://bucket/models/sks-dog/", "credentialsSecret": "s3"}})
+    return [(f"{name}:{pod['metadata']['name']}", pod["spec"]) for name, job in jobs.items() for pod in worker_pods(job)]
 
 
 def effective(pod_spec: dict[str, Any], container: dict[str, Any], field: str) -> Any:
@@ -55,7 +58,10 @@ def assert_hardened(name: str, pod_spec: dict[str, Any]) -> None:
                 assert "value" not in variable, f"{where}: {variable['name']} is a literal; use secretKeyRef"
             source = variable.get("valueFrom") or {}
             assert not source or set(source) <= {"secretKeyRef", "fieldRef", "configMapKeyRef", "resourceFieldRef"}
-        assert not container.get("envFrom"), f"{where}: envFrom would expose whole Secrets/ConfigMaps"
+        for source in container.get("envFrom", []):
+            # Storage credentials (spec.*.credentialsSecret) come as a whole Secret: still a
+            # reference, never a value in the pod spec.
+            assert set(source) == {"secretRef"}, f"{where}: envFrom {source} is not a Secret reference"
 
 
 @pytest.mark.parametrize("name, pod_spec", chart_workloads(), ids=lambda v: v if isinstance(v, str) else "")
@@ -76,6 +82,12 @@ def test_worker_pods_are_hardened(name: str, pod_spec: dict[str, Any]) -> None:
     assert_hardened(name, pod_spec)
     [trainer] = pod_spec["containers"]
     assert effective(pod_spec, trainer, "runAsUser") == WORKER_UID, "the trainer image's user (Dockerfile)"
+
+
+def test_credentials_come_from_secrets() -> None:
+    specs = dict(operator_workloads())
+    [s3_worker, *_] = [spec for name, spec in specs.items() if name.startswith("photos and model on s3")]
+    assert s3_worker["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3"}}]
 
 
 def test_hugging_face_token_only_through_secret_key_ref() -> None:

@@ -18,9 +18,13 @@ GPU_EXAMPLE = EXAMPLES / "sd15-gpu-job.yaml"
 CPU_EXAMPLE = EXAMPLES / "tiny-cpu-job.yaml"
 
 
-def example_job(path: Path = GPU_EXAMPLE, namespace: str = "team-a") -> Job:
+def example_job(path: Path = GPU_EXAMPLE, namespace: str = "team-a",
+                spec_changes: dict[str, dict[str, Any]] | None = None) -> Job:
+    """A shipped example as the operator parses it; `spec_changes` replace keys of its sections."""
     body = yaml.safe_load(path.read_text())
     body["metadata"].update(namespace=namespace, uid=f"uid-{body['metadata']['name']}")
+    for section, values in (spec_changes or {}).items():
+        body["spec"].setdefault(section, {}).update(values)
     return Job.from_body(body)
 
 
