@@ -169,6 +169,8 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         "hostname": worker_name(job.name, index),
         "subdomain": service_name(job.name),
         "securityContext": pod_security_context(),
+        # The trainer never calls the Kubernetes API: no token to steal from a worker.
+        "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": workers.termination_grace_period_seconds,

@@ -160,6 +160,7 @@ def test_worker_pod_runs_as_non_root_without_privilege_escalation() -> None:
     pod_context = pod["spec"]["securityContext"]
     assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] != 0
     assert pod_context["fsGroup"] == pod_context["runAsGroup"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
     for container in pod["spec"]["containers"]:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
