@@ -1,5 +1,5 @@
-"""End-to-end tests: the operator suite's helpers (emulated_cluster, operator_harness)
-import by their plain names, as they do there."""
+"""End-to-end tests: the helpers beside this file (kubelet, pod_sandbox) and the operator
+suite's (emulated_cluster, operator_harness) import by their plain names, as they do there."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.hookimpl(hookwrapper=True)

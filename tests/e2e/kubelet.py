@@ -41,8 +41,7 @@ from typing import Any
 
 import kubernetes
 
-from emulated_cluster import EmulatedCluster
-from tests.e2e.pod_sandbox import (
+from pod_sandbox import (
     container_command,
     exit_code,
     hosts_line,
@@ -90,7 +89,7 @@ class RunningPod:
 class Kubelet:
     """Polls the emulated API for pods and runs them (see the module docstring)."""
 
-    emulated: EmulatedCluster
+    kubeconfig: Path
     root: Path
     # Prometheus file_sd targets: each running pod's port named `metrics`.
     scrape_targets: Path | None = None
@@ -106,7 +105,7 @@ class Kubelet:
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
-        client = kubernetes.config.new_client_from_config(str(self.emulated.kubeconfig))
+        client = kubernetes.config.new_client_from_config(str(self.kubeconfig))
         self.core = kubernetes.client.CoreV1Api(client)
         (self.root / "claims").mkdir(parents=True, exist_ok=True)
         (self.root / "pods").mkdir(parents=True, exist_ok=True)
@@ -407,3 +406,24 @@ class Kubelet:
         temporary = self.scrape_targets.with_suffix(".tmp")
         temporary.write_text(text)
         temporary.rename(self.scrape_targets)
+
+
+def main() -> None:
+    """Run the pods of an emulated API by hand (see tests/operator/emulated_cluster.py):
+
+        .venv/bin/python tests/e2e/kubelet.py /tmp/emulated/kubeconfig.yaml /tmp/emulated/node
+    """
+    import sys
+
+    kubelet = Kubelet(Path(sys.argv[1]), Path(sys.argv[2])).start()
+    print(f"e2e kubelet running the pods of {sys.argv[1]}; folders under {sys.argv[2]}", flush=True)
+    try:
+        while kubelet.error is None:
+            time.sleep(1)
+        raise SystemExit(f"kubelet stopped: {kubelet.error!r}")
+    except KeyboardInterrupt:
+        kubelet.stop()
+
+
+if __name__ == "__main__":
+    main()

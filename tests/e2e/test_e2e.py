@@ -23,7 +23,7 @@ import yaml
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, wait_for
 
-from tests.e2e.kubelet import Kubelet
+from kubelet import Kubelet
 from tests.trainer.prometheus_server import PrometheusServer, install_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedClust
 @pytest.fixture(scope="module")
 def kubelet(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubelet]:
     root = tmp_path_factory.mktemp("e2e-node")
-    node = Kubelet(emulated, root, scrape_targets=root / "scrape-targets.json").start()
+    node = Kubelet(emulated.kubeconfig, root, scrape_targets=root / "scrape-targets.json").start()
     yield node
     node.stop()
 

@@ -13,7 +13,7 @@ import pytest
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, wait_for
 
-from tests.e2e.kubelet import Kubelet
+from kubelet import Kubelet
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +39,7 @@ time.sleep(120)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Kubelet]]:
     emulated = EmulatedCluster(tmp_path_factory.mktemp("kubelet-cluster")).start()
-    kubelet = Kubelet(emulated, tmp_path_factory.mktemp("kubelet-node")).start()
+    kubelet = Kubelet(emulated.kubeconfig, tmp_path_factory.mktemp("kubelet-node")).start()
     yield Cluster(emulated), kubelet
     kubelet.stop()
     emulated.stop()
