@@ -60,7 +60,8 @@ class OperatorProcess:
                 [sys.executable, "-m", "dreambooth_operator", "--kubeconfig", str(self.cluster.kubeconfig),
                  "--http-host", "127.0.0.1", "--http-port", str(self.http_port), *FAST_FLAGS, *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
-        wait_for(self.healthy, timeout=20, what=f"operator /healthz (log: {self.log_path})")
+        # Importing kopf and the kubernetes client takes seconds; far more on a loaded machine.
+        wait_for(self.healthy, timeout=60, what=f"operator /healthz (log: {self.log_path})")
         return self
 
     def healthy(self) -> bool:
