@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import yaml
 from emulated_cluster import EmulatedCluster
-from operator_harness import Cluster, OperatorProcess, condition, wait_for
+from operator_harness import Cluster, OperatorProcess, condition, project_kubectl, wait_for
 
 from kubelet import Kubelet
 from tests.trainer.prometheus_server import PrometheusServer, install_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
-KUBECTL = REPO / ".tools" / "bin" / "kubectl"
 EXAMPLE = REPO / "manifests" / "examples" / "tiny-cpu-job.yaml"
 PHOTOS = REPO / "examples" / "instance-images"
 # A first run compiles DeepSpeed's CPU op (cached later); a gang start takes ~20 s here.
@@ -40,9 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def kubectl_binary() -> Path:
-    if not KUBECTL.exists():
-        subprocess.run(["bash", str(REPO / "scripts" / "install-k8s-tools.sh")], check=True)
-    return KUBECTL
+    return project_kubectl()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,14 @@ from emulated_cluster import EmulatedCluster, free_port
 GROUP, VERSION, PLURAL = "dreambooth.io", "v1alpha1", "dreamboothjobs"
 REPO = Path(__file__).resolve().parents[2]
 
+
+def project_kubectl() -> Path:
+    """Only the project's own kubectl v1.35: CI machines may have none on PATH, or another version."""
+    binary = REPO / ".tools" / "bin" / "kubectl"
+    if not binary.exists():
+        subprocess.run(["bash", str(REPO / "scripts" / "install-k8s-tools.sh")], check=True)
+    return binary
+
 # Fast timings so every scenario settles in seconds (production defaults are 10 s backoff etc.).
 FAST_FLAGS = ["--backoff-seconds", "0.3", "--backoff-max-seconds", "2", "--resync-seconds", "2",
               "--scrape-interval", "0.5", "--pending-timeout", "1"]

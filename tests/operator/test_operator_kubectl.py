@@ -11,10 +11,9 @@ from typing import Iterator
 import pytest
 import yaml
 from emulated_cluster import EmulatedCluster
-from operator_harness import Cluster, OperatorProcess, wait_for
+from operator_harness import Cluster, OperatorProcess, project_kubectl, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-KUBECTL = REPO / ".tools" / "bin" / "kubectl"
 EXAMPLE = REPO / "manifests" / "examples" / "tiny-cpu-job.yaml"
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def kubectl_binary() -> Path:
-    # Only the project's own kubectl: CI machines may have none on PATH (or another version).
-    if not KUBECTL.exists():
-        subprocess.run(["bash", str(REPO / "scripts" / "install-k8s-tools.sh")], check=True)
-    return KUBECTL
+    return project_kubectl()
 
 
 @pytest.fixture(scope="module")
