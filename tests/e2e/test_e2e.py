@@ -123,11 +123,7 @@ def user(emulated: EmulatedCluster, kubectl_binary: Path, kubelet: Kubelet, oper
     person = User(emulated, kubectl_binary, kubelet)
     # The README's quick start.
     person.kubectl("apply", "--validate=false", "-f", str(REPO / "manifests" / "crd.yaml"))
-    # `kubectl create configmap` sends built-in kinds as protobuf, which kmock cannot
-    # read; the same object rendered client-side and created from YAML goes as JSON.
-    config_map = person.kubectl("create", "configmap", "robot-photos", f"--from-file={PHOTOS}/",
-                                "--dry-run=client", "-o", "yaml")
-    person.kubectl("create", "--validate=false", "-f", "-", stdin=config_map)
+    person.kubectl("create", "configmap", "robot-photos", f"--from-file={PHOTOS}/")
     return person
 
 

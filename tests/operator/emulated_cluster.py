@@ -4,6 +4,7 @@ kmock's KubernetesEmulator is a real stateful API server in memory. This helper 
 what it lacks and the operator or kubectl rely on (DESIGN.md "Testing without a
 cluster"): metadata.uid / resourceVersion / creationTimestamp on create, label-selector
 filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discovery,
+ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
 (`kubectl get` columns from the stored CRD's additionalPrinterColumns).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
 import re
 import socket
 import threading
@@ -30,6 +32,7 @@ import kmock
 import yaml
 from aiohttp import web
 from kmock import ResourceInfo
+from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
 
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
 
@@ -84,6 +87,15 @@ class Emulator(kmock.KubernetesEmulator):
                                    "status": {"phase": "Active"}} for name in NAMESPACES}
 
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        if raw_request.method in ("POST", "PUT") and is_protobuf(raw_request.headers.get("Content-Type", "")):
+            try:
+                as_json = json.dumps(decode_object(await raw_request.read())).encode()
+            except UnsupportedBody as error:
+                return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                          "reason": "UnsupportedMediaType", "message": str(error), "code": 415},
+                                         status=415)
+            # kmock parses the body it reads back from the request: hand it the JSON form.
+            raw_request._read_bytes = as_json
         match = NAMESPACES_URL.fullmatch(raw_request.path)
         if match is None or raw_request.method != "GET":
             return await super().__call__(raw_request)

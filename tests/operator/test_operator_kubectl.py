@@ -4,6 +4,7 @@ worker pods, a Service and a ConfigMap; `kubectl delete` removes them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -49,11 +50,12 @@ def test_kubectl_apply_of_the_example_job_with_three_nodes(
     # --validate=false: the emulated API serves no OpenAPI documents to validate against.
     out = kubectl(kubectl_binary, emulated, "apply", "--validate=false", "-f", str(REPO / "manifests" / "crd.yaml"))
     assert "customresourcedefinition.apiextensions.k8s.io/dreamboothjobs.dreambooth.io created" in out
-    # The example's photos ConfigMap (the operator checks it before creating pods). Made
-    # client-side and created from YAML: `kubectl create configmap` sends protobuf, which kmock cannot read.
-    photos = kubectl(kubectl_binary, emulated, "create", "configmap", "robot-photos",
-                     f"--from-file={REPO / 'examples' / 'instance-images'}/", "--dry-run=client", "-o", "yaml")
-    kubectl(kubectl_binary, emulated, "create", "--validate=false", "-f", "-", stdin=photos)
+    # The example's photos ConfigMap (the operator checks it before creating pods); kubectl
+    # sends it as protobuf (the emulator decodes it: protobuf_bodies.py).
+    kubectl(kubectl_binary, emulated, "create", "configmap", "robot-photos",
+            f"--from-file={REPO / 'examples' / 'instance-images'}/")
+    photos = json.loads(kubectl(kubectl_binary, emulated, "get", "configmap", "robot-photos", "-o", "json"))
+    assert sorted(photos["binaryData"]) == sorted(p.name for p in (REPO / "examples" / "instance-images").glob("*.png"))
     out = kubectl(kubectl_binary, emulated, "apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(job))
     assert "tiny-cpu" in out and "created" in out
 
