@@ -198,6 +198,10 @@ def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], no
 
     if len(current) == spec.workers.nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
         enter_phase(status, c.PHASE_SUCCEEDED, c.REASON_ALL_WORKERS_SUCCEEDED, "every worker exited 0", now)
+        # A trainer exits 0 only after its last step; the last scrape may be a whole
+        # scrape interval older than that, so the final progress is not left to it.
+        max_steps = int(status.get("maxSteps") or spec.training.max_steps)
+        status.update(step=max_steps, progress="100%", etaSeconds=0.0)
         status["completionTime"] = timestamp(now)
         status.pop("nextRestartTime", None)
         plan.events.append(("Normal", c.REASON_ALL_WORKERS_SUCCEEDED, "Training finished"))

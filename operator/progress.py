@@ -53,7 +53,8 @@ def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint
     max_steps = fields.get("maxSteps") or status.get("maxSteps")
     if "step" in fields and max_steps:
         fields["progress"] = f"{min(100, int(100 * fields['step'] / max_steps))}%"
-    if METRIC_LOSS in values:
+    # Before its first step the trainer exports a loss of 0: not a loss worth showing.
+    if METRIC_LOSS in values and values.get(METRIC_STEP, 0) > 0:
         fields["loss"] = round(values[METRIC_LOSS], 6)
     if METRIC_SAMPLES_PER_SECOND in values:
         fields["samplesPerSecond"] = round(values[METRIC_SAMPLES_PER_SECOND], 3)

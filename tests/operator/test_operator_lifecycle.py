@@ -102,6 +102,15 @@ def test_phase_and_actions(status: dict[str, Any], pods: list[dict[str, Any]], p
     assert plan.delete == delete
 
 
+def test_success_reports_the_last_step_even_when_the_last_scrape_was_earlier() -> None:
+    # Scraped every 15 s, a short run can finish between two scrapes: status said step 12.
+    scraped = {**RUNNING, "step": 12, "maxSteps": 30, "progress": "40%", "etaSeconds": 9.5}
+    plan = decide(job_spec(), scraped, [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)],
+                  NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_SUCCEEDED
+    assert (plan.status["step"], plan.status["progress"], plan.status["etaSeconds"]) == (30, "100%", 0.0)
+
+
 @pytest.mark.parametrize("failed_pod,preempted", [
     (pod(1, "Failed", exit_code=1), False),
     (pod(1, "Failed", exit_code=137, reason="OOMKilled"), False),

@@ -46,6 +46,13 @@ def test_unknown_values_are_left_out_and_unchanged_fields_are_not_patched() -> N
     assert again == {}
 
 
+def test_no_loss_is_shown_before_the_first_step() -> None:
+    before = progress_status({"dreambooth_step": 0.0, "dreambooth_loss": 0.0}, {}, "/c", NOW)
+    assert before["step"] == 0 and "loss" not in before
+    after = progress_status({"dreambooth_step": 1.0, "dreambooth_loss": 0.25}, before, "/c", NOW)
+    assert after["loss"] == 0.25
+
+
 def test_checkpoint_time_is_kept_while_the_checkpoint_is_the_same() -> None:
     values = parse_metrics(trainer_exposition())
     status = {"latestCheckpoint": {"step": 40, "path": "/c/step-00000040", "time": "earlier"}}
