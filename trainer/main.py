@@ -36,14 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fetch_inputs(config: TrainerConfig) -> None:
+def fetch_inputs(config: TrainerConfig) -> Path | None:
     """Before any process group starts: the base model into its cache and the photos
-    from data.instance_url onto the volume, each once for all ranks and nodes."""
+    from data.instance_url onto the volume, each once for all ranks and nodes.
+    Returns the local model folder (None for `tiny`)."""
     from trainer.model_cache import model_folder
     from trainer.sources import fetch_instance_images
 
     fetch_instance_images(config.data)
-    model_folder(config.model)
+    return model_folder(config.model)
 
 
 def check_inputs(config: TrainerConfig) -> None:
@@ -111,7 +112,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime):
     return (TrainState.from_state_dict(saved) if folder is not None else TrainState()), folder
 
 
-def run(config: TrainerConfig) -> int:
+def run(config: TrainerConfig, model_dir: Path | None) -> int:
     quiet_libraries()
     import torch
 
@@ -139,7 +140,7 @@ def run(config: TrainerConfig) -> int:
     stop = StopFlag(config.checkpoint.grace_seconds)
     try:
         torch.manual_seed(config.training.seed)
-        components = build_components(config.model)
+        components = build_components(model_dir)
         class_images_generated = 0
         if config.data.with_prior_preservation:
             metrics.set_phase(m.PHASE_GENERATING_CLASS_IMAGES)
@@ -220,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.set)
-        fetch_inputs(config)
+        model_dir = fetch_inputs(config)
         check_inputs(config)
-        return run(config)
+        return run(config, model_dir)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR

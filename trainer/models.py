@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, ModelConfig
-from trainer.model_cache import PIPELINE_PARTS, model_folder
+from trainer.config import ConfigError
+from trainer.model_cache import PIPELINE_PARTS
 
 
 @dataclass
@@ -24,8 +24,9 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
-def build_components(config: ModelConfig) -> Components:
-    folder = model_folder(config)
+def build_components(folder: Path | None) -> Components:
+    """From a local pipeline folder (`model_cache.model_folder` resolves and fetches
+    `model.source` to one), or the built-in tiny model when None."""
     if folder is None:
         from trainer.tiny import build_tiny_components
 
