@@ -15,6 +15,7 @@ import kopf
 import kubernetes
 
 from . import handlers  # noqa: F401  (registers the handlers)
+from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS
 from .handlers import OperatorConfig
 from .kube import load_client_config
 from .lifecycle import Timing
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backoff-max-seconds", type=float, default=300.0, help="cap of the restart delay")
     parser.add_argument("--pending-timeout", type=float, default=300.0,
                         help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
-    parser.add_argument("--scrape-interval", type=float, default=15.0,
+    parser.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_SECONDS,
                         help="seconds between scrapes of rank 0's metrics per job")
     parser.add_argument("--resync-seconds", type=float, default=30.0,
                         help="seconds between checks of a job that nothing woke up")

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .constants import ANNOTATION_CONFIG_HASH, CONFIG_FILE_NAME, RENDEZVOUS_PORT
+from .constants import ANNOTATION_CONFIG_HASH, CONFIG_FILE_NAME, DEFAULT_SCRAPE_INTERVAL_SECONDS, RENDEZVOUS_PORT
 from .metadata import child_metadata, claim_name, config_map_name, job_labels, service_name
 from .spec import Job
 from .trainer_config import config_hash, config_yaml, render_trainer_config
 
 
-def build_config_map(job: Job) -> dict[str, Any]:
+def build_config_map(job: Job, *, scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS) -> dict[str, Any]:
     """The rendered trainer config, mounted read-only into every worker."""
-    config = render_trainer_config(job.name, job.spec)
+    config = render_trainer_config(job.name, job.spec, scrape_interval_seconds=scrape_interval_seconds)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

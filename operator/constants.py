@@ -28,6 +28,9 @@ APP_NAME = "dreambooth"
 MANAGER = "dreambooth-operator"
 ROLE_WORKER = "worker"
 
+# How often the operator reads rank 0's metrics into a job's status (--scrape-interval).
+DEFAULT_SCRAPE_INTERVAL_SECONDS = 15.0
+
 # Hash of the rendered trainer config, on the ConfigMap and the pods that mount it.
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Settings:
     timing: Timing = Timing()
     # Progress is copied into status at most this often per job.
-    scrape_interval_seconds: float = 15.0
+    scrape_interval_seconds: float = c.DEFAULT_SCRAPE_INTERVAL_SECONDS
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +137,7 @@ class Reconciler:
         status = dict(body.get("status") or {})
         try:
             job = Job.from_body(body)
-            config_map = build_config_map(job)
+            config_map = build_config_map(job, scrape_interval_seconds=self.settings.scrape_interval_seconds)
         except InvalidSpecError as error:
             await self._reject(body, status, str(error))
             return self.settings.timing.resync_seconds

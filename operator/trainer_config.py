@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from trainer.config import ConfigError, validate_config
 
-from .constants import INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
+from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
 from .spec import InvalidSpecError, JobSpec
 
 # The trainer checkpoints after SIGTERM; leave the kubelet this much of the grace
@@ -35,8 +35,17 @@ def checkpoint_grace_seconds(termination_grace_period_seconds: int) -> float:
                      termination_grace_period_seconds / 2))
 
 
-def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
-    """The trainer config dict for a job, validated by the trainer's own models."""
+def final_scrape_linger_seconds(scrape_interval_seconds: float) -> float:
+    """How long rank 0 keeps serving its metrics after the last step: one scrape
+    interval plus the latency of a reconcile, so that the operator's last scrape is of
+    the finished run and a succeeded job shows the run's final loss and throughput."""
+    return round(1.5 * scrape_interval_seconds + 1.0, 3)
+
+
+def render_trainer_config(job_name: str, spec: JobSpec, *,
+                          scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS) -> dict[str, Any]:
+    """The trainer config dict for a job, validated by the trainer's own models.
+    `scrape_interval_seconds` is the operator's: rank 0 lingers for one more scrape."""
     root = job_storage_dir(job_name)
     data: dict[str, Any] = {
         "instance_dir": INSTANCE_IMAGES_MOUNT_DIR,
@@ -83,7 +92,8 @@ def render_trainer_config(job_name: str, spec: JobSpec) -> dict[str, Any]:
         },
         "output": {"dir": f"{root}/output", **({"uri": spec.output.uri} if spec.output.uri else {})},
         # metrics.host is left out: the trainer binds $POD_IP, which the pod sets.
-        "metrics": {"port": spec.metrics.port},
+        "metrics": {"port": spec.metrics.port,
+                    "linger_seconds": final_scrape_linger_seconds(scrape_interval_seconds)},
         # One JSON object per line is what log collectors in a cluster want.
         "logging": {"format": "json"},
     }

@@ -213,7 +213,8 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         return 0
     finally:
         shutdown()
-        metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase == m.PHASE_DONE else 0)
+        metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase == m.PHASE_DONE else 0,
+                      interrupted=stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from trainer.config import CheckpointConfig, ConfigError, TrainerConfig
 
+LINGER_POLL_SECONDS = 0.2
+
 STEP = "dreambooth_step"
 MAX_STEPS = "dreambooth_max_steps"
 LOSS = "dreambooth_loss"
@@ -237,12 +239,15 @@ class TrainerMetrics:
     def set_class_images_generated(self, count: int) -> None:
         self.class_images_generated.set(count)
 
-    def close(self, *, linger_seconds: float = 0.0) -> None:
-        """Stops serving; after `linger_seconds`, so that a last scrape sees the end state."""
+    def close(self, *, linger_seconds: float = 0.0, interrupted=lambda: False) -> None:
+        """Stops serving; after `linger_seconds`, so that a last scrape sees the end state,
+        or sooner once `interrupted()` is true (a SIGTERM: the pod is going away, and a
+        process still lingering at the end of the grace period would be killed)."""
         if self._server is None:
             return
-        if linger_seconds > 0:
-            time.sleep(linger_seconds)
+        deadline = time.monotonic() + linger_seconds
+        while time.monotonic() < deadline and not interrupted():
+            time.sleep(min(LINGER_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         self._server.shutdown()
         self._server.server_close()
         self._server = None

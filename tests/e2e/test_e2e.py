@@ -163,6 +163,10 @@ def test_apply_runs_the_gang_to_an_exported_model(user: User, kubelet: Kubelet) 
 
     assert status["step"] == 30 and status["progress"] == "100%"
     assert status["restarts"] == 0 and status["preemptions"] == 0
+    # The loss shown is the run's last, not the one of the scrape before the run ended:
+    # rank 0 served its final metrics until the operator's next scrape.
+    last_step = [e for e in trainer_events(kubelet, "tiny-cpu-worker-0") if e.get("event") == "step"][-1]
+    assert last_step["step"] == 30 and status["loss"] == pytest.approx(last_step["loss"], abs=1e-6)
     assert condition(status, "Succeeded")["status"] == "True"
     run = user.run_json("tiny-cpu")
     assert run["final_step"] == 30 and run["resumed_from_step"] is None

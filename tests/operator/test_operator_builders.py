@@ -85,7 +85,16 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     # The trainer must finish its SIGTERM checkpoint inside the pod's grace period.
     assert config["checkpoint"]["grace_seconds"] < FULL_SPEC["workers"]["terminationGracePeriodSeconds"]
     assert config["output"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/output"
-    assert config["metrics"] == {"port": 9090}
+    assert config["metrics"]["port"] == 9090 and "host" not in config["metrics"]  # the trainer binds $POD_IP
+
+
+@pytest.mark.parametrize("scrape_interval", [0.25, c.DEFAULT_SCRAPE_INTERVAL_SECONDS, 60.0])
+def test_rank_0_serves_its_final_metrics_for_one_more_scrape(scrape_interval: float) -> None:
+    """A run may end between two scrapes: the finished run's loss reaches the job's
+    status only if rank 0 still answers at the next one."""
+    config_map = build_config_map(job(FULL_SPEC), scrape_interval_seconds=scrape_interval)
+    linger = yaml.safe_load(config_map["data"][c.CONFIG_FILE_NAME])["metrics"]["linger_seconds"]
+    assert scrape_interval < linger <= 2 * scrape_interval + 2  # one scrape more, not a wait many times over
 
 
 def test_config_map_holds_the_rendered_yaml() -> None:

@@ -10,6 +10,7 @@ import select
 import socket
 import struct
 import termios
+import threading
 import time
 import urllib.request
 
@@ -113,6 +114,28 @@ def test_endpoint_serves_the_registry_over_http():
     finally:
         metrics.close()
     assert metrics.serving_port is None
+
+
+def test_a_finished_run_keeps_serving_its_end_state_until_the_linger_ends_or_a_sigterm():
+    metrics = m.TrainerMetrics(max_steps=30, labels=LABELS)
+    metrics.serve("127.0.0.1", 0)
+    port = metrics.serving_port
+    metrics.record_position(step=30, samples=240)
+    scraped = []
+    scraper = threading.Timer(0.3, lambda: scraped.append(urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()))
+    scraper.start()
+    started = time.monotonic()
+    metrics.close(linger_seconds=1.0)
+    scraper.join()
+    assert time.monotonic() - started >= 1.0
+    assert f"{m.STEP}{{" in scraped[0] and "30.0" in scraped[0]  # a scrape during the linger sees the last step
+
+    metrics.serve("127.0.0.1", 0)
+    sigterm_at = time.monotonic() + 0.3
+    started = time.monotonic()
+    metrics.close(linger_seconds=60.0, interrupted=lambda: time.monotonic() >= sigterm_at)
+    assert time.monotonic() - started < 5  # the pod is going away: no minute-long wait
 
 
 def test_a_taken_port_is_a_config_error_naming_port_and_key():
