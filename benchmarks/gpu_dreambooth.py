@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -250,6 +251,10 @@ def run_case(name: str, run, device) -> dict:
         return run(name) | {"memory_before_case_gib": before}
     except torch.OutOfMemoryError as error:
         return {"case": name, "error": f"out of memory: {str(error).splitlines()[0][:120]}"}
+    except Exception as error:  # noqa: BLE001 (device time is scarce: one broken case must not cost the others)
+        traceback.print_exc()
+        first_line = (str(error).splitlines() or [""])[0][:160]
+        return {"case": name, "error": f"{type(error).__name__}: {first_line}"}
     finally:
         release(device)
 

@@ -3,12 +3,14 @@ all three cases, and the counted FLOPs show what our step leaves out (the VAE en
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -39,3 +41,34 @@ def test_cpu_run_measures_the_recipe_and_our_trainer(report):
     assert c_channels_last["tflop_per_step"] == c["tflop_per_step"]  # a layout, not a different computation
     assert report["targets"]["b_over_a_samples_per_second"] == pytest.approx(b["samples_per_second"] / a["samples_per_second"])
     assert report["device_name"] == "CPU" and report["resolution"] == 64
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("gpu_dreambooth", REPO / "benchmarks" / "gpu_dreambooth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_case_that_breaks_is_recorded_and_the_others_still_count():
+    """On a lent GPU there is one run: a case that fails (out of memory, an op that will
+    not build, a library error) becomes a row with its error, not the end of the run."""
+    benchmark = load_benchmark()
+    device = torch.device("cpu")
+
+    def out_of_memory(name):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    def broken(name):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    rows = [benchmark.run_case("(b) ours, ZeRO-2, 1+1", out_of_memory, device),
+            benchmark.run_case("(c) ours, ZeRO-2, 8+8", broken, device),
+            {"case": "(a) diffusers train_dreambooth.py, 1+1", "samples_per_second": 10.0, "peak_memory_gib": None,
+             "mfu": None}]
+    assert rows[0] == {"case": "(b) ours, ZeRO-2, 1+1", "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert rows[1] == {"case": "(c) ours, ZeRO-2, 8+8", "error": "RuntimeError: Ninja is required to load C++ extensions"}
+    assert benchmark.targets(rows) == {}  # no target is computed from a case that did not run
+    table = benchmark.markdown_table({"device_name": "CPU", "date": "d", "torch": "t", "size": "tiny", "resolution": 64,
+                                      "optimizer": "o", "cases": rows[:2]})
+    assert "| (c) ours, ZeRO-2, 8+8 | RuntimeError: Ninja is required to load C++ extensions |" in table
