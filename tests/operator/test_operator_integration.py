@@ -202,7 +202,9 @@ def test_suspend_deletes_workers_and_resume_recreates_them(cluster: Cluster) -> 
 
 
 def test_active_deadline_fails_the_job(cluster: Cluster) -> None:
-    cluster.create_job("slow", spec(runPolicy={"activeDeadlineSeconds": 1}))
+    # startTime has whole seconds (RFC 3339, as Kubernetes writes it), so a deadline of N
+    # seconds may end up to 1 s early: 3 s leaves the pod alive long enough to be seen.
+    cluster.create_job("slow", spec(runPolicy={"activeDeadlineSeconds": 3}))
     wait_for(lambda: len(cluster.pods("slow")) == 1, what="pod")
     cluster.run_pods("slow")
     wait_for(phase_is(cluster, "slow", "Failed"), what="Failed after the deadline")
