@@ -17,6 +17,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from tests.conftest import REPO
+from tests.trainer.object_stores import emulated_bucket
 from trainer.config import ConfigError, ModelConfig
 from trainer.fetch_once import FETCH_RECORD, fetch_once, lock_path, staging_path
 from trainer.model_cache import cache_folder, model_folder
@@ -137,6 +138,20 @@ def test_a_failed_fetch_releases_the_lock_and_leaves_nothing(tmp_path):
     with pytest.raises(ConfigError, match="boom"):
         fetch_once(target, broken, what="m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_in_a_bucket_is_copied_whole_into_the_cache(tmp_path, monkeypatch):
+    """The recursive copy through a real S3 backend (moto's server): every file of the
+    pipeline's subfolders, under <cache>/<bucket--path>@main."""
+    folder = make_fake_model(tmp_path / "model")
+    with emulated_bucket("s3", monkeypatch) as (s3, bucket):
+        s3.put(f"{folder}/", f"{bucket}/models/sd/", recursive=True)
+        url = f"s3://{bucket}/models/sd"
+        cached = model_folder(ModelConfig(source=url, cache_dir=tmp_path / "cache"))
+    assert cached == cache_folder(tmp_path / "cache", url, None)
+    for name, size in FAKE_MODEL.items():
+        assert (cached / name).read_bytes() == b"x" * size, name
+    assert json.loads((cached / FETCH_RECORD).read_text())["source"] == f"{url}@main"
 
 
 def test_an_unreachable_model_url_names_key_and_url(tmp_path):
