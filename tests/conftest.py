@@ -63,3 +63,12 @@ def run_trainer(config_path: Path, *, nproc: int = 2, extra: list[str] = (), tim
 @pytest.fixture
 def tiny_root(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The image requirement check waits about a minute on PyPI: started now, in the
+    background, it overlaps the tests that run before it."""
+    if any("resolved_images" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.ship.image_resolution import image_resolution
+
+        image_resolution()

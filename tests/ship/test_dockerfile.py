@@ -1,14 +1,11 @@
 """The Dockerfile, checked without a container engine: hadolint, the shape of its final
 stages (non-root user, no compiler, OCI labels, what the worker pods expect), and its
-pinned requirement sets resolving for the image's Python through PyPI (`pip install
---dry-run`: metadata only, no multi-GB CUDA wheels; about a minute). Needs the network
-and fails without it."""
+pinned requirement sets resolving for the image's Python through PyPI (see
+image_resolution.py: about a minute, in the background from the start of the session).
+Needs the network and fails without it."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import os
 import re
 import subprocess
 import sys
@@ -17,26 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from dreambooth_operator.constants import LAUNCHER, TRAINER_ENTRY, WORKER_UID
 from tests.ship.chart import CHART, REPO
-from tests.ship.dockerfile import DOCKER_DIR, DOCKERFILE, canonical, parse_stages, pins
+from tests.ship.dockerfile import DOCKERFILE, canonical, parse_stages, pins
+from tests.ship.image_resolution import (BUILD_REQUIREMENTS, DEEPSPEED_REQUIREMENTS, IMAGE_PYTHON,
+                                         OPERATOR_REQUIREMENTS, TRAINER_REQUIREMENTS, image_resolution)
 
-TRAINER_REQUIREMENTS = DOCKER_DIR / "trainer-requirements.txt"
-DEEPSPEED_REQUIREMENTS = DOCKER_DIR / "deepspeed-requirements.txt"
-BUILD_REQUIREMENTS = DOCKER_DIR / "build-requirements.txt"
-OPERATOR_REQUIREMENTS = DOCKER_DIR / "operator-requirements.txt"
-# Ubuntu 24.04's python3 and the operator's python:3.12-slim base.
-IMAGE_PYTHON = "3.12"
-IMAGE_ENVIRONMENT = {"python_version": IMAGE_PYTHON, "python_full_version": IMAGE_PYTHON + ".3",
-                     "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                     "os_name": "posix", "implementation_name": "cpython", "extra": ""}
-# PyPI wheels of the CUDA libraries are tagged anywhere from manylinux_2_17 to _2_28;
-# pip does not widen an explicit --platform, so the image's glibc (2.39) gets them all.
-IMAGE_PLATFORMS = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40))]
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|cuda-nvcc\S*|python3?-dev|\S+-dev)\b")
 
 STAGES = parse_stages(DOCKERFILE.read_text())
@@ -100,66 +86,30 @@ def test_pins_agree_with_the_project() -> None:
             assert requirement.specifier.contains(pinned[name]), f"{name}=={pinned[name]} violates {requirement}"
 
 
-def pip(*args: str, timeout: float = 240) -> dict:
-    """`pip install --dry-run` against PyPI alone: this machine's pip config (local wheel
-    folders, a torch cap) is left out, so the answer is what a docker build would get."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_") or key == "PIP_CERT"}
-    env["PIP_CONFIG_FILE"] = os.devnull
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-               "--disable-pip-version-check", "--report", "-", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
-    return json.loads(result.stdout)
-
-
-def for_the_image(target: Path, *args: str) -> list[str]:
-    """Resolve for the image's Python and platform; --target (an empty folder, never
-    written by a dry run) is what pip demands for a foreign platform."""
-    platforms = [arg for platform in IMAGE_PLATFORMS for arg in ("--platform", platform)]
-    # fast-deps reads each wheel's METADATA by HTTP range requests: the index serves no
-    # separate metadata files (PEP 658), and whole wheels would be ~3.5 GB of CUDA libraries.
-    return ["--use-feature=fast-deps", "--target", str(target), "--python-version", IMAGE_PYTHON, *platforms, "--only-binary=:all:", *args]
-
-
-def runtime_requirements(report: dict) -> list[str]:
-    """What an installed package requires at run time on the image (extras left out)."""
-    [package] = report["install"]
-    requirements = [Requirement(r) for r in package["metadata"].get("requires_dist", [])]
-    return [str(r).split(";")[0] for r in requirements
-            if r.marker is None or Marker(str(r.marker)).evaluate(IMAGE_ENVIRONMENT)]
-
-
 def installed(report: dict) -> dict[str, Version]:
     return {canonical(item["metadata"]["name"]): Version(item["metadata"]["version"]) for item in report["install"]}
 
 
 @pytest.fixture(scope="module")
-def resolved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    target = tmp_path_factory.mktemp("pip-target")
-    # deepspeed is an sdist: its metadata needs setup.py, run here against the local torch.
-    deepspeed = pip("--no-deps", "--no-build-isolation", "-r", str(DEEPSPEED_REQUIREMENTS))
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        trainer = pool.submit(pip, *for_the_image(target, "-r", str(BUILD_REQUIREMENTS), "-r", str(TRAINER_REQUIREMENTS),
-                                                  *runtime_requirements(deepspeed)))
-        operator = pool.submit(pip, *for_the_image(target, "-r", str(OPERATOR_REQUIREMENTS)))
-        return {"trainer": trainer.result(), "operator": operator.result(), "deepspeed": deepspeed}
+def resolved_images() -> dict[str, dict]:
+    return image_resolution().result(timeout=600)
 
 
 @pytest.mark.slow
-def test_trainer_requirements_resolve_for_the_image(resolved) -> None:
-    versions = installed(resolved["trainer"])
+def test_trainer_requirements_resolve_for_the_image(resolved_images) -> None:
+    versions = installed(resolved_images["trainer"])
     for name, version in {**pins(TRAINER_REQUIREMENTS), **pins(BUILD_REQUIREMENTS)}.items():
         assert versions[name] == Version(version), name
     # The pinned torch is a CUDA build whose libraries match the CUDA base image's major version.
     cuda_base = re.search(r"nvidia/cuda:(\d+)\.", TRAINER.base).group(1)
     assert versions["nvidia-cuda-runtime"].major == int(cuda_base) or f"nvidia-cuda-runtime-cu{cuda_base}" in versions
-    [deepspeed] = resolved["deepspeed"]["install"]
+    [deepspeed] = resolved_images["deepspeed"]["install"]
     assert deepspeed["metadata"]["version"] == pins(DEEPSPEED_REQUIREMENTS)["deepspeed"]
 
 
 @pytest.mark.slow
-def test_operator_requirements_resolve_without_torch(resolved) -> None:
-    versions = installed(resolved["operator"])
+def test_operator_requirements_resolve_without_torch(resolved_images) -> None:
+    versions = installed(resolved_images["operator"])
     for name, version in pins(OPERATOR_REQUIREMENTS).items():
         assert versions[name] == Version(version), name
     assert not {"torch", "deepspeed", "diffusers"} & set(versions)
