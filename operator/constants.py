@@ -46,6 +46,9 @@ TRAINER_ENTRY = "trainer/main.py"
 LAUNCHER = ("python", "-m", "trainer.launch")
 STORAGE_MOUNT_DIR = "/mnt/storage"
 INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
+# Each credentials Secret is also mounted, read-only, at <dir>/<secret name>/: for the
+# clients that want a file (GOOGLE_APPLICATION_CREDENTIALS=<dir>/<name>/key.json).
+CREDENTIALS_MOUNT_DIR = "/var/run/secrets/dreambooth"
 # Base models fetched from the hub, shared by every job on the same claim: <dir>/<id>@<revision>.
 MODEL_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/models"
 # The API server's limit on a ConfigMap's data (etcd's object size limit).

@@ -10,6 +10,7 @@ from .constants import (
     ANNOTATION_CONFIG_HASH,
     CONFIG_MOUNT_DIR,
     CONFIG_PATH,
+    CREDENTIALS_MOUNT_DIR,
     GPU_RESOURCE,
     HF_TOKEN_ENV,
     INSTANCE_IMAGES_MOUNT_DIR,
@@ -109,6 +110,12 @@ def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     if images is not None:
         volumes.insert(2, images)
         mounts.insert(2, instance_images_mount(job))
+    for index, secret in enumerate(job.spec.credentials_secrets):
+        # A Secret name may be longer than a volume name can be: volumes are numbered.
+        name = f"credentials-{index}"
+        # Readable by the worker's group (fsGroup), by no one else.
+        volumes.append({"name": name, "secret": {"secretName": secret, "defaultMode": 0o440}})
+        mounts.append({"name": name, "mountPath": f"{CREDENTIALS_MOUNT_DIR}/{secret}", "readOnly": True})
     return volumes, mounts
 
 

@@ -226,6 +226,24 @@ def test_instance_images_from_a_url_are_copied_to_the_job_volume_with_credential
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
+def test_each_credentials_secret_is_also_a_read_only_folder_for_key_files() -> None:
+    """GOOGLE_APPLICATION_CREDENTIALS and the like name a file: the Secret's keys are there
+    too, at a path the user can put in the same Secret."""
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["data"]["instanceImages"] = {"url": "gs://bucket/dogs/", "credentialsSecret": "gcs-key"}
+    spec["output"] = {"uri": "s3://bucket/models/sks-dog", "credentialsSecret": "s3-creds." + "x" * 60}
+    pod = build_worker_pod(job(spec), 0, 0, "h")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    [container] = pod["spec"]["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["credentials-0"] == {"name": "credentials-0", "secret": {"secretName": "gcs-key", "defaultMode": 0o440}}
+    assert mounts["credentials-0"] == {"name": "credentials-0", "mountPath": f"{c.CREDENTIALS_MOUNT_DIR}/gcs-key", "readOnly": True}
+    assert volumes["credentials-1"]["secret"]["secretName"] == "s3-creds." + "x" * 60
+    assert mounts["credentials-1"]["mountPath"] == f"{c.CREDENTIALS_MOUNT_DIR}/s3-creds.{'x' * 60}"
+    assert pod["spec"]["securityContext"]["fsGroup"] == c.WORKER_GID  # the group that may read them
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
 def test_created_claim_asks_for_size_class_and_access_mode() -> None:
     claim = build_claim(job(FULL_SPEC))
     assert claim["metadata"]["name"] == "sks-dog-storage"
