@@ -9,9 +9,9 @@ a node does for the pods it is given, through the same API a real kubelet uses:
 - runs the container's command (a leading `python` is this interpreter) in a private
   mount and UTS namespace (`unshare`): the pod's hostname, a hosts file that resolves the
   headless Service names of its peers, and its volumes bind-mounted at their mountPaths
-  (a claim is one folder shared by every pod, like ReadWriteMany; a ConfigMap is
-  materialised as a kubelet does it; an emptyDir is a fresh folder), so the trainer's
-  config needs no path rewriting;
+  (a claim is one folder shared by every pod, like ReadWriteMany; a ConfigMap or a
+  Secret is materialised as a kubelet does it, with its defaultMode; an emptyDir is a
+  fresh folder), so the trainer's config needs no path rewriting;
 - sets env from values, the downward API (status.podIP, metadata.*), Secrets and
   ConfigMaps (env and envFrom); a missing one keeps the container waiting
   (CreateContainerConfigError) until it exists;
@@ -45,13 +45,14 @@ from pod_sandbox import (
     container_command,
     exit_code,
     hosts_line,
-    materialise_config_map,
+    materialise_volume,
     now_text,
     output_tail,
     ports_held_by_others,
     running_status,
     sandbox_script,
     terminated_status,
+    volume_files,
     waiting_status,
 )
 
@@ -274,22 +275,30 @@ class Kubelet:
             return path
         path = folder / "volumes" / volume["name"]
         path.mkdir(parents=True)
-        if "configMap" in volume:
-            materialise_config_map(self._read("ConfigMap", volume["configMap"]["name"], namespace), path)
+        if "configMap" in volume or "secret" in volume:
+            kind, source = ("Secret", volume["secret"]) if "secret" in volume else ("ConfigMap", volume["configMap"])
+            if "items" in source:
+                raise ValueError(f"e2e kubelet: volume {volume['name']!r} selects {kind} keys (items), "
+                                 "which it cannot provide; add it to Kubelet._volume_folder")
+            # A missing one holds the pod in ContainerCreating (FailedMount), not in a config error.
+            data = self._read(kind, source.get("secretName") or source["name"], namespace, "ContainerCreating")
+            materialise_volume(volume_files(data, secret=kind == "Secret"), path, source.get("defaultMode", 0o644))
         elif "emptyDir" not in volume:
             raise ValueError(f"e2e kubelet: volume {volume['name']!r} of pod {pod['metadata']['name']} is of a "
                              f"kind it cannot provide ({sorted(volume)}); add it to Kubelet._volume_folder")
         return path
 
-    def _read(self, kind: str, name: str, namespace: str) -> dict[str, Any]:
+    def _read(self, kind: str, name: str, namespace: str,
+              reason: str = "CreateContainerConfigError") -> dict[str, Any]:
         """A Secret or ConfigMap the pod refers to; a missing one stops the pod's start
-        the way a kubelet does (CreateContainerConfigError), until it appears."""
+        the way a kubelet does (`reason`: CreateContainerConfigError for env,
+        ContainerCreating for a volume), until it appears."""
         method = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
         try:
             return json.loads(method(name, namespace, _preload_content=False).data)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
-                raise PodSetupError(f'{kind.lower()} "{name}" not found') from None
+                raise PodSetupError(f'{kind.lower()} "{name}" not found', reason) from None
             raise
 
     def _container_env(self, pod: dict[str, Any], container: dict[str, Any], address: str) -> dict[str, str]:

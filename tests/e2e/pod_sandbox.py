@@ -1,5 +1,5 @@
 """Pure pieces of the e2e kubelet (kubelet.py): the shell that sets up a pod's private
-namespaces, its hosts entries, a ConfigMap volume's files, and the pod statuses it reports."""
+namespaces, its hosts entries, a ConfigMap or Secret volume's files, and the pod statuses it reports."""
 
 from __future__ import annotations
 
@@ -31,16 +31,24 @@ def output_tail(log: Path) -> str:
     return "\n".join(lines)[-MESSAGE_BYTES:]
 
 
-def materialise_config_map(config_map: dict[str, Any], folder: Path) -> None:
+def volume_files(source: dict[str, Any], secret: bool) -> dict[str, bytes]:
+    """The files a ConfigMap (`data` as text, `binaryData` as base64) or a Secret (`data`
+    as base64) gives a volume: one per key."""
+    if secret:
+        return {key: base64.b64decode(value) for key, value in (source.get("data") or {}).items()}
+    files = {key: value.encode() for key, value in (source.get("data") or {}).items()}
+    files.update({key: base64.b64decode(value) for key, value in (source.get("binaryData") or {}).items()})
+    return files
+
+
+def materialise_volume(files: dict[str, bytes], folder: Path, mode: int) -> None:
     """Like a kubelet's atomic writer: keys are symlinks into `..data`, itself a symlink
-    to a timestamped folder holding the files."""
+    to a timestamped folder holding the files, each with the volume's defaultMode."""
     stamp = folder / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
     stamp.mkdir(parents=True)
-    files = dict((config_map.get("data") or {}).items())
-    for key, value in (config_map.get("binaryData") or {}).items():
-        files[key] = base64.b64decode(value)
-    for key, value in files.items():
-        (stamp / key).write_bytes(value if isinstance(value, bytes) else value.encode())
+    for key, content in files.items():
+        (stamp / key).write_bytes(content)
+        (stamp / key).chmod(mode)
     (folder / "..data").symlink_to(stamp.name)
     for key in files:
         (folder / key).symlink_to(f"..data/{key}")

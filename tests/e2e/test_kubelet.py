@@ -29,6 +29,8 @@ report = {
     "token": os.environ["TOKEN"],
     "greeting": Path("/etc/probe/greeting").read_text(),
     "config_files": sorted(os.listdir("/etc/probe")),
+    "key_file": Path("/etc/probe-secret/key.json").read_text(),
+    "key_file_mode": oct(os.stat("/etc/probe-secret/key.json").st_mode & 0o777),
     "scratch": os.listdir("/scratch"),
 }
 Path("/mnt/probe-data/report.json").write_text(json.dumps(report))
@@ -67,15 +69,18 @@ def test_a_pod_sees_its_name_volumes_and_env_and_stops_gracefully(setup: tuple[C
     cluster.core.create_namespaced_config_map("default", {"metadata": {"name": "probe-config"},
                                                           "data": {"greeting": "hello"}})
     cluster.core.create_namespaced_secret("default", {"metadata": {"name": "probe-secret"},
-                                                      "data": {"token": base64.b64encode(b"s3cret").decode()}})
+                                                      "data": {"token": base64.b64encode(b"s3cret").decode(),
+                                                               "key.json": base64.b64encode(b'{"k": 1}').decode()}})
     cluster.core.create_namespaced_pod("default", pod(
         "probe-0", ["python", "-c", PROBE],
         volumes=({"name": "config", "configMap": {"name": "probe-config"}},
+                 {"name": "key", "secret": {"secretName": "probe-secret", "defaultMode": 0o440}},
                  {"name": "data", "persistentVolumeClaim": {"claimName": "probe-data"}},
                  {"name": "scratch", "emptyDir": {}}),
         env=[{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
              {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "probe-secret", "key": "token"}}}],
         volumeMounts=[{"name": "config", "mountPath": "/etc/probe", "readOnly": True},
+                      {"name": "key", "mountPath": "/etc/probe-secret", "readOnly": True},
                       {"name": "data", "mountPath": "/mnt/probe-data"},
                       {"name": "scratch", "mountPath": "/scratch"}]))
 
@@ -89,6 +94,7 @@ def test_a_pod_sees_its_name_volumes_and_env_and_stops_gracefully(setup: tuple[C
     assert report["hostname"] == "probe-0"
     assert (report["token"], report["greeting"], report["scratch"]) == ("s3cret", "hello", [])
     assert "..data" in report["config_files"]  # a kubelet's ConfigMap layout
+    assert (report["key_file"], report["key_file_mode"]) == ('{"k": 1}', "0o440")  # a Secret's, with its mode
     assert not Path("/mnt/probe-data/report.json").exists()  # the mount stayed inside the pod
 
     uid = raw_pod(cluster, "probe-0")["metadata"]["uid"]
@@ -114,13 +120,19 @@ def test_a_failed_container_reports_exit_code_and_last_output(setup: tuple[Clust
     assert not any(p["metadata"]["name"] == "probe-fails" for p in cluster.all_pods())
 
 
-def test_a_missing_secret_keeps_the_container_waiting(setup: tuple[Cluster, Kubelet]) -> None:
+@pytest.mark.parametrize("refers", ["env", "volume"])
+def test_a_missing_secret_keeps_the_container_waiting(setup: tuple[Cluster, Kubelet], refers: str) -> None:
     cluster, _ = setup
-    cluster.core.create_namespaced_pod("default", pod(
-        "probe-waits", ["python", "-c", "pass"],
-        envFrom=[{"secretRef": {"name": "not-there"}}]))
-    state = wait_for(lambda: raw_pod(cluster, "probe-waits")["status"]["containerStatuses"][0]["state"],
+    name = f"probe-waits-{refers}"
+    if refers == "env":
+        manifest = pod(name, ["python", "-c", "pass"], envFrom=[{"secretRef": {"name": "not-there"}}])
+    else:
+        manifest = pod(name, ["python", "-c", "pass"], volumes=({"name": "key", "secret": {"secretName": "not-there"}},),
+                       volumeMounts=[{"name": "key", "mountPath": "/etc/key"}])
+    cluster.core.create_namespaced_pod("default", manifest)
+    state = wait_for(lambda: raw_pod(cluster, name)["status"]["containerStatuses"][0]["state"],
                      timeout=30, what="a container state")
-    assert state["waiting"]["reason"] == "CreateContainerConfigError"
+    expected = {"env": "CreateContainerConfigError", "volume": "ContainerCreating"}[refers]
+    assert state["waiting"]["reason"] == expected
     assert "not-there" in state["waiting"]["message"]
-    assert raw_pod(cluster, "probe-waits")["status"]["phase"] == "Pending"
+    assert raw_pod(cluster, name)["status"]["phase"] == "Pending"
