@@ -1,6 +1,7 @@
 """The whole chain as a user drives it: `kubectl apply` -> the real operator -> a gang of
 two worker pods running the real torchrun + DeepSpeed trainer -> failures, preemption
-and suspension -> resume from the checkpoint -> an exported model.
+and suspension -> resume from the checkpoint -> an exported model, on the claim or
+uploaded to a bucket.
 
 One emulated API (kmock), one operator process, one kubelet (tests/e2e/kubelet.py, which
 runs the pods as local processes on their own loopback addresses) and one real
@@ -14,17 +15,21 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+import s3fs
 import yaml
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, project_kubectl, wait_for
 
 from kubelet import Kubelet
+from tests.trainer.object_stores import s3_server
 from tests.trainer.prometheus_server import PrometheusServer, install_prometheus
+from trainer.publish import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "manifests" / "examples" / "tiny-cpu-job.yaml"
@@ -90,11 +95,15 @@ class User:
         return result.stdout
 
     def apply_example(self, name: str, **spec_changes: dict[str, Any]) -> None:
-        """The README's example job under another name, with some spec sections changed."""
+        """The README's example job under another name, with some spec sections changed
+        (a field set to None is removed)."""
         job = yaml.safe_load(EXAMPLE.read_text())
         job["metadata"]["name"] = name
         for section, values in spec_changes.items():
-            job["spec"].setdefault(section, {}).update(values)
+            fields = job["spec"].setdefault(section, {})
+            fields.update(values)
+            for key in [key for key, value in values.items() if value is None]:
+                del fields[key]
         out = self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(job))
         assert f"dreamboothjob.dreambooth.io/{name} created" in out
 
@@ -102,8 +111,13 @@ class User:
         return self.cluster.status(name)
 
     def wait_phase(self, name: str, phase: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, timeout=timeout,
-                        what=f"{name} phase {phase}")
+        def reached() -> dict[str, Any] | None:
+            status = self.status(name)
+            if status.get("phase") == "Failed" != phase:  # final: no point waiting out the timeout
+                raise AssertionError(f"{name} failed while waiting for {phase}: {status.get('lastFailure')}")
+            return status if status.get("phase") == phase else None
+
+        return wait_for(reached, timeout=timeout, what=f"{name} phase {phase}")
 
     def job_dir(self, name: str) -> Path:
         # The operator's layout: the claim `<job>-storage` mounted at /mnt/storage, the job under /<job>.
@@ -270,3 +284,52 @@ def test_suspend_then_resume_continues_from_the_suspend_checkpoint(user: User, k
     assert status["restarts"] == 0
     run = user.run_json("tiny-suspend")
     assert run["resumed_from_step"] == suspended_at and run["final_step"] == 30
+
+
+def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret(
+        user: User, kubelet: Kubelet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`manifests/examples/bucket-job.yaml`'s flow against an S3-compatible store (moto),
+    its credentials only in a Secret made the usual way: the AWS shared-credentials file
+    (`--from-file`), read through the Secret's mount, and the endpoint as a key, read
+    through `envFrom`. Neither reaches the workers any other way."""
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(variable, raising=False)  # pods inherit the test's environment
+    with s3_server() as store:
+        bucket = s3fs.S3FileSystem(key=store["AWS_ACCESS_KEY_ID"], secret=store["AWS_SECRET_ACCESS_KEY"],
+                                   client_kwargs={"endpoint_url": store["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
+        name = f"robots-{uuid.uuid4().hex[:8]}"
+        bucket.mkdir(name)
+        bucket.put(f"{PHOTOS}/", f"{name}/photos/", recursive=True)
+        credentials = tmp_path / "credentials"
+        credentials.write_text(f"[default]\naws_access_key_id = {store['AWS_ACCESS_KEY_ID']}\n"
+                               f"aws_secret_access_key = {store['AWS_SECRET_ACCESS_KEY']}\n")
+        user.kubectl("create", "secret", "generic", "bucket-creds", f"--from-file=credentials={credentials}",
+                     "--from-literal=AWS_SHARED_CREDENTIALS_FILE=/var/run/secrets/dreambooth/bucket-creds/credentials",
+                     f"--from-literal=AWS_ENDPOINT_URL={store['AWS_ENDPOINT_URL']}",
+                     f"--from-literal=AWS_DEFAULT_REGION={store['AWS_DEFAULT_REGION']}")
+        model_uri = f"s3://{name}/models/sks-robot"
+        user.apply_example(
+            "tiny-bucket",
+            data={"instanceImages": {"url": f"s3://{name}/photos/", "credentialsSecret": "bucket-creds"},
+                  "classPrompt": None},
+            output={"uri": model_uri, "credentialsSecret": "bucket-creds"},
+            training={"maxSteps": 5})
+        status = user.wait_phase("tiny-bucket", "Succeeded")
+
+        assert status["restarts"] == 0 and status["step"] == 5
+        # The photos were copied once onto the claim, for both pods, saying from where.
+        photos = user.job_dir("tiny-bucket") / "instance-images"
+        assert sorted(path.name for path in photos.glob("[!.]*")) == sorted(path.name for path in PHOTOS.iterdir())
+        assert json.loads((photos / ".fetched.json").read_text())["source"] == f"s3://{name}/photos/"
+        # The model is on the claim and in the bucket, file for file, the marker last.
+        run = user.run_json("tiny-bucket")
+        assert run["upload"] == {"uri": model_uri, "ok": True}
+        model = user.job_dir("tiny-bucket") / "output"
+        local = sorted(str(path.relative_to(model)) for path in model.rglob("*") if path.is_file())
+        prefix = model_uri.removeprefix("s3://") + "/"
+        assert sorted(key.removeprefix(prefix) for key in bucket.find(prefix)) == sorted([*local, COMPLETE_MARKER])
+        for file in local:
+            if file != "run.json":  # the local copy records the upload afterwards
+                assert bucket.cat(prefix + file) == (model / file).read_bytes(), file
+        assert json.loads(bucket.cat(prefix + COMPLETE_MARKER)) == {"files": len(local)}
