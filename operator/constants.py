@@ -54,6 +54,12 @@ MODEL_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/models"
 # The API server's limit on a ConfigMap's data (etcd's object size limit).
 CONFIG_MAP_MAX_BYTES = 1024 * 1024
 SHM_MOUNT_DIR = "/dev/shm"
+# The volumes the operator gives every worker (credentials ones are numbered) and the
+# folders it mounts them at: a user's workers.volumes / volumeMounts may take neither.
+CONFIG_VOLUME, STORAGE_VOLUME, SHM_VOLUME, INSTANCE_IMAGES_VOLUME = "config", "storage", "shm", "instance-images"
+CREDENTIALS_VOLUME_PREFIX = "credentials-"
+OPERATOR_MOUNT_DIRS = (CONFIG_MOUNT_DIR, STORAGE_MOUNT_DIR, INSTANCE_IMAGES_MOUNT_DIR, SHM_MOUNT_DIR,
+                       CREDENTIALS_MOUNT_DIR)
 HF_TOKEN_ENV = "HF_TOKEN"
 GPU_RESOURCE = "nvidia.com/gpu"
 # The trainer image's non-root user (Dockerfile). fsGroup makes the volumes writable to it.

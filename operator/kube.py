@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Callable
 
 import kubernetes
+import pydantic
 from kubernetes.client.rest import ApiException
 
 from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, VERSION
@@ -108,6 +109,22 @@ class KubeApi:
             raise
         return True
 
+    async def refusal(self, obj: dict[str, Any]) -> str | None:
+        """Why `obj` cannot be created, or None: the client's own schema check, then the
+        API server's in a dry run (400 or 422: malformed or invalid), which stores nothing."""
+        method = getattr(self._core, self._CREATE[obj["kind"]])
+        try:
+            await self._call(method, obj["metadata"]["namespace"], obj, dry_run="All", _preload_content=False)
+        except pydantic.ValidationError as error:
+            return schema_message(error)
+        except ApiException as error:
+            if error.status in (400, 422):
+                return api_message(error)
+            if error.status == 409:
+                return None
+            raise
+        return None
+
     async def replace_config_map(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         await self._call(self._core.patch_namespaced_config_map, meta["name"], meta["namespace"],
@@ -181,3 +198,21 @@ class KubeApi:
             "count": 1,
         }
         await self.create(event)
+
+
+def api_message(error: ApiException) -> str:
+    """The `message` of the API server's Status reply, else the HTTP reason."""
+    try:
+        return str(json.loads(error.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(error.reason)
+
+
+def schema_message(error: pydantic.ValidationError) -> str:
+    """The client's schema errors for a body, as `spec.volumes[4].nfs.path: Field required`
+    (its locations start with the body's position among the call's arguments)."""
+    problems = []
+    for item in error.errors()[:3]:
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"][1:])
+        problems.append(f"{path.lstrip('.')}: {item['msg']}")
+    return "; ".join(problems)

@@ -10,14 +10,19 @@ from .constants import (
     ANNOTATION_CONFIG_HASH,
     CONFIG_MOUNT_DIR,
     CONFIG_PATH,
+    CONFIG_VOLUME,
     CREDENTIALS_MOUNT_DIR,
+    CREDENTIALS_VOLUME_PREFIX,
     GPU_RESOURCE,
     HF_TOKEN_ENV,
     INSTANCE_IMAGES_MOUNT_DIR,
+    INSTANCE_IMAGES_VOLUME,
     LAUNCHER,
     RENDEZVOUS_PORT,
     SHM_MOUNT_DIR,
+    SHM_VOLUME,
     STORAGE_MOUNT_DIR,
+    STORAGE_VOLUME,
     TRAINER_ENTRY,
     WORKER_CONTAINER,
     WORKER_GID,
@@ -86,25 +91,25 @@ def instance_images_volume(job: Job) -> dict[str, Any] | None:
     images = job.spec.data.instance_images
     if images.config_map_name is not None:
         # A few small photos fit a ConfigMap (binaryData): no volume to provision.
-        return {"name": "instance-images", "configMap": {"name": images.config_map_name}}
+        return {"name": INSTANCE_IMAGES_VOLUME, "configMap": {"name": images.config_map_name}}
     if images.claim_name is not None:
-        return {"name": "instance-images",
+        return {"name": INSTANCE_IMAGES_VOLUME,
                 "persistentVolumeClaim": {"claimName": images.claim_name, "readOnly": True}}
     return None
 
 
 def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes = [
-        {"name": "config", "configMap": {"name": config_map_name(job.name)}},
-        {"name": "storage", "persistentVolumeClaim": {"claimName": storage_claim_name(job)}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}},
+        {"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": storage_claim_name(job)}},
         # NCCL and data loader workers share memory through /dev/shm, which is 64 MiB
         # in a container by default: far too small.
-        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
     ]
     mounts = [
-        {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
-        {"name": "storage", "mountPath": STORAGE_MOUNT_DIR},
-        {"name": "shm", "mountPath": SHM_MOUNT_DIR},
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": STORAGE_VOLUME, "mountPath": STORAGE_MOUNT_DIR},
+        {"name": SHM_VOLUME, "mountPath": SHM_MOUNT_DIR},
     ]
     images = instance_images_volume(job)
     if images is not None:
@@ -112,15 +117,19 @@ def worker_volumes(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         mounts.insert(2, instance_images_mount(job))
     for index, secret in enumerate(job.spec.credentials_secrets):
         # A Secret name may be longer than a volume name can be: volumes are numbered.
-        name = f"credentials-{index}"
+        name = f"{CREDENTIALS_VOLUME_PREFIX}{index}"
         # Readable by the worker's group (fsGroup), by no one else.
         volumes.append({"name": name, "secret": {"secretName": secret, "defaultMode": 0o440}})
         mounts.append({"name": name, "mountPath": f"{CREDENTIALS_MOUNT_DIR}/{secret}", "readOnly": True})
+    # The user's own (a dataset on NFS, a CA bundle, a local NVMe cache); the spec keeps
+    # their names and folders clear of the ones above.
+    volumes.extend(copy.deepcopy(job.spec.workers.volumes))
+    mounts.extend(copy.deepcopy(job.spec.workers.volume_mounts))
     return volumes, mounts
 
 
 def instance_images_mount(job: Job) -> dict[str, Any]:
-    mount: dict[str, Any] = {"name": "instance-images", "mountPath": INSTANCE_IMAGES_MOUNT_DIR, "readOnly": True}
+    mount: dict[str, Any] = {"name": INSTANCE_IMAGES_VOLUME, "mountPath": INSTANCE_IMAGES_MOUNT_DIR, "readOnly": True}
     sub_path = job.spec.data.instance_images.path.strip("/")
     if sub_path:
         mount["subPath"] = sub_path
@@ -192,12 +201,18 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         spec["serviceAccountName"] = workers.service_account_name
     if workers.priority_class_name is not None:
         spec["priorityClassName"] = workers.priority_class_name
+    if workers.scheduler_name is not None:
+        # e.g. Volcano or the coscheduling plugin, to place the whole gang or none of it.
+        spec["schedulerName"] = workers.scheduler_name
+    if workers.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": secret.name} for secret in workers.image_pull_secrets]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
+        # The user's labels and annotations (never the operator's own keys: the spec refuses those).
         "metadata": child_metadata(job, worker_name(job.name, index),
-                                   labels=worker_labels(job.name, index, gang),
-                                   annotations={ANNOTATION_CONFIG_HASH: config_hash}),
+                                   labels={**workers.labels, **worker_labels(job.name, index, gang)},
+                                   annotations={**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash}),
         "spec": spec,
     }
 

@@ -147,7 +147,9 @@ class Reconciler:
 
         pods = await self.api.list("Pod", namespace, worker_selector(name))
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
-        problem = await input_problem(self.api, job) if plan.create else None
+        problem = None
+        if plan.create:
+            problem = await input_problem(self.api, job) or await self._refused_children(job, plan.create[0])
         if problem is not None:
             await self._reject(body, dict(body.get("status") or {}), problem)
             return self.settings.timing.resync_seconds
@@ -186,6 +188,19 @@ class Reconciler:
         # Workers of an earlier, valid spec must not go on with a spec nobody can read.
         for pod in await self.api.list("Pod", meta["namespace"], worker_selector(meta["name"])):
             await self.api.delete("Pod", meta["namespace"], pod_name(pod))
+
+    async def _refused_children(self, job: Job, index: int) -> str | None:
+        """What the API server says against the claim and a worker pod this pass would
+        create, asked in a dry run before anything is written: spec.workers passes
+        volumes, tolerations, env and resources through as they are, and a malformed one
+        must fail the job with the server's words, not fail every pass in the log."""
+        children = [child for child in (build_claim(job), build_worker_pod(job, index, 0, "dry-run")) if child]
+        for child in children:
+            message = await self.api.refusal(child)
+            if message is not None:
+                return (f"the API server refuses the {child['kind']} {child['metadata']['name']!r} made from this "
+                        f"spec: {message}; fix the spec field it comes from (a pod's spec.* from spec.workers)")
+        return None
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         patch = merge_patch(old, new)

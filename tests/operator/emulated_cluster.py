@@ -7,7 +7,9 @@ filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discover
 ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
-(`kubectl get` columns from the stored CRD's additionalPrinterColumns).
+(`kubectl get` columns from the stored CRD's additionalPrinterColumns), server-side
+dry runs of Pod and PersistentVolumeClaim creation, and one of the API server's
+semantic Pod checks (see semantic_refusal).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -76,6 +78,26 @@ NAMESPACES = ("default", "team-a", "team-b")
 NAMESPACES_URL = re.compile(r"/api/v1/namespaces(?:/([^/]+))?/?")
 
 
+# Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
+DRY_RUN_KINDS = {"pods": "Pod", "persistentvolumeclaims": "PersistentVolumeClaim"}
+CREATE_URL = re.compile(rf"/api/v1/namespaces/[^/]+/({'|'.join(DRY_RUN_KINDS)})/?")
+
+
+def semantic_refusal(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The 422 Status of an API server for a rule of its validation code that no schema
+    states (the client checks the schema before sending), else None. One rule, one that
+    a user's workers.env can break: an env var with both a value and a valueFrom."""
+    name = (obj.get("metadata") or {}).get("name")
+    for c_index, container in enumerate((obj.get("spec") or {}).get("containers") or []):
+        for e_index, var in enumerate(container.get("env") or []):
+            if var.get("value") and var.get("valueFrom"):
+                message = (f'{kind} "{name}" is invalid: spec.containers[{c_index}].env[{e_index}].valueFrom: '
+                           'Invalid value: "": may not be specified when `value` is not empty')
+                return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": message, "reason": "Invalid", "code": 422}
+    return None
+
+
 class Emulator(kmock.KubernetesEmulator):
     _counter = itertools.count(1)
 
@@ -96,6 +118,14 @@ class Emulator(kmock.KubernetesEmulator):
                                          status=415)
             # kmock parses the body it reads back from the request: hand it the JSON form.
             raw_request._read_bytes = as_json
+        created = CREATE_URL.fullmatch(raw_request.path) if raw_request.method == "POST" else None
+        if created is not None:
+            obj = json.loads(await raw_request.read())
+            refused = semantic_refusal(obj, DRY_RUN_KINDS[created.group(1)])
+            if refused is not None:
+                return web.json_response(refused, status=refused["code"])
+            if raw_request.query.get("dryRun") == "All":
+                return web.json_response(obj, status=201)
         match = NAMESPACES_URL.fullmatch(raw_request.path)
         if match is None or raw_request.method != "GET":
             return await super().__call__(raw_request)

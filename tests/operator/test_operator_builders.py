@@ -164,6 +164,22 @@ def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
     assert pod["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH] == "abc"
 
 
+def test_worker_pod_takes_the_users_labels_volumes_registry_and_scheduler() -> None:
+    pod = build_worker_pod(job(FULL_SPEC), index=0, gang=0, config_hash="abc")
+    spec, [container] = pod["spec"], pod["spec"]["containers"]
+    # Beside the operator's own labels and annotations, which still select the pod.
+    assert pod["metadata"]["labels"]["team"] == "vision" and pod["metadata"]["labels"][c.LABEL_JOB] == "sks-dog"
+    assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false", c.ANNOTATION_CONFIG_HASH: "abc"}
+    assert spec["schedulerName"] == "volcano"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    # After the operator's volumes, which keep their names and folders.
+    assert spec["volumes"][-1] == FULL_SPEC["workers"]["volumes"][0]
+    assert container["volumeMounts"][-1] == {"name": "datasets", "mountPath": "/mnt/datasets", "readOnly": True}
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {c.CONFIG_MOUNT_DIR, c.STORAGE_MOUNT_DIR}
+    plain = build_worker_pod(job(MINIMAL_SPEC), index=0, gang=0, config_hash="abc")["spec"]
+    assert "schedulerName" not in plain and "imagePullSecrets" not in plain
+
+
 def test_worker_pod_runs_as_non_root_without_privilege_escalation() -> None:
     pod = build_worker_pod(job(FULL_SPEC), index=0, gang=1, config_hash="abc")
     pod_context = pod["spec"]["securityContext"]
@@ -282,6 +298,19 @@ _DELETE = object()
     ("data.instanceImages", {"url": "bucket/photos"}, "spec.data.instanceImages.url = 'bucket/photos'"),
     ("output", {"uri": "models/x"}, "spec.output.uri = 'models/x'"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
+    ("workers.labels", {"dreambooth.io/job": "other"}, "'dreambooth.io/job' is set by the operator"),
+    ("workers.labels", {"team": "computer vision"}, "'computer vision' of 'team' is not a valid label value"),
+    ("workers.annotations", {"bad key!": "x"}, "'bad key!' is not a valid key"),
+    ("workers.volumes", [{"name": "storage", "emptyDir": {}}],
+     "spec.workers.volumes[0].name = 'storage': that name is taken"),
+    ("workers.volumes", [{"name": "credentials-0", "emptyDir": {}}], "that name is taken"),
+    ("workers.volumes", [{"name": "Data", "emptyDir": {}}], "spec.workers.volumes[0].name = 'Data'"),
+    ("workers.volumeMounts", [{"name": "data", "mountPath": "/mnt/data"}],
+     "spec.workers.volumeMounts[0].name = 'data': not one of workers.volumes (none)"),
+    ("workers", {**MINIMAL_SPEC["workers"], "volumes": [{"name": "data", "emptyDir": {}}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/mnt/storage/data"}]},
+     "spec.workers.volumeMounts[0].mountPath = '/mnt/storage/data': the operator mounts /mnt/storage there"),
+    ("workers.imagePullSecrets", ["regcred"], "spec.workers.imagePullSecrets.0 = 'regcred'"),
 ])
 def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: Any, expected: str) -> None:
     with pytest.raises(InvalidSpecError) as error:

@@ -96,8 +96,8 @@ def _model_fields(model: type[BaseModel], schema: dict[str, Any], path: str) -> 
         annotation = field.annotation
         nested = next((arg for arg in getattr(annotation, "__args__", (annotation,))
                        if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
-        if nested is not None:
-            yield from _model_fields(nested, prop, f"{path}.{alias}")
+        if nested is not None:  # a section, or a list of them (the CRD's `items`)
+            yield from _model_fields(nested, prop.get("items", prop), f"{path}.{alias}")
         elif field.default is not PydanticUndefined and field.default is not None:
             if prop.get("default") != field.default:
                 yield f"{path}.{alias}: default {field.default!r} in the model, {prop.get('default')!r} in the CRD"

@@ -182,6 +182,38 @@ def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
     assert cluster.status("broken")["phase"] == "Pending"
 
 
+NFS_WITHOUT_PATH = {"volumes": [{"name": "datasets", "nfs": {"server": "nfs.internal"}}]}
+ENV_WITH_VALUE_AND_SOURCE = {"env": [{"name": "TOKEN", "value": "x",
+                                      "valueFrom": {"secretKeyRef": {"name": "t", "key": "token"}}}]}
+
+
+@pytest.mark.parametrize("name,workers,expected", [
+    # The Pod schema (checked by the client before it sends anything) ...
+    ("bad-volume", NFS_WITHOUT_PATH, "spec.volumes[4].nfs.path: Field required"),
+    # ... and a rule of the API server's own validation code (422).
+    ("bad-env", ENV_WITH_VALUE_AND_SOURCE, 'Pod "bad-env-worker-0" is invalid: spec.containers[0].env[4].valueFrom: '
+                                           'Invalid value: "": may not be specified when `value` is not empty'),
+])
+def test_a_spec_whose_pods_cannot_be_created_fails_with_the_reason(cluster: Cluster, name: str,
+                                                                   workers: dict[str, Any], expected: str) -> None:
+    # Valid for the CRD and the spec model (volumes and env pass through as in a Pod),
+    # but not a valid Pod: no pod is created, not even once, and the job says why.
+    cluster.create_job(name, spec(workers=workers))
+    cluster.create_job(f"{name}-neighbour", spec())
+    message = wait_for(lambda: (s := cluster.status(name)).get("phase") == "Failed"
+                       and condition(s, "Failed")["message"], what=f"{name} Failed")
+    assert condition(cluster.status(name), "Failed")["reason"] == "InvalidSpec"
+    assert message.startswith(f"the API server refuses the Pod '{name}-worker-0' made from this spec: ")
+    assert expected in message
+    wait_for(lambda: len(cluster.pods(f"{name}-neighbour")) == 1, what="the other job's pod")
+    assert cluster.pods(name) == []
+    events = wait_for(lambda: [e for e in cluster.events(name) if e["reason"] == "InvalidSpec"], what="Event")
+    assert len(events) == 1  # the next passes find the same refusal and say nothing new
+
+    cluster.patch_spec(name, {"workers": {"volumes": [], "env": []}})
+    wait_for(lambda: cluster.pods(name), what="pod after the fix")
+
+
 def test_suspend_deletes_workers_and_resume_recreates_them(cluster: Cluster) -> None:
     cluster.create_job("pausable", spec(workers={"nodes": 2}))
     wait_for(lambda: len(cluster.pods("pausable")) == 2, what="2 pods")
