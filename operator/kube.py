@@ -99,13 +99,16 @@ class KubeApi:
     }
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Create `obj`; False when it already exists (409), which callers treat as done."""
+        """Create `obj`; False when it already exists (409), which callers treat as done.
+        CreateForbidden when the API server forbids it (403: a quota, a policy)."""
         method = getattr(self._core, self._CREATE[obj["kind"]])
         try:
             await self._call(method, obj["metadata"]["namespace"], obj, _preload_content=False)
         except ApiException as error:
             if error.status == 409:
                 return False
+            if error.status == 403:
+                raise CreateForbidden(api_message(error)) from None
             raise
         return True
 
@@ -120,7 +123,7 @@ class KubeApi:
         except ApiException as error:
             if error.status in (400, 422):
                 return api_message(error)
-            if error.status == 409:
+            if error.status in (403, 409):  # forbidden for now, or there already: the create will say
                 return None
             raise
         return None
@@ -198,6 +201,10 @@ class KubeApi:
             "count": 1,
         }
         await self.create(event)
+
+
+class CreateForbidden(Exception):
+    """The API server forbids a create for now (403); the message is its own."""
 
 
 def api_message(error: ApiException) -> str:

@@ -123,6 +123,26 @@ def invalid_spec_status(status: dict[str, Any], message: str, now: dt.datetime) 
     return new
 
 
+def failed_create_status(status: dict[str, Any], message: str, now: dt.datetime) -> dict[str, Any]:
+    """Workers the API server forbids for now (a quota, a policy): said in condition
+    Created, phase unchanged; the next passes try again."""
+    new = dict(status)
+    new["conditions"] = set_condition(status.get("conditions") or [], c.CONDITION_CREATED, False,
+                                      c.REASON_FAILED_CREATE, message, now)
+    return new
+
+
+def created_status(status: dict[str, Any], nodes: int, now: dt.datetime) -> dict[str, Any]:
+    """Condition Created back to True once every worker of the gang exists."""
+    if any(cond.get("type") == c.CONDITION_CREATED and cond.get("status") == "True"
+           for cond in status.get("conditions") or []):
+        return status
+    new = dict(status)
+    new["conditions"] = set_condition(status.get("conditions") or [], c.CONDITION_CREATED, True,
+                                      c.REASON_WORKERS_CREATED, f"{nodes} worker pods created", now)
+    return new
+
+
 def gang_of(status: dict[str, Any]) -> int:
     return int(status.get("restarts") or 0) + int(status.get("preemptions") or 0)
 

@@ -17,8 +17,8 @@ import aiohttp
 from . import constants as c
 from .children import build_claim, build_config_map, build_service
 from .inputs import input_problem
-from .kube import KubeApi
-from .lifecycle import Timing, decide, invalid_spec_status, timestamp
+from .kube import CreateForbidden, KubeApi
+from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
 from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .pods import build_worker_pod
@@ -164,11 +164,7 @@ class Reconciler:
         for pod in plan.delete:
             await self.api.delete("Pod", namespace, pod)
         if plan.create:
-            await self._create_children(job, config_map)
-            config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
-            for index in plan.create:
-                if await self.api.create(build_worker_pod(job, index, plan.gang, config)):
-                    self.metrics.pods_created.inc()
+            await self._create_gang(body, job, config_map, plan.create, plan.gang, plan.status)
 
         delay = plan.requeue_after or self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_RUNNING and job.spec.metrics.port:
@@ -188,6 +184,27 @@ class Reconciler:
         # Workers of an earlier, valid spec must not go on with a spec nobody can read.
         for pod in await self.api.list("Pod", meta["namespace"], worker_selector(meta["name"])):
             await self.api.delete("Pod", meta["namespace"], pod_name(pod))
+
+    async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], indices: list[int],
+                           gang: int, status: dict[str, Any]) -> None:
+        """Create the children and the missing workers; a 403 (a quota, a policy) is
+        reported in condition Created and a Warning Event, and tried again next pass."""
+        config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+        try:
+            await self._create_children(job, config_map)
+            for index in indices:
+                if await self.api.create(build_worker_pod(job, index, gang, config)):
+                    self.metrics.pods_created.inc()
+        except CreateForbidden as error:
+            message = str(error)
+            before = next((cond for cond in status.get("conditions") or []
+                           if cond.get("type") == c.CONDITION_CREATED), {})
+            if (before.get("reason"), before.get("message")) != (c.REASON_FAILED_CREATE, message):
+                await self.api.post_event(body, "Warning", c.REASON_FAILED_CREATE, message)
+            await self._write_status(job.namespace, job.name, status, failed_create_status(status, message, utc_now()))
+            return
+        await self._write_status(job.namespace, job.name, status,
+                                 created_status(status, job.spec.workers.nodes, utc_now()))
 
     async def _refused_children(self, job: Job, index: int) -> str | None:
         """What the API server says against the claim and a worker pod this pass would

@@ -8,8 +8,8 @@ ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
 (`kubectl get` columns from the stored CRD's additionalPrinterColumns), server-side
-dry runs of Pod and PersistentVolumeClaim creation, and one of the API server's
-semantic Pod checks (see semantic_refusal).
+dry runs of Pod and PersistentVolumeClaim creation, one of the API server's semantic
+Pod checks (see semantic_refusal) and a ResourceQuota's `pods` count.
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -46,6 +46,7 @@ RESOURCES = [
     ("v1/configmaps", "ConfigMap", True, ["cm"], []),
     ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, ["pvc"], ["status"]),
     ("v1/secrets", "Secret", True, [], []),
+    ("v1/resourcequotas", "ResourceQuota", True, ["quota"], ["status"]),
     ("v1/events", "Event", True, ["ev"], []),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, ["crd"], ["status"]),
     ("dreambooth.io/v1alpha1/dreamboothjobs", "DreamboothJob", True, ["dbj"], ["status"]),
@@ -80,7 +81,7 @@ NAMESPACES_URL = re.compile(r"/api/v1/namespaces(?:/([^/]+))?/?")
 
 # Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
 DRY_RUN_KINDS = {"pods": "Pod", "persistentvolumeclaims": "PersistentVolumeClaim"}
-CREATE_URL = re.compile(rf"/api/v1/namespaces/[^/]+/({'|'.join(DRY_RUN_KINDS)})/?")
+CREATE_URL = re.compile(rf"/api/v1/namespaces/([^/]+)/({'|'.join(DRY_RUN_KINDS)})/?")
 
 
 def semantic_refusal(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -121,7 +122,10 @@ class Emulator(kmock.KubernetesEmulator):
         created = CREATE_URL.fullmatch(raw_request.path) if raw_request.method == "POST" else None
         if created is not None:
             obj = json.loads(await raw_request.read())
-            refused = semantic_refusal(obj, DRY_RUN_KINDS[created.group(1)])
+            namespace, plural = created.groups()
+            refused = semantic_refusal(obj, DRY_RUN_KINDS[plural])
+            if refused is None and plural == "pods":
+                refused = self._pod_quota_refusal(obj, namespace)
             if refused is not None:
                 return web.json_response(refused, status=refused["code"])
             if raw_request.query.get("dryRun") == "All":
@@ -143,6 +147,22 @@ class Emulator(kmock.KubernetesEmulator):
             return response
         return web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
                                   "items": list(self._namespaces.values())})
+
+    def _pod_quota_refusal(self, pod: dict[str, Any], namespace: str) -> dict[str, Any] | None:
+        """The ResourceQuota admission's 403 for a pod over a quota's `pods` count."""
+        live = sum(1 for (resource, ns, _), obj in self._objects.items()
+                   if resource == PODS and ns == namespace and not obj.deleted)
+        for (resource, ns, name), quota in self._objects.items():
+            if resource != RESOURCE_QUOTAS or ns != namespace or quota.deleted:
+                continue
+            hard = (quota.raw.get("spec") or {}).get("hard") or {}
+            limit = hard.get("pods", hard.get("count/pods"))
+            if limit is not None and live + 1 > int(limit):
+                message = (f'pods "{pod["metadata"]["name"]}" is forbidden: exceeded quota: {name}, '
+                           f"requested: pods=1, used: pods={live}, limited: pods={limit}")
+                return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": message, "reason": "Forbidden", "code": 403}
+        return None
 
     async def _handle(self, request: kmock.Request) -> Any:
         # kmock logs every request for assertions and scans the whole log to route each
@@ -253,6 +273,7 @@ class Emulator(kmock.KubernetesEmulator):
 
 
 PODS = kmock.resource("", "v1", "pods")
+RESOURCE_QUOTAS = kmock.resource("", "v1", "resourcequotas")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
 

@@ -8,6 +8,7 @@ names); the restart test restarts that operator.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, Iterator
 
 import kubernetes_validate
@@ -212,6 +213,30 @@ def test_a_spec_whose_pods_cannot_be_created_fails_with_the_reason(cluster: Clus
 
     cluster.patch_spec(name, {"workers": {"volumes": [], "env": []}})
     wait_for(lambda: cluster.pods(name), what="pod after the fix")
+
+
+def test_a_gang_over_the_namespace_quota_says_so_and_starts_once_it_fits(cluster: Cluster) -> None:
+    namespace = "team-b"  # a quota of its own, away from the other tests' pods
+    cluster.core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "gpu-pods"},
+                                                              "spec": {"hard": {"pods": "1"}}})
+    cluster.create_job("crowded", spec(workers={"nodes": 2}), namespace=namespace)
+
+    created = wait_for(lambda: (cond := condition(cluster.status("crowded", namespace), "Created"))
+                       and cond["status"] == "False" and cond, what="condition Created False")
+    assert created["reason"] == "FailedCreate"
+    assert created["message"] == ('pods "crowded-worker-1" is forbidden: exceeded quota: gpu-pods, '
+                                  "requested: pods=1, used: pods=1, limited: pods=1")
+    assert [p["metadata"]["name"] for p in cluster.pods("crowded", namespace)] == ["crowded-worker-0"]
+    assert cluster.status("crowded", namespace)["phase"] == "Pending"  # not failed: a quota can grow
+    time.sleep(3)  # more passes (resync 2 s) find the same refusal and say nothing new
+    events = [e for e in cluster.events("crowded", namespace) if e["reason"] == "FailedCreate"]
+    assert len(events) == 1 and events[0]["type"] == "Warning" and "exceeded quota" in events[0]["message"]
+
+    cluster.core.patch_namespaced_resource_quota("gpu-pods", namespace, {"spec": {"hard": {"pods": "4"}}})
+    wait_for(lambda: len(cluster.pods("crowded", namespace)) == 2, what="the second worker once the quota fits")
+    created = wait_for(lambda: (cond := condition(cluster.status("crowded", namespace), "Created"))
+                       and cond["status"] == "True" and cond, what="condition Created True")
+    assert created["reason"] == "WorkersCreated"
 
 
 def test_suspend_deletes_workers_and_resume_recreates_them(cluster: Cluster) -> None:

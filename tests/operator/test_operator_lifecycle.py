@@ -10,7 +10,7 @@ import pytest
 from dbj_examples import MINIMAL_SPEC
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.lifecycle import Timing, decide, timestamp
+from dreambooth_operator.lifecycle import Timing, created_status, decide, failed_create_status, timestamp
 from dreambooth_operator.podstates import describe_failure, is_preemption
 from dreambooth_operator.spec import JobSpec
 
@@ -228,3 +228,21 @@ def test_condition_transition_time_moves_only_when_its_status_flips() -> None:
     again = decide(job_spec(), first, [pod(0), pod(1)], later, TIMING).status
     assert condition(again, c.CONDITION_RUNNING)["lastTransitionTime"] == timestamp(NOW)
     assert again == first  # nothing changed: nothing to patch
+
+
+def test_a_forbidden_create_is_a_condition_that_stays_put_until_the_gang_exists() -> None:
+    status = decide(job_spec(), {}, [], NOW).status
+    quota = 'pods "j-worker-1" is forbidden: exceeded quota: q'
+    failed = failed_create_status(status, quota, NOW)
+    [created] = [cond for cond in failed["conditions"] if cond["type"] == c.CONDITION_CREATED]
+    assert (created["status"], created["reason"], created["message"]) == ("False", c.REASON_FAILED_CREATE, quota)
+    assert failed["phase"] == c.PHASE_PENDING  # a quota can grow: not a failure of the job
+    # The next pass: decide leaves the condition alone, the same refusal changes nothing.
+    later = NOW + dt.timedelta(minutes=5)
+    again = failed_create_status(decide(job_spec(), failed, [pod(0, "Pending")], later).status, quota, later)
+    assert again["conditions"] == failed["conditions"]
+    fixed = created_status(again, 2, later)
+    [created] = [cond for cond in fixed["conditions"] if cond["type"] == c.CONDITION_CREATED]
+    assert (created["status"], created["reason"], created["lastTransitionTime"]) == (
+        "True", c.REASON_WORKERS_CREATED, timestamp(later))
+    assert created_status(fixed, 2, later + dt.timedelta(minutes=1)) is fixed
