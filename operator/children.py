@@ -3,12 +3,19 @@ Service and (when `storage.size` asks for one) PVC. No API calls here."""
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
-from .constants import ANNOTATION_CONFIG_HASH, CONFIG_FILE_NAME, DEFAULT_SCRAPE_INTERVAL_SECONDS, RENDEZVOUS_PORT
+from .constants import (
+    ANNOTATION_CONFIG_HASH,
+    CONFIG_FILE_NAME,
+    DEFAULT_SCRAPE_INTERVAL_SECONDS,
+    RENDEZVOUS_PORT,
+    STORAGE_MOUNT_DIR,
+)
 from .metadata import child_metadata, claim_name, config_map_name, job_labels, service_name
 from .spec import Job
-from .trainer_config import config_hash, config_yaml, render_trainer_config
+from .trainer_config import config_hash, config_yaml, job_output_dir, render_trainer_config
 
 
 def build_config_map(job: Job, *, scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS) -> dict[str, Any]:
@@ -68,3 +75,13 @@ def build_claim(job: Job) -> dict[str, Any] | None:
 def storage_claim_name(job: Job) -> str:
     storage = job.spec.storage
     return storage.claim_name if storage.claim_name is not None else claim_name(job.name)
+
+
+def output_status(job: Job) -> dict[str, Any]:
+    """status.output of a succeeded job: where its model is, so nobody has to know the
+    layout of the claim (and the URI it was uploaded to, if any)."""
+    location: dict[str, Any] = {"claimName": storage_claim_name(job),
+                                "path": posixpath.relpath(job_output_dir(job.name), STORAGE_MOUNT_DIR)}
+    if job.spec.output.uri:
+        location["uri"] = job.spec.output.uri
+    return location

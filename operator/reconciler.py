@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import build_claim, build_config_map, build_service
+from .children import build_claim, build_config_map, build_service, output_status
 from .inputs import input_problem
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
@@ -153,6 +153,8 @@ class Reconciler:
         if problem is not None:
             await self._reject(body, dict(body.get("status") or {}), problem)
             return self.settings.timing.resync_seconds
+        if plan.status.get("phase") == c.PHASE_SUCCEEDED:
+            plan.status["output"] = output_status(job)
         await self._write_status(namespace, name, body.get("status") or {}, plan.status)
         self.metrics.set_phase(namespace, name, plan.status.get("phase"))
         for type_, reason, message in plan.events:

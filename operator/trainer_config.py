@@ -30,6 +30,11 @@ def job_storage_dir(job_name: str) -> str:
     return f"{STORAGE_MOUNT_DIR}/{job_name}"
 
 
+def job_output_dir(job_name: str) -> str:
+    """Where the trainer writes the exported pipeline (output.dir), in the workers' mount."""
+    return f"{job_storage_dir(job_name)}/output"
+
+
 def checkpoint_grace_seconds(termination_grace_period_seconds: int) -> float:
     return float(max(termination_grace_period_seconds - SIGTERM_MARGIN_SECONDS,
                      termination_grace_period_seconds / 2))
@@ -90,7 +95,7 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
             "resume": "auto",
             "grace_seconds": checkpoint_grace_seconds(spec.workers.termination_grace_period_seconds),
         },
-        "output": {"dir": f"{root}/output", **({"uri": spec.output.uri} if spec.output.uri else {})},
+        "output": {"dir": job_output_dir(job_name), **({"uri": spec.output.uri} if spec.output.uri else {})},
         # metrics.host is left out: the trainer binds $POD_IP, which the pod sets.
         "metrics": {"port": spec.metrics.port,
                     "linger_seconds": final_scrape_linger_seconds(scrape_interval_seconds)},

@@ -182,6 +182,9 @@ def test_apply_runs_the_gang_to_an_exported_model(user: User, kubelet: Kubelet) 
     last_step = [e for e in trainer_events(kubelet, "tiny-cpu-worker-0") if e.get("event") == "step"][-1]
     assert last_step["step"] == 30 and status["loss"] == pytest.approx(last_step["loss"], abs=1e-6)
     assert condition(status, "Succeeded")["status"] == "True"
+    # The status says where the model is: a folder of the claim, as the trainer wrote it.
+    output = status["output"]
+    assert (kubelet.claim_folder(output["claimName"]) / output["path"]) == user.job_dir("tiny-cpu") / "output"
     run = user.run_json("tiny-cpu")
     assert run["final_step"] == 30 and run["resumed_from_step"] is None
     assert (run["world_size"], run["zero_stage"]) == (2, 2)
@@ -325,6 +328,7 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
         # The model is on the claim and in the bucket, file for file, the marker last.
         run = user.run_json("tiny-bucket")
         assert run["upload"] == {"uri": model_uri, "ok": True}
+        assert status["output"]["uri"] == model_uri
         model = user.job_dir("tiny-bucket") / "output"
         local = sorted(str(path.relative_to(model)) for path in model.rglob("*") if path.is_file())
         prefix = model_uri.removeprefix("s3://") + "/"

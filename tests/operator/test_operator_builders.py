@@ -15,7 +15,7 @@ import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.children import build_claim, build_config_map, build_service
+from dreambooth_operator.children import build_claim, build_config_map, build_service, output_status
 from dreambooth_operator.kube import KubeApi
 from dreambooth_operator.metadata import owner_reference
 from dreambooth_operator.pods import build_worker_pod, build_worker_pods
@@ -178,6 +178,16 @@ def test_worker_pod_takes_the_users_labels_volumes_registry_and_scheduler() -> N
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {c.CONFIG_MOUNT_DIR, c.STORAGE_MOUNT_DIR}
     plain = build_worker_pod(job(MINIMAL_SPEC), index=0, gang=0, config_hash="abc")["spec"]
     assert "schedulerName" not in plain and "imagePullSecrets" not in plain
+
+
+def test_status_output_names_the_claim_folder_the_trainer_writes_and_the_upload() -> None:
+    created = job(FULL_SPEC)  # storage.size: a claim of the job's own
+    rendered = render_trainer_config(created.name, created.spec)
+    assert output_status(created) == {"claimName": "sks-dog-storage", "path": "sks-dog/output"}
+    assert rendered["output"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/output"
+    uploaded = job(_with("output", {"uri": "s3://models/sks-dog"}))
+    assert output_status(uploaded) == {"claimName": "dreambooth-ckpt", "path": "sks-dog/output",
+                                       "uri": "s3://models/sks-dog"}
 
 
 def test_worker_pod_runs_as_non_root_without_privilege_escalation() -> None:

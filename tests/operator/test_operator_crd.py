@@ -16,7 +16,8 @@ from pydantic_core import PydanticUndefined
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.lifecycle import decide
-from dreambooth_operator.spec import JobSpec
+from dreambooth_operator.children import output_status
+from dreambooth_operator.spec import Job, JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "manifests" / "crd.yaml"
@@ -135,6 +136,7 @@ def test_every_status_the_operator_writes_fits_the_schema() -> None:
     status.update(step=10, progress="1%", loss=0.5, samplesPerSecond=1.0, etaSeconds=3.0,
                   latestCheckpoint={"step": 10, "path": "/x/step-00000010", "time": "2026-01-01T00:00:00Z"})
     assert status["lastFailure"]["exitCode"] == 1
+    status["output"] = output_status(Job(name="sks-dog", namespace="default", uid="u", spec=spec))
     status_schema = SCHEMA["properties"]["status"]
     jsonschema.Draft4Validator(status_schema).validate(status)
     assert unknown_fields(status_schema, status) == []

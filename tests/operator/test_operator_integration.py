@@ -97,6 +97,7 @@ def test_create_makes_valid_children_then_follows_pods_to_success(cluster: Clust
     assert condition(status, "Succeeded")["status"] == "True"
     assert condition(status, "Running")["status"] == "False"
     assert status["completionTime"]
+    assert status["output"] == {"claimName": "dreambooth-ckpt", "path": "three/output"}  # where the model is
 
 
 def test_worker_failure_restarts_the_whole_gang(cluster: Cluster) -> None:
