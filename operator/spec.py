@@ -217,6 +217,13 @@ class MetricsSpec(_Spec):
     port: int = Field(9090, ge=0, le=65535)
 
 
+class ValidationSpec(_Spec):
+    every_steps: int = Field(0, ge=0)
+    prompts: list[str] = Field(default_factory=list)
+    num_inference_steps: int = Field(25, ge=1)
+    seed: int = 0
+
+
 class OutputSpec(_Spec):
     # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, file://) or hf://ORG/REPO.
     uri: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
@@ -235,6 +242,7 @@ class JobSpec(_Spec):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
     @property
     def credentials_secrets(self) -> list[str]:

@@ -101,6 +101,9 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
                     "linger_seconds": final_scrape_linger_seconds(scrape_interval_seconds)},
         # One JSON object per line is what log collectors in a cluster want.
         "logging": {"format": "json"},
+        # Sample grids go to <job>/samples/ on the claim (the trainer's default beside checkpoints).
+        "validation": {"every_steps": spec.validation.every_steps, "prompts": list(spec.validation.prompts),
+                       "num_inference_steps": spec.validation.num_inference_steps, "seed": spec.validation.seed},
     }
     try:
         validate_config(config, source=f"rendered from DreamboothJob {job_name}")

@@ -294,7 +294,8 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
     """`manifests/examples/bucket-job.yaml`'s flow against an S3-compatible store (moto),
     its credentials only in a Secret made the usual way: the AWS shared-credentials file
     (`--from-file`), read through the Secret's mount, and the endpoint as a key, read
-    through `envFrom`. Neither reaches the workers any other way."""
+    through `envFrom`. Neither reaches the workers any other way. Also spec.validation's
+    sample grid."""
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                      "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(variable, raising=False)  # pods inherit the test's environment
@@ -317,7 +318,8 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
             data={"instanceImages": {"url": f"s3://{name}/photos/", "credentialsSecret": "bucket-creds"},
                   "classPrompt": None},
             output={"uri": model_uri, "credentialsSecret": "bucket-creds"},
-            training={"maxSteps": 5})
+            training={"maxSteps": 5},
+            validation={"everySteps": 5, "numInferenceSteps": 2})
         status = user.wait_phase("tiny-bucket", "Succeeded")
 
         assert status["restarts"] == 0 and status["step"] == 5
@@ -337,3 +339,8 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
             if file != "run.json":  # the local copy records the upload afterwards
                 assert bucket.cat(prefix + file) == (model / file).read_bytes(), file
         assert json.loads(bucket.cat(prefix + COMPLETE_MARKER)) == {"files": len(local)}
+        # spec.validation: a grid of samples at the last step, on the claim beside the checkpoints.
+        from PIL import Image
+
+        with Image.open(user.job_dir("tiny-bucket") / "samples" / "step-00000005.png") as grid:
+            assert grid.size[1] == 64

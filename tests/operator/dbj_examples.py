@@ -51,6 +51,7 @@ FULL_SPEC: dict[str, Any] = {
     "checkpoint": {"everySteps": 100, "keepLast": 3},
     "runPolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 86400, "suspend": False},
     "metrics": {"port": 9090},
+    "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30},
 }
 
 

@@ -7,6 +7,7 @@ Kubernetes version the project targets.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -22,6 +23,7 @@ from dreambooth_operator.pods import build_worker_pod, build_worker_pods
 from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
 from trainer.config import validate_config
+from trainer.validation import samples_dir
 
 SPECS = {"minimal": MINIMAL_SPEC, "full": FULL_SPEC}
 
@@ -86,6 +88,10 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["checkpoint"]["grace_seconds"] < FULL_SPEC["workers"]["terminationGracePeriodSeconds"]
     assert config["output"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/output"
     assert config["metrics"]["port"] == 9090 and "host" not in config["metrics"]  # the trainer binds $POD_IP
+    assert config["validation"] == {"every_steps": 200, "prompts": ["a photo of sks dog on the beach"],
+                                    "num_inference_steps": 30, "seed": 0}
+    # The trainer puts the samples beside the checkpoints: <job>/samples/ on the claim.
+    assert samples_dir(validate_config(copy.deepcopy(config))) == Path(f"{c.STORAGE_MOUNT_DIR}/sks-dog/samples")
 
 
 @pytest.mark.parametrize("scrape_interval", [0.25, c.DEFAULT_SCRAPE_INTERVAL_SECONDS, 60.0])
