@@ -243,6 +243,8 @@ class JobSpec(_Spec):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    # Any other trainer key, as `section.key: value` (trainer --set); see trainer_config.py.
+    trainer_overrides: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def credentials_secrets(self) -> list[str]:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from trainer.config import ConfigError, validate_config
+from trainer.config import ConfigError, apply_overrides, validate_config
 
 from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
 from .spec import InvalidSpecError, JobSpec
@@ -105,6 +105,7 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         "validation": {"every_steps": spec.validation.every_steps, "prompts": list(spec.validation.prompts),
                        "num_inference_steps": spec.validation.num_inference_steps, "seed": spec.validation.seed},
     }
+    apply_trainer_overrides(config, spec.trainer_overrides)
     try:
         validate_config(config, source=f"rendered from DreamboothJob {job_name}")
     except ConfigError as error:
@@ -114,6 +115,35 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         detail = _TRAINER_KEY.sub(_spec_field, detail)
         raise InvalidSpecError(f"the trainer rejects the config rendered from this spec: {detail}") from None
     return config
+
+
+# Trainer keys that are the operator's to set, whatever the spec says: the claim's
+# layout, the mounts, the metrics the operator scrapes and the log format it parses.
+_OPERATOR_SECTIONS = ("model", "checkpoint", "output", "metrics")
+_OPERATOR_KEYS = ("data.instance_dir", "data.instance_url", "data.class_dir", "logging.format")
+
+
+def apply_trainer_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """spec.trainerOverrides (`section.key: value`, as the trainer's --set) into the
+    rendered config, for trainer keys the spec has no field for. A key the spec renders
+    or the operator owns is refused, naming where it is set; the trainer's own
+    validation then names an unknown key or a bad value."""
+    for key, value in overrides.items():
+        section, _, rest = key.partition(".")
+        field = f"spec.trainerOverrides[{key!r}]"
+        if not rest:
+            raise InvalidSpecError(f"{field}: expected section.key, e.g. training.max_grad_norm")
+        top = rest.split(".")[0]
+        where = _TRAINER_KEY.sub(_spec_field, f"{section}.{top}")
+        if where.startswith("spec."):
+            raise InvalidSpecError(f"{field}: {key} comes from {where}; set it there")
+        if section in _OPERATOR_SECTIONS or key in _OPERATOR_KEYS or top in (config.get(section) or {}):
+            raise InvalidSpecError(f"{field}: {key} is set by the operator (the claim's layout, its mounts and "
+                                   "the metrics it scrapes); remove it")
+        try:
+            apply_overrides(config, [f"{key}={json.dumps(value)}"])
+        except ConfigError as error:
+            raise InvalidSpecError(f"{field}: {error}") from None
 
 
 _TRAINER_KEY = re.compile(r"\b([a-z]+)\.([a-z_]+)\b")

@@ -76,11 +76,14 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
         "class_dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/class-images",
         "num_class_images": 200,
         "resolution": 512,
+        "random_flip": False,  # spec.trainerOverrides
     }
     assert config["training"]["max_steps"] == 800
+    assert config["training"]["max_grad_norm"] == 0.5
+    assert config["deepspeed"]["overrides"] == {"zero_optimization": {"overlap_comm": True}}
     assert config["training"]["train_text_encoder"] is True
     assert config["training"]["precision"] == "fp16"
-    assert config["deepspeed"] == {"zero_stage": 2}
+    assert config["deepspeed"]["zero_stage"] == 2
     assert config["checkpoint"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/checkpoints"
     assert config["checkpoint"]["every_steps"] == 100
     assert config["checkpoint"]["resume"] == "auto"
@@ -327,6 +330,13 @@ _DELETE = object()
                  "volumeMounts": [{"name": "data", "mountPath": "/mnt/storage/data"}]},
      "spec.workers.volumeMounts[0].mountPath = '/mnt/storage/data': the operator mounts /mnt/storage there"),
     ("workers.imagePullSecrets", ["regcred"], "spec.workers.imagePullSecrets.0 = 'regcred'"),
+    ("trainerOverrides", {"training.max_steps": 5},
+     "spec.trainerOverrides['training.max_steps']: training.max_steps comes from spec.training.maxSteps; set it there"),
+    ("trainerOverrides", {"checkpoint.dir": "/tmp"}, "checkpoint.dir is set by the operator"),
+    ("trainerOverrides", {"data.instance_url": "s3://b/p"}, "data.instance_url is set by the operator"),
+    ("trainerOverrides", {"training": {"max_grad_norm": 1}}, "spec.trainerOverrides['training']: expected section.key"),
+    ("trainerOverrides", {"training.max_grad_nrm": 1}, "training.max_grad_nrm: unknown key"),
+    ("trainerOverrides", {"data.random_flip": "sometimes"}, "data.random_flip = 'sometimes'"),
 ])
 def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: Any, expected: str) -> None:
     with pytest.raises(InvalidSpecError) as error:
