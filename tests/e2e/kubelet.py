@@ -51,6 +51,7 @@ from pod_sandbox import (
     ports_held_by_others,
     running_status,
     sandbox_script,
+    signal_process_tree,
     terminated_status,
     volume_files,
     waiting_status,
@@ -354,11 +355,13 @@ class Kubelet:
         self._pods.pop(running.uid, None)
 
     def _signal(self, running: RunningPod, sig: signal.Signals, group: bool) -> None:
+        """`group`: every process of the container, as a runtime ends them all with its
+        PID namespace (torchrun's workers each run in a session of their own)."""
+        if group:
+            signal_process_tree(running.process.pid, sig)
+            return
         try:
-            if group:
-                os.killpg(running.process.pid, sig)
-            else:
-                os.kill(running.process.pid, sig)
+            os.kill(running.process.pid, sig)
         except ProcessLookupError:
             pass
 

@@ -1,10 +1,12 @@
-"""Pure pieces of the e2e kubelet (kubelet.py): the shell that sets up a pod's private
-namespaces, its hosts entries, a ConfigMap or Secret volume's files, and the pod statuses it reports."""
+"""Pieces of the e2e kubelet (kubelet.py), pure but for the process helpers: the shell
+that sets up a pod's private namespaces, its hosts entries, a ConfigMap or Secret
+volume's files, and the pod statuses it reports."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import shlex
 import sys
 import time
@@ -74,6 +76,26 @@ def ports_held_by_others(address: str, ports: list[int], own_pids: set[int]) -> 
             if conn.status == psutil.CONN_LISTEN and conn.laddr.port in wanted
             and conn.laddr.ip in (address, "0.0.0.0", "::") and conn.pid not in own_pids}
     return sorted(busy)
+
+
+def signal_process_tree(pid: int, sig: int) -> None:
+    """`sig` to a process, its process group and every descendant: torchrun starts each
+    worker in a session of its own, which a signal to torchrun's group never reaches."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for process in descendants:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def container_command(container: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import REPO, tiny_config, write_config
+from tests.e2e.pod_sandbox import signal_process_tree
 from tests.ship import dashboard as d
 from tests.trainer.prometheus_server import PrometheusServer, free_port, install_prometheus
 
@@ -51,7 +52,7 @@ def start_training(root: Path, port: int) -> subprocess.Popen[bytes]:
 def stop_group(process: subprocess.Popen[bytes]) -> None:
     """The run is over and only lingers for the scrapes: end torchrun and its worker at once."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+        signal_process_tree(process.pid, signal.SIGKILL)
         process.wait()
 
 
