@@ -134,10 +134,10 @@ def apply_trainer_overrides(config: dict[str, Any], overrides: dict[str, Any]) -
         if not rest:
             raise InvalidSpecError(f"{field}: expected section.key, e.g. training.max_grad_norm")
         top = rest.split(".")[0]
-        where = _TRAINER_KEY.sub(_spec_field, f"{section}.{top}")
-        if where.startswith("spec."):
+        where = spec_field_for(section, top)
+        if where is not None:
             raise InvalidSpecError(f"{field}: {key} comes from {where}; set it there")
-        if section in _OPERATOR_SECTIONS or key in _OPERATOR_KEYS or top in (config.get(section) or {}):
+        if section in _OPERATOR_SECTIONS or f"{section}.{top}" in _OPERATOR_KEYS or top in (config.get(section) or {}):
             raise InvalidSpecError(f"{field}: {key} is set by the operator (the claim's layout, its mounts and "
                                    "the metrics it scrapes); remove it")
         try:
@@ -149,13 +149,18 @@ def apply_trainer_overrides(config: dict[str, Any], overrides: dict[str, Any]) -
 _TRAINER_KEY = re.compile(r"\b([a-z]+)\.([a-z_]+)\b")
 
 
-def _spec_field(match: re.Match[str]) -> str:
-    section, key = match.groups()
+def spec_field_for(section: str, key: str) -> str | None:
+    """The spec field a trainer key is rendered from (training.lr_warmup_steps ->
+    spec.training.lrWarmupSteps), or None where the spec has no field of that name."""
     spec_section = JobSpec.model_fields.get(section)
     model = getattr(spec_section, "annotation", None) if spec_section is not None else None
     if isinstance(model, type) and issubclass(model, BaseModel) and key in model.model_fields:
         return f"spec.{section}.{to_camel(key)}"
-    return match.group(0)
+    return None
+
+
+def _spec_field(match: re.Match[str]) -> str:
+    return spec_field_for(*match.groups()) or match.group(0)
 
 
 def config_yaml(config: dict[str, Any]) -> str:

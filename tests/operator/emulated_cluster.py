@@ -79,6 +79,12 @@ NAMESPACES = ("default", "team-a", "team-b")
 NAMESPACES_URL = re.compile(r"/api/v1/namespaces(?:/([^/]+))?/?")
 
 
+def failure_status(code: int, reason: str, message: str = "") -> dict[str, Any]:
+    """An API server's error reply (a `Status`), as clients parse it."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
 # Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
 DRY_RUN_KINDS = {"pods": "Pod", "persistentvolumeclaims": "PersistentVolumeClaim"}
 CREATE_URL = re.compile(rf"/api/v1/namespaces/([^/]+)/({'|'.join(DRY_RUN_KINDS)})/?")
@@ -94,8 +100,7 @@ def semantic_refusal(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
             if var.get("value") and var.get("valueFrom"):
                 message = (f'{kind} "{name}" is invalid: spec.containers[{c_index}].env[{e_index}].valueFrom: '
                            'Invalid value: "": may not be specified when `value` is not empty')
-                return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": message, "reason": "Invalid", "code": 422}
+                return failure_status(422, "Invalid", message)
     return None
 
 
@@ -114,9 +119,7 @@ class Emulator(kmock.KubernetesEmulator):
             try:
                 as_json = json.dumps(decode_object(await raw_request.read())).encode()
             except UnsupportedBody as error:
-                return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                          "reason": "UnsupportedMediaType", "message": str(error), "code": 415},
-                                         status=415)
+                return web.json_response(failure_status(415, "UnsupportedMediaType", str(error)), status=415)
             # kmock parses the body it reads back from the request: hand it the JSON form.
             raw_request._read_bytes = as_json
         created = CREATE_URL.fullmatch(raw_request.path) if raw_request.method == "POST" else None
@@ -136,8 +139,7 @@ class Emulator(kmock.KubernetesEmulator):
         name = match.group(1)
         if name is not None:
             if name not in self._namespaces:
-                return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                          "reason": "NotFound", "code": 404}, status=404)
+                return web.json_response(failure_status(404, "NotFound"), status=404)
             return web.json_response(self._namespaces[name])
         if raw_request.query.get("watch") in ("true", "1"):
             # Namespaces never change here: an open stream with no events.
@@ -160,8 +162,7 @@ class Emulator(kmock.KubernetesEmulator):
             if limit is not None and live + 1 > int(limit):
                 message = (f'pods "{pod["metadata"]["name"]}" is forbidden: exceeded quota: {name}, '
                            f"requested: pods=1, used: pods={live}, limited: pods={limit}")
-                return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": message, "reason": "Forbidden", "code": 403}
+                return failure_status(403, "Forbidden", message)
         return None
 
     async def _handle(self, request: kmock.Request) -> Any:
