@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from trainer import checkpoint  # noqa: E402
 from trainer.config import validate_config  # noqa: E402

@@ -25,7 +25,6 @@ from tests.ship.chart import (
     by_kind,
     helm,
     render,
-    template_text,
 )
 from tests.ship.install_manifest import render_install_manifest
 from tests.ship.workloads import example_job, worker_pods

@@ -24,7 +24,7 @@ from tests.trainer.prometheus_server import PrometheusServer, free_port, install
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the operator harness imports its siblings by name
 from emulated_cluster import EmulatedCluster  # noqa: E402
-from operator_harness import Cluster, OperatorProcess, running, terminated, wait_for  # noqa: E402
+from operator_harness import Cluster, OperatorProcess, terminated, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_trainer, tiny_config, write_config
+from tests.conftest import REPO, run_trainer, tiny_config, write_config
 
 
 def step_losses(stdout: str) -> dict[int, float]:
