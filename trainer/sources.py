@@ -1,10 +1,10 @@
-"""Folders behind fsspec URLs (file://, memory://, https://, s3://, gs://, ...), copied
-to local disk: instance images from `data.instance_url`, a base model from a URL.
+"""Folders behind fsspec URLs (file://, memory://, https://, s3://, gs://, az://, ...),
+copied to local disk: instance images from `data.instance_url`, a base model from a URL.
 
 fsspec serves file:// and memory:// itself; the `storage` extra (in the trainer image)
-adds s3fs, gcsfs and aiohttp. A protocol whose package is missing is reported with its
-name. Credentials and endpoints come from the environment, read by each backend's own
-client (AWS_*, STORAGE_EMULATOR_HOST, ...).
+adds s3fs, gcsfs, adlfs and aiohttp. A protocol whose package is missing is reported with
+its name. Credentials and endpoints come from the environment, read by each backend's own
+client (AWS_*, STORAGE_EMULATOR_HOST, AZURE_STORAGE_*, ...).
 """
 
 from __future__ import annotations
@@ -22,15 +22,27 @@ def is_url(text: str) -> bool:
 
 
 def open_url(url: str, key: str) -> tuple[Any, str]:
-    """(filesystem, path inside it), or a ConfigError naming the key and the missing package."""
+    """(filesystem, path inside it), or a ConfigError naming the key and what is missing:
+    the protocol, its package, or what the backend needs to connect (credentials)."""
     import fsspec
+    from fsspec.core import split_protocol
 
+    # Each link of a chained URL (simplecache::s3://...) has its own backend.
+    for link in url.split("::"):
+        protocol = split_protocol(link)[0] or "file"
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as error:
+            raise ConfigError(f"{key} = {url!r}: this protocol needs a package the trainer image lacks: {error}") from None
+        except ValueError as error:
+            raise ConfigError(f"{key} = {url!r}: not a URL fsspec knows ({error}); "
+                              "use file://, https://, s3://, gs://, az://, ...") from None
     try:
         return fsspec.core.url_to_fs(url)
-    except ImportError as error:
-        raise ConfigError(f"{key} = {url!r}: this protocol needs a package the trainer image lacks: {error}") from None
-    except ValueError as error:
-        raise ConfigError(f"{key} = {url!r}: not a URL fsspec knows ({error}); use file://, https://, s3://, gs://, ...") from None
+    except Exception as error:  # each backend has its own errors for an account it cannot reach
+        raise ConfigError(f"{key} = {url!r}: cannot connect: {type(error).__name__}: {error} "
+                          "(the store's credentials and endpoint come from the worker's environment: "
+                          "see docs/inputs-and-outputs.md)") from None
 
 
 def list_files(fs: Any, root: str, *, recursive: bool) -> list[str]:

@@ -1,5 +1,6 @@
 """Real peers for the trainer's storage backends, on loopback: moto's S3 server, the
-GCS emulator and a plain HTTP server with directory listings.
+GCS emulator, Azurite (Microsoft's Azure Storage emulator) and a plain HTTP server with
+directory listings.
 
 Each server yields the environment a worker pod gets from its credentials Secret
 (`envFrom`): the trainer finds its endpoint and keys there, as it would in a cluster.
@@ -8,17 +9,26 @@ Each server yields the environment a worker pod gets from its credentials Secret
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import tempfile
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
+from tests.conftest import REPO
 from tests.trainer.prometheus_server import free_port
 
 LOOPBACK = "127.0.0.1"
+INSTALL_AZURITE = REPO / "scripts" / "install-azurite.sh"
+# Azurite's one account and its key: public, the same in every copy of the emulator.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
 @contextmanager
@@ -56,6 +66,53 @@ def gcs_server() -> Iterator[dict[str, str]]:
         server.stop()
 
 
+def install_azurite() -> str:
+    """Idempotent (`make tools` has usually done it): the path of Azurite's Blob service."""
+    result = subprocess.run(["bash", str(INSTALL_AZURITE)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{INSTALL_AZURITE.name} failed:\n{result.stderr[-3000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: IO[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{process.args[0]} exited {process.returncode}: {log.read()[-3000:]}")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{process.args[0]} did not listen on {LOOPBACK}:{port} within {timeout:.0f} s")
+
+
+@contextmanager
+def azure_blob_server() -> Iterator[dict[str, str]]:
+    """Azurite's Blob service, in memory. A connection string in AZURE_STORAGE_CONNECTION_STRING
+    is how adlfs (and Azure's own clients) find an account, its key and its endpoint."""
+    port = free_port()
+    command = [install_azurite(), "--blobHost", LOOPBACK, "--blobPort", str(port), "--inMemoryPersistence",
+               "--silent", "--disableTelemetry",
+               # azure-storage-blob may speak a newer service version than the emulator knows.
+               "--skipApiVersionCheck"]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for_port(port, process, log)
+            yield {"AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                                                      f"AccountKey={AZURITE_KEY};"
+                                                      f"BlobEndpoint=http://{LOOPBACK}:{port}/{AZURITE_ACCOUNT};"}
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass
@@ -79,20 +136,22 @@ def http_folder(folder: Path) -> Iterator[str]:
 def forget_filesystems() -> None:
     """fsspec keeps one filesystem object per class and options: one made while an
     earlier server ran would still talk to that server's port."""
+    from adlfs import AzureBlobFileSystem
     from gcsfs import GCSFileSystem
     from s3fs import S3FileSystem
 
-    S3FileSystem.clear_instance_cache()
-    GCSFileSystem.clear_instance_cache()
+    for backend in (S3FileSystem, GCSFileSystem, AzureBlobFileSystem):
+        backend.clear_instance_cache()
 
 
 @contextmanager
 def emulated_bucket(scheme: str, monkeypatch) -> Iterator[tuple[object, str]]:
-    """An empty bucket on an emulated `s3` or `gs` store, with the environment (set through
-    `monkeypatch`) pointing every fsspec client of this process and its children at it."""
+    """An empty bucket (an Azure container for `az`) on an emulated `s3`, `gs` or `az`
+    store, with the environment (set through `monkeypatch`) pointing every fsspec client
+    of this process and its children at it."""
     import fsspec
 
-    server = {"s3": s3_server, "gs": gcs_server}[scheme]
+    server = {"s3": s3_server, "gs": gcs_server, "az": azure_blob_server}[scheme]
     with server() as environment:
         for key, value in environment.items():
             monkeypatch.setenv(key, value)

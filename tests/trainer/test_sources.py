@@ -1,11 +1,12 @@
 """Photos from where users have them (a URL, a ConfigMap mount) and the model out to a
 URL: real fsspec backends against real or emulated peers (file://, memory://, an HTTP
-server, moto's S3, the GCS emulator), and one real training run between S3 and GCS."""
+server, moto's S3, the GCS emulator, Azurite), and one real training run between S3 and GCS."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import huggingface_hub.constants
 import pytest
 
 from tests.conftest import INSTANCE_IMAGES, REPO, tiny_config, write_config
-from tests.trainer.object_stores import emulated_bucket, http_folder
+from tests.trainer.object_stores import emulated_bucket, forget_filesystems, http_folder
 from trainer.config import ConfigError, DataConfig
 from trainer.data import list_images
 from trainer.fetch_once import FETCH_RECORD
@@ -70,18 +71,34 @@ def test_an_unreachable_url_names_the_key_and_the_url(tmp_path):
 
 
 def test_a_protocol_without_its_package_names_the_package(tmp_path):
-    # Azure's backend (adlfs) is not in the storage extra.
-    with pytest.raises(ConfigError, match=r"data\.instance_url = 'az://container/photos'.*Install adlfs"):
-        fetch_instance_images(data_config(tmp_path / "images", "az://container/photos"))
+    # Oracle Cloud's backend (ocifs) is not in the storage extra.
+    with pytest.raises(ConfigError, match=r"data\.instance_url = 'oci://bucket@tenancy/photos'.*Install ocifs"):
+        fetch_instance_images(data_config(tmp_path / "images", "oci://bucket@tenancy/photos"))
 
 
-@pytest.fixture(params=["file", "http", "s3", "gs"])
+def test_a_store_without_credentials_says_where_they_come_from(tmp_path, monkeypatch):
+    """adlfs refuses to start without an account; that is not an unknown URL."""
+    for name in [name for name in os.environ if name.startswith("AZURE_STORAGE_")]:
+        monkeypatch.delenv(name)
+    forget_filesystems()
+    cause = r"cannot connect: ValueError: .*connection_string or account_name.*from the worker's environment"
+    with pytest.raises(ConfigError, match=r"data\.instance_url = 'az://photos/sks': " + cause):
+        fetch_instance_images(data_config(tmp_path / "images", "az://photos/sks"))
+    record = upload_and_record(exported_folder(tmp_path), "az://models/sks-robot")
+    assert record["ok"] is False and re.match(r"output\.uri = 'az://models/sks-robot': " + cause, record["error"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+
+
+BUCKET_SCHEMES = ["s3", "gs", "az"]
+
+
+@pytest.fixture(params=["file", "http", *BUCKET_SCHEMES])
 def photo_url(request, tmp_path, monkeypatch):
     """The four photos, a text file and a photo in a subfolder, behind one kind of URL."""
     files = {name: (INSTANCE_IMAGES / name).read_bytes() for name in PHOTOS}
     files |= {"notes.txt": b"not a photo", "more/extra.png": files[PHOTOS[0]]}
     kind = request.param
-    if kind in ("s3", "gs"):
+    if kind in BUCKET_SCHEMES:
         with emulated_bucket(kind, monkeypatch) as (fs, bucket):
             for relative, data in files.items():
                 fs.pipe(f"{bucket}/photos/{relative}", data)
@@ -105,7 +122,7 @@ def test_the_top_level_photos_are_copied_from_every_kind_of_url(photo_url, tmp_p
         assert (config.instance_dir / name).read_bytes() == (INSTANCE_IMAGES / name).read_bytes()
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs"])
+@pytest.mark.parametrize("scheme", BUCKET_SCHEMES)
 def test_a_bucket_that_does_not_exist_names_the_key_the_url_and_the_cause(scheme, tmp_path, monkeypatch):
     url = f"{scheme}://no-such-bucket/photos"
     with emulated_bucket(scheme, monkeypatch):
@@ -146,7 +163,7 @@ def test_upload_to_memory_writes_the_marker_last(tmp_path, memory_folder):
     assert json.loads((tmp_path / "model" / "run.json").read_text())["upload"]["ok"] is True
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs"])
+@pytest.mark.parametrize("scheme", BUCKET_SCHEMES)
 def test_an_upload_to_a_bucket_holds_every_file_and_then_the_marker(scheme, tmp_path, monkeypatch):
     with emulated_bucket(scheme, monkeypatch) as (fs, bucket):
         fs.pipe(f"{bucket}/sks-robot/{COMPLETE_MARKER}", b"from an older upload")
