@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -119,18 +120,65 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def http_folder(folder: Path) -> Iterator[str]:
-    """`folder` served over HTTP with directory listings (what fsspec's HTTP backend
-    reads as a folder); yields the URL of its root."""
+def http_folder(folder: Path, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """`folder` served over HTTP (HTTPS with a server context `tls`) with directory
+    listings (what fsspec's HTTP backend reads as a folder); yields the URL of its root."""
     server = ThreadingHTTPServer((LOOPBACK, 0), partial(_QuietHandler, directory=str(folder)))
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://{LOOPBACK}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def private_ca_and_server_context(folder: Path) -> tuple[Path, ssl.SSLContext]:
+    """A company's own certificate authority, as `ca.pem` in `folder`, and the server
+    context of a host on loopback whose certificate that CA signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                          content_commitment=False, key_encipherment=False,
+                                                          data_encipherment=False, key_agreement=False,
+                                                          encipher_only=False, decipher_only=False), critical=True)
+            builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+                                            critical=False)
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("Example Corp Root CA", ca_key, "Example Corp Root CA", ca_key, ca=True)
+    server = certificate(LOOPBACK, server_key, "Example Corp Root CA", ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(server.public_bytes(pem))
+    (folder / "server.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                 serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "server.pem", folder / "server.key")
+    return folder / "ca.pem", context
 
 
 def forget_filesystems() -> None:

@@ -20,7 +20,7 @@ import huggingface_hub.constants
 import pytest
 
 from tests.conftest import INSTANCE_IMAGES, REPO, tiny_config, write_config
-from tests.trainer.object_stores import emulated_bucket, forget_filesystems, http_folder
+from tests.trainer.object_stores import emulated_bucket, forget_filesystems, http_folder, private_ca_and_server_context
 from trainer.config import ConfigError, DataConfig
 from trainer.data import list_images
 from trainer.fetch_once import FETCH_RECORD
@@ -129,6 +129,46 @@ def test_a_bucket_that_does_not_exist_names_the_key_the_url_and_the_cause(scheme
         with pytest.raises(ConfigError, match=rf"data\.instance_url = '{url}': cannot read it: \w+"):
             fetch_instance_images(data_config(tmp_path / "images", url))
     assert list(tmp_path.iterdir()) == []
+
+
+# As a worker starts: aiohttp reads the CA bundle (SSL_CERT_FILE) once, when it is imported.
+FETCH_IN_A_NEW_PROCESS = """
+import sys
+from pathlib import Path
+from trainer.config import ConfigError, DataConfig
+from trainer.sources import fetch_instance_images
+try:
+    fetch_instance_images(DataConfig(instance_dir=Path(sys.argv[2]), instance_url=sys.argv[1], instance_prompt="p"))
+except ConfigError as error:
+    sys.exit(f"error: {error}")
+"""
+
+
+def test_https_photos_from_a_server_a_private_ca_signed_once_the_workers_trust_it(tmp_path):
+    """An internal web server with a company CA's certificate: refused, with the cause,
+    until SSL_CERT_FILE names that CA (a key of the credentials Secret, mounted as a file)."""
+    ca, server_context = private_ca_and_server_context(tmp_path)
+    (tmp_path / "site" / "photos").mkdir(parents=True)
+    for name in PHOTOS:
+        shutil.copy(INSTANCE_IMAGES / name, tmp_path / "site" / "photos" / name)
+    environment = {key: value for key, value in os.environ.items() if key not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+
+    def fetch(url: str, destination: Path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", FETCH_IN_A_NEW_PROCESS, url, str(destination)], cwd=REPO,
+                              env={**environment, **extra}, capture_output=True, text=True, timeout=120)
+
+    with http_folder(tmp_path / "site", tls=server_context) as root:
+        url = f"{root}/photos/"
+        refused = fetch(url, tmp_path / "refused")
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert f"error: data.instance_url = '{url}': cannot read it: " in refused.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+        assert not (tmp_path / "refused").exists()
+
+        trusted = fetch(url, tmp_path / "trusted", SSL_CERT_FILE=str(ca))
+        assert trusted.returncode == 0, trusted.stderr[-3000:]
+    for name in PHOTOS:
+        assert (tmp_path / "trusted" / name).read_bytes() == (INSTANCE_IMAGES / name).read_bytes()
 
 
 def test_a_configmap_mount_reads_only_its_keys(tmp_path):
