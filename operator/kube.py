@@ -173,6 +173,18 @@ class KubeApi:
             raise
         return self._json(response)
 
+    async def delete_job(self, namespace: str, name: str) -> bool:
+        """Delete the DreamboothJob; its finalizer runs the operator's clean-up first.
+        False when it was already gone."""
+        try:
+            await self._call(self._custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                             _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         try:
             await self._call(self._custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,

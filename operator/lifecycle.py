@@ -72,6 +72,8 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
     counted_restart: bool = False
+    # runPolicy.ttlSecondsAfterFinished has passed: the job itself is to be deleted.
+    delete_job: bool = False
 
 
 def timestamp(now: dt.datetime) -> str:
@@ -154,6 +156,29 @@ def _alive(pods: list[dict[str, Any]]) -> list[str]:
 
 def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
            timing: Timing = Timing()) -> Plan:
+    plan = _decide_phase(spec, status, pods, now, timing)
+    if plan.status["phase"] in c.TERMINAL_PHASES:
+        _expire_after_ttl(plan, spec, now)
+    return plan
+
+
+def _expire_after_ttl(plan: Plan, spec: JobSpec, now: dt.datetime) -> None:
+    """A finished job is deleted runPolicy.ttlSecondsAfterFinished after its
+    completionTime, as Kubernetes' TTL controller does for Jobs; until then the next
+    look is due when that time comes."""
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    if ttl is None:
+        return
+    finished = parse_timestamp(plan.status.get("completionTime")) or now
+    left = ttl - (now - finished).total_seconds()
+    if left <= 0:
+        plan.delete_job = True
+    else:
+        _requeue(plan, left)
+
+
+def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
+                  timing: Timing) -> Plan:
     status = dict(status or {})
     status.setdefault("restarts", 0)
     status.setdefault("preemptions", 0)

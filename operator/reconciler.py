@@ -165,6 +165,11 @@ class Reconciler:
             self.metrics.restarts.labels(reason=RESTART_PREEMPTION).inc()
         for pod in plan.delete:
             await self.api.delete("Pod", namespace, pod)
+        if plan.delete_job:
+            log.info("DreamboothJob %s/%s finished more than runPolicy.ttlSecondsAfterFinished = %s s ago; deleting it",
+                     namespace, name, job.spec.run_policy.ttl_seconds_after_finished)
+            await self.api.delete_job(namespace, name)
+            return 1.0  # the next pass finds it being deleted, or gone
         if plan.create:
             await self._create_gang(body, job, config_map, plan.create, plan.gang, plan.status)
 

@@ -211,6 +211,7 @@ class RunPolicySpec(_Spec):
     backoff_limit: int = Field(3, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
     suspend: bool = False
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
 
 
 class MetricsSpec(_Spec):

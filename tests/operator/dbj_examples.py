@@ -49,7 +49,7 @@ FULL_SPEC: dict[str, Any] = {
     },
     "storage": {"storageClassName": "fast-rwx", "size": "200Gi", "retain": False},
     "checkpoint": {"everySteps": 100, "keepLast": 3},
-    "runPolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 86400, "suspend": False},
+    "runPolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 86400, "suspend": False, "ttlSecondsAfterFinished": 86400},
     "metrics": {"port": 9090},
     "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30},
     "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": False,

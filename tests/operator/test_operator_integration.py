@@ -328,6 +328,24 @@ def test_delete_keeps_a_retained_claim(cluster: Cluster) -> None:
     assert [c["metadata"]["name"] for c in cluster.claims("keeper")] == ["keeper-storage"]
 
 
+def test_a_finished_job_is_deleted_after_its_ttl_and_its_claim_kept(cluster: Cluster) -> None:
+    cluster.create_job("short-lived", spec(storage={"claimName": None, "size": "1Gi"},
+                                           runPolicy={"ttlSecondsAfterFinished": 2}))
+    wait_for(lambda: len(cluster.pods("short-lived")) == 1, what="pod")
+    cluster.run_pods("short-lived")
+    cluster.set_pod_status("short-lived-worker-0", terminated(0, "Completed", phase="Succeeded"))
+    status = wait_for(lambda: (s := cluster.status("short-lived")).get("phase") == "Succeeded" and s, what="Succeeded")
+    succeeded_at = time.monotonic()
+    assert cluster.job_exists("short-lived")  # kept for the TTL, so its status can be read
+    wait_for(lambda: not cluster.job_exists("short-lived"), what="job deleted after its TTL")
+    # completionTime has whole seconds: up to 1 s of the TTL may have passed before it was seen.
+    assert time.monotonic() - succeeded_at >= 0.9
+    assert status["output"]["claimName"] == "short-lived-storage"
+    assert cluster.pods("short-lived") == [] and cluster.services("short-lived") == []
+    assert cluster.config_maps("short-lived") == []
+    assert [c["metadata"]["name"] for c in cluster.claims("short-lived")] == ["short-lived-storage"]  # the model
+
+
 def test_operator_metrics_and_health(cluster: Cluster, operator: OperatorProcess) -> None:
     cluster.create_job("counted", spec(workers={"nodes": 2}))
     wait_for(lambda: len(cluster.pods("counted")) == 2, what="pods")

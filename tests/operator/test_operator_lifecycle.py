@@ -208,6 +208,29 @@ def test_active_deadline_fails_the_job_and_stops_workers() -> None:
     assert plan.requeue_after == pytest.approx(60)
 
 
+def test_a_finished_job_is_deleted_once_its_ttl_has_passed() -> None:
+    done = [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)]
+    # Succeeding now: looked at again when the TTL is up, not at the finished-job resync.
+    plan = decide(job_spec(ttlSecondsAfterFinished=120), RUNNING, done, NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_SUCCEEDED and not plan.delete_job
+    assert plan.requeue_after == pytest.approx(120)
+
+    finished = plan.status
+    later = decide(job_spec(ttlSecondsAfterFinished=120), finished, done, NOW + dt.timedelta(seconds=90), TIMING)
+    assert not later.delete_job and later.requeue_after == pytest.approx(30)
+    expired = decide(job_spec(ttlSecondsAfterFinished=120), finished, done, NOW + dt.timedelta(seconds=120), TIMING)
+    assert expired.delete_job
+
+    # Failed jobs too, and 0 deletes at once; without a TTL a finished job stays.
+    failed = decide(job_spec(activeDeadlineSeconds=1, ttlSecondsAfterFinished=0), RUNNING, [pod(0), pod(1)],
+                    NOW + dt.timedelta(seconds=5), TIMING)
+    assert failed.status["phase"] == c.PHASE_FAILED and failed.delete_job
+    kept = decide(job_spec(), finished, done, NOW + dt.timedelta(days=30), TIMING)
+    assert not kept.delete_job and kept.requeue_after == TIMING.finished_resync_seconds
+    # A running job is never deleted for its TTL.
+    assert not decide(job_spec(ttlSecondsAfterFinished=0), RUNNING, [pod(0), pod(1)], NOW, TIMING).delete_job
+
+
 def test_pods_pending_past_the_timeout_get_an_unschedulable_condition() -> None:
     young = decide(job_spec(nodes=1), {"phase": c.PHASE_PENDING}, [unscheduled(0)], NOW, TIMING)
     assert condition(young.status, c.CONDITION_UNSCHEDULABLE) is None

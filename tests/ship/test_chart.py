@@ -122,7 +122,7 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
         needed[("", plural[kind])].add("list")
     needed[("", "configmaps")] |= {"patch", "get"}  # replace_config_map; get_config_map (the photos)
     needed[("", "pods")].add("watch")  # kopf's pod event handler
-    needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch"}
+    needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
     needed[("dreambooth.io", "dreamboothjobs/finalizers")] = {"update"}  # blockOwnerDeletion
     return needed

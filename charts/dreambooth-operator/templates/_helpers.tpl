@@ -37,10 +37,11 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
 */}}
 {{- define "dreambooth-operator.namespacedRules" -}}
 # The jobs: kopf watches them and keeps its bookkeeping in annotations and a finalizer;
-# the operator reads them and patches their status.
+# the operator reads them, patches their status, and deletes those whose
+# runPolicy.ttlSecondsAfterFinished has passed.
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [dreambooth.io]
   resources: [dreamboothjobs/status]
   verbs: [get, patch]
