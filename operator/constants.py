@@ -105,6 +105,7 @@ REASON_ALL_WORKERS_RUNNING = "AllWorkersRunning"
 REASON_WORKERS_CREATED = "WorkersCreated"
 # A child the API server forbids for now (a ResourceQuota, a policy): retried every resync.
 REASON_FAILED_CREATE = "FailedCreate"
+REASON_VOLUME_NOT_SHARED = "VolumeNotShared"
 REASON_SUSPENDED = "Suspended"
 REASON_RESUMED = "Resumed"
 REASON_PODS_PENDING = "PodsPending"

@@ -6,12 +6,18 @@ pods waiting in ContainerCreating or a trainer failing on an empty folder. The j
 looked at again every resync, so it starts by itself once the ConfigMap is fixed.
 A URL is checked by the trainer itself (it has the credentials and the protocol
 packages) and fails the job through its exit code 2.
+
+The claims every worker mounts are read too: with several workers, a ReadWriteOncePod
+claim cannot work (problem), and a ReadWriteOnce one only while all workers share a
+node (warning: most clouds' default storage classes are ReadWriteOnce block disks, and
+the second worker would wait in ContainerCreating on a Multi-Attach error).
 """
 
 from __future__ import annotations
 
 import base64
 import posixpath
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.config import DataConfig
@@ -19,6 +25,9 @@ from trainer.config import DataConfig
 from .constants import CONFIG_MAP_MAX_BYTES
 from .kube import KubeApi
 from .spec import Job
+
+RWX, ROX, RWO, RWOP = "ReadWriteMany", "ReadOnlyMany", "ReadWriteOnce", "ReadWriteOncePod"
+_SHARED_STORAGE = "NFS, CephFS, EFS, Filestore, Azure Files"
 
 _KEY = "spec.data.instanceImages.configMapName"
 _ALTERNATIVES = ("put larger photo sets on a volume (data.instanceImages.claimName) or behind a URL "
@@ -56,9 +65,56 @@ def config_map_problem(config_map: dict[str, Any] | None, name: str, namespace: 
     return None
 
 
-async def input_problem(api: KubeApi, job: Job) -> str | None:
-    """Why the job's photos cannot be mounted, or None (also for inputs the trainer checks)."""
-    name = job.spec.data.instance_images.config_map_name
-    if name is None:
+def claim_access_modes(claim: dict[str, Any]) -> list[str]:
+    """What a claim allows: its bound volume's modes, else the modes it asks for."""
+    return list((claim.get("status") or {}).get("accessModes") or (claim.get("spec") or {}).get("accessModes") or [])
+
+
+def sharing_check(key: str, name: str, modes: list[str], nodes: int, *, read_only: bool) -> tuple[str, str] | None:
+    """("problem" | "warning", message) when `nodes` workers, each on its own node,
+    cannot all mount a claim with these access modes; None when they can (or for one)."""
+    shared = {RWX, ROX} if read_only else {RWX}
+    if nodes <= 1 or shared & set(modes) or not modes:
         return None
-    return config_map_problem(await api.get_config_map(job.namespace, name), name, job.namespace)
+    where = f"{key} = {name!r}"
+    wanted = " or ".join(sorted(shared))
+    if modes == [RWOP]:
+        return "problem", (f"{where}: the claim is {RWOP}, which only one pod may use, and each of the "
+                           f"workers.nodes = {nodes} workers mounts it; use a {wanted} claim ({_SHARED_STORAGE}) "
+                           "or workers.nodes: 1")
+    return "warning", (f"{where}: the claim is {', '.join(modes)}, and each of the workers.nodes = {nodes} workers "
+                       f"mounts it: unless they all land on one node, all but the first wait in ContainerCreating "
+                       f"(Multi-Attach error); use a {wanted} claim ({_SHARED_STORAGE})")
+
+
+@dataclass
+class InputCheck:
+    problem: str | None = None  # fails the job (InvalidSpec) until fixed
+    warnings: list[str] = field(default_factory=list)  # Warning Events; the gang starts anyway
+
+
+async def check_inputs(api: KubeApi, job: Job) -> InputCheck:
+    """The job's photos and claims, before a gang starts (the trainer checks the rest)."""
+    spec, nodes = job.spec, job.spec.workers.nodes
+    check = InputCheck()
+    config_map = spec.data.instance_images.config_map_name
+    if config_map is not None:
+        check.problem = config_map_problem(await api.get("ConfigMap", job.namespace, config_map), config_map,
+                                           job.namespace)
+    # (field, its value, the claim's access modes, mounted read-only); a claim that does
+    # not exist yet is left to the scheduler, whose message reaches condition Unschedulable.
+    claims = []
+    for key, name, read_only in (("spec.data.instanceImages.claimName", spec.data.instance_images.claim_name, True),
+                                 ("spec.storage.claimName", spec.storage.claim_name, False)):
+        claim = await api.get("PersistentVolumeClaim", job.namespace, name) if name else None
+        if claim is not None:
+            claims.append((key, name, claim_access_modes(claim), read_only))
+    if spec.storage.creates_claim:  # made by the operator: the spec's mode
+        claims.append(("spec.storage.accessMode", spec.storage.access_mode, [spec.storage.access_mode], False))
+    for key, name, modes, read_only in claims:
+        found = sharing_check(key, name, modes, nodes, read_only=read_only)
+        if found is not None and found[0] == "problem":
+            check.problem = check.problem or found[1]
+        elif found is not None:
+            check.warnings.append(found[1])
+    return check

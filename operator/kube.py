@@ -91,6 +91,11 @@ class KubeApi:
         "ConfigMap": "delete_namespaced_config_map",
         "PersistentVolumeClaim": "delete_namespaced_persistent_volume_claim",
     }
+    # Read by name: the photos' ConfigMap, the claims the workers mount.
+    _READ = {
+        "ConfigMap": "read_namespaced_config_map",
+        "PersistentVolumeClaim": "read_namespaced_persistent_volume_claim",
+    }
     _LIST = {
         "Pod": "list_namespaced_pod",
         "Service": "list_namespaced_service",
@@ -134,10 +139,10 @@ class KubeApi:
                          {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]},
                          _preload_content=False)
 
-    async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The ConfigMap, or None when it does not exist (404)."""
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist (404)."""
         try:
-            response = await self._call(self._core.read_namespaced_config_map, name, namespace,
+            response = await self._call(getattr(self._core, self._READ[kind]), name, namespace,
                                         _preload_content=False)
         except ApiException as error:
             if error.status == 404:

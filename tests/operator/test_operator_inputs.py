@@ -1,5 +1,6 @@
-"""A job's photos from a ConfigMap: checked before pods are created, each bad case a
-clear reason on the job; and a trainer's input error reaching status.lastFailure."""
+"""A job's photos from a ConfigMap and the claims its workers mount: checked before pods
+are created, each bad case a clear reason (or a Warning Event) on the job; and a
+trainer's input error reaching status.lastFailure."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, wait_for
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.inputs import config_map_problem, config_map_size
+from dreambooth_operator.inputs import claim_access_modes, config_map_problem, config_map_size, sharing_check
 from dreambooth_operator.lifecycle import Timing, decide
 from dreambooth_operator.podstates import describe_failure
 from dreambooth_operator.spec import parse_spec
@@ -77,6 +78,32 @@ def test_a_config_map_without_image_keys_names_what_it_found(config_map: dict[st
     assert ".jpg" in problem
 
 
+@pytest.mark.parametrize("modes,nodes,read_only,verdict", [
+    (["ReadWriteMany"], 4, False, None),
+    (["ReadWriteOnce", "ReadWriteMany"], 4, False, None),  # a volume that offers both
+    (["ReadWriteOnce"], 1, False, None),  # one worker: any mode works
+    (["ReadWriteOncePod"], 1, False, None),
+    (["ReadOnlyMany"], 2, True, None),  # the photos are mounted read-only
+    (["ReadOnlyMany"], 2, False, "warning"),  # but checkpoints are written
+    (["ReadWriteOnce"], 2, False, "warning"),  # works only while both share a node
+    (["ReadWriteOncePod"], 2, False, "problem"),  # never works
+    ([], 2, False, None),  # unknown: not guessed
+])
+def test_claims_that_several_workers_cannot_share(modes, nodes, read_only, verdict) -> None:
+    found = sharing_check("spec.storage.claimName", "ckpt", modes, nodes, read_only=read_only)
+    assert (found and found[0]) == verdict
+    if verdict:
+        assert found[1].startswith(f"spec.storage.claimName = 'ckpt': the claim is {', '.join(modes)}")
+        assert f"workers.nodes = {nodes}" in found[1] and "ReadWriteMany" in found[1]
+
+
+def test_a_bound_claim_is_judged_by_its_volume() -> None:
+    asked = {"spec": {"accessModes": ["ReadWriteOnce"]}}
+    assert claim_access_modes(asked) == ["ReadWriteOnce"]
+    assert claim_access_modes({**asked, "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}}) == [
+        "ReadWriteMany"]
+
+
 # --- the real operator against the emulated API ----------------------------------
 
 @pytest.fixture(scope="module")
@@ -116,6 +143,45 @@ def test_a_job_whose_config_map_holds_no_photos_fails_with_a_reason(cluster: Clu
     assert "'notes': no image among its keys (readme.txt)" in message
     assert condition(cluster.status("notes"), c.CONDITION_FAILED)["reason"] == c.REASON_INVALID_SPEC
     assert cluster.pods("notes") == []
+
+
+def claim(name: str, modes: list[str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"accessModes": modes, "resources": {"requests": {"storage": "10Gi"}}}}
+
+
+def two_workers_on(claim_name: str) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["workers"]["nodes"] = 2
+    spec["storage"] = {"claimName": claim_name}
+    return spec
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_on_a_read_write_once_claim_start_with_a_warning(cluster: Cluster) -> None:
+    cluster.core.create_namespaced_persistent_volume_claim("default", claim("block-disk", ["ReadWriteOnce"]))
+    cluster.create_job("on-one-disk", two_workers_on("block-disk"))
+    wait_for(lambda: len(cluster.pods("on-one-disk")) == 2, what="both workers created anyway")
+    [warning] = wait_for(lambda: [e for e in cluster.events("on-one-disk") if e["reason"] == "VolumeNotShared"],
+                         what="a VolumeNotShared Event")
+    assert warning["type"] == "Warning"
+    assert warning["message"].startswith("spec.storage.claimName = 'block-disk': the claim is ReadWriteOnce")
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_on_a_read_write_once_pod_claim_fail_with_the_reason(cluster: Cluster) -> None:
+    cluster.core.create_namespaced_persistent_volume_claim("default", claim("one-pod-disk", ["ReadWriteOncePod"]))
+    cluster.create_job("on-one-pod-disk", two_workers_on("one-pod-disk"))
+    message = wait_for(lambda: failed_message(cluster, "on-one-pod-disk"), what="Failed condition")
+    assert message.startswith("spec.storage.claimName = 'one-pod-disk': the claim is ReadWriteOncePod, which only "
+                              "one pod may use")
+    assert cluster.pods("on-one-pod-disk") == []
+    # The same mode asked of a claim the operator makes.
+    made = two_workers_on("unused") | {"storage": {"size": "10Gi", "accessMode": "ReadWriteOncePod"}}
+    cluster.create_job("makes-one-pod-disk", made)
+    message = wait_for(lambda: failed_message(cluster, "makes-one-pod-disk"), what="Failed condition")
+    assert message.startswith("spec.storage.accessMode = 'ReadWriteOncePod': the claim is ReadWriteOncePod")
+    assert cluster.pods("makes-one-pod-disk") == [] and cluster.claims("makes-one-pod-disk") == []
 
 
 # --- a trainer's input error, through the pod's termination message -----------------

@@ -114,13 +114,13 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps",
               "PersistentVolumeClaim": "persistentvolumeclaims", "Event": "events"}
     needed: dict[tuple[str, str], set[str]] = {}
-    for verb, table in (("create", KubeApi._CREATE), ("delete", KubeApi._DELETE)):
+    for verb, table in (("create", KubeApi._CREATE), ("delete", KubeApi._DELETE), ("get", KubeApi._READ)):
         for kind in table:
             needed.setdefault(("", plural[kind]), set()).add(verb)
     # KubeApi can list every child kind; grant `list` only on those the operator lists.
     for kind in listed_kinds():
         needed[("", plural[kind])].add("list")
-    needed[("", "configmaps")] |= {"patch", "get"}  # replace_config_map; get_config_map (the photos)
+    needed[("", "configmaps")].add("patch")  # replace_config_map
     needed[("", "pods")].add("watch")  # kopf's pod event handler
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
