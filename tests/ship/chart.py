@@ -16,6 +16,8 @@ CHART = REPO / "charts" / "dreambooth-operator"
 INSTALL_MANIFEST = REPO / "manifests" / "install.yaml"
 DASHBOARD = REPO / "dashboards" / "dreambooth.json"
 CHART_DASHBOARD = CHART / "dashboards" / "dreambooth.json"
+ALERTS = REPO / "dashboards" / "alerts.yaml"
+CHART_ALERTS = CHART / "dashboards" / "alerts.yaml"
 TOOLS_BIN = REPO / ".tools" / "bin"
 
 # What manifests/install.yaml is rendered as: the README's `helm install` names.
@@ -28,6 +30,7 @@ ALL_OPTIONS_ON = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                 "podMonitor": {"enabled": True}},
     "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
     "podAnnotations": {"example.com/team": "ml"},
     "imagePullSecrets": [{"name": "registry"}],
     "operator": {"verbose": True},

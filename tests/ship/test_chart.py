@@ -14,8 +14,10 @@ import yaml
 
 from dreambooth_operator.kube import KubeApi
 from tests.ship.chart import (
+    ALERTS,
     ALL_OPTIONS_ON,
     CHART,
+    CHART_ALERTS,
     CHART_DASHBOARD,
     DASHBOARD,
     INSTALL_MANIFEST,
@@ -31,8 +33,9 @@ from tests.ship.workloads import example_job, worker_pods
 
 # No registry this project installs from ships the Prometheus Operator's CRD schemas as
 # data (PyPI has generated pydantic models only, the Go module has Go types), and tests
-# download nothing; these two kinds are checked by test_monitors_select_what_exists instead.
-PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor"}
+# download nothing; these kinds are checked by test_monitors_select_what_exists and
+# test_chart_ships_the_alerts_unchanged instead.
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 OPERATOR_SOURCE = REPO / "operator"
 MODES = {"defaults": None, "all-options": ALL_OPTIONS_ON, "namespaced": NAMESPACED}
@@ -214,3 +217,14 @@ def test_chart_ships_the_dashboard_unchanged(rendered) -> None:
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert json.loads(config_map["data"]["dreambooth.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_chart_ships_the_alerts_unchanged(rendered) -> None:
+    assert CHART_ALERTS.read_text() == ALERTS.read_text(), (
+        "charts/dreambooth-operator/dashboards/alerts.yaml differs from dashboards/alerts.yaml: copy it")
+    [rule] = by_kind(rendered["all-options"], "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"  # what kube-prometheus-stack selects on
+    # Prometheus' own {{ $labels }} templates reach it as written, not rendered by Helm.
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
+    assert "{{ $labels.job }}" in rule["spec"]["groups"][0]["rules"][0]["annotations"]["summary"]

@@ -1,8 +1,9 @@
-"""The shipped dashboard against real data: a real Prometheus scrapes a real tiny
-training (one torchrun process, metrics on) and the real operator managing its job on
-the emulated API (with one preemption, so restarts have a series); every panel's PromQL
-expression and every template variable is then evaluated through Prometheus' HTTP API
-and must parse and return data."""
+"""The shipped dashboard and alerts against real data: a real Prometheus scrapes a real
+tiny training (one torchrun process, metrics on) and the real operator managing its job
+on the emulated API (with one preemption, so restarts have a series); every panel's
+PromQL expression and every template variable is then evaluated through Prometheus' HTTP
+API and must parse and return data, and every alerting rule, evaluated all along, must
+have run without error and fired nothing for this healthy run."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, tiny_config, write_config
 from tests.e2e.pod_sandbox import signal_process_tree
 from tests.ship import dashboard as d
+from tests.ship.chart import ALERTS
 from tests.trainer.prometheus_server import PrometheusServer, free_port, install_prometheus
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the operator harness imports its siblings by name
@@ -79,7 +82,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     operator = OperatorProcess(emulated, root).start()
     training = start_training(root / "run", trainer_port)
     prometheus = PrometheusServer(binary, root / "prometheus",
-                                  [f"127.0.0.1:{trainer_port}", f"127.0.0.1:{operator.http_port}"])
+                                  [f"127.0.0.1:{trainer_port}", f"127.0.0.1:{operator.http_port}"], rule_files=[ALERTS])
     try:
         cluster = Cluster(emulated)
         spec = {"data": {"instanceImages": {"claimName": "robot-photos"}, "instancePrompt": "a photo of sks robot"},
@@ -161,3 +164,16 @@ def test_template_variables_list_the_job(scraped) -> None:
             params["match[]"] = d.substitute(match, variables)
         found[name] = prometheus.api(f"label/{label}/values", **params)
     assert NAMESPACE in found["namespace"] and JOB in found["job"], found
+
+
+def test_every_alert_runs_on_the_real_series_and_none_fires_for_a_healthy_run(scraped) -> None:
+    """What promtool's unit tests cannot show: the rules' label matching holds on the
+    series a real trainer and operator expose (an error such as many-to-many matching
+    would make a rule's health "err")."""
+    prometheus, at, run = scraped
+    rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+    expected = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
+    assert {rule["name"] for rule in rules} == expected
+    for rule in rules:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+    assert {rule["name"]: rule["state"] for rule in rules if rule["state"] != "inactive"} == {}

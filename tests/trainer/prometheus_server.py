@@ -37,8 +37,9 @@ class PrometheusServer:
     as a Prometheus scraping the trainer must, or it would become `exported_job`."""
 
     def __init__(self, binary: str, root: Path, targets: list[str], target_files: list[Path] = (),
-                 scrape_interval: str = SCRAPE_INTERVAL):
-        """`target_files`: file_sd JSON files that whoever starts the targets keeps up to date."""
+                 scrape_interval: str = SCRAPE_INTERVAL, rule_files: list[Path] = ()):
+        """`target_files`: file_sd JSON files that whoever starts the targets keeps up to date;
+        `rule_files`: alerting rules, evaluated at every scrape interval."""
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
@@ -46,8 +47,10 @@ class PrometheusServer:
         if target_files:
             scrape["file_sd_configs"] = [{"files": [str(path) for path in target_files], "refresh_interval": "1s"}]
         config = {
-            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+            "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
+                       "evaluation_interval": scrape_interval},
             "scrape_configs": [scrape],
+            "rule_files": [str(path) for path in rule_files],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(root / "prometheus.log", "w")
