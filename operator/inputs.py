@@ -76,15 +76,15 @@ def sharing_check(key: str, name: str, modes: list[str], nodes: int, *, read_onl
     shared = {RWX, ROX} if read_only else {RWX}
     if nodes <= 1 or shared & set(modes) or not modes:
         return None
-    where = f"{key} = {name!r}"
-    wanted = " or ".join(sorted(shared))
+    where = f"{key} = {name!r}: the claim is {', '.join(modes)}"
+    fix = f"use a {' or '.join(sorted(shared))} claim ({_SHARED_STORAGE})"
     if modes == [RWOP]:
-        return "problem", (f"{where}: the claim is {RWOP}, which only one pod may use, and each of the "
-                           f"workers.nodes = {nodes} workers mounts it; use a {wanted} claim ({_SHARED_STORAGE}) "
-                           "or workers.nodes: 1")
-    return "warning", (f"{where}: the claim is {', '.join(modes)}, and each of the workers.nodes = {nodes} workers "
-                       f"mounts it: unless they all land on one node, all but the first wait in ContainerCreating "
-                       f"(Multi-Attach error); use a {wanted} claim ({_SHARED_STORAGE})")
+        return "problem", (f"{where}, which only one pod may use, and each of the workers.nodes = {nodes} workers "
+                           f"mounts it; {fix} or workers.nodes: 1")
+    if RWO in modes:
+        return "warning", (f"{where}, and each of the workers.nodes = {nodes} workers mounts it: unless they all "
+                           f"land on one node, all but the first wait in ContainerCreating (Multi-Attach error); {fix}")
+    return "warning", f"{where}, and the workers write checkpoints and the model to it; {fix}"
 
 
 @dataclass

@@ -169,7 +169,8 @@ def _expire_after_ttl(plan: Plan, spec: JobSpec, now: dt.datetime) -> None:
     ttl = spec.run_policy.ttl_seconds_after_finished
     if ttl is None:
         return
-    finished = parse_timestamp(plan.status.get("completionTime")) or now
+    # Recorded when missing, so that the TTL counts from one instant and does expire.
+    finished = parse_timestamp(plan.status.setdefault("completionTime", timestamp(now)))
     left = ttl - (now - finished).total_seconds()
     if left <= 0:
         plan.delete_job = True

@@ -16,7 +16,7 @@ import aiohttp
 
 from . import constants as c
 from .children import build_claim, build_config_map, build_service, output_status
-from .inputs import check_inputs
+from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
 from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
@@ -147,13 +147,12 @@ class Reconciler:
 
         pods = await self.api.list("Pod", namespace, worker_selector(name))
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
-        problem, warnings = None, []
+        inputs = InputCheck()
         if plan.create:
             inputs = await check_inputs(self.api, job)
-            problem, warnings = inputs.problem, inputs.warnings
-            problem = problem or await self._refused_children(job, plan.create[0])
-        if problem is not None:
-            await self._reject(body, dict(body.get("status") or {}), problem)
+            inputs.problem = inputs.problem or await self._refused_children(job, plan.create[0])
+        if inputs.problem is not None:
+            await self._reject(body, dict(body.get("status") or {}), inputs.problem)
             return self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_SUCCEEDED:
             plan.status["output"] = output_status(job)
@@ -161,7 +160,7 @@ class Reconciler:
         self.metrics.set_phase(namespace, name, plan.status.get("phase"))
         for type_, reason, message in plan.events:
             await self.api.post_event(body, type_, reason, message)
-        for message in warnings:
+        for message in inputs.warnings:
             await self.api.post_event(body, "Warning", c.REASON_VOLUME_NOT_SHARED, message)
         if plan.counted_restart:
             self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()

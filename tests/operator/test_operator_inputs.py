@@ -94,7 +94,7 @@ def test_claims_that_several_workers_cannot_share(modes, nodes, read_only, verdi
     assert (found and found[0]) == verdict
     if verdict:
         assert found[1].startswith(f"spec.storage.claimName = 'ckpt': the claim is {', '.join(modes)}")
-        assert f"workers.nodes = {nodes}" in found[1] and "ReadWriteMany" in found[1]
+        assert "ReadWriteMany" in found[1]
 
 
 def test_a_bound_claim_is_judged_by_its_volume() -> None:

@@ -227,6 +227,10 @@ def test_a_finished_job_is_deleted_once_its_ttl_has_passed() -> None:
     assert failed.status["phase"] == c.PHASE_FAILED and failed.delete_job
     kept = decide(job_spec(), finished, done, NOW + dt.timedelta(days=30), TIMING)
     assert not kept.delete_job and kept.requeue_after == TIMING.finished_resync_seconds
+    # A finished status without completionTime (written by hand, say) gets one, so the TTL ends.
+    undated = {key: value for key, value in finished.items() if key != "completionTime"}
+    plan = decide(job_spec(ttlSecondsAfterFinished=120), undated, done, NOW, TIMING)
+    assert plan.status["completionTime"] == timestamp(NOW) and plan.requeue_after == pytest.approx(120)
     # A running job is never deleted for its TTL.
     assert not decide(job_spec(ttlSecondsAfterFinished=0), RUNNING, [pod(0), pod(1)], NOW, TIMING).delete_job
 
