@@ -24,6 +24,17 @@ LABEL_WORKER_INDEX = f"{GROUP}/worker-index"
 # Which gang start a worker pod belongs to (restarts + preemptions when it was made);
 # pods of an older gang are stale and get deleted.
 LABEL_GANG = f"{GROUP}/gang"
+# Gang scheduling (spec.runPolicy.gangScheduling): each scheduler's PodGroup API, and
+# how a pod names the group it belongs to.
+POD_GROUP_KIND = "PodGroup"
+POD_GROUP_PLURAL = "podgroups"
+POD_GROUP_APIS = {
+    "volcano": ("scheduling.volcano.sh", "v1beta1"),
+    "coscheduling": ("scheduling.x-k8s.io", "v1alpha1"),  # kubernetes-sigs/scheduler-plugins
+}
+VOLCANO_SCHEDULER = "volcano"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 APP_NAME = "dreambooth"
 MANAGER = "dreambooth-operator"
 ROLE_WORKER = "worker"

@@ -18,7 +18,7 @@ import kubernetes
 import pydantic
 from kubernetes.client.rest import ApiException
 
-from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, VERSION
+from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, POD_GROUP_KIND, POD_GROUP_PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
 # Enough for many jobs' short calls at once; each call takes milliseconds.
@@ -103,12 +103,30 @@ class KubeApi:
         "PersistentVolumeClaim": "list_namespaced_persistent_volume_claim",
     }
 
+    @staticmethod
+    def custom_resource(obj: dict[str, Any]) -> tuple[str, str, str] | None:
+        """(group, version, plural) of a child that a CRD serves (a scheduler's PodGroup);
+        None for the core kinds."""
+        if obj["kind"] != POD_GROUP_KIND:
+            return None
+        group, version = obj["apiVersion"].split("/")
+        return group, version, POD_GROUP_PLURAL
+
+    async def _post(self, obj: dict[str, Any], **kwargs: Any) -> Any:
+        namespace = obj["metadata"]["namespace"]
+        custom = self.custom_resource(obj)
+        if custom is not None:
+            group, version, plural = custom
+            return await self._call(self._custom.create_namespaced_custom_object, group, version, namespace, plural,
+                                    obj, _preload_content=False, **kwargs)
+        return await self._call(getattr(self._core, self._CREATE[obj["kind"]]), namespace, obj,
+                                _preload_content=False, **kwargs)
+
     async def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it already exists (409), which callers treat as done.
         CreateForbidden when the API server forbids it (403: a quota, a policy)."""
-        method = getattr(self._core, self._CREATE[obj["kind"]])
         try:
-            await self._call(method, obj["metadata"]["namespace"], obj, _preload_content=False)
+            await self._post(obj)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -119,15 +137,19 @@ class KubeApi:
 
     async def refusal(self, obj: dict[str, Any]) -> str | None:
         """Why `obj` cannot be created, or None: the client's own schema check, then the
-        API server's in a dry run (400 or 422: malformed or invalid), which stores nothing."""
-        method = getattr(self._core, self._CREATE[obj["kind"]])
+        API server's in a dry run (400 or 422: malformed or invalid), which stores nothing;
+        for a kind a CRD serves, also its absence (404: the CRD is not installed)."""
         try:
-            await self._call(method, obj["metadata"]["namespace"], obj, dry_run="All", _preload_content=False)
+            await self._post(obj, dry_run="All")
         except pydantic.ValidationError as error:
             return schema_message(error)
         except ApiException as error:
             if error.status in (400, 422):
                 return api_message(error)
+            custom = self.custom_resource(obj)
+            if error.status == 404 and custom is not None:
+                group, version, plural = custom
+                return f"the cluster serves no {plural}.{group}/{version}: its CRD is not installed"
             if error.status in (403, 409):  # forbidden for now, or there already: the create will say
                 return None
             raise
@@ -155,6 +177,26 @@ class KubeApi:
         method = getattr(self._core, self._DELETE[kind])
         try:
             await self._call(method, name, namespace, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def replace_spec(self, obj: dict[str, Any]) -> None:
+        """Set the spec of an existing child a CRD serves (a PodGroup whose gang was resized)."""
+        group, version, plural = self.custom_resource(obj)
+        meta = obj["metadata"]
+        await self._call(self._custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural,
+                         meta["name"], {"spec": obj["spec"]}, _content_type=MERGE_PATCH, _preload_content=False)
+
+    async def delete_custom(self, obj: dict[str, Any]) -> bool:
+        """Delete a child a CRD serves; False when it (or its CRD) is gone (404)."""
+        group, version, plural = self.custom_resource(obj)
+        meta = obj["metadata"]
+        try:
+            await self._call(self._custom.delete_namespaced_custom_object, group, version, meta["namespace"], plural,
+                             meta["name"], _preload_content=False)
         except ApiException as error:
             if error.status == 404:
                 return False

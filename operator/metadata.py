@@ -38,6 +38,10 @@ def claim_name(job_name: str) -> str:
     return f"{job_name}-storage"
 
 
+def pod_group_name(job_name: str) -> str:
+    return job_name
+
+
 def rendezvous_address(job_name: str) -> str:
     return f"{worker_name(job_name, 0)}.{service_name(job_name)}"
 

@@ -11,6 +11,7 @@ from .constants import (
     CONFIG_MOUNT_DIR,
     CONFIG_PATH,
     CONFIG_VOLUME,
+    COSCHEDULING_GROUP_LABEL,
     CREDENTIALS_MOUNT_DIR,
     CREDENTIALS_VOLUME_PREFIX,
     GPU_RESOURCE,
@@ -24,6 +25,8 @@ from .constants import (
     STORAGE_MOUNT_DIR,
     STORAGE_VOLUME,
     TRAINER_ENTRY,
+    VOLCANO_GROUP_ANNOTATION,
+    VOLCANO_SCHEDULER,
     WORKER_CONTAINER,
     WORKER_GID,
     WORKER_UID,
@@ -31,6 +34,7 @@ from .constants import (
 from .metadata import (
     child_metadata,
     config_map_name,
+    pod_group_name,
     rendezvous_address,
     service_name,
     worker_labels,
@@ -202,17 +206,22 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
     if workers.priority_class_name is not None:
         spec["priorityClassName"] = workers.priority_class_name
     if workers.scheduler_name is not None:
-        # e.g. Volcano or the coscheduling plugin, to place the whole gang or none of it.
         spec["schedulerName"] = workers.scheduler_name
     if workers.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": secret.name} for secret in workers.image_pull_secrets]
+    # The user's labels and annotations (never the operator's own keys: the spec refuses those).
+    labels = {**workers.labels, **worker_labels(job.name, index, gang)}
+    annotations = {**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash}
+    gang_scheduling = job.spec.run_policy.gang_scheduling
+    if gang_scheduling is not None and gang_scheduling.pod_group == "volcano":
+        annotations[VOLCANO_GROUP_ANNOTATION] = pod_group_name(job.name)
+        spec["schedulerName"] = VOLCANO_SCHEDULER
+    elif gang_scheduling is not None:
+        labels[COSCHEDULING_GROUP_LABEL] = pod_group_name(job.name)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        # The user's labels and annotations (never the operator's own keys: the spec refuses those).
-        "metadata": child_metadata(job, worker_name(job.name, index),
-                                   labels={**workers.labels, **worker_labels(job.name, index, gang)},
-                                   annotations={**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash}),
+        "metadata": child_metadata(job, worker_name(job.name, index), labels=labels, annotations=annotations),
         "spec": spec,
     }
 

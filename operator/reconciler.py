@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import build_claim, build_config_map, build_service, output_status
+from .children import build_claim, build_config_map, build_pod_group, build_service, output_status
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
@@ -221,12 +221,15 @@ class Reconciler:
         create, asked in a dry run before anything is written: spec.workers passes
         volumes, tolerations, env and resources through as they are, and a malformed one
         must fail the job with the server's words, not fail every pass in the log."""
-        children = [child for child in (build_claim(job), build_worker_pod(job, index, 0, "dry-run")) if child]
-        for child in children:
+        fixes = {"Pod": "fix the spec field it comes from (a pod's spec.* from spec.workers)",
+                 "PersistentVolumeClaim": "fix spec.storage",
+                 "PodGroup": "install that scheduler, or remove spec.runPolicy.gangScheduling"}
+        children = [build_claim(job), build_pod_group(job), build_worker_pod(job, index, 0, "dry-run")]
+        for child in filter(None, children):
             message = await self.api.refusal(child)
             if message is not None:
                 return (f"the API server refuses the {child['kind']} {child['metadata']['name']!r} made from this "
-                        f"spec: {message}; fix the spec field it comes from (a pod's spec.* from spec.workers)")
+                        f"spec: {message}; {fixes[child['kind']]}")
         return None
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -243,6 +246,9 @@ class Reconciler:
         claim = build_claim(job)
         if claim is not None:
             await self.api.create(claim)
+        pod_group = build_pod_group(job)
+        if pod_group is not None and not await self.api.create(pod_group):
+            await self.api.replace_spec(pod_group)  # minMember follows workers.nodes
 
     async def _maybe_scrape(self, job: Job, status: dict[str, Any], pods: list[dict[str, Any]]) -> float:
         key = (job.namespace, job.name)
@@ -271,6 +277,9 @@ class Reconciler:
             await self.api.delete("Pod", namespace, pod_name(pod))
         await self.api.delete("Service", namespace, service_name(name))
         await self.api.delete("ConfigMap", namespace, config_map_name(name))
+        pod_group = _pod_group_of(body)
+        if pod_group is not None:
+            await self.api.delete_custom(pod_group)
         storage = ((body.get("spec") or {}).get("storage") or {})
         if "size" in storage and storage.get("retain") is False:
             await self.api.delete("PersistentVolumeClaim", namespace, claim_name(name))
@@ -279,6 +288,15 @@ class Reconciler:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+def _pod_group_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The PodGroup a job's spec asks for, if it is still readable; a spec no longer is
+    leaves its PodGroup to the garbage collector (it has an ownerReference)."""
+    try:
+        return build_pod_group(Job.from_body(body))
+    except InvalidSpecError:
+        return None
 
 
 def job_gang_before(status: dict[str, Any]) -> int:

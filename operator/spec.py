@@ -27,6 +27,7 @@ from .constants import (
     OPERATOR_MOUNT_DIRS,
     SHM_VOLUME,
     STORAGE_VOLUME,
+    VOLCANO_SCHEDULER,
 )
 
 # Kubernetes' syntax for label and annotation keys ([DNS subdomain/]name), label values
@@ -207,11 +208,29 @@ class CheckpointSpec(_Spec):
     keep_last: int = Field(3, ge=1)
 
 
+class GangSchedulingSpec(_Spec):
+    # Whose PodGroup holds the workers, so that the scheduler places all of them or none
+    # (two half-placed jobs would otherwise each wait for the other's GPUs).
+    pod_group: Literal["volcano", "coscheduling"]
+    queue: str | None = Field(None, min_length=1)
+    schedule_timeout_seconds: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_of_its_scheduler(self) -> "GangSchedulingSpec":
+        if self.queue is not None and self.pod_group != "volcano":
+            raise field_error("queue", self.queue, "only Volcano has queues; remove it, or use podGroup: volcano")
+        if self.schedule_timeout_seconds is not None and self.pod_group != "coscheduling":
+            raise field_error("scheduleTimeoutSeconds", self.schedule_timeout_seconds,
+                              "only the coscheduling plugin takes it; remove it, or use podGroup: coscheduling")
+        return self
+
+
 class RunPolicySpec(_Spec):
     backoff_limit: int = Field(3, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
     suspend: bool = False
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    gang_scheduling: GangSchedulingSpec | None = None
 
 
 class MetricsSpec(_Spec):
@@ -246,6 +265,16 @@ class JobSpec(_Spec):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     # Any other trainer key, as `section.key: value` (trainer --set); see trainer_config.py.
     trainer_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _volcano_schedules_its_gangs(self) -> "JobSpec":
+        gang = self.run_policy.gang_scheduling
+        scheduler = self.workers.scheduler_name
+        if gang is not None and gang.pod_group == "volcano" and scheduler not in (None, VOLCANO_SCHEDULER):
+            raise field_error("workers.schedulerName", scheduler,
+                              f"a Volcano PodGroup is honoured by the {VOLCANO_SCHEDULER!r} scheduler only; "
+                              "remove schedulerName (the operator sets it) or set it to volcano")
+        return self
 
     @property
     def credentials_secrets(self) -> list[str]:

@@ -50,6 +50,8 @@ RESOURCES = [
     ("v1/events", "Event", True, ["ev"], []),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, ["crd"], ["status"]),
     ("dreambooth.io/v1alpha1/dreamboothjobs", "DreamboothJob", True, ["dbj"], ["status"]),
+    # Volcano's, for gang scheduling; the coscheduling plugin's is not installed here.
+    ("scheduling.volcano.sh/v1beta1/podgroups", "PodGroup", True, ["pg"], ["status"]),
 ]
 
 
@@ -88,6 +90,12 @@ def failure_status(code: int, reason: str, message: str = "") -> dict[str, Any]:
 # Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
 DRY_RUN_KINDS = {"pods": "Pod", "persistentvolumeclaims": "PersistentVolumeClaim"}
 CREATE_URL = re.compile(rf"/api/v1/namespaces/([^/]+)/({'|'.join(DRY_RUN_KINDS)})/?")
+# Namespaced objects of an API group: those of RESOURCES are dry-run as well; those of a CRD
+# this cluster lacks get the 404 of an API server that does not know them (kmock itself
+# would accept anything).
+GROUP_URL = re.compile(r"/apis/([^/]+/[^/]+)/namespaces/[^/]+/([^/]+)(/.*)?")
+SERVED = {key for key, *_ in RESOURCES}
+NOT_INSTALLED = {"scheduling.x-k8s.io/v1alpha1/podgroups"}  # the coscheduling plugin's PodGroup
 
 
 def semantic_refusal(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -133,6 +141,13 @@ class Emulator(kmock.KubernetesEmulator):
                 return web.json_response(refused, status=refused["code"])
             if raw_request.query.get("dryRun") == "All":
                 return web.json_response(obj, status=201)
+        grouped = GROUP_URL.fullmatch(raw_request.path)
+        resource = f"{grouped.group(1)}/{grouped.group(2)}" if grouped is not None else None
+        if resource in NOT_INSTALLED:
+            return web.json_response(failure_status(404, "NotFound", "the server could not find the requested resource"),
+                                     status=404)
+        if resource in SERVED and raw_request.method == "POST" and raw_request.query.get("dryRun") == "All":
+            return web.json_response(json.loads(await raw_request.read()), status=201)
         match = NAMESPACES_URL.fullmatch(raw_request.path)
         if match is None or raw_request.method != "GET":
             return await super().__call__(raw_request)

@@ -16,7 +16,7 @@ import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.children import build_claim, build_config_map, build_service, output_status
+from dreambooth_operator.children import build_claim, build_config_map, build_pod_group, build_service, output_status
 from dreambooth_operator.kube import KubeApi
 from dreambooth_operator.metadata import owner_reference
 from dreambooth_operator.pods import build_worker_pod, build_worker_pods
@@ -178,7 +178,8 @@ def test_worker_pod_takes_the_users_labels_volumes_registry_and_scheduler() -> N
     spec, [container] = pod["spec"], pod["spec"]["containers"]
     # Beside the operator's own labels and annotations, which still select the pod.
     assert pod["metadata"]["labels"]["team"] == "vision" and pod["metadata"]["labels"][c.LABEL_JOB] == "sks-dog"
-    assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false", c.ANNOTATION_CONFIG_HASH: "abc"}
+    assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false", c.ANNOTATION_CONFIG_HASH: "abc",
+                                              c.VOLCANO_GROUP_ANNOTATION: "sks-dog"}  # runPolicy.gangScheduling
     assert spec["schedulerName"] == "volcano"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     # After the operator's volumes, which keep their names and folders.
@@ -187,6 +188,36 @@ def test_worker_pod_takes_the_users_labels_volumes_registry_and_scheduler() -> N
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {c.CONFIG_MOUNT_DIR, c.STORAGE_MOUNT_DIR}
     plain = build_worker_pod(job(MINIMAL_SPEC), index=0, gang=0, config_hash="abc")["spec"]
     assert "schedulerName" not in plain and "imagePullSecrets" not in plain
+
+
+def test_gang_scheduling_makes_a_pod_group_that_holds_every_worker() -> None:
+    volcano = job(FULL_SPEC)
+    group = build_pod_group(volcano)
+    assert group == {"apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
+                     "metadata": {"name": "sks-dog", "namespace": "default", "labels": group["metadata"]["labels"],
+                                  "ownerReferences": [owner_reference(volcano)]},
+                     "spec": {"minMember": 2, "queue": "vision", "priorityClassName": "training"}}
+    for pod in build_worker_pods(volcano, gang=0, config_hash="abc"):
+        assert pod["metadata"]["annotations"][c.VOLCANO_GROUP_ANNOTATION] == "sks-dog"
+        assert pod["spec"]["schedulerName"] == "volcano"
+
+    spec = _with("runPolicy.gangScheduling", {"podGroup": "coscheduling", "scheduleTimeoutSeconds": 600})
+    spec["workers"]["nodes"] = 3
+    plugin = job(spec)
+    group = build_pod_group(plugin)
+    assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
+    assert group["spec"] == {"minMember": 3, "scheduleTimeoutSeconds": 600}
+    pod = build_worker_pod(plugin, index=2, gang=0, config_hash="abc")
+    assert pod["metadata"]["labels"][c.COSCHEDULING_GROUP_LABEL] == "sks-dog"
+    assert "schedulerName" not in pod["spec"]  # the plugin may run in the default scheduler
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+    assert build_pod_group(job(MINIMAL_SPEC)) is None
+    other_scheduler = copy.deepcopy(FULL_SPEC)
+    other_scheduler["workers"]["schedulerName"] = "default-scheduler"
+    with pytest.raises(InvalidSpecError, match=r"spec\.workers\.schedulerName = 'default-scheduler': a Volcano "
+                                               r"PodGroup is honoured by the 'volcano' scheduler only"):
+        job(other_scheduler)
 
 
 def test_status_output_names_the_claim_folder_the_trainer_writes_and_the_upload() -> None:
@@ -330,6 +361,11 @@ _DELETE = object()
                  "volumeMounts": [{"name": "data", "mountPath": "/mnt/storage/data"}]},
      "spec.workers.volumeMounts[0].mountPath = '/mnt/storage/data': the operator mounts /mnt/storage there"),
     ("workers.imagePullSecrets", ["regcred"], "spec.workers.imagePullSecrets.0 = 'regcred'"),
+    ("runPolicy.gangScheduling", {"podGroup": "kueue"}, "spec.runPolicy.gangScheduling.podGroup = 'kueue'"),
+    ("runPolicy.gangScheduling", {"podGroup": "coscheduling", "queue": "a"},
+     "spec.runPolicy.gangScheduling.queue = 'a': only Volcano has queues"),
+    ("runPolicy.gangScheduling", {"podGroup": "volcano", "scheduleTimeoutSeconds": 60},
+     "spec.runPolicy.gangScheduling.scheduleTimeoutSeconds = 60: only the coscheduling plugin takes it"),
     ("trainerOverrides", {"training.max_steps": 5},
      "spec.trainerOverrides['training.max_steps']: training.max_steps comes from spec.training.maxSteps; set it there"),
     ("trainerOverrides", {"checkpoint.dir": "/tmp"}, "checkpoint.dir is set by the operator"),

@@ -346,6 +346,43 @@ def test_a_finished_job_is_deleted_after_its_ttl_and_its_claim_kept(cluster: Clu
     assert [c["metadata"]["name"] for c in cluster.claims("short-lived")] == ["short-lived-storage"]  # the model
 
 
+VOLCANO = ("scheduling.volcano.sh", "v1beta1", "default", "podgroups")
+
+
+def test_gang_scheduling_puts_every_worker_in_one_pod_group_that_follows_the_gang(cluster: Cluster) -> None:
+    cluster.create_job("gang", spec(workers={"nodes": 2},
+                                    runPolicy={"gangScheduling": {"podGroup": "volcano", "queue": "vision"}}))
+    pods = wait_for(lambda: len(cluster.pods("gang")) == 2 and cluster.pods("gang"), what="2 workers")
+    group = cluster.custom.get_namespaced_custom_object(*VOLCANO, "gang")
+    assert group["spec"] == {"minMember": 2, "queue": "vision"}
+    assert group["metadata"]["ownerReferences"][0]["uid"] == cluster.job("gang")["metadata"]["uid"]
+    for pod in pods:
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "gang"
+        assert pod["spec"]["schedulerName"] == "volcano"
+
+    # A third worker (added to the gang, which has not started): the group waits for three.
+    cluster.patch_spec("gang", {"workers": {"nodes": 3}})
+    wait_for(lambda: len(cluster.pods("gang")) == 3, what="a third worker")
+    wait_for(lambda: cluster.custom.get_namespaced_custom_object(*VOLCANO, "gang")["spec"]["minMember"] == 3,
+             what="minMember 3")
+
+    cluster.delete_job("gang")
+    wait_for(lambda: not cluster.job_exists("gang"), what="job gone")
+    assert [g["metadata"]["name"] for g in cluster.custom.list_namespaced_custom_object(*VOLCANO)["items"]] == []
+
+
+def test_gang_scheduling_by_a_scheduler_the_cluster_lacks_fails_with_the_reason(cluster: Cluster) -> None:
+    # The emulated cluster has Volcano's PodGroup API only, not the coscheduling plugin's.
+    cluster.create_job("no-plugin", spec(runPolicy={"gangScheduling": {"podGroup": "coscheduling"}}))
+    failed = wait_for(lambda: condition(cluster.status("no-plugin"), "Failed"), what="Failed condition")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"] == (
+        "the API server refuses the PodGroup 'no-plugin' made from this spec: the cluster serves no "
+        "podgroups.scheduling.x-k8s.io/v1alpha1: its CRD is not installed; install that scheduler, or remove "
+        "spec.runPolicy.gangScheduling")
+    assert cluster.pods("no-plugin") == []
+
+
 def test_operator_metrics_and_health(cluster: Cluster, operator: OperatorProcess) -> None:
     cluster.create_job("counted", spec(workers={"nodes": 2}))
     wait_for(lambda: len(cluster.pods("counted")) == 2, what="pods")

@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dreambooth_operator.constants import POD_GROUP_APIS, POD_GROUP_PLURAL
 from dreambooth_operator.kube import KubeApi
 from tests.ship.chart import (
     ALERTS,
@@ -128,6 +129,8 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
     needed[("dreambooth.io", "dreamboothjobs/finalizers")] = {"update"}  # blockOwnerDeletion
+    for group, _ in POD_GROUP_APIS.values():  # create, replace_spec, delete_custom
+        needed[(group, POD_GROUP_PLURAL)] = {"create", "patch", "delete"}
     return needed
 
 

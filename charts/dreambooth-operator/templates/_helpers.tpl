@@ -62,6 +62,11 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, delete, patch]
+# Gang scheduling (spec.runPolicy.gangScheduling): a job's PodGroup, Volcano's or the
+# coscheduling plugin's, created, resized with its gang and deleted with the job.
+- apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
+  resources: [podgroups]
+  verbs: [create, patch, delete]
 # The operator's and kopf's Events on jobs.
 - apiGroups: [""]
   resources: [events]
