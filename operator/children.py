@@ -1,6 +1,5 @@
 """Pure builders of a job's children other than the workers: ConfigMap, headless
-Service, (when `storage.size` asks for one) PVC and (with gang scheduling) PodGroup.
-No API calls here."""
+Service and (when `storage.size` asks for one) PVC. No API calls here."""
 
 from __future__ import annotations
 
@@ -11,12 +10,10 @@ from .constants import (
     ANNOTATION_CONFIG_HASH,
     CONFIG_FILE_NAME,
     DEFAULT_SCRAPE_INTERVAL_SECONDS,
-    POD_GROUP_APIS,
-    POD_GROUP_KIND,
     RENDEZVOUS_PORT,
     STORAGE_MOUNT_DIR,
 )
-from .metadata import child_metadata, claim_name, config_map_name, job_labels, pod_group_name, service_name
+from .metadata import child_metadata, claim_name, config_map_name, job_labels, service_name
 from .spec import Job
 from .trainer_config import config_hash, config_yaml, job_output_dir, render_trainer_config
 
@@ -71,28 +68,6 @@ def build_claim(job: Job) -> dict[str, Any] | None:
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": child_metadata(job, claim_name(job.name), owned=not storage.retain),
-        "spec": spec,
-    }
-
-
-def build_pod_group(job: Job) -> dict[str, Any] | None:
-    """With spec.runPolicy.gangScheduling, the PodGroup of the chosen scheduler: it binds
-    no worker until it can bind every one of them (minMember). None without."""
-    gang = job.spec.run_policy.gang_scheduling
-    if gang is None:
-        return None
-    group, version = POD_GROUP_APIS[gang.pod_group]
-    spec: dict[str, Any] = {"minMember": job.spec.workers.nodes}
-    if gang.queue is not None:
-        spec["queue"] = gang.queue
-    if gang.pod_group == "volcano" and job.spec.workers.priority_class_name is not None:
-        spec["priorityClassName"] = job.spec.workers.priority_class_name  # Volcano orders groups by it
-    if gang.schedule_timeout_seconds is not None:
-        spec["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
-    return {
-        "apiVersion": f"{group}/{version}",
-        "kind": POD_GROUP_KIND,
-        "metadata": child_metadata(job, pod_group_name(job.name)),
         "spec": spec,
     }
 

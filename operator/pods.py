@@ -1,9 +1,12 @@
-"""Pure builder of the worker pods: one per node, torchrun with a static rendezvous."""
+"""Pure builders of the worker pods (one per node, torchrun with a static rendezvous)
+and, with gang scheduling, of the PodGroup that has them placed all together."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+from kubernetes.utils import parse_quantity
 
 from .children import storage_claim_name
 from .constants import (
@@ -19,6 +22,8 @@ from .constants import (
     INSTANCE_IMAGES_MOUNT_DIR,
     INSTANCE_IMAGES_VOLUME,
     LAUNCHER,
+    POD_GROUP_APIS,
+    POD_GROUP_KIND,
     RENDEZVOUS_PORT,
     SHM_MOUNT_DIR,
     SHM_VOLUME,
@@ -222,6 +227,43 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": child_metadata(job, worker_name(job.name, index), labels=labels, annotations=annotations),
+        "spec": spec,
+    }
+
+
+def gang_resources(job: Job) -> dict[str, str]:
+    """What all workers together request (a container's limit where it sets no request,
+    as Kubernetes defaults it): a Volcano queue admits the group only when that fits."""
+    resources = worker_resources(job)
+    per_worker = {**resources.get("limits", {}), **resources.get("requests", {})}
+    total = {}
+    for name, quantity in per_worker.items():
+        value = parse_quantity(quantity) * job.spec.workers.nodes
+        total[name] = str(int(value)) if value == int(value) else f"{int(value * 1000)}m"
+    return total
+
+
+def build_pod_group(job: Job) -> dict[str, Any] | None:
+    """With spec.runPolicy.gangScheduling, the PodGroup of the chosen scheduler: it binds
+    no worker until it can bind every one of them (minMember). None without."""
+    gang = job.spec.run_policy.gang_scheduling
+    if gang is None:
+        return None
+    group, version = POD_GROUP_APIS[gang.pod_group]
+    spec: dict[str, Any] = {"minMember": job.spec.workers.nodes}
+    resources = gang_resources(job)
+    if resources:
+        spec["minResources"] = resources
+    if gang.queue is not None:
+        spec["queue"] = gang.queue
+    if gang.pod_group == "volcano" and job.spec.workers.priority_class_name is not None:
+        spec["priorityClassName"] = job.spec.workers.priority_class_name  # Volcano orders groups by it
+    if gang.schedule_timeout_seconds is not None:
+        spec["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+    return {
+        "apiVersion": f"{group}/{version}",
+        "kind": POD_GROUP_KIND,
+        "metadata": child_metadata(job, pod_group_name(job.name)),
         "spec": spec,
     }
 

@@ -15,13 +15,13 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import build_claim, build_config_map, build_pod_group, build_service, output_status
+from .children import build_claim, build_config_map, build_service, output_status
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
 from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
-from .pods import build_worker_pod
+from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
 from .progress import metrics_url, progress_status, scrape, utc_now
 from .spec import InvalidSpecError, Job

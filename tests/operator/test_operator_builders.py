@@ -16,10 +16,10 @@ import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.children import build_claim, build_config_map, build_pod_group, build_service, output_status
+from dreambooth_operator.children import build_claim, build_config_map, build_service, output_status
 from dreambooth_operator.kube import KubeApi
 from dreambooth_operator.metadata import owner_reference
-from dreambooth_operator.pods import build_worker_pod, build_worker_pods
+from dreambooth_operator.pods import build_pod_group, build_worker_pod, build_worker_pods
 from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
 from trainer.config import validate_config
@@ -196,17 +196,20 @@ def test_gang_scheduling_makes_a_pod_group_that_holds_every_worker() -> None:
     assert group == {"apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
                      "metadata": {"name": "sks-dog", "namespace": "default", "labels": group["metadata"]["labels"],
                                   "ownerReferences": [owner_reference(volcano)]},
-                     "spec": {"minMember": 2, "queue": "vision", "priorityClassName": "training"}}
+                     "spec": {"minMember": 2, "queue": "vision", "priorityClassName": "training",
+                              # Two workers' requests (a limit where no request is set): 8 GPUs, 32
+                              # CPUs and 400Gi each.
+                              "minResources": {"nvidia.com/gpu": "16", "cpu": "64", "memory": str(800 * 2**30)}}}
     for pod in build_worker_pods(volcano, gang=0, config_hash="abc"):
         assert pod["metadata"]["annotations"][c.VOLCANO_GROUP_ANNOTATION] == "sks-dog"
         assert pod["spec"]["schedulerName"] == "volcano"
 
     spec = _with("runPolicy.gangScheduling", {"podGroup": "coscheduling", "scheduleTimeoutSeconds": 600})
-    spec["workers"]["nodes"] = 3
+    spec["workers"] |= {"nodes": 3, "resources": {"requests": {"cpu": "500m"}}}
     plugin = job(spec)
     group = build_pod_group(plugin)
     assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
-    assert group["spec"] == {"minMember": 3, "scheduleTimeoutSeconds": 600}
+    assert group["spec"] == {"minMember": 3, "scheduleTimeoutSeconds": 600, "minResources": {"cpu": "1500m"}}
     pod = build_worker_pod(plugin, index=2, gang=0, config_hash="abc")
     assert pod["metadata"]["labels"][c.COSCHEDULING_GROUP_LABEL] == "sks-dog"
     assert "schedulerName" not in pod["spec"]  # the plugin may run in the default scheduler
