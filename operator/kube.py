@@ -172,16 +172,20 @@ class KubeApi:
             raise
         return self._json(response)
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete with the object's own grace period; False when it was already gone (404)."""
-        method = getattr(self._core, self._DELETE[kind])
+    async def _delete(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """One delete call; False when the object (or, for a CRD's kind, the CRD) was
+        already gone (404)."""
         try:
-            await self._call(method, name, namespace, _preload_content=False)
+            await self._call(fn, *args, _preload_content=False)
         except ApiException as error:
             if error.status == 404:
                 return False
             raise
         return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete with the object's own grace period; False when it was already gone (404)."""
+        return await self._delete(getattr(self._core, self._DELETE[kind]), name, namespace)
 
     async def replace_spec(self, obj: dict[str, Any]) -> None:
         """Set the spec of an existing child a CRD serves (a PodGroup whose gang was resized)."""
@@ -194,14 +198,8 @@ class KubeApi:
         """Delete a child a CRD serves; False when it (or its CRD) is gone (404)."""
         group, version, plural = self.custom_resource(obj)
         meta = obj["metadata"]
-        try:
-            await self._call(self._custom.delete_namespaced_custom_object, group, version, meta["namespace"], plural,
-                             meta["name"], _preload_content=False)
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        return await self._delete(self._custom.delete_namespaced_custom_object, group, version, meta["namespace"],
+                                  plural, meta["name"])
 
     async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         method = getattr(self._core, self._LIST[kind])
@@ -223,14 +221,8 @@ class KubeApi:
     async def delete_job(self, namespace: str, name: str) -> bool:
         """Delete the DreamboothJob; its finalizer runs the operator's clean-up first.
         False when it was already gone."""
-        try:
-            await self._call(self._custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-                             _preload_content=False)
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        return await self._delete(self._custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+                                  name)
 
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         try:
