@@ -117,6 +117,7 @@ REASON_WORKERS_CREATED = "WorkersCreated"
 # A child the API server forbids for now (a ResourceQuota, a policy): retried every resync.
 REASON_FAILED_CREATE = "FailedCreate"
 REASON_VOLUME_NOT_SHARED = "VolumeNotShared"
+REASON_CLAIM_NOT_FOUND = "ClaimNotFound"
 REASON_SUSPENDED = "Suspended"
 REASON_RESUMED = "Resumed"
 REASON_PODS_PENDING = "PodsPending"

@@ -10,7 +10,9 @@ packages) and fails the job through its exit code 2.
 The claims every worker mounts are read too: with several workers, a ReadWriteOncePod
 claim cannot work (problem), and a ReadWriteOnce one only while all workers share a
 node (warning: most clouds' default storage classes are ReadWriteOnce block disks, and
-the second worker would wait in ContainerCreating on a Multi-Attach error).
+the second worker would wait in ContainerCreating on a Multi-Attach error). A claim
+that does not exist yet is a warning, not a failure: `kubectl apply -f` of a folder may
+create the job before its claim, and the workers simply wait in Pending for it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from trainer.config import DataConfig
 
-from .constants import CONFIG_MAP_MAX_BYTES
+from .constants import CONFIG_MAP_MAX_BYTES, REASON_CLAIM_NOT_FOUND, REASON_VOLUME_NOT_SHARED
 from .kube import KubeApi
 from .spec import Job
 
@@ -87,10 +89,15 @@ def sharing_check(key: str, name: str, modes: list[str], nodes: int, *, read_onl
     return "warning", f"{where}, and the workers write checkpoints and the model to it; {fix}"
 
 
+def missing_claim_warning(key: str, name: str, namespace: str) -> str:
+    return (f"{key} = {name!r}: no PersistentVolumeClaim {name!r} in namespace {namespace!r} yet; the workers wait "
+            f"in Pending until it exists (create it, or set spec.storage.size for the operator to make one)")
+
+
 @dataclass
 class InputCheck:
     problem: str | None = None  # fails the job (InvalidSpec) until fixed
-    warnings: list[str] = field(default_factory=list)  # Warning Events; the gang starts anyway
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) Warning Events; the gang starts anyway
 
 
 async def check_inputs(api: KubeApi, job: Job) -> InputCheck:
@@ -101,13 +108,16 @@ async def check_inputs(api: KubeApi, job: Job) -> InputCheck:
     if config_map is not None:
         check.problem = config_map_problem(await api.get("ConfigMap", job.namespace, config_map), config_map,
                                            job.namespace)
-    # (field, its value, the claim's access modes, mounted read-only); a claim that does
-    # not exist yet is left to the scheduler, whose message reaches condition Unschedulable.
+    # (field, its value, the claim's access modes, mounted read-only)
     claims = []
     for key, name, read_only in (("spec.data.instanceImages.claimName", spec.data.instance_images.claim_name, True),
                                  ("spec.storage.claimName", spec.storage.claim_name, False)):
-        claim = await api.get("PersistentVolumeClaim", job.namespace, name) if name else None
-        if claim is not None:
+        if name is None:
+            continue
+        claim = await api.get("PersistentVolumeClaim", job.namespace, name)
+        if claim is None:
+            check.warnings.append((REASON_CLAIM_NOT_FOUND, missing_claim_warning(key, name, job.namespace)))
+        else:
             claims.append((key, name, claim_access_modes(claim), read_only))
     if spec.storage.creates_claim:  # made by the operator: the spec's mode
         claims.append(("spec.storage.accessMode", spec.storage.access_mode, [spec.storage.access_mode], False))
@@ -116,5 +126,5 @@ async def check_inputs(api: KubeApi, job: Job) -> InputCheck:
         if found is not None and found[0] == "problem":
             check.problem = check.problem or found[1]
         elif found is not None:
-            check.warnings.append(found[1])
+            check.warnings.append((REASON_VOLUME_NOT_SHARED, found[1]))
     return check

@@ -160,8 +160,10 @@ class Reconciler:
         self.metrics.set_phase(namespace, name, plan.status.get("phase"))
         for type_, reason, message in plan.events:
             await self.api.post_event(body, type_, reason, message)
-        for message in inputs.warnings:
-            await self.api.post_event(body, "Warning", c.REASON_VOLUME_NOT_SHARED, message)
+        if not pods:
+            # Once per gang start, not again at each retry of a creation the API refused.
+            for reason, message in inputs.warnings:
+                await self.api.post_event(body, "Warning", reason, message)
         if plan.counted_restart:
             self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()
         elif plan.gang != job_gang_before(status):

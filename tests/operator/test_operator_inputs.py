@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -166,6 +167,24 @@ def test_two_workers_on_a_read_write_once_claim_start_with_a_warning(cluster: Cl
                          what="a VolumeNotShared Event")
     assert warning["type"] == "Warning"
     assert warning["message"].startswith("spec.storage.claimName = 'block-disk': the claim is ReadWriteOnce")
+
+
+@pytest.mark.timeout(120)
+def test_a_claim_that_does_not_exist_yet_is_named_in_a_warning_once_and_the_worker_waits_for_it(cluster: Cluster) -> None:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["storage"] = {"claimName": "made-later"}
+    cluster.create_job("early", spec)
+    wait_for(lambda: len(cluster.pods("early")) == 1, what="the worker created anyway")
+    warnings = wait_for(lambda: [e for e in cluster.events("early") if e["reason"] == c.REASON_CLAIM_NOT_FOUND],
+                        what="ClaimNotFound Events")
+    messages = sorted(event["message"] for event in warnings)
+    assert messages[1].startswith("spec.storage.claimName = 'made-later': no PersistentVolumeClaim 'made-later' "
+                                  "in namespace 'default' yet; the workers wait in Pending until it exists")
+    assert messages[0].startswith("spec.data.instanceImages.claimName = 'dog-photos': no PersistentVolumeClaim")
+    # Two more resyncs: the warnings were for the gang's start, not for every pass; not a failure.
+    time.sleep(5)
+    assert len([e for e in cluster.events("early") if e["reason"] == c.REASON_CLAIM_NOT_FOUND]) == 2
+    assert cluster.status("early")["phase"] != c.PHASE_FAILED
 
 
 @pytest.mark.timeout(120)
