@@ -119,7 +119,7 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
 
 
 def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides: dict | None = None,
-                   channels_last: bool = False):
+                   channels_last: bool = False, lora_rank: int = 0):
     from trainer.config import validate_config
 
     return validate_config({
@@ -131,6 +131,7 @@ def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides:
         "training": {"batch_size": batch_size, "train_text_encoder": True, "learning_rate": 5e-6,
                      "precision": "fp16" if device.type == "cuda" else "fp32", "max_steps": 10**6,
                      "channels_last": channels_last},
+        "lora": {"rank": lora_rank},
         "deepspeed": {"zero_stage": 2, "overrides": overrides or {}},
         "checkpoint": {"dir": str(data_root / "checkpoints")},
         "output": {"dir": str(data_root / "model")},
@@ -138,19 +139,20 @@ def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides:
 
 
 def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int, overrides: dict,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, lora_rank: int = 0) -> dict:
     from trainer.data import DreamBoothData
     from trainer.distributed import read_runtime
     from trainer.engine import build_engine
     from trainer.loop import BatchPrefetcher, DenoisingStep, train_micro_step
     from trainer.objective import build_denoiser
 
-    config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides, channels_last=channels_last)
+    config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides,
+                            channels_last=channels_last, lora_rank=lora_rank)
     runtime = read_runtime()
     components = sd_models.build_components(args.size, device)
     data = DreamBoothData(config.data, components.tokenizer, seed=0, rank=0, world_size=1, batch_size=batch_size)
     module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=runtime.device,
-                            channels_last=config.training.channels_last)
+                            channels_last=config.training.channels_last, lora=config.lora)
     engine = build_engine(config, module, precision=config.training.precision, world_size=1, device_type=device.type)
     step_fn = DenoisingStep(engine, components, config, runtime, config.training.precision)
     batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=True)
@@ -232,14 +234,17 @@ def targets(cases: list[dict]) -> dict:
     return found
 
 
-def our_cases(args) -> list[tuple[str, int, bool]]:
-    """(name, instance images per step, channels_last) of the cases of our trainer."""
-    cases = [("(b) ours, ZeRO-2, 1+1", 1, False)] if "b" in args.cases else []
+def our_cases(args) -> list[tuple[str, dict]]:
+    """(name, our_case keywords) of the cases of our trainer."""
+    cases = [("(b) ours, ZeRO-2, 1+1", {"batch_size": 1})] if "b" in args.cases else []
     if "c" in args.cases:
-        cases += [(f"(c) ours, ZeRO-2, {n}+{n}", n, False) for n in args.throughput_batches]
+        cases += [(f"(c) ours, ZeRO-2, {n}+{n}", {"batch_size": n}) for n in args.throughput_batches]
         if args.channels_last and args.throughput_batches:
             n = args.throughput_batches[0]
-            cases.append((f"(c) ours, ZeRO-2, channels_last, {n}+{n}", n, True))
+            cases.append((f"(c) ours, ZeRO-2, channels_last, {n}+{n}", {"batch_size": n, "channels_last": True}))
+    if "d" in args.cases:
+        # Not one of the issue's targets: what the LoRA recipe costs beside (b).
+        cases.append((f"(d) ours, LoRA rank {args.lora_rank}, ZeRO-2, 1+1", {"batch_size": 1, "lora_rank": args.lora_rank}))
     return cases
 
 
@@ -267,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", type=int, default=8, help="instance images and as many class images")
     parser.add_argument("--throughput-batches", type=int, nargs="*", default=[8, 16], help="(c): instance images per step")
-    parser.add_argument("--cases", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--cases", default="abcd", help="which of a, b, c, d (LoRA) to run")
+    parser.add_argument("--lora-rank", type=int, default=16, help="(d): adapter rank")
     parser.add_argument("--channels-last", action="store_true", help="also (c) at the first throughput batch with channels_last")
     parser.add_argument("--optimizer", choices=["auto", "deepspeed", "torch-fused"], default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak, if the card is not known")
@@ -300,9 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "a" in args.cases:
             name = "(a) diffusers train_dreambooth.py, 1+1"
             record(run_case(name, lambda name: diffusers_case(name, args, device, root, peak), device))
-        for name, batch, channels_last in our_cases(args):
-            record(run_case(name, lambda name, batch=batch, channels_last=channels_last: our_case(
-                name, args, device, root, peak, batch_size=batch, overrides=overrides, channels_last=channels_last), device))
+        for name, keywords in our_cases(args):
+            record(run_case(name, lambda name, keywords=keywords: our_case(
+                name, args, device, root, peak, overrides=overrides, **keywords), device))
     print(markdown_table(report))
     print(json.dumps({"targets": report["targets"]}))
     return report

@@ -2,8 +2,8 @@
 # Runs on the GPU machine (device tool), from the repository root, with .whl/ carried
 # (filled by benchmarks/prepare_device_wheels.sh). Installs the wheels into /tmp/site,
 # checks that every module the benchmark imports is there (naming the missing ones),
-# then runs benchmarks/gpu_dreambooth.py: (a), (b), (c) at 8+8 and 16+16, about 3-5
-# minutes in all. Results: $OUT/gpu_dreambooth.json and $OUT/gpu_dreambooth.log.
+# then runs benchmarks/gpu_dreambooth.py: (a), (b), (c) at 8+8 and 16+16, then (d) LoRA
+# rank 16 at 1+1 (needs the image's peft), about 3-5 minutes in all. Results: $OUT/gpu_dreambooth.json and $OUT/gpu_dreambooth.log.
 #   bash benchmarks/run_on_device.sh [extra gpu_dreambooth.py arguments]
 set -euo pipefail
 OUT="${OUT:-$PWD/benchmark-results}"

@@ -90,7 +90,8 @@ class DataSpec(_Spec):
 
 class TrainingSpec(_Spec):
     max_steps: int = Field(800, ge=1)
-    learning_rate: float = Field(2e-6, gt=0)
+    # Unset: the trainer's default, 2e-6 for all weights or 1e-4 for LoRA adapters.
+    learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     prior_loss_weight: float = Field(1.0, ge=0)
@@ -100,6 +101,12 @@ class TrainingSpec(_Spec):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
+
+
+class LoraSpec(_Spec):
+    rank: int = Field(0, ge=0)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class DeepSpeedSpec(_Spec):
@@ -255,6 +262,7 @@ class JobSpec(_Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     workers: WorkersSpec
     storage: StorageSpec

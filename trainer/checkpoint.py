@@ -74,11 +74,13 @@ class Manifest:
     world_size: int
     zero_stage: int
     files: dict[str, int]  # relative path -> size in bytes
+    lora_rank: int = 0  # 0: all weights were trained and saved; else only LoRA adapters were
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
         raw = json.loads((folder / MANIFEST).read_text())
-        return cls(step=raw["step"], world_size=raw["world_size"], zero_stage=raw["zero_stage"], files=raw["files"])
+        return cls(step=raw["step"], world_size=raw["world_size"], zero_stage=raw["zero_stage"], files=raw["files"],
+                   lora_rank=raw.get("lora_rank", 0))
 
     def problems(self, folder: Path) -> list[str]:
         found = []
@@ -99,16 +101,19 @@ def list_files(folder: Path) -> dict[str, int]:
     }
 
 
-def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any], zero_stage: int) -> Path:
-    """Collective: every rank calls it at the same step."""
+def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any], zero_stage: int,
+         lora_rank: int = 0) -> Path:
+    """Collective: every rank calls it at the same step. A LoRA run saves only the
+    adapters (MBs instead of GBs): the frozen base weights come from model.source again."""
     tag = step_folder_name(step)
     folder = config.dir / tag
     config.dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(config.dir), tag=tag, client_state=state, save_latest=False)
+    engine.save_checkpoint(str(config.dir), tag=tag, client_state=state, save_latest=False,
+                           exclude_frozen_parameters=lora_rank > 0)
     torch.save(rng_state(), folder / f"rng-rank{runtime.rank:05d}.pt")
     barrier()
     if runtime.is_main:
-        manifest = {"step": step, "world_size": runtime.world_size, "zero_stage": zero_stage,
+        manifest = {"step": step, "world_size": runtime.world_size, "zero_stage": zero_stage, "lora_rank": lora_rank,
                     "time": time.time(), "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)
@@ -184,19 +189,31 @@ def find_resume_point(config: CheckpointConfig) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def check_world_size(folder: Path, runtime: Runtime) -> None:
+def check_compatible(folder: Path, runtime: Runtime, lora_rank: int) -> None:
+    """A checkpoint of another shape would not load, or load wrongly: refused, not skipped."""
     manifest = Manifest.read(folder)
     if manifest.world_size != runtime.world_size:
         raise ConfigError(
             f"checkpoint {folder} was written by {manifest.world_size} processes, this run has {runtime.world_size}; "
             "resume with the same nodes x processes per node, or set checkpoint.resume=never to start over"
         )
+    if manifest.lora_rank != lora_rank:
+        def trained(rank: int) -> str:
+            return f"LoRA adapters of rank {rank}" if rank else "all weights (no LoRA)"
+
+        raise ConfigError(
+            f"checkpoint {folder} trained {trained(manifest.lora_rank)}, this run has lora.rank = {lora_rank}; "
+            f"set lora.rank = {manifest.lora_rank} to resume it, or checkpoint.resume=never (or another "
+            "checkpoint.dir) to start over"
+        )
 
 
-def load(engine, folder: Path, runtime: Runtime) -> dict[str, Any]:
-    check_world_size(folder, runtime)
+def load(engine, folder: Path, runtime: Runtime, lora_rank: int = 0) -> dict[str, Any]:
+    check_compatible(folder, runtime, lora_rank)
+    # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
     _, state = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+        load_module_strict=lora_rank == 0,
     )
     if state is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
@@ -206,7 +223,8 @@ def load(engine, folder: Path, runtime: Runtime) -> dict[str, Any]:
     return state
 
 
-def load_latest(engine, config: CheckpointConfig, runtime: Runtime) -> tuple[Path | None, dict[str, Any] | None]:
+def load_latest(engine, config: CheckpointConfig, runtime: Runtime,
+                lora_rank: int = 0) -> tuple[Path | None, dict[str, Any] | None]:
     """Loads the best checkpoint that loads on every rank; a corrupt one is skipped with
     a warning. Collective: every rank walks the same candidate list in step."""
     from trainer.distributed import any_rank
@@ -214,7 +232,7 @@ def load_latest(engine, config: CheckpointConfig, runtime: Runtime) -> tuple[Pat
     for folder in resume_candidates(config):
         error = None
         try:
-            state = load(engine, folder, runtime)
+            state = load(engine, folder, runtime, lora_rank)
         except ConfigError:
             raise
         except Exception as caught:  # a truncated or garbled shard: torch/pickle/zip errors vary

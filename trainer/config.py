@@ -106,6 +106,39 @@ class TrainingConfig(_Section):
     )
 
 
+LORA_LEARNING_RATE = 1e-4  # diffusers' DreamBooth LoRA recipe; adapters start at zero and need a larger step
+
+
+class LoraConfig(_Section):
+    rank: int = Field(
+        0,
+        ge=0,
+        description="Train LoRA adapters of this rank on the attention projections (and the text encoder's, with "
+        "training.train_text_encoder) instead of all weights; 0 trains all weights. With LoRA, "
+        "training.learning_rate defaults to 1e-4 and the export also writes pytorch_lora_weights.safetensors.",
+    )
+    alpha: float | None = Field(None, gt=0, description="Adapter scale numerator (scale = alpha / rank); default: rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    unet_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names that get adapters (peft target_modules).",
+    )
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        min_length=1,
+        description="Text encoder module names that get adapters when training.train_text_encoder is set.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaled_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
     bucket_size: int | None = Field(
@@ -171,6 +204,7 @@ class TrainerConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig
     output: OutputConfig
@@ -186,6 +220,8 @@ class TrainerConfig(_Section):
                 f"training.lr_warmup_steps = {self.training.lr_warmup_steps} exceeds training.max_steps = "
                 f"{self.training.max_steps}; lower the warmup"
             )
+        if self.lora.enabled and "learning_rate" not in self.training.model_fields_set:
+            self.training.learning_rate = LORA_LEARNING_RATE
         return self
 
 

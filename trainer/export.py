@@ -24,15 +24,19 @@ RUN_FILE = "run.json"
 
 def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
     """Collective over all ranks, in the same parameter order; the result is filled
-    only where `keep` is true (rank 0), so other ranks hold no full copy."""
+    only where `keep` is true (rank 0), so other ranks hold no full copy. Only trained
+    parameters: frozen ones (a LoRA run's base weights) hold a cast working copy and
+    are taken from the model source instead."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     state: dict[str, torch.Tensor] = {}
     for name, parameter in module.named_parameters():
-        full = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        if not parameter.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(parameter)
         if full is None:
-            # Frozen, or no fp32 master copy (ZeRO-0 fp32): gather the working copy (a no-op outside ZeRO-3).
+            # No fp32 master copy (ZeRO-0 in fp32): gather the working copy (a no-op outside ZeRO-3).
             with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
                 full = parameter.detach().float().clone() if keep else None
         if keep:
@@ -77,30 +81,40 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     if runtime.is_main:
         unet, text_encoder = trained_modules(state, components)
         pipeline = build_pipeline(components, unet, text_encoder.to("cpu"))
-        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info))
+        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components))
     barrier()
     return output_dir if runtime.is_main else None
 
 
 def trained_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Fresh fp32 UNet (and text encoder, when it was trained) loaded from a gathered
-    DreamBoothDenoiser state; an untrained text encoder is the frozen original."""
+    DreamBoothDenoiser state; an untrained text encoder is the frozen original. Trained
+    LoRA adapters come fused into the base weights."""
+    from trainer import lora
+
+    if lora.has_adapters(components.unet):
+        return lora.fused_modules(state, components)
     unet = fresh_like(components.unet)
-    unet.load_state_dict(_submodule_state(state, "unet"))
+    unet.load_state_dict(submodule_state(state, "unet"))
     text_encoder = components.text_encoder
     if any(key.startswith("text_encoder.") for key in state):
         text_encoder = fresh_like(components.text_encoder)
-        text_encoder.load_state_dict(_submodule_state(state, "text_encoder"))
+        text_encoder.load_state_dict(submodule_state(state, "text_encoder"))
     return unet, text_encoder
 
 
-def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key.removeprefix(prefix + "."): value for key, value in state.items() if key.startswith(prefix + ".")}
 
 
-def _write(pipeline, folder: Path, run_info: dict[str, Any]) -> None:
+def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, torch.Tensor], components) -> None:
+    from trainer import lora
+
     pipeline.vae.to("cpu")
     pipeline.save_pretrained(folder, safe_serialization=True)
+    if lora.has_adapters(components.unet):
+        # Beside the fused pipeline: the adapters alone, a few MB, for load_lora_weights on any copy of the base.
+        lora.save_adapters(folder, state, components)
     write_atomically(folder / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
 
 

@@ -105,7 +105,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime):
     from trainer.distributed import barrier
     from trainer.loop import TrainState
 
-    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime)
+    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora_rank=config.lora.rank)
     if runtime.is_main:
         checkpoint.remove_incomplete(config.checkpoint.dir)
     barrier()
@@ -156,7 +156,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         module = build_denoiser(components, train_text_encoder=config.training.train_text_encoder,
                                 gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device,
-                                channels_last=config.training.channels_last)
+                                channels_last=config.training.channels_last, lora=config.lora)
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
                               device_type=runtime.device.type)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)
@@ -190,6 +190,8 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "precision": precision,
             "zero_stage": config.deepspeed.zero_stage,
             "train_text_encoder": config.training.train_text_encoder,
+            "lora_rank": config.lora.rank,
+            "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "prior_preservation": config.data.with_prior_preservation,
             "class_images_generated": class_images_generated,
             "instance_eval_loss_before": eval_before,

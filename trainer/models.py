@@ -18,6 +18,7 @@ class Components:
     tokenizer: Any
     noise_scheduler: Any  # DDPM: adds noise during training
     inference_scheduler: Any  # the pipeline's own scheduler: generation and export
+    folder: Path | None = None  # where they were loaded from; None: the built-in tiny model
 
     @property
     def prediction_type(self) -> str:
@@ -32,6 +33,11 @@ def build_components(folder: Path | None) -> Components:
 
         return Components(**build_tiny_components())
     return load_pipeline_folder(folder)
+
+
+def reload_base(components: Components) -> Components:
+    """The base model again, fresh fp32 weights on the CPU, from where `components` came."""
+    return build_components(components.folder)
 
 
 def load_pipeline_folder(folder: Path) -> Components:
@@ -54,4 +60,5 @@ def load_pipeline_folder(folder: Path) -> Components:
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         inference_scheduler=inference_class.from_config(scheduler_config),
+        folder=folder,
     )

@@ -35,11 +35,16 @@ class DreamBoothDenoiser(nn.Module):
 
 
 def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointing: bool, device,
-                   channels_last: bool = False) -> DreamBoothDenoiser:
+                   channels_last: bool = False, lora=None) -> DreamBoothDenoiser:
     """The trainable module; the frozen VAE (and text encoder, when it is not trained)
-    keep fp32 weights and move to the device to run beside the engine."""
+    keep fp32 weights and move to the device to run beside the engine. With `lora`
+    (an enabled LoraConfig) only adapters on the UNet (and text encoder) are trained."""
     components.vae.requires_grad_(False).to(device)
     components.text_encoder.requires_grad_(train_text_encoder)
+    if lora is not None and lora.enabled:
+        from trainer.lora import add_adapters
+
+        add_adapters(components, lora, train_text_encoder=train_text_encoder)
     if not train_text_encoder:
         components.text_encoder.to(device)
     if gradient_checkpointing:

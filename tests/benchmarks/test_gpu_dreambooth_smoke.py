@@ -30,15 +30,17 @@ def report(tmp_path_factory):
 def test_cpu_run_measures_the_recipe_and_our_trainer(report):
     cases = {row["case"]: row for row in report["cases"]}
     assert list(cases) == ["(a) diffusers train_dreambooth.py, 1+1", "(b) ours, ZeRO-2, 1+1", "(c) ours, ZeRO-2, 2+2",
-                           "(c) ours, ZeRO-2, channels_last, 2+2"]
+                           "(c) ours, ZeRO-2, channels_last, 2+2", "(d) ours, LoRA rank 16, ZeRO-2, 1+1"]
     for row in cases.values():
         assert row["step_seconds"] > 0 and row["samples_per_second"] == pytest.approx(row["samples_per_step"] / row["step_seconds"])
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no card: no peak to compare with
-    a, b, c, c_channels_last = cases.values()
+    a, b, c, c_channels_last, lora = cases.values()
     # Same models and batch, but our latents come from the cache: no VAE encoder in the step.
     assert b["tflop_per_step"] < 0.8 * a["tflop_per_step"]
     assert c["tflop_per_step"] == pytest.approx(2 * b["tflop_per_step"], rel=0.05)
     assert c_channels_last["tflop_per_step"] == c["tflop_per_step"]  # a layout, not a different computation
+    # LoRA: the same forward, but the frozen layers' weight gradients are never computed.
+    assert 0.55 * b["tflop_per_step"] < lora["tflop_per_step"] < 0.8 * b["tflop_per_step"]
     assert report["targets"]["b_over_a_samples_per_second"] == pytest.approx(b["samples_per_second"] / a["samples_per_second"])
     assert report["device_name"] == "CPU" and report["resolution"] == 64
 

@@ -295,7 +295,7 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
     its credentials only in a Secret made the usual way: the AWS shared-credentials file
     (`--from-file`), read through the Secret's mount, and the endpoint as a key, read
     through `envFrom`. Neither reaches the workers any other way. Also spec.validation's
-    sample grid."""
+    sample grid, and spec.lora: the adapters' file is uploaded with the fused pipeline."""
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                      "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(variable, raising=False)  # pods inherit the test's environment
@@ -319,6 +319,7 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
                   "classPrompt": None},
             output={"uri": model_uri, "credentialsSecret": "bucket-creds"},
             training={"maxSteps": 5},
+            lora={"rank": 4},
             validation={"everySteps": 5, "numInferenceSteps": 2})
         status = user.wait_phase("tiny-bucket", "Succeeded")
 
@@ -329,10 +330,11 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
         assert json.loads((photos / ".fetched.json").read_text())["source"] == f"s3://{name}/photos/"
         # The model is on the claim and in the bucket, file for file, the marker last.
         run = user.run_json("tiny-bucket")
-        assert run["upload"] == {"uri": model_uri, "ok": True}
+        assert run["upload"] == {"uri": model_uri, "ok": True} and run["lora_rank"] == 4
         assert status["output"]["uri"] == model_uri
         model = user.job_dir("tiny-bucket") / "output"
         local = sorted(str(path.relative_to(model)) for path in model.rglob("*") if path.is_file())
+        assert {"model_index.json", "pytorch_lora_weights.safetensors"} <= set(local)
         prefix = model_uri.removeprefix("s3://") + "/"
         assert sorted(key.removeprefix(prefix) for key in bucket.find(prefix)) == sorted([*local, COMPLETE_MARKER])
         for file in local:

@@ -97,6 +97,23 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert samples_dir(validate_config(copy.deepcopy(config))) == Path(f"{c.STORAGE_MOUNT_DIR}/sks-dog/samples")
 
 
+def test_a_lora_job_renders_its_adapters_and_leaves_the_learning_rate_to_the_trainer() -> None:
+    spec = {**MINIMAL_SPEC, "lora": {"rank": 16, "alpha": 32}, "trainerOverrides": {"lora.unet_target_modules": ["to_q", "to_v"]}}
+    config = render_trainer_config("sks-dog", parse_spec(spec))
+    assert config["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.0, "unet_target_modules": ["to_q", "to_v"]}
+    assert "learning_rate" not in config["training"]
+    trainer = validate_config(copy.deepcopy(config))
+    assert trainer.training.learning_rate == 1e-4 and trainer.lora.scaled_alpha == 32
+    # Without LoRA, the trainer's default for all weights; a set rate is passed as it is.
+    assert validate_config(render_trainer_config("sks-dog", parse_spec(MINIMAL_SPEC))).training.learning_rate == 2e-6
+    with_rate = {**spec, "training": {"learningRate": 5e-5}}
+    assert render_trainer_config("sks-dog", parse_spec(with_rate))["training"]["learning_rate"] == 5e-5
+    with pytest.raises(InvalidSpecError, match=r"spec\.lora\.rank = -1: .*greater than or equal to 0"):
+        parse_spec({**MINIMAL_SPEC, "lora": {"rank": -1}})
+    with pytest.raises(InvalidSpecError, match=r"lora\.rank comes from spec\.lora\.rank; set it there"):
+        render_trainer_config("sks-dog", parse_spec({**MINIMAL_SPEC, "trainerOverrides": {"lora.rank": 8}}))
+
+
 @pytest.mark.parametrize("scrape_interval", [0.25, c.DEFAULT_SCRAPE_INTERVAL_SECONDS, 60.0])
 def test_rank_0_serves_its_final_metrics_for_one_more_scrape(scrape_interval: float) -> None:
     """A run may end between two scrapes: the finished run's loss reaches the job's

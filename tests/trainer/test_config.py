@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
-from trainer.config import ConfigError, TrainerConfig, apply_overrides, load_config, validate_config
+from trainer.config import (
+    LORA_LEARNING_RATE,
+    ConfigError,
+    TrainerConfig,
+    TrainingConfig,
+    apply_overrides,
+    load_config,
+    validate_config,
+)
 
 
 def test_contract_keys_exist_with_their_names(tmp_path):
@@ -59,6 +67,8 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"output": None}, ["output", "required key is missing"]),
         ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
         ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
+        ({"lora": {"rank": -4}}, ["lora.rank", "-4", "greater than or equal to 0"]),
+        ({"lora": {"unet_target_modules": []}}, ["lora.unet_target_modules", "at least 1 item"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(tmp_path, change, expected):
@@ -67,13 +77,24 @@ def test_bad_values_name_the_key_and_the_value(tmp_path, change, expected):
         if values is None:
             raw.pop(section)
         else:
-            raw[section].update(values)
+            raw.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError) as caught:
         validate_config(raw, "job.yaml")
     message = str(caught.value)
     assert "job.yaml" in message
     for fragment in expected:
         assert fragment in message
+
+
+def test_lora_brings_its_own_default_learning_rate_but_keeps_a_set_one(tmp_path):
+    raw = tiny_config(tmp_path, lora={"rank": 8})
+    del raw["training"]["learning_rate"]
+    config = validate_config(raw)
+    assert config.training.learning_rate == LORA_LEARNING_RATE
+    assert config.lora.scaled_alpha == 8.0
+    assert validate_config(tiny_config(tmp_path, lora={"rank": 8}, training={"learning_rate": 5e-6})).training.learning_rate == 5e-6
+    raw["lora"]["rank"] = 0
+    assert validate_config(raw).training.learning_rate == TrainingConfig.model_fields["learning_rate"].default
 
 
 def test_malformed_override_is_explained():
@@ -93,6 +114,8 @@ BAD_CLI_CASES = {
     "empty instance folder": (["--set", "data.instance_dir={empty}"], "no images found"),
     "corrupt image": (["--set", "data.instance_dir={corrupt}"], "broken.jpg"),
     "fp16 on cpu": (["--set", "training.precision=fp16"], "needs a CUDA device"),
+    "LoRA targets no module": (["--set", "lora.rank=4", "--set", "lora.unet_target_modules=[to_qq]"],
+                               "lora.unet_target_modules = ['to_qq']"),
 }
 
 

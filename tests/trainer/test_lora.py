@@ -1,0 +1,90 @@
+"""LoRA (`lora.rank > 0`): adapters are all that is trained, checkpointed and resumed;
+the export is a fused pipeline plus the adapter file diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.conftest import run_trainer, write_config
+from tests.trainer.test_resume import launch, resume_config, step_losses
+from trainer.lora import WEIGHTS_FILE
+from trainer.export import build_pipeline
+from trainer.models import build_components
+
+LORA = {"rank": 4, "alpha": 8}
+
+
+def denoise(pipeline, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """One UNet prediction through the pipeline's text encoder: what its weights compute."""
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = pipeline.text_encoder(prompt_ids)[0]
+        return pipeline.unet(latents, torch.tensor([500]), hidden).sample
+
+
+def changed_weights(module: torch.nn.Module, base: torch.nn.Module) -> set[str]:
+    base_state = base.state_dict()
+    return {name for name, value in module.state_dict().items() if not torch.equal(value, base_state[name])}
+
+
+@pytest.mark.slow
+def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_fused_and_as_a_file(tmp_path):
+    straight = tmp_path / "straight"
+    config = resume_config(straight, lora=LORA, training={"max_steps": 6, "train_text_encoder": True},
+                           checkpoint={"every_steps": 3}, validation={"every_steps": 3, "num_inference_steps": 2})
+    result = run_trainer(write_config(straight, config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference = step_losses(result.stdout)
+    # Samples drawn with the adapters fused into a fresh base, during training and at the end.
+    assert sorted(path.name for path in (straight / "samples").iterdir()) == ["step-00000003.png", "step-00000006.png"]
+    run = json.loads((straight / "model" / "run.json").read_text())
+    assert run["lora_rank"] == 4 and run["final_step"] == 6
+    assert run["instance_eval_loss_after"] < run["instance_eval_loss_before"]
+
+    # The checkpoint holds the adapters only: no frozen base weight is written.
+    step3 = straight / "checkpoints" / "step-00000003"
+    saved = torch.load(step3 / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved and all(".lora_A." in name or ".lora_B." in name for name in saved)
+    assert sum(value.numel() for value in saved.values()) == run["trained_parameters"]
+    assert json.loads((step3 / "manifest.json").read_text())["lora_rank"] == 4
+
+    # Resumed from step 3 (base weights rebuilt from model.source), steps 4-6 repeat exactly.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(step3, resumed / "checkpoints" / step3.name)
+    config = resume_config(resumed, lora=LORA, training={"max_steps": 6, "train_text_encoder": True},
+                           checkpoint={"every_steps": 3, "resume": str(resumed / "checkpoints" / step3.name)})
+    result = run_trainer(write_config(resumed, config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert step_losses(result.stdout) == {step: loss for step, loss in reference.items() if step > 3}
+
+    # A run that trains all weights does not take the adapters for a model.
+    full = launch(write_config(straight, resume_config(straight, training={"max_steps": 6})))
+    _, errors = full.communicate(timeout=300)
+    assert full.returncode == 2, errors[-4000:]
+    assert "trained LoRA adapters of rank 4, this run has lora.rank = 0; set lora.rank = 4" in errors
+
+    # The fused pipeline: only the adapted projections moved, from the fp32 base (not a
+    # bf16 working copy); the VAE is the base's.
+    exported = StableDiffusionPipeline.from_pretrained(straight / "model")
+    base = build_components(None)  # the tiny model, as the run built it
+    unet_changed = changed_weights(exported.unet, base.unet)
+    assert unet_changed and all(name.rsplit(".", 2)[-2] in {"to_q", "to_k", "to_v", "0"} for name in unet_changed)
+    text_changed = changed_weights(exported.text_encoder, base.text_encoder)
+    assert text_changed and all(name.rsplit(".", 2)[-2].endswith("_proj") for name in text_changed)
+    assert not changed_weights(exported.vae, base.vae)
+
+    # The adapter file on the base model computes what the fused pipeline computes (its
+    # metadata carries alpha = 8, scale 2: read with the default scale 1 it would differ).
+    assert (straight / "model" / WEIGHTS_FILE).stat().st_size < 200_000
+    on_base = build_pipeline(base, base.unet, base.text_encoder)
+    prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    untrained = denoise(on_base, prompt_ids)
+    on_base.load_lora_weights(straight / "model", weight_name=WEIGHTS_FILE)
+    with_adapters = denoise(on_base, prompt_ids)
+    assert not torch.allclose(with_adapters, untrained, atol=1e-4)
+    torch.testing.assert_close(denoise(exported, prompt_ids), with_adapters, atol=2e-5, rtol=1e-4)

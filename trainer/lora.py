@@ -1,0 +1,100 @@
+"""LoRA: low-rank adapters on the attention projections, trained instead of all weights
+(`lora.rank > 0`), as diffusers' `train_dreambooth_lora.py`.
+
+The adapters are peft's, injected as diffusers' `add_adapter` injects them, so the file
+the export writes (`pytorch_lora_weights.safetensors`) is the one
+`pipeline.load_lora_weights` reads. The exported pipeline itself has the adapters fused into the base weights, so
+that `output.dir` stays a plain diffusers pipeline like a full fine-tune's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainer.config import ConfigError, LoraConfig
+
+ADAPTER = "default"  # peft's name for the one adapter a model gets from add_adapter
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, found by load_lora_weights
+DEFAULT_TARGETS = {key: LoraConfig.model_fields[key].default_factory()
+                   for key in ("unet_target_modules", "text_encoder_target_modules")}
+
+
+def add_adapters(components, lora: LoraConfig, *, train_text_encoder: bool) -> None:
+    """Freezes the UNet (and the text encoder) and adds trainable adapters to it (and,
+    with training.train_text_encoder, to the text encoder's attention)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    def add(module: torch.nn.Module, key: str) -> None:
+        target_modules = getattr(lora, key)
+        module.requires_grad_(False)
+        # peft's own call, as diffusers' add_adapter makes it: transformers' add_adapter
+        # wants a newer peft than diffusers does, for the same adapters.
+        # Gaussian A and zero B, as diffusers' script: the untrained adapter changes nothing.
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scaled_alpha, lora_dropout=lora.dropout,
+                                init_lora_weights="gaussian", target_modules=target_modules)
+        try:
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError(
+                f"lora.{key} = {target_modules}: {str(error).rstrip('.')}. Name modules of {type(module).__name__} "
+                f"(the last part of a module's name, e.g. {DEFAULT_TARGETS[key]}) or remove the key for the default"
+            ) from None
+
+    add(components.unet, "unet_target_modules")
+    if train_text_encoder:
+        add(components.text_encoder, "text_encoder_target_modules")
+
+
+def has_adapters(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def adapter_layers(state: dict[str, torch.Tensor], prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of `module` (a submodule `prefix` of the gathered denoiser state)
+    in peft's saved naming, which diffusers' LoRA files use."""
+    from peft import get_peft_model_state_dict
+
+    from trainer.export import submodule_state
+
+    return get_peft_model_state_dict(module, state_dict=submodule_state(state, prefix), adapter_name=ADAPTER)
+
+
+def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` from a gathered denoiser state, with each
+    adapter's config (rank, alpha, targets) as metadata, so that loading it needs nothing else."""
+    from diffusers import StableDiffusionPipeline
+
+    layers, metadata = {}, {}
+    for name in ("unet", "text_encoder"):
+        module = getattr(components, name)
+        if has_adapters(module) and any(key.startswith(name + ".") for key in state):
+            layers[f"{name}_lora_layers"] = adapter_layers(state, name, module)
+            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
+    StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, weight_name=WEIGHTS_FILE)
+    # safetensors writes it 0600; the volume's readers (an inference server) need what the umask gives others.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~umask)
+    return folder / WEIGHTS_FILE
+
+
+def fused_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Fresh fp32 UNet and text encoder: the base model's weights, reloaded from the model
+    source (the engine's copies were cast to fp16/bf16), with the trained adapters, read
+    back from a LoRA file as a user would, fused into them."""
+    from trainer.export import build_pipeline
+    from trainer.models import reload_base
+
+    base = reload_base(components)
+    pipeline = build_pipeline(base, base.unet, base.text_encoder)
+    with tempfile.TemporaryDirectory(prefix="lora-") as folder:
+        save_adapters(Path(folder), state, components)
+        pipeline.load_lora_weights(folder, weight_name=WEIGHTS_FILE)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return pipeline.unet, pipeline.text_encoder
