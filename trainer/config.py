@@ -92,6 +92,18 @@ class TrainingConfig(_Section):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR loss weighting of the instance images with this gamma (5.0 in the paper), as diffusers' "
+        "--snr_gamma; unset: the plain mean squared error.",
+    )
+    noise_offset: float = Field(
+        0.0,
+        ge=0,
+        description="Offset noise (e.g. 0.1, as diffusers' --offset_noise): lets the model learn much darker or "
+        "brighter images than average; 0 disables.",
+    )
     cache_latents: bool = Field(
         True,
         description="Encode each distinct training image with the VAE once and sample its latents from the kept "

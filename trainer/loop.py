@@ -22,7 +22,7 @@ from trainer.distributed import Runtime, any_rank
 from trainer.engine import DTYPES
 from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
 from trainer.latents import LatentEncoder, batch_keys
-from trainer.objective import LossTerms, add_noise, dreambooth_loss
+from trainer.objective import LossTerms, add_noise, dreambooth_loss, min_snr_weights
 from trainer.progress import Throughput, report_event, report_step
 
 EVAL_SEED = 8191
@@ -124,9 +124,13 @@ class DenoisingStep:
         prepared = batch if isinstance(batch, PreparedBatch) else self.prepare(batch)
         generator = torch.Generator().manual_seed(derived_seed(self.config.training.seed, micro_step, self.runtime.rank))
         latents = self.latents(prepared.batch, generator, prepared.latent_keys)
-        noised = add_noise(latents, self.components.noise_scheduler, generator)
+        training, scheduler, num_instance = self.config.training, self.components.noise_scheduler, prepared.batch.num_instance
+        noised = add_noise(latents, scheduler, generator, noise_offset=training.noise_offset)
         prediction = self.predict(noised.noisy, noised.timesteps, prepared.batch.input_ids)
-        return dreambooth_loss(prediction, noised.target, prepared.batch.num_instance, self.config.training.prior_loss_weight)
+        weights = None
+        if training.snr_gamma is not None:
+            weights = min_snr_weights(scheduler, noised.timesteps[:num_instance], training.snr_gamma)
+        return dreambooth_loss(prediction, noised.target, num_instance, training.prior_loss_weight, weights)
 
     @torch.no_grad()
     def instance_eval_loss(self, batch: Batch) -> float:

@@ -1,7 +1,9 @@
 """What DreamBooth optimises: the denoiser module DeepSpeed wraps and the loss.
 
 loss = MSE(instance half) + prior_loss_weight * MSE(class half), against the noise
-(epsilon prediction) or the velocity (v-prediction), as the scheduler config says.
+(epsilon prediction) or the velocity (v-prediction), as the scheduler config says. With
+training.snr_gamma the instance half's per-image errors are Min-SNR weighted, as in
+diffusers' train_dreambooth.py (the prior term stays a plain MSE there too).
 """
 
 from __future__ import annotations
@@ -62,9 +64,16 @@ class LossTerms:
     prior_loss: torch.Tensor | None
 
 
-def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float) -> LossTerms:
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
+                    instance_weights: torch.Tensor | None = None) -> LossTerms:
+    """`instance_weights`: one per instance image (Min-SNR); None is the plain mean."""
     prediction, target = prediction.float(), target.float()
-    instance_loss = F.mse_loss(prediction[:num_instance], target[:num_instance])
+    if instance_weights is None:
+        instance_loss = F.mse_loss(prediction[:num_instance], target[:num_instance])
+    else:
+        errors = F.mse_loss(prediction[:num_instance], target[:num_instance], reduction="none")
+        per_image = errors.mean(dim=tuple(range(1, errors.dim())))
+        instance_loss = (per_image * instance_weights.to(per_image.device, per_image.dtype)).mean()
     if prediction.shape[0] == num_instance:
         return LossTerms(loss=instance_loss, instance_loss=instance_loss, prior_loss=None)
     prior_loss = F.mse_loss(prediction[num_instance:], target[num_instance:])
@@ -97,10 +106,31 @@ def sample_latents(means: torch.Tensor, stds: torch.Tensor, generator: torch.Gen
     return (means + stds * noise).float() * scaling_factor
 
 
-def add_noise(latents: torch.Tensor, noise_scheduler, generator: torch.Generator, timesteps: torch.Tensor | None = None) -> NoisedLatents:
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), as diffusers' --snr_gamma: min(SNR, gamma) / SNR
+    per timestep, so that the many easy low-noise steps stop dominating; a v-prediction
+    model's weight is floored at one (+1)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = weights + 1
+    return weights
+
+
+def add_noise(latents: torch.Tensor, noise_scheduler, generator: torch.Generator, timesteps: torch.Tensor | None = None,
+              noise_offset: float = 0.0) -> NoisedLatents:
+    """`noise_offset` adds that much of one random constant per image and channel to the
+    noise (offset noise, as diffusers' --noise_offset): the model can then learn images
+    much darker or brighter than average. Drawn after the timesteps, so that only the
+    noise differs from a run without it."""
+    noise = torch.randn(latents.shape, generator=generator)
     if timesteps is None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(latents.device)
     timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type

@@ -15,7 +15,7 @@ from trainer.class_images import class_image_path, plan_missing, share_of_rank
 from trainer.config import CheckpointConfig, validate_config
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
 from trainer.export import publish_folder
-from trainer.objective import DreamBoothDenoiser, add_noise, dreambooth_loss
+from trainer.objective import DreamBoothDenoiser, add_noise, dreambooth_loss, min_snr_weights
 from trainer.tiny import SCHEDULER_CONFIG, build_tiny_components
 
 
@@ -42,6 +42,41 @@ def test_target_follows_the_scheduler_prediction_type(prediction_type):
     expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, torch.tensor([10, 900]))
     assert torch.allclose(noised.target, expected)
     assert torch.allclose(noised.noisy, scheduler.add_noise(latents, noise, torch.tensor([10, 900])))
+
+
+@pytest.mark.parametrize("prediction_type, floor", [("epsilon", 0.0), ("v_prediction", 1.0)])
+def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma(prediction_type, floor):
+    scheduler = DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas / (1 - alphas)  # SNR of x_t = sqrt(a) x_0 + sqrt(1 - a) noise
+    weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    torch.testing.assert_close(weights.double(), torch.minimum(snr, torch.tensor(5.0)) / snr + floor)
+    assert weights[0] < 0.01 + floor and weights[-1] == pytest.approx(1.0 + floor)  # easy steps count less
+
+
+def test_weighted_instance_loss_weights_each_image_and_leaves_the_prior_term():
+    prediction = torch.zeros(4, 2, 1, 1)
+    target = torch.tensor([1.0, 3.0, 2.0, 2.0]).view(4, 1, 1, 1).expand(4, 2, 1, 1)
+    plain = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5)
+    ones = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5, instance_weights=torch.ones(2))
+    assert ones.instance_loss.item() == pytest.approx(plain.instance_loss.item())
+    weighted = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5,
+                               instance_weights=torch.tensor([1.0, 0.0]))
+    assert weighted.instance_loss.item() == pytest.approx(1.0 / 2)  # image 2's error (9) is weighted out
+    assert weighted.prior_loss.item() == plain.prior_loss.item() == pytest.approx(4.0)
+
+
+def test_offset_noise_shifts_each_image_and_channel_by_a_constant_and_nothing_else():
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    latents = torch.randn(2, 4, 8, 8)
+    plain = add_noise(latents, scheduler, torch.Generator().manual_seed(3))
+    offset = add_noise(latents, scheduler, torch.Generator().manual_seed(3), noise_offset=0.1)
+    assert torch.equal(offset.timesteps, plain.timesteps)
+    shift = offset.target - plain.target  # epsilon: the target is the noise
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))
+    assert 0 < shift[:, :, 0, 0].abs().max() < 0.5
+    assert torch.equal(add_noise(latents, scheduler, torch.Generator().manual_seed(3), noise_offset=0.0).noisy, plain.noisy)
 
 
 def test_denoiser_trains_unet_and_text_encoder_through_one_backward():

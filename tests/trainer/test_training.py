@@ -45,7 +45,8 @@ def assert_exports_a_loadable_pipeline(root, *, train_text_encoder: bool) -> Non
     (2, False, {}),
     (3, True, {}),
     (3, False, {}),
-    (0, True, {}),
+    # The recipe's loss options: Min-SNR weighting and offset noise.
+    (0, True, {"snr_gamma": 5.0, "noise_offset": 0.1}),
     # Micro-batches of 2, two of them per optimizer step, activations recomputed.
     (1, True, {"batch_size": 2, "gradient_accumulation": 2, "gradient_checkpointing": True}),
 ])
