@@ -101,6 +101,8 @@ class TrainingSpec(_Spec):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
 
 
 class LoraSpec(_Spec):

@@ -83,6 +83,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["deepspeed"]["overrides"] == {"zero_optimization": {"overlap_comm": True}}
     assert config["training"]["train_text_encoder"] is True
     assert config["training"]["precision"] == "fp16"
+    assert config["training"]["snr_gamma"] == 5.0 and config["training"]["noise_offset"] == 0.05
     assert config["deepspeed"]["zero_stage"] == 2
     assert config["checkpoint"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/checkpoints"
     assert config["checkpoint"]["every_steps"] == 100
