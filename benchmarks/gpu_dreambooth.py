@@ -72,10 +72,17 @@ def count_flops(step, micro_step: int) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(name: str, step, *, device, samples_per_step: int, warmup: int, steps: int, peak: float | None) -> dict:
-    """Warm-up steps, timed steps, then one counted step (the counter slows it down).
-    The case's models are built already; its peak memory counts from before they were."""
-    for micro_step in range(warmup):
+def measure(name: str, step, *, device, samples_per_step: int, warmup: int, steps: int, peak: float | None,
+            flops: float | None = None) -> dict:
+    """Warm-up steps, timed steps, then one counted step (the counter slows it down;
+    `flops` given: not counted, e.g. for a compiled step, which the counter would make
+    recompile). The case's models are built already; its peak memory counts from before
+    they were. The first step's time includes a compile, where there is one."""
+    started = time.perf_counter()
+    step(0)
+    synchronize(device)
+    first_step_seconds = time.perf_counter() - started
+    for micro_step in range(1, warmup):
         step(micro_step)
     synchronize(device)
     started = time.perf_counter()
@@ -83,10 +90,10 @@ def measure(name: str, step, *, device, samples_per_step: int, warmup: int, step
         step(micro_step)
     synchronize(device)
     seconds = (time.perf_counter() - started) / steps
-    flops = count_flops(step, warmup + steps)
+    flops = flops if flops is not None else count_flops(step, warmup + steps)
     tflops_per_second = flops / seconds / 1e12
     result = {
-        "case": name, "samples_per_step": samples_per_step, "step_seconds": seconds,
+        "case": name, "samples_per_step": samples_per_step, "step_seconds": seconds, "first_step_seconds": first_step_seconds,
         "samples_per_second": samples_per_step / seconds, "tflop_per_step": flops / 1e12,
         "achieved_tflops": tflops_per_second, "mfu": tflops_per_second / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -139,12 +146,13 @@ def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides:
 
 
 def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int, overrides: dict,
-             channels_last: bool = False, lora_rank: int = 0) -> dict:
+             channels_last: bool = False, lora_rank: int = 0, compile_mode: str | None = None,
+             flops: float | None = None) -> dict:
     from trainer.data import DreamBoothData
     from trainer.distributed import read_runtime
     from trainer.engine import build_engine
     from trainer.loop import BatchPrefetcher, DenoisingStep, train_micro_step
-    from trainer.objective import build_denoiser
+    from trainer.objective import build_denoiser, compile_unet
 
     config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides,
                             channels_last=channels_last, lora_rank=lora_rank)
@@ -153,6 +161,8 @@ def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int,
     data = DreamBoothData(config.data, components.tokenizer, seed=0, rank=0, world_size=1, batch_size=batch_size)
     module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=runtime.device,
                             channels_last=config.training.channels_last, lora=config.lora)
+    if compile_mode is not None:
+        compile_unet(module, backend="inductor", mode=compile_mode)
     engine = build_engine(config, module, precision=config.training.precision, world_size=1, device_type=device.type)
     step_fn = DenoisingStep(engine, components, config, runtime, config.training.precision)
     batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=True)
@@ -165,7 +175,7 @@ def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int,
     warmup = max(args.warmup, math.ceil(args.images / batch_size) + 1)
     try:
         return measure(name, step, device=device, samples_per_step=2 * batch_size,
-                       warmup=warmup, steps=args.steps, peak=peak)
+                       warmup=warmup, steps=args.steps, peak=peak, flops=flops)
     finally:
         batches.close()
         if hasattr(engine, "destroy"):
@@ -245,7 +255,19 @@ def our_cases(args) -> list[tuple[str, dict]]:
     if "d" in args.cases:
         # Not one of the issue's targets: what the LoRA recipe costs beside (b).
         cases.append((f"(d) ours, LoRA rank {args.lora_rank}, ZeRO-2, 1+1", {"batch_size": 1, "lora_rank": args.lora_rank}))
+    if args.compile and args.throughput_batches:
+        # Last: the compile takes minutes (first_step_seconds). FLOPs: those of the same step uncompiled.
+        n = args.throughput_batches[0]
+        cases.append((f"(c) ours, ZeRO-2, torch.compile {args.compile}, {n}+{n}",
+                      {"batch_size": n, "compile_mode": args.compile}))
     return cases
+
+
+def uncompiled_flops(cases: list[dict], batch_size: int) -> float | None:
+    """FLOPs of our measured step at this batch, for its compiled twin (the same math)."""
+    row = next((row for row in cases if row["case"].startswith("(c)") and "tflop_per_step" in row
+                and row["samples_per_step"] == 2 * batch_size), None)
+    return row["tflop_per_step"] * 1e12 if row else None
 
 
 def run_case(name: str, run, device) -> dict:
@@ -274,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--throughput-batches", type=int, nargs="*", default=[8, 16], help="(c): instance images per step")
     parser.add_argument("--cases", default="abcd", help="which of a, b, c, d (LoRA) to run")
     parser.add_argument("--lora-rank", type=int, default=16, help="(d): adapter rank")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
+                        help="also (c) at the first throughput batch with the UNet torch.compiled (inductor) in this mode")
     parser.add_argument("--channels-last", action="store_true", help="also (c) at the first throughput batch with channels_last")
     parser.add_argument("--optimizer", choices=["auto", "deepspeed", "torch-fused"], default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak, if the card is not known")
@@ -307,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
             name = "(a) diffusers train_dreambooth.py, 1+1"
             record(run_case(name, lambda name: diffusers_case(name, args, device, root, peak), device))
         for name, keywords in our_cases(args):
+            if "compile_mode" in keywords:
+                keywords = {**keywords, "flops": uncompiled_flops(report["cases"], keywords["batch_size"])}
             record(run_case(name, lambda name, keywords=keywords: our_case(
                 name, args, device, root, peak, overrides=overrides, **keywords), device))
     print(markdown_table(report))

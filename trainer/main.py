@@ -125,7 +125,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.loop import DenoisingStep, train
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
-    from trainer.objective import build_denoiser
+    from trainer.objective import build_denoiser, compile_report, compile_unet
     from trainer.progress import report_event
 
     started = time.monotonic()
@@ -157,6 +157,8 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         module = build_denoiser(components, train_text_encoder=config.training.train_text_encoder,
                                 gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device,
                                 channels_last=config.training.channels_last, lora=config.lora)
+        if config.training.compile:
+            compile_unet(module, backend=config.training.compile_backend, mode=config.training.compile_mode)
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
                               device_type=runtime.device.type)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)
@@ -192,6 +194,8 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "train_text_encoder": config.training.train_text_encoder,
             "lora_rank": config.lora.rank,
             "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "compile": ({"backend": config.training.compile_backend, "mode": config.training.compile_mode,
+                         **compile_report()} if config.training.compile else None),
             "prior_preservation": config.data.with_prior_preservation,
             "class_images_generated": class_images_generated,
             "instance_eval_loss_before": eval_before,

@@ -57,6 +57,22 @@ def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointi
                               channels_last=channels_last)
 
 
+def compile_unet(denoiser: DreamBoothDenoiser, *, backend: str, mode: str) -> None:
+    """torch.compile the UNet in place (nn.Module.compile): parameter names, and so
+    DeepSpeed's checkpoints and the export, stay those of the plain module. The compile
+    itself happens in the first step."""
+    options = {"backend": backend} | ({"mode": mode} if mode != "default" else {})
+    denoiser.unet.compile(**options)
+
+
+def compile_report() -> dict[str, int]:
+    """What dynamo compiled in this process: graphs, and graph breaks (each one a piece
+    that runs eagerly, where the speed-up stops)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
 @dataclass
 class LossTerms:
     loss: torch.Tensor

@@ -33,6 +33,7 @@ def test_cpu_run_measures_the_recipe_and_our_trainer(report):
                            "(c) ours, ZeRO-2, channels_last, 2+2", "(d) ours, LoRA rank 16, ZeRO-2, 1+1"]
     for row in cases.values():
         assert row["step_seconds"] > 0 and row["samples_per_second"] == pytest.approx(row["samples_per_step"] / row["step_seconds"])
+        assert row["first_step_seconds"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no card: no peak to compare with
     a, b, c, c_channels_last, lora = cases.values()
     # Same models and batch, but our latents come from the cache: no VAE encoder in the step.
@@ -74,3 +75,14 @@ def test_a_case_that_breaks_is_recorded_and_the_others_still_count():
     table = benchmark.markdown_table({"device_name": "CPU", "date": "d", "torch": "t", "size": "tiny", "resolution": 64,
                                       "optimizer": "o", "cases": rows[:2]})
     assert "| (c) ours, ZeRO-2, 8+8 | RuntimeError: Ninja is required to load C++ extensions |" in table
+
+
+def test_a_compiled_case_takes_the_flops_of_its_uncompiled_twin():
+    """FlopCounterMode on a compiled step would recompile it (minutes of device time):
+    the same step's count from the uncompiled case at the same batch is used instead."""
+    benchmark = load_benchmark()
+    rows = [{"case": "(b) ours, ZeRO-2, 1+1", "samples_per_step": 2, "tflop_per_step": 1.0},
+            {"case": "(c) ours, ZeRO-2, 16+16", "error": "out of memory: ..."},
+            {"case": "(c) ours, ZeRO-2, 8+8", "samples_per_step": 16, "tflop_per_step": 8.0}]
+    assert benchmark.uncompiled_flops(rows, batch_size=8) == 8.0e12
+    assert benchmark.uncompiled_flops(rows, batch_size=16) is None  # counted afresh then

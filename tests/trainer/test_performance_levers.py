@@ -93,3 +93,33 @@ def test_bucket_size_follows_the_model_size_within_bounds(tmp_path):
     assert build_deepspeed_config(explicit, precision="fp16", world_size=8, num_trainable=10**9)["zero_optimization"]["reduce_bucket_size"] == 4096
     # Without a count (or a setting), DeepSpeed's own defaults stay.
     assert "reduce_bucket_size" not in build_deepspeed_config(config, precision="fp16", world_size=8)["zero_optimization"]
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_trains_to_the_same_losses_and_checkpoints_under_the_same_names(tmp_path):
+    """training.compile through the real dynamo and AOTAutograd, backend aot_eager (no code
+    generation: inductor on CPU takes minutes for the tiny UNet), against the eager run."""
+    runs = {}
+    for name, compiled in (("eager", {}), ("compiled", {"compile": True, "compile_backend": "aot_eager"})):
+        root = tmp_path / name
+        config = tiny_config(root, data={"class_prompt": None, "class_dir": None},
+                             training={"max_steps": 3, "precision": "fp32", **compiled},
+                             checkpoint={"every_steps": 3}, logging={"format": "json"})
+        result = run_trainer(write_config(root, config))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        module = torch.load(root / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+        runs[name] = step_losses(result.stdout), sorted(module["module"])
+        compile_info = json.loads((root / "model" / "run.json").read_text())["compile"]
+    # Dynamo captured the whole UNet as one graph per mode (training, and no_grad for the
+    # eval loss), with nothing left to run eagerly.
+    assert compile_info == {"backend": "aot_eager", "mode": "default", "graphs": 2, "graph_breaks": 0}
+    (eager_losses, eager_names), (compiled_losses, compiled_names) = runs["eager"], runs["compiled"]
+    assert len(eager_losses) == 3
+    assert [loss for loss, _ in compiled_losses] == pytest.approx([loss for loss, _ in eager_losses], rel=1e-6)
+    # nn.Module.compile keeps the plain names: eager and compiled runs resume each other's checkpoints.
+    assert compiled_names == eager_names and not any("_orig_mod" in name for name in compiled_names)
+
+
+def test_compile_is_refused_with_zero_3(tmp_path):
+    with pytest.raises(Exception, match="training.compile = true does not work with deepspeed.zero_stage = 3"):
+        validate_config(tiny_config(tmp_path, training={"compile": True}, deepspeed={"zero_stage": 3}))
