@@ -6,6 +6,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+from trainer.config import LORA_WEIGHTS_FILE
+
 from .constants import (
     ANNOTATION_CONFIG_HASH,
     CONFIG_FILE_NAME,
@@ -82,6 +84,8 @@ def output_status(job: Job) -> dict[str, Any]:
     layout of the claim (and the URI it was uploaded to, if any)."""
     location: dict[str, Any] = {"claimName": storage_claim_name(job),
                                 "path": posixpath.relpath(job_output_dir(job.name), STORAGE_MOUNT_DIR)}
+    if job.spec.lora.rank:
+        location["loraWeights"] = posixpath.join(location["path"], LORA_WEIGHTS_FILE)
     if job.spec.output.uri:
         location["uri"] = job.spec.output.uri
     return location

@@ -130,6 +130,8 @@ class TrainingConfig(_Section):
 
 
 LORA_LEARNING_RATE = 1e-4  # diffusers' DreamBooth LoRA recipe; adapters start at zero and need a larger step
+# The adapters alone, beside the exported pipeline: diffusers' name, which load_lora_weights finds.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
 class LoraConfig(_Section):

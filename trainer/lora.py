@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import ConfigError, LoraConfig
+from trainer.config import LORA_WEIGHTS_FILE, ConfigError, LoraConfig
 
 ADAPTER = "default"  # peft's name for the one adapter a model gets from add_adapter
-WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, found by load_lora_weights
+WEIGHTS_FILE = LORA_WEIGHTS_FILE
 DEFAULT_TARGETS = {key: LoraConfig.model_fields[key].default_factory()
                    for key in ("unet_target_modules", "text_encoder_target_modules")}
 

@@ -332,6 +332,7 @@ def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret
         run = user.run_json("tiny-bucket")
         assert run["upload"] == {"uri": model_uri, "ok": True} and run["lora_rank"] == 4
         assert status["output"]["uri"] == model_uri
+        assert status["output"]["loraWeights"] == "tiny-bucket/output/pytorch_lora_weights.safetensors"
         model = user.job_dir("tiny-bucket") / "output"
         local = sorted(str(path.relative_to(model)) for path in model.rglob("*") if path.is_file())
         assert {"model_index.json", "pytorch_lora_weights.safetensors"} <= set(local)

@@ -249,6 +249,8 @@ def test_status_output_names_the_claim_folder_the_trainer_writes_and_the_upload(
     uploaded = job(_with("output", {"uri": "s3://models/sks-dog"}))
     assert output_status(uploaded) == {"claimName": "dreambooth-ckpt", "path": "sks-dog/output",
                                        "uri": "s3://models/sks-dog"}
+    with_adapters = job(_with("lora", {"rank": 8}))
+    assert output_status(with_adapters)["loraWeights"] == "sks-dog/output/pytorch_lora_weights.safetensors"
 
 
 def test_worker_pod_runs_as_non_root_without_privilege_escalation() -> None:

@@ -125,7 +125,7 @@ def test_crd_schema_rejects_what_the_model_rejects() -> None:
 
 
 def test_every_status_the_operator_writes_fits_the_schema() -> None:
-    spec = JobSpec.model_validate(FULL_SPEC)
+    spec = JobSpec.model_validate({**FULL_SPEC, "lora": {"rank": 8}})  # status.output.loraWeights too
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     failed = {"metadata": {"name": "sks-dog-worker-0", "labels": {"dreambooth.io/gang": "0",
                                                                   "dreambooth.io/worker-index": "0"}},
