@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tests.conftest import run_trainer, write_config
+from tests.conftest import run_trainer, tiny_config, write_config
 from tests.trainer.test_resume import launch, resume_config, step_losses
 from trainer.lora import WEIGHTS_FILE
 from trainer.export import build_pipeline
@@ -88,3 +88,21 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
     with_adapters = denoise(on_base, prompt_ids)
     assert not torch.allclose(with_adapters, untrained, atol=1e-4)
     torch.testing.assert_close(denoise(exported, prompt_ids), with_adapters, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters(tiny_root):
+    """ZeRO-3 partitions the frozen base weights too, and gradient checkpointing recomputes
+    the adapters' inputs: the adapters of UNet and text encoder still train and export."""
+    config = tiny_config(tiny_root, lora={"rank": 2}, deepspeed={"zero_stage": 3},
+                         data={"class_prompt": None, "class_dir": None},
+                         training={"max_steps": 2, "train_text_encoder": True, "gradient_checkpointing": True})
+    result = run_trainer(write_config(tiny_root, config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    exported = StableDiffusionPipeline.from_pretrained(tiny_root / "model")
+    base = build_components(None)
+    assert changed_weights(exported.unet, base.unet) and changed_weights(exported.text_encoder, base.text_encoder)
+    on_base = build_pipeline(base, base.unet, base.text_encoder)
+    on_base.load_lora_weights(tiny_root / "model", weight_name=WEIGHTS_FILE)
+    prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(denoise(exported, prompt_ids), denoise(on_base, prompt_ids), atol=2e-5, rtol=1e-4)
