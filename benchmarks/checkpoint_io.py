@@ -80,7 +80,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             step = repeat + 1
             started = time.perf_counter()
-            folder = checkpoint.save(engine, config.checkpoint, runtime, step=step, state={"step": step, "micro_step": step, "samples": 0}, zero_stage=2)
+            folder = checkpoint.save(engine, config.checkpoint, runtime, step=step, state={"step": step, "micro_step": step, "samples": 0})
             save_seconds = time.perf_counter() - started
             num_bytes = sum(checkpoint.list_files(folder).values())
             started = time.perf_counter()

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +69,54 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    step: int
+class TrainingShape:
+    """What a checkpoint's shards depend on. DeepSpeed cannot load one of another shape,
+    and a load error alone would make it look corrupt: skipped, the run would start over
+    and retention would then delete the progress. So a mismatch is refused, named."""
+
     world_size: int
     zero_stage: int
-    files: dict[str, int]  # relative path -> size in bytes
+    precision: str | None  # None: not recorded (a checkpoint older than the check)
+    train_text_encoder: bool | None
     lora_rank: int = 0  # 0: all weights were trained and saved; else only LoRA adapters were
+
+    @classmethod
+    def of(cls, engine, runtime: Runtime, lora_rank: int) -> "TrainingShape":
+        """This run's shape, read from the engine itself."""
+        precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
+        return cls(world_size=runtime.world_size, zero_stage=engine.zero_optimization_stage(), precision=precision,
+                   train_text_encoder=getattr(engine.module, "text_encoder", None) is not None, lora_rank=lora_rank)
+
+    def mismatches(self, run: "TrainingShape") -> list[str]:
+        """`key = saved (this run: value)` for each difference that stops a load."""
+        def same_zero_layout(a: int, b: int) -> bool:
+            return a == b or {a, b} == {1, 2}  # stages 1 and 2 partition the optimizer state alike
+
+        found = []
+        if not same_zero_layout(self.zero_stage, run.zero_stage):
+            found.append(f"deepspeed.zero_stage = {self.zero_stage} (this run: {run.zero_stage})")
+        if self.precision is not None and self.precision != run.precision:
+            found.append(f"training.precision = {self.precision!r} (this run: {run.precision!r})")
+        if self.train_text_encoder is not None and self.train_text_encoder != run.train_text_encoder:
+            found.append(f"training.train_text_encoder = {str(self.train_text_encoder).lower()} "
+                         f"(this run: {str(run.train_text_encoder).lower()})")
+        if self.lora_rank != run.lora_rank:
+            found.append(f"lora.rank = {self.lora_rank} (this run: {run.lora_rank})")
+        return found
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    shape: TrainingShape
+    files: dict[str, int]  # relative path -> size in bytes
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
         raw = json.loads((folder / MANIFEST).read_text())
-        return cls(step=raw["step"], world_size=raw["world_size"], zero_stage=raw["zero_stage"], files=raw["files"],
-                   lora_rank=raw.get("lora_rank", 0))
+        shape = TrainingShape(world_size=raw["world_size"], zero_stage=raw["zero_stage"], precision=raw.get("precision"),
+                              train_text_encoder=raw.get("train_text_encoder"), lora_rank=raw.get("lora_rank", 0))
+        return cls(step=raw["step"], shape=shape, files=raw["files"])
 
     def problems(self, folder: Path) -> list[str]:
         found = []
@@ -101,7 +137,7 @@ def list_files(folder: Path) -> dict[str, int]:
     }
 
 
-def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any], zero_stage: int,
+def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any],
          lora_rank: int = 0) -> Path:
     """Collective: every rank calls it at the same step. A LoRA run saves only the
     adapters (MBs instead of GBs): the frozen base weights come from model.source again."""
@@ -113,7 +149,7 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
     torch.save(rng_state(), folder / f"rng-rank{runtime.rank:05d}.pt")
     barrier()
     if runtime.is_main:
-        manifest = {"step": step, "world_size": runtime.world_size, "zero_stage": zero_stage, "lora_rank": lora_rank,
+        manifest = {"step": step, **asdict(TrainingShape.of(engine, runtime, lora_rank)),
                     "time": time.time(), "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)
@@ -189,27 +225,23 @@ def find_resume_point(config: CheckpointConfig) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def check_compatible(folder: Path, runtime: Runtime, lora_rank: int) -> None:
+def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape) -> None:
     """A checkpoint of another shape would not load, or load wrongly: refused, not skipped."""
-    manifest = Manifest.read(folder)
-    if manifest.world_size != runtime.world_size:
+    if saved.world_size != run.world_size:
         raise ConfigError(
-            f"checkpoint {folder} was written by {manifest.world_size} processes, this run has {runtime.world_size}; "
+            f"checkpoint {folder} was written by {saved.world_size} processes, this run has {run.world_size}; "
             "resume with the same nodes x processes per node, or set checkpoint.resume=never to start over"
         )
-    if manifest.lora_rank != lora_rank:
-        def trained(rank: int) -> str:
-            return f"LoRA adapters of rank {rank}" if rank else "all weights (no LoRA)"
-
+    mismatches = saved.mismatches(run)
+    if mismatches:
         raise ConfigError(
-            f"checkpoint {folder} trained {trained(manifest.lora_rank)}, this run has lora.rank = {lora_rank}; "
-            f"set lora.rank = {manifest.lora_rank} to resume it, or checkpoint.resume=never (or another "
-            "checkpoint.dir) to start over"
+            f"checkpoint {folder} was written with {', '.join(mismatches)}, which DeepSpeed cannot load across; "
+            "set those keys back to resume it, or set checkpoint.resume=never (or another checkpoint.dir) to start over"
         )
 
 
 def load(engine, folder: Path, runtime: Runtime, lora_rank: int = 0) -> dict[str, Any]:
-    check_compatible(folder, runtime, lora_rank)
+    check_compatible(folder, Manifest.read(folder).shape, TrainingShape.of(engine, runtime, lora_rank))
     # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
     _, state = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True,

@@ -4,13 +4,21 @@ class-image planning, atomic publishing and checkpoint selection."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from tests.conftest import tiny_config
-from trainer.checkpoint import MANIFEST, complete_checkpoints, find_resume_point, list_files, write_atomically
+from trainer.checkpoint import (
+    MANIFEST,
+    TrainingShape,
+    complete_checkpoints,
+    find_resume_point,
+    list_files,
+    write_atomically,
+)
 from trainer.class_images import class_image_path, plan_missing, share_of_rank
 from trainer.config import CheckpointConfig, validate_config
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
@@ -177,3 +185,15 @@ def test_resume_takes_latest_and_skips_incomplete_or_corrupt(tmp_path):
     assert find_resume_point(config).name == "step-00000020"
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000025", "step-00000020", "step-00000010"]
     assert find_resume_point(CheckpointConfig(dir=tmp_path, resume="never")) is None
+
+
+def test_a_checkpoint_of_another_shape_is_named_not_loaded():
+    saved = TrainingShape(world_size=2, zero_stage=2, precision="fp16", train_text_encoder=True, lora_rank=0)
+    assert saved.mismatches(saved) == []
+    assert saved.mismatches(replace(saved, zero_stage=1)) == []  # ZeRO-1 and -2 lay the optimizer state out alike
+    assert saved.mismatches(replace(saved, zero_stage=3, train_text_encoder=False)) == [
+        "deepspeed.zero_stage = 2 (this run: 3)", "training.train_text_encoder = true (this run: false)"]
+    assert saved.mismatches(replace(saved, precision="bf16", lora_rank=8)) == [
+        "training.precision = 'fp16' (this run: 'bf16')", "lora.rank = 0 (this run: 8)"]
+    older = replace(saved, precision=None, train_text_encoder=None)  # a manifest written before these were kept
+    assert older.mismatches(replace(saved, precision="bf16", train_text_encoder=False)) == []

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, run_trainer, tiny_config, write_config
+from trainer import checkpoint
 
 
 def step_losses(stdout: str) -> dict[int, float]:
@@ -129,7 +130,7 @@ def test_kill_9_of_a_rank_while_it_writes_a_checkpoint_resumes_from_the_previous
 
 
 @pytest.mark.slow
-def test_a_corrupt_latest_checkpoint_is_skipped_and_a_different_world_size_is_refused(tmp_path):
+def test_a_corrupt_latest_checkpoint_is_skipped_and_one_of_another_shape_is_refused(tmp_path):
     root = tmp_path / "run"
     config_path = write_config(root, resume_config(root, training={"max_steps": 6}, checkpoint={"every_steps": 3}))
     assert run_trainer(config_path).returncode == 0
@@ -146,3 +147,14 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_a_different_world_size_is_re
     alone = run_trainer(config_path, nproc=0, extra=["--set", "training.max_steps=9"], timeout=300)
     assert alone.returncode == 2
     assert "written by 2 processes, this run has 1" in alone.stderr and "checkpoint.resume=never" in alone.stderr
+
+    # Another ZeRO stage and precision: DeepSpeed cannot load the shards. Refused by name,
+    # not skipped as corrupt (which would start over, and retention would delete the progress).
+    kept = checkpoint.complete_checkpoints(root / "checkpoints")
+    changed = launch(config_path, "--set", "training.max_steps=9", "--set", "deepspeed.zero_stage=3",
+                     "--set", "training.precision=fp32")
+    _, errors = changed.communicate(timeout=300)
+    assert changed.returncode == 2, errors[-4000:]
+    assert ("was written with deepspeed.zero_stage = 2 (this run: 3), training.precision = 'bf16' (this run: 'fp32'), "
+            "which DeepSpeed cannot load across; set those keys back") in errors
+    assert checkpoint.complete_checkpoints(root / "checkpoints") == kept and kept[0].name == "step-00000007"
