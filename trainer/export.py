@@ -71,8 +71,10 @@ def fresh_like(module: torch.nn.Module) -> torch.nn.Module:
     return type(module)(module.config)
 
 
-def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_info: dict[str, Any]) -> Path | None:
-    """Collective. Rank 0 writes the folder; returns its path there, None elsewhere.
+def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_info: dict[str, Any],
+                    card: str | None = None) -> Path | None:
+    """Collective. Rank 0 writes the folder (with `card` as its README.md); returns its
+    path there, None elsewhere.
 
     The engine's own modules are cast and (under ZeRO-3) partitioned, so the exported
     ones are fresh modules loaded with the gathered fp32 weights; the frozen parts
@@ -81,7 +83,7 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     if runtime.is_main:
         unet, text_encoder = trained_modules(state, components)
         pipeline = build_pipeline(components, unet, text_encoder.to("cpu"))
-        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components))
+        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components, card))
     barrier()
     return output_dir if runtime.is_main else None
 
@@ -107,14 +109,18 @@ def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return {key.removeprefix(prefix + "."): value for key, value in state.items() if key.startswith(prefix + ".")}
 
 
-def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, torch.Tensor], components) -> None:
+def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, torch.Tensor], components,
+           card: str | None) -> None:
     from trainer import lora
+    from trainer.model_card import CARD_FILE
 
     pipeline.vae.to("cpu")
     pipeline.save_pretrained(folder, safe_serialization=True)
     if lora.has_adapters(components.unet):
         # Beside the fused pipeline: the adapters alone, a few MB, for load_lora_weights on any copy of the base.
         lora.save_adapters(folder, state, components)
+    if card is not None:
+        (folder / CARD_FILE).write_text(card)
     write_atomically(folder / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
 
 

@@ -122,6 +122,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
+    from trainer.model_card import model_card
     from trainer.loop import DenoisingStep, train
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
@@ -204,7 +205,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "samples_per_second": (state.samples - samples_before) / train_seconds if train_seconds > 0 else 0.0,
         }
         metrics.set_phase(m.PHASE_EXPORTING)
-        export_pipeline(engine, components, config.output.dir, runtime, run_info)
+        export_pipeline(engine, components, config.output.dir, runtime, run_info, model_card(config, run_info))
         if runtime.is_main and config.output.uri is not None:
             from trainer.publish import upload_and_record
 

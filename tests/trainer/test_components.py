@@ -23,6 +23,7 @@ from trainer.class_images import class_image_path, plan_missing, share_of_rank
 from trainer.config import CheckpointConfig, validate_config
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
 from trainer.export import publish_folder
+from trainer.model_card import model_card
 from trainer.objective import DreamBoothDenoiser, add_noise, dreambooth_loss, min_snr_weights
 from trainer.tiny import SCHEDULER_CONFIG, build_tiny_components
 
@@ -197,3 +198,18 @@ def test_a_checkpoint_of_another_shape_is_named_not_loaded():
         "training.precision = 'fp16' (this run: 'bf16')", "lora.rank = 0 (this run: 8)"]
     older = replace(saved, precision=None, train_text_encoder=None)  # a manifest written before these were kept
     assert older.mismatches(replace(saved, precision="bf16", train_text_encoder=False)) == []
+
+
+@pytest.mark.parametrize("source, lora_rank", [("stable-diffusion-v1-5/stable-diffusion-v1-5", 8), ("tiny", 0)])
+def test_the_model_card_says_what_was_trained_from_what_and_how_to_load_it(tmp_path, source, lora_rank):
+    from huggingface_hub import ModelCard
+
+    config = validate_config(tiny_config(tmp_path, model={"source": source}, lora={"rank": lora_rank},
+                                         training={"train_text_encoder": True}))
+    card = ModelCard(model_card(config, {"final_step": 800, "world_size": 16, "precision": "fp16", "zero_stage": 2}))
+    assert card.data.library_name == "diffusers" and card.data.instance_prompt == "a photo of sks robot"
+    assert card.data.base_model == (source if source != "tiny" else None)  # only a hub id is a Hub base model
+    assert ("lora" in card.data.tags) is bool(lora_rank) and "dreambooth" in card.data.tags
+    assert "800 steps" in card.text and "fp16, DeepSpeed ZeRO-2" in card.text
+    assert 'prior preservation with 4 images of "a photo of a robot"' in card.text
+    assert ('load_lora_weights("PATH_OR_REPO", weight_name="pytorch_lora_weights.safetensors")' in card.text) is bool(lora_rank)

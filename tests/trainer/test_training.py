@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
 
 from tests.conftest import run_trainer, tiny_config, write_config
 from trainer.tiny import build_tiny_components
@@ -32,6 +33,7 @@ def assert_exports_a_loadable_pipeline(root, *, train_text_encoder: bool) -> Non
     image = pipeline("a photo of sks robot", num_inference_steps=2, height=64, width=64,
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    assert ModelCard.load(root / "model" / "README.md").data.instance_prompt == "a photo of sks robot"
     base = build_tiny_components()
     assert pipeline.unet.dtype == torch.float32
     assert not weights_equal(pipeline.unet, base["unet"])

@@ -1,0 +1,70 @@
+"""The exported model's README.md: a Hugging Face model card (YAML metadata the Hub
+indexes, then how it was trained and how to use it), as diffusers' scripts write one.
+With `output.uri: hf://org/repo` it becomes the repo's page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.config import LORA_WEIGHTS_FILE, TrainerConfig
+
+CARD_FILE = "README.md"
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# DreamBooth: {{ instance_prompt }}
+
+{{ base_model_text }} fine-tuned with [DreamBooth](https://dreambooth.github.io/) by
+dreambooth-operator: {{ trained }}. Use `{{ instance_prompt }}` in a prompt for the subject.
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("PATH_OR_REPO")  # this folder, or the repo it was uploaded to
+image = pipeline("{{ instance_prompt }} on the beach").images[0]
+```
+{% if lora_rank %}
+The adapters alone are in `{{ lora_file }}`, for any copy of the base model:
+`pipeline.load_lora_weights("PATH_OR_REPO", weight_name="{{ lora_file }}")`.
+{% endif %}
+## Training
+
+{{ details }}. Every figure of the run is in `run.json`.
+"""
+
+
+def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
+    """Pure: the card's text from the config and the run's record."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from trainer.model_cache import looks_like_hub_id
+
+    source = config.model.source
+    on_hub = source != "tiny" and not Path(source).is_dir() and looks_like_hub_id(source)
+    lora = config.lora
+    tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "dreambooth-operator"]
+    tags += ["lora"] if lora.enabled else []
+    data = ModelCardData(library_name="diffusers", base_model=source if on_hub else None, tags=tags,
+                         instance_prompt=config.data.instance_prompt, pipeline_tag="text-to-image")
+    training = config.training
+    trained = (f"LoRA adapters of rank {lora.rank} (alpha {lora.scaled_alpha:g}) on the UNet" if lora.enabled
+               else "all UNet weights")
+    trained += " and the text encoder" if training.train_text_encoder else ""
+    details = [f"{run_info['final_step']} steps of {training.batch_size} instance image(s) per process on "
+               f"{run_info['world_size']} process(es), learning rate {training.learning_rate:g} ({training.lr_scheduler})",
+               f"{run_info['precision']}, DeepSpeed ZeRO-{run_info['zero_stage']}",
+               f"{config.data.resolution} px"]
+    if config.data.with_prior_preservation:
+        details.append(f"prior preservation with {config.data.num_class_images} images of "
+                       f"\"{config.data.class_prompt}\" (weight {training.prior_loss_weight:g})")
+    card = ModelCard.from_template(
+        data, template_str=_TEMPLATE, instance_prompt=config.data.instance_prompt, trained=trained,
+        base_model_text=f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`",
+        lora_rank=lora.rank, lora_file=LORA_WEIGHTS_FILE, details="; ".join(details),
+    )
+    return str(card)
