@@ -112,11 +112,14 @@ def test_the_model_learns_its_subject_with_prior_preservation_and_class_images_a
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: fp16 with dynamic loss scaling (CPU twin: bf16 runs above)")
-def test_fp16_on_cuda(tiny_root):
-    config = tiny_config(tiny_root, training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True})
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fp16_on_cuda(tiny_root, lora_rank):
+    config = tiny_config(tiny_root, training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True},
+                         lora={"rank": lora_rank})
     result = run_trainer(write_config(tiny_root, config), nproc=1)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert read_run(tiny_root)["precision"] == "fp16"
+    assert read_run(tiny_root)["precision"] == "fp16" and read_run(tiny_root)["lora_rank"] == lora_rank
+    assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=True)
 
 
 @pytest.mark.slow
