@@ -122,8 +122,8 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
-    from trainer.model_card import model_card
     from trainer.loop import DenoisingStep, train
+    from trainer.model_card import model_card
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
     from trainer.objective import build_denoiser, compile_report, compile_unet
