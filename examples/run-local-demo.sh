@@ -16,4 +16,8 @@ Demo finished.
   checkpoints:                $RUN/checkpoints  (latest: $(cat "$RUN/checkpoints/latest"))
   class images:               $RUN/class-images
   sample image:               $RUN/samples/sks-robot.png
+  model card:                 $RUN/model/README.md
+LoRA adapters instead of all weights (the model folder then also holds them alone):
+  torchrun --nproc_per_node 2 trainer/main.py --config examples/local-tiny.yaml --set lora.rank=8 \
+    --set checkpoint.dir=runs/local-tiny-lora/checkpoints --set output.dir=runs/local-tiny-lora/model
 DONE
