@@ -168,7 +168,8 @@ class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
     bucket_size: int | None = Field(
         None,
-        ge=1,
+        ge=2,
+        multiple_of=2,  # DeepSpeed's NCCL start alignment
         description="Elements per gradient-reduce and all-gather bucket. Default: an eighth of the trained "
         "parameters, between 10M and 500M, so communication starts early in the backward pass.",
     )

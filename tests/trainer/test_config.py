@@ -68,6 +68,7 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
         ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
         ({"lora": {"rank": -4}}, ["lora.rank", "-4", "greater than or equal to 0"]),
+        ({"deepspeed": {"bucket_size": 4097}}, ["deepspeed.bucket_size", "4097", "multiple of 2"]),
         ({"lora": {"unet_target_modules": []}}, ["lora.unet_target_modules", "at least 1 item"]),
     ],
 )
