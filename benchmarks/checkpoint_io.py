@@ -60,18 +60,18 @@ def raw_write_read(path: Path, num_bytes: int, chunk: int = 64 << 20) -> tuple[f
     return write_seconds, time.perf_counter() - started
 
 
-def best_save_and_load(engine, config, runtime, root: Path, repeats: int, lora_rank: int) -> dict:
+def best_save_and_load(engine, config, runtime, root: Path, repeats: int) -> dict:
     """Best of `repeats`: save and load times, and raw I/O of the same bytes on the same disk."""
     results = []
     for repeat in range(repeats):
         step = repeat + 1
         started = time.perf_counter()
         folder = checkpoint.save(engine, config.checkpoint, runtime, step=step,
-                                 state={"step": step, "micro_step": step, "samples": 0}, lora_rank=lora_rank)
+                                 state={"step": step, "micro_step": step, "samples": 0}, lora=config.lora)
         save_seconds = time.perf_counter() - started
         num_bytes = sum(checkpoint.list_files(folder).values())
         started = time.perf_counter()
-        loaded, _ = checkpoint.load_latest(engine, config.checkpoint, runtime, lora_rank=lora_rank)
+        loaded, _ = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora)
         load_seconds = time.perf_counter() - started
         assert loaded == folder
         raw_write, raw_read = raw_write_read(root / "raw.bin", num_bytes)
@@ -107,7 +107,7 @@ def main() -> None:
                 add_adapters(SimpleNamespace(unet=unet), config.lora, train_text_encoder=False)
             module = DreamBoothDenoiser(unet)
             engine = build_engine(config, module, precision="bf16", world_size=1, device_type="cpu")
-            best = best_save_and_load(engine, config, runtime, root, args.repeats, lora_rank)
+            best = best_save_and_load(engine, config, runtime, root, args.repeats)
             if not lora_rank:
                 report = {
                     "parameters": sum(p.numel() for p in module.parameters()),

@@ -14,14 +14,14 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.config import CheckpointConfig, ConfigError
+from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.distributed import Runtime, barrier
 
 log = logging.getLogger(__name__)
@@ -75,33 +75,34 @@ class TrainingShape:
     and retention would then delete the progress. So a mismatch is refused, named."""
 
     world_size: int
-    zero_stage: int
-    precision: str | None  # None: not recorded (a checkpoint older than the check)
-    train_text_encoder: bool | None
-    lora_rank: int = 0  # 0: all weights were trained and saved; else only LoRA adapters were
+    settings: dict[str, Any]  # config key -> value; a key an older manifest lacks is not compared
 
     @classmethod
-    def of(cls, engine, runtime: Runtime, lora_rank: int) -> "TrainingShape":
-        """This run's shape, read from the engine itself."""
+    def of(cls, engine, runtime: Runtime, lora: LoraConfig | None = None) -> "TrainingShape":
+        """This run's shape, read from the engine itself (and the adapters it trains)."""
         precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
-        return cls(world_size=runtime.world_size, zero_stage=engine.zero_optimization_stage(), precision=precision,
-                   train_text_encoder=getattr(engine.module, "text_encoder", None) is not None, lora_rank=lora_rank)
+        train_text_encoder = getattr(engine.module, "text_encoder", None) is not None
+        settings: dict[str, Any] = {"deepspeed.zero_stage": engine.zero_optimization_stage(),
+                                    "training.precision": precision, "training.train_text_encoder": train_text_encoder,
+                                    "lora.rank": lora.rank if lora is not None else 0}
+        if lora is not None and lora.enabled:
+            # Other targets are other weights; another alpha would load and silently rescale them.
+            settings |= {"lora.alpha": lora.scaled_alpha, "lora.unet_target_modules": list(lora.unet_target_modules)}
+            if train_text_encoder:
+                settings["lora.text_encoder_target_modules"] = list(lora.text_encoder_target_modules)
+        return cls(world_size=runtime.world_size, settings=settings)
 
     def mismatches(self, run: "TrainingShape") -> list[str]:
         """`key = saved (this run: value)` for each difference that stops a load."""
-        def same_zero_layout(a: int, b: int) -> bool:
-            return a == b or {a, b} == {1, 2}  # stages 1 and 2 partition the optimizer state alike
+        def show(value: Any) -> str:
+            return str(value).lower() if isinstance(value, bool) else repr(value)
 
         found = []
-        if not same_zero_layout(self.zero_stage, run.zero_stage):
-            found.append(f"deepspeed.zero_stage = {self.zero_stage} (this run: {run.zero_stage})")
-        if self.precision is not None and self.precision != run.precision:
-            found.append(f"training.precision = {self.precision!r} (this run: {run.precision!r})")
-        if self.train_text_encoder is not None and self.train_text_encoder != run.train_text_encoder:
-            found.append(f"training.train_text_encoder = {str(self.train_text_encoder).lower()} "
-                         f"(this run: {str(run.train_text_encoder).lower()})")
-        if self.lora_rank != run.lora_rank:
-            found.append(f"lora.rank = {self.lora_rank} (this run: {run.lora_rank})")
+        for key, saved in self.settings.items():
+            current = run.settings.get(key, saved)
+            # ZeRO stages 1 and 2 partition the optimizer state alike and load each other.
+            if saved != current and not (key == "deepspeed.zero_stage" and {saved, current} == {1, 2}):
+                found.append(f"{key} = {show(saved)} (this run: {show(current)})")
         return found
 
 
@@ -114,9 +115,10 @@ class Manifest:
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
         raw = json.loads((folder / MANIFEST).read_text())
-        shape = TrainingShape(world_size=raw["world_size"], zero_stage=raw["zero_stage"], precision=raw.get("precision"),
-                              train_text_encoder=raw.get("train_text_encoder"), lora_rank=raw.get("lora_rank", 0))
-        return cls(step=raw["step"], shape=shape, files=raw["files"])
+        # Manifests before `settings` was kept: the stage, and no adapters.
+        settings = {"deepspeed.zero_stage": raw["zero_stage"], "lora.rank": 0, **raw.get("settings", {})}
+        return cls(step=raw["step"], shape=TrainingShape(world_size=raw["world_size"], settings=settings),
+                   files=raw["files"])
 
     def problems(self, folder: Path) -> list[str]:
         found = []
@@ -138,19 +140,21 @@ def list_files(folder: Path) -> dict[str, int]:
 
 
 def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any],
-         lora_rank: int = 0) -> Path:
+         lora: LoraConfig | None = None) -> Path:
     """Collective: every rank calls it at the same step. A LoRA run saves only the
     adapters (MBs instead of GBs): the frozen base weights come from model.source again."""
     tag = step_folder_name(step)
     folder = config.dir / tag
     config.dir.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(config.dir), tag=tag, client_state=state, save_latest=False,
-                           exclude_frozen_parameters=lora_rank > 0)
+                           exclude_frozen_parameters=lora is not None and lora.enabled)
     torch.save(rng_state(), folder / f"rng-rank{runtime.rank:05d}.pt")
     barrier()
     if runtime.is_main:
-        manifest = {"step": step, **asdict(TrainingShape.of(engine, runtime, lora_rank)),
-                    "time": time.time(), "files": list_files(folder)}
+        shape = TrainingShape.of(engine, runtime, lora)
+        # zero_stage also at the top: what manifests held before `settings`.
+        manifest = {"step": step, "world_size": shape.world_size, "zero_stage": shape.settings["deepspeed.zero_stage"],
+                    "settings": shape.settings, "time": time.time(), "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)
         apply_retention(config.dir, keep_last=config.keep_last, in_use=tag)
@@ -240,12 +244,12 @@ def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape) -> 
         )
 
 
-def load(engine, folder: Path, runtime: Runtime, lora_rank: int = 0) -> dict[str, Any]:
-    check_compatible(folder, Manifest.read(folder).shape, TrainingShape.of(engine, runtime, lora_rank))
+def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None) -> dict[str, Any]:
+    check_compatible(folder, Manifest.read(folder).shape, TrainingShape.of(engine, runtime, lora))
     # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
     _, state = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True,
-        load_module_strict=lora_rank == 0,
+        load_module_strict=lora is None or not lora.enabled,
     )
     if state is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
@@ -256,7 +260,7 @@ def load(engine, folder: Path, runtime: Runtime, lora_rank: int = 0) -> dict[str
 
 
 def load_latest(engine, config: CheckpointConfig, runtime: Runtime,
-                lora_rank: int = 0) -> tuple[Path | None, dict[str, Any] | None]:
+                lora: LoraConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """Loads the best checkpoint that loads on every rank; a corrupt one is skipped with
     a warning. Collective: every rank walks the same candidate list in step."""
     from trainer.distributed import any_rank
@@ -264,7 +268,7 @@ def load_latest(engine, config: CheckpointConfig, runtime: Runtime,
     for folder in resume_candidates(config):
         error = None
         try:
-            state = load(engine, folder, runtime, lora_rank)
+            state = load(engine, folder, runtime, lora)
         except ConfigError:
             raise
         except Exception as caught:  # a truncated or garbled shard: torch/pickle/zip errors vary

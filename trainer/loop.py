@@ -169,7 +169,7 @@ def save_checkpoint(config: TrainerConfig, engine, runtime: Runtime, state: Trai
     if metrics is not None:
         metrics.set_phase(PHASE_CHECKPOINTING)
     checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
-                    lora_rank=config.lora.rank)
+                    lora=config.lora)
     seconds = time.monotonic() - started
     if metrics is not None:
         metrics.record_checkpoint(step=state.step, seconds=seconds)

@@ -105,7 +105,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime):
     from trainer.distributed import barrier
     from trainer.loop import TrainState
 
-    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora_rank=config.lora.rank)
+    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora)
     if runtime.is_main:
         checkpoint.remove_incomplete(config.checkpoint.dir)
     barrier()

@@ -4,7 +4,6 @@ class-image planning, atomic publishing and checkpoint selection."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from diffusers import DDPMScheduler
 from tests.conftest import tiny_config
 from trainer.checkpoint import (
     MANIFEST,
+    Manifest,
     TrainingShape,
     complete_checkpoints,
     find_resume_point,
@@ -189,15 +189,33 @@ def test_resume_takes_latest_and_skips_incomplete_or_corrupt(tmp_path):
 
 
 def test_a_checkpoint_of_another_shape_is_named_not_loaded():
-    saved = TrainingShape(world_size=2, zero_stage=2, precision="fp16", train_text_encoder=True, lora_rank=0)
-    assert saved.mismatches(saved) == []
-    assert saved.mismatches(replace(saved, zero_stage=1)) == []  # ZeRO-1 and -2 lay the optimizer state out alike
-    assert saved.mismatches(replace(saved, zero_stage=3, train_text_encoder=False)) == [
+    saved = TrainingShape(world_size=2, settings={
+        "deepspeed.zero_stage": 2, "training.precision": "fp16", "training.train_text_encoder": True, "lora.rank": 8,
+        "lora.alpha": 8.0, "lora.unet_target_modules": ["to_q", "to_v"]})
+
+    def run(**changes):
+        return TrainingShape(world_size=2, settings={**saved.settings, **{k.replace("__", "."): v for k, v in changes.items()}})
+
+    assert saved.mismatches(run()) == []
+    assert saved.mismatches(run(deepspeed__zero_stage=1)) == []  # ZeRO-1 and -2 lay the optimizer state out alike
+    assert saved.mismatches(run(deepspeed__zero_stage=3, training__train_text_encoder=False)) == [
         "deepspeed.zero_stage = 2 (this run: 3)", "training.train_text_encoder = true (this run: false)"]
-    assert saved.mismatches(replace(saved, precision="bf16", lora_rank=8)) == [
-        "training.precision = 'fp16' (this run: 'bf16')", "lora.rank = 0 (this run: 8)"]
-    older = replace(saved, precision=None, train_text_encoder=None)  # a manifest written before these were kept
-    assert older.mismatches(replace(saved, precision="bf16", train_text_encoder=False)) == []
+    assert saved.mismatches(run(training__precision="bf16", lora__alpha=16.0, lora__unet_target_modules=["to_q"])) == [
+        "training.precision = 'fp16' (this run: 'bf16')", "lora.alpha = 8.0 (this run: 16.0)",
+        "lora.unet_target_modules = ['to_q', 'to_v'] (this run: ['to_q'])"]
+    # Without adapters the run has no lora.alpha: the rank says what differs.
+    no_lora = TrainingShape(world_size=2, settings={k: v for k, v in saved.settings.items() if k in (
+        "deepspeed.zero_stage", "training.precision", "training.train_text_encoder")} | {"lora.rank": 0})
+    assert saved.mismatches(no_lora) == ["lora.rank = 8 (this run: 0)"]
+
+
+def test_a_manifest_from_before_the_shape_check_is_compared_on_what_it_has(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 2, "files": {}}))
+    older = Manifest.read(tmp_path).shape
+    assert older.settings == {"deepspeed.zero_stage": 2, "lora.rank": 0}
+    run = TrainingShape(world_size=2, settings={"deepspeed.zero_stage": 2, "training.precision": "bf16",
+                                               "training.train_text_encoder": False, "lora.rank": 0})
+    assert older.mismatches(run) == []
 
 
 @pytest.mark.parametrize("source, lora_rank", [("stable-diffusion-v1-5/stable-diffusion-v1-5", 8), ("tiny", 0)])

@@ -51,7 +51,9 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
     saved = torch.load(step3 / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert saved and all(".lora_A." in name or ".lora_B." in name for name in saved)
     assert sum(value.numel() for value in saved.values()) == run["trained_parameters"]
-    assert json.loads((step3 / "manifest.json").read_text())["lora_rank"] == 4
+    settings = json.loads((step3 / "manifest.json").read_text())["settings"]
+    assert {key: settings[key] for key in ("lora.rank", "lora.alpha", "lora.unet_target_modules")} == {
+        "lora.rank": 4, "lora.alpha": 8.0, "lora.unet_target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}
 
     # Resumed from step 3 (base weights rebuilt from model.source), steps 4-6 repeat exactly.
     resumed = tmp_path / "resumed"
