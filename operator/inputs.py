@@ -97,7 +97,8 @@ def missing_claim_warning(key: str, name: str, namespace: str) -> str:
 @dataclass
 class InputCheck:
     problem: str | None = None  # fails the job (InvalidSpec) until fixed
-    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) Warning Events; the gang starts anyway
+    # (reason, message) of Warning Events; the gang starts anyway
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 async def check_inputs(api: KubeApi, job: Job) -> InputCheck:

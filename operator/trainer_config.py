@@ -66,16 +66,14 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         data["class_prompt"] = spec.data.class_prompt
         data["class_dir"] = f"{root}/class-images"
     # Every job on the claim shares one copy of each base model.
-    model: dict[str, Any] = {"source": spec.model.source, "cache_dir": MODEL_CACHE_DIR}
-    if spec.model.revision is not None:
-        model["revision"] = spec.model.revision
+    model = {"source": spec.model.source, "cache_dir": MODEL_CACHE_DIR, **_set_only(revision=spec.model.revision)}
     training = spec.training
     config = {
         "model": model,
         "data": data,
         "training": {
             "max_steps": training.max_steps,
-            **({"learning_rate": training.learning_rate} if training.learning_rate is not None else {}),
+            **_set_only(learning_rate=training.learning_rate),
             "batch_size": training.batch_size,
             "gradient_accumulation": training.gradient_accumulation,
             "prior_loss_weight": training.prior_loss_weight,
@@ -85,11 +83,10 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
             "lr_scheduler": training.lr_scheduler,
             "lr_warmup_steps": training.lr_warmup_steps,
             "gradient_checkpointing": training.gradient_checkpointing,
-            **({"snr_gamma": training.snr_gamma} if training.snr_gamma is not None else {}),
+            **_set_only(snr_gamma=training.snr_gamma),
             "noise_offset": training.noise_offset,
         },
-        "lora": {"rank": spec.lora.rank, "dropout": spec.lora.dropout,
-                 **({"alpha": spec.lora.alpha} if spec.lora.alpha is not None else {})},
+        "lora": {"rank": spec.lora.rank, "dropout": spec.lora.dropout, **_set_only(alpha=spec.lora.alpha)},
         "deepspeed": {"zero_stage": spec.deepspeed.zero_stage},
         "checkpoint": {
             "dir": f"{root}/checkpoints",
@@ -119,6 +116,12 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         detail = _TRAINER_KEY.sub(_spec_field, detail)
         raise InvalidSpecError(f"the trainer rejects the config rendered from this spec: {detail}") from None
     return config
+
+
+def _set_only(**values: Any) -> dict[str, Any]:
+    """The keys the spec sets; an unset one is left out, so the trainer's default applies
+    (which may depend on other keys, as the learning rate on lora.rank)."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 # Trainer keys that are the operator's to set, whatever the spec says: the claim's

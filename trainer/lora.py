@@ -3,8 +3,9 @@
 
 The adapters are peft's, injected as diffusers' `add_adapter` injects them, so the file
 the export writes (`pytorch_lora_weights.safetensors`) is the one
-`pipeline.load_lora_weights` reads. The exported pipeline itself has the adapters fused into the base weights, so
-that `output.dir` stays a plain diffusers pipeline like a full fine-tune's.
+`pipeline.load_lora_weights` reads. The exported pipeline itself has the adapters fused
+into the base weights, so that `output.dir` stays a plain diffusers pipeline like a full
+fine-tune's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from trainer.config import LORA_WEIGHTS_FILE, ConfigError, LoraConfig
 
 ADAPTER = "default"  # peft's name for the one adapter a model gets from add_adapter
-WEIGHTS_FILE = LORA_WEIGHTS_FILE
 DEFAULT_TARGETS = {key: LoraConfig.model_fields[key].default_factory()
                    for key in ("unet_target_modules", "text_encoder_target_modules")}
 
@@ -75,12 +75,12 @@ def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> P
         if has_adapters(module) and any(key.startswith(name + ".") for key in state):
             layers[f"{name}_lora_layers"] = adapter_layers(state, name, module)
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
-    StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, weight_name=WEIGHTS_FILE)
+    StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
     # safetensors writes it 0600; the volume's readers (an inference server) need what the umask gives others.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~umask)
-    return folder / WEIGHTS_FILE
+    os.chmod(folder / LORA_WEIGHTS_FILE, 0o666 & ~umask)
+    return folder / LORA_WEIGHTS_FILE
 
 
 def fused_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -94,7 +94,7 @@ def fused_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.
     pipeline = build_pipeline(base, base.unet, base.text_encoder)
     with tempfile.TemporaryDirectory(prefix="lora-") as folder:
         save_adapters(Path(folder), state, components)
-        pipeline.load_lora_weights(folder, weight_name=WEIGHTS_FILE)
+        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     return pipeline.unet, pipeline.text_encoder

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 
 from tests.conftest import run_trainer, tiny_config, write_config
 from tests.trainer.test_resume import launch, resume_config, step_losses
-from trainer.lora import WEIGHTS_FILE
+from trainer.config import LORA_WEIGHTS_FILE
 from trainer.export import build_pipeline
 from trainer.models import build_components
 
@@ -82,11 +82,11 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
 
     # The adapter file on the base model computes what the fused pipeline computes (its
     # metadata carries alpha = 8, scale 2: read with the default scale 1 it would differ).
-    assert (straight / "model" / WEIGHTS_FILE).stat().st_size < 200_000
+    assert (straight / "model" / LORA_WEIGHTS_FILE).stat().st_size < 200_000
     on_base = build_pipeline(base, base.unet, base.text_encoder)
     prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
     untrained = denoise(on_base, prompt_ids)
-    on_base.load_lora_weights(straight / "model", weight_name=WEIGHTS_FILE)
+    on_base.load_lora_weights(straight / "model", weight_name=LORA_WEIGHTS_FILE)
     with_adapters = denoise(on_base, prompt_ids)
     assert not torch.allclose(with_adapters, untrained, atol=1e-4)
     torch.testing.assert_close(denoise(exported, prompt_ids), with_adapters, atol=2e-5, rtol=1e-4)
@@ -105,6 +105,6 @@ def test_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters
     base = build_components(None)
     assert changed_weights(exported.unet, base.unet) and changed_weights(exported.text_encoder, base.text_encoder)
     on_base = build_pipeline(base, base.unet, base.text_encoder)
-    on_base.load_lora_weights(tiny_root / "model", weight_name=WEIGHTS_FILE)
+    on_base.load_lora_weights(tiny_root / "model", weight_name=LORA_WEIGHTS_FILE)
     prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(denoise(exported, prompt_ids), denoise(on_base, prompt_ids), atol=2e-5, rtol=1e-4)
