@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backoff-max-seconds", type=float, default=300.0, help="cap of the restart delay")
     parser.add_argument("--pending-timeout", type=float, default=300.0,
                         help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
+    parser.add_argument("--start-timeout", type=float, default=600.0,
+                        help="seconds a scheduled worker's container may fail to start (image pull, missing Secret) "
+                             "before the job fails and its pods free their nodes")
     parser.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_SECONDS,
                         help="seconds between scrapes of rank 0's metrics per job")
     parser.add_argument("--resync-seconds", type=float, default=30.0,
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     timing = Timing(backoff_base_seconds=args.backoff_seconds, backoff_max_seconds=args.backoff_max_seconds,
-                    pending_timeout_seconds=args.pending_timeout, resync_seconds=args.resync_seconds)
+                    pending_timeout_seconds=args.pending_timeout, start_timeout_seconds=args.start_timeout,
+                    resync_seconds=args.resync_seconds)
     return OperatorConfig(settings=Settings(timing=timing, scrape_interval_seconds=args.scrape_interval),
                           http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
 

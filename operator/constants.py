@@ -103,6 +103,8 @@ CONDITION_SUSPENDED = "Suspended"
 CONDITION_SUCCEEDED = "Succeeded"
 CONDITION_FAILED = "Failed"
 CONDITION_UNSCHEDULABLE = "Unschedulable"
+# A scheduled worker's container cannot start (image pull, missing Secret or ConfigMap).
+CONDITION_CANNOT_START = "CannotStart"
 
 # Condition and Event reasons.
 REASON_INVALID_SPEC = "InvalidSpec"
@@ -121,3 +123,4 @@ REASON_CLAIM_NOT_FOUND = "ClaimNotFound"
 REASON_SUSPENDED = "Suspended"
 REASON_RESUMED = "Resumed"
 REASON_PODS_PENDING = "PodsPending"
+REASON_CONTAINERS_STARTED = "ContainersStarted"

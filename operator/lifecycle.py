@@ -20,6 +20,8 @@ from typing import Any
 
 from . import constants as c
 from .podstates import (
+    CONFIG_PROBLEMS,
+    HOPELESS_START_PROBLEMS,
     POD_FAILED,
     POD_RUNNING,
     POD_SUCCEEDED,
@@ -32,6 +34,7 @@ from .podstates import (
     pod_name,
     pod_phase,
     scheduling_problem,
+    start_problem,
 )
 from .spec import JobSpec
 
@@ -52,6 +55,9 @@ class Timing:
     backoff_base_seconds: float = 10.0
     backoff_max_seconds: float = 300.0
     pending_timeout_seconds: float = 300.0
+    # How long a scheduled worker's container may be unable to start (image pull, missing
+    # Secret) before the job fails: its pods hold their nodes' GPUs all that time.
+    start_timeout_seconds: float = 600.0
     # How often a job with nothing to wait for is looked at again anyway.
     resync_seconds: float = 30.0
     # The same for a finished job: only a spec edit (which wakes it) can change it.
@@ -282,6 +288,7 @@ def _update_running_phase(plan: Plan, spec: JobSpec, current: list[dict[str, Any
     if status["phase"] != new_phase:
         enter_phase(status, new_phase, reason, message, now)
     _mark_unschedulable(plan, current, now, timing)
+    _check_start_problems(plan, current, now, timing)
 
 
 def _mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
@@ -307,6 +314,41 @@ def _mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datet
     elif has:
         status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, False,
                                              c.REASON_PODS_PENDING, "all workers scheduled", now)
+
+
+def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
+    """Scheduled workers whose container cannot start get condition CannotStart (and one
+    Warning Event) carrying the kubelet's reason and message. The job fails when the
+    problem cannot clear (InvalidImageName) or has lasted past the start timeout,
+    counted from the condition's lastTransitionTime: the pods are deleted, their nodes'
+    GPUs freed. A restart would not help: the next gang would wait for the same image."""
+    status = plan.status
+    problems = [problem for problem in map(start_problem, current) if problem is not None]
+    conditions = status.get("conditions") or []
+    known = next((cond for cond in conditions if cond.get("type") == c.CONDITION_CANNOT_START), None)
+    if not problems:
+        if known is not None and known.get("status") == "True":
+            status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, False,
+                                                 c.REASON_CONTAINERS_STARTED, "every worker's container started", now)
+        return
+    first = problems[0]
+    limit = timing.start_timeout_seconds
+    message = "; ".join(map(str, problems))
+    status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, True, first.reason, message, now)
+    if known is None or known.get("status") != "True":
+        plan.events.append(("Warning", first.reason, f"{message} (the job fails if this lasts {limit:g}s)"))
+    since = parse_timestamp(known.get("lastTransitionTime")) if known and known.get("status") == "True" else now
+    waited = (now - since).total_seconds()
+    hopeless = first.reason in HOPELESS_START_PROBLEMS
+    if not hopeless and waited < limit:
+        _requeue(plan, limit - waited)
+        return
+    fix = ("the Secret or ConfigMap the message names (e.g. spec.model.hfTokenSecret)" if first.reason in CONFIG_PROBLEMS
+           else "spec.workers.image (or spec.workers.imagePullSecrets)")
+    how_long = "it cannot start" if hopeless else f"its container could not start for {waited:.0f}s"
+    status["lastFailure"] = {"pod": first.pod, "reason": first.reason, "time": timestamp(now),
+                             **({"message": first.message} if first.message else {})}
+    _fail(plan, current, first.reason, f"worker {first} ({how_long}); fix {fix} and recreate the job", now)
 
 
 def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: list[dict[str, Any]],

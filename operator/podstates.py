@@ -103,6 +103,36 @@ def scheduling_problem(pod: dict[str, Any]) -> str | None:
     return scheduled.get("message") or scheduled.get("reason") or "pod not scheduled"
 
 
+# Container waiting reasons that the kubelet's own retries rarely clear: the image cannot
+# be pulled or named, or the container's config (a Secret or ConfigMap it names) is
+# missing. Plain ContainerCreating (a large image still downloading) is not among them.
+IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONFIG_PROBLEMS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+# These never clear by themselves: nothing to wait for.
+HOPELESS_START_PROBLEMS = frozenset({"InvalidImageName"})
+
+
+@dataclass(frozen=True)
+class StartProblem:
+    pod: str
+    reason: str  # the kubelet's waiting reason, e.g. ImagePullBackOff
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.pod}: {self.reason}" + (f": {self.message}" if self.message else "")
+
+
+def start_problem(pod: dict[str, Any]) -> StartProblem | None:
+    """Why a scheduled worker's trainer container cannot start, else None."""
+    if pod_phase(pod) != POD_PENDING:
+        return None
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in IMAGE_PROBLEMS | CONFIG_PROBLEMS:
+            return StartProblem(pod=pod_name(pod), reason=waiting["reason"], message=waiting.get("message") or "")
+    return None
+
+
 def is_scheduled(pod: dict[str, Any]) -> bool:
     scheduled = pod_condition(pod, "PodScheduled")
     return pod_phase(pod) != POD_PENDING or (scheduled is not None and scheduled.get("status") == "True")

@@ -28,7 +28,7 @@ def project_kubectl() -> Path:
 
 # Fast timings so every scenario settles in seconds (production defaults are 10 s backoff etc.).
 FAST_FLAGS = ["--backoff-seconds", "0.3", "--backoff-max-seconds", "2", "--resync-seconds", "2",
-              "--scrape-interval", "0.5", "--pending-timeout", "1"]
+              "--scrape-interval", "0.5", "--pending-timeout", "1", "--start-timeout", "3"]
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -10,12 +10,13 @@ from dreambooth_operator.__main__ import config_from_args, parse_args
 
 def test_flags_reach_the_settings() -> None:
     args = parse_args(["--namespace", "team-a", "-n", "team-b", "--http-port", "0", "--backoff-seconds", "2",
-                       "--backoff-max-seconds", "60", "--pending-timeout", "90", "--scrape-interval", "5"])
+                       "--backoff-max-seconds", "60", "--pending-timeout", "90", "--start-timeout", "120", "--scrape-interval", "5"])
     assert args.namespace == ["team-a", "team-b"]
     config = config_from_args(args)
     assert config.http_port == 0
     timing = config.settings.timing
     assert (timing.backoff_base_seconds, timing.backoff_max_seconds, timing.pending_timeout_seconds) == (2, 60, 90)
+    assert timing.start_timeout_seconds == 120
     assert timing.backoff(3) == 8
     assert config.settings.scrape_interval_seconds == 5
 

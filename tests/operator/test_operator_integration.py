@@ -280,6 +280,27 @@ def test_unschedulable_pods_get_a_condition_with_the_scheduler_message(cluster: 
     assert unschedulable["status"] == "True" and message in unschedulable["message"]
 
 
+def test_a_worker_whose_image_cannot_be_pulled_is_named_then_fails_the_job_and_frees_its_node(cluster: Cluster) -> None:
+    cluster.create_job("typo", spec(workers={"image": "registry.example/dreambooth-trainer:0.1.0x"}))
+    wait_for(lambda: len(cluster.pods("typo")) == 1, what="pod")
+    pull = 'Back-off pulling image "registry.example/dreambooth-trainer:0.1.0x"'
+    cluster.set_pod_status("typo-worker-0", {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                                             "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0,
+                                                                    "image": "x", "imageID": "",
+                                                                    "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                                                          "message": pull}}}]})
+    cannot_start = wait_for(lambda: condition(cluster.status("typo"), "CannotStart"), what="CannotStart")
+    assert cannot_start["status"] == "True" and cannot_start["message"] == f"typo-worker-0: ImagePullBackOff: {pull}"
+    assert cluster.status("typo")["phase"] == "Initializing"
+    # --start-timeout is 3 s here (600 by default).
+    wait_for(phase_is(cluster, "typo", "Failed"), what="Failed at the start timeout")
+    failed = condition(cluster.status("typo"), "Failed")
+    assert failed["reason"] == "ImagePullBackOff" and "fix spec.workers.image" in failed["message"]
+    wait_for(lambda: cluster.pods("typo") == [], what="the worker deleted")
+    warnings = [e for e in cluster.events("typo") if e["type"] == "Warning" and e["reason"] == "ImagePullBackOff"]
+    assert len(warnings) == 2  # the problem once when seen, the failure once
+
+
 def test_progress_is_scraped_from_rank_0_into_status(cluster: Cluster) -> None:
     # Rank 0's endpoint is the trainer's own metrics module, served on loopback.
     rank0 = TrainerMetrics(max_steps=100, labels={"job": "scraped", "namespace": "default"})
