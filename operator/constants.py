@@ -80,6 +80,7 @@ WORKER_GID = 1000
 # Exit code of a trainer that checkpointed after SIGTERM (preempted, suspended, deleted).
 EXIT_CODE_SIGTERM = 143
 EXIT_CODE_INVALID_INPUT = 2  # the trainer rejected its config or inputs: a retry cannot help
+EXIT_CODE_DIVERGED = 4  # the loss stayed NaN/Inf: a retry with the same spec diverges the same way
 
 # status.phase values.
 PHASE_PENDING = "Pending"
@@ -112,6 +113,7 @@ REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_WORKER_FAILED = "WorkerFailed"
 REASON_INVALID_TRAINER_INPUT = "InvalidTrainerInput"
+REASON_TRAINING_DIVERGED = "TrainingDiverged"
 REASON_PREEMPTED = "Preempted"
 REASON_ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
 REASON_ALL_WORKERS_RUNNING = "AllWorkersRunning"

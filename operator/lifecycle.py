@@ -371,10 +371,10 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
         failure = describe_failure(failed[0])
         status["lastFailure"] = failure.as_status(timestamp(now))
         code = f" exit code {failure.exit_code}" if failure.exit_code is not None else ""
-        if failure.exit_code == c.EXIT_CODE_INVALID_INPUT:
-            message = (f"worker {failure.pod} rejected its config or inputs (exit code 2); not retried: "
-                       f"fix the spec (the pod's log names the field) and recreate the job")
-            return _fail(plan, current, c.REASON_INVALID_TRAINER_INPUT, message, now)
+        if failure.exit_code in _NOT_RETRIED:
+            reason, what, fix = _NOT_RETRIED[failure.exit_code]
+            message = f"worker {failure.pod} {what} (exit code {failure.exit_code}); not retried: {fix}"
+            return _fail(plan, current, reason, message, now)
         if int(status["restarts"]) >= spec.run_policy.backoff_limit:
             message = (f"worker {failure.pod} failed ({failure.reason}{code}) after {status['restarts']} restart(s); "
                        f"runPolicy.backoffLimit = {spec.run_policy.backoff_limit} reached")
@@ -391,6 +391,16 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
     plan.delete = [pod_name(p) for p in current if not is_deleting(p)]
     _requeue(plan, 0.5)
     return plan
+
+
+# Trainer exit codes a restart of the same spec cannot cure: (reason, what happened, the fix).
+_NOT_RETRIED = {
+    c.EXIT_CODE_INVALID_INPUT: (c.REASON_INVALID_TRAINER_INPUT, "rejected its config or inputs",
+                                "fix the spec (the pod's log names the field) and recreate the job"),
+    c.EXIT_CODE_DIVERGED: (c.REASON_TRAINING_DIVERGED, "stopped training: the loss stayed NaN or infinite",
+                           "lower spec.training.learningRate and recreate the job; it resumes from the last "
+                           "checkpoint before the divergence (the pod's log names it)"),
+}
 
 
 def _fail(plan: Plan, pods: list[dict[str, Any]], reason: str, message: str, now: dt.datetime) -> Plan:

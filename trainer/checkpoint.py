@@ -184,6 +184,26 @@ def remove_incomplete(directory: Path) -> list[Path]:
     return stale
 
 
+DIVERGED_PREFIX = "diverged-"
+
+
+def retract(directory: Path, step: int) -> Path | None:
+    """The checkpoint of `step`, whose weights turned out to give a NaN or infinite
+    loss: renamed to `diverged-step-...` (kept for inspection; never resumed from, never
+    counted by retention), and `latest` moved back to the newest complete checkpoint
+    (removed when there is none). Returns the new `latest` folder, or None."""
+    folder = directory / step_folder_name(step)
+    if folder.is_dir():
+        os.replace(folder, directory / f"{DIVERGED_PREFIX}{folder.name}")
+    remaining = complete_checkpoints(directory)
+    pointer = directory / LATEST
+    if remaining:
+        write_atomically(pointer, remaining[0].name)
+        return remaining[0]
+    pointer.unlink(missing_ok=True)
+    return None
+
+
 def apply_retention(directory: Path, *, keep_last: int, in_use: str) -> None:
     for folder in complete_checkpoints(directory)[keep_last:]:
         if folder.name != in_use:

@@ -85,6 +85,12 @@ class TrainingConfig(_Section):
     precision: Precision = Field("auto", description="`auto`: fp16 on CUDA, bf16 on CPU.")
     seed: int = Field(0, description="Seeds model init, noise, timesteps, data order and flips.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=0,
+        description="Steps in a row with a NaN or infinite loss after which the run stops as diverged (exit 4) "
+        "instead of training on and exporting broken weights; no checkpoint is written on such a step. 0: never stop.",
+    )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")

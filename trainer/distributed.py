@@ -60,13 +60,18 @@ def barrier() -> None:
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (e.g. a stop request seen
     by one rank), so that all ranks leave a loop at the same step."""
+    return any_ranks(flag)[0]
+
+
+def any_ranks(*flags: bool) -> tuple[bool, ...]:
+    """`any_rank` of several flags in one all-reduce."""
     if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return tuple(flags)
+    tensor = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return tuple(bool(value) for value in tensor.tolist())
 
 
 def sum_over_ranks(value: int) -> int:

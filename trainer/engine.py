@@ -120,6 +120,32 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
     return factory
 
 
+def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[float, float]]:
+    """After a resume: this run's learning rate and AdamW settings, not the checkpoint's.
+    DeepSpeed restores the optimizer's param groups and the schedule's base rate from the
+    checkpoint, so a run resumed with another training.learning_rate (lowered after a
+    divergence, say) silently kept the old one. The moments and step counts stay the
+    checkpoint's. Returns {config key: (checkpoint's value, this run's)} for what changed."""
+    training = config.training
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    saved = {"training.learning_rate": scheduler.base_lrs[0], "training.adam_beta1": groups[0]["betas"][0],
+             "training.adam_beta2": groups[0]["betas"][1], "training.adam_epsilon": groups[0]["eps"],
+             "training.adam_weight_decay": groups[0]["weight_decay"]}
+    wanted = {"training.learning_rate": training.learning_rate, "training.adam_beta1": training.adam_beta1,
+              "training.adam_beta2": training.adam_beta2, "training.adam_epsilon": training.adam_epsilon,
+              "training.adam_weight_decay": training.adam_weight_decay}
+    scheduler.base_lrs = [training.learning_rate] * len(groups)
+    # The same expression LambdaLR evaluates: an unchanged rate comes back bit for bit.
+    multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in groups:
+        group.update(lr=training.learning_rate * multiplier, initial_lr=training.learning_rate,
+                     betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
+                     weight_decay=training.adam_weight_decay)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    return {key: (saved[key], value) for key, value in wanted.items() if saved[key] != value}
+
+
 def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int, device_type: str):
     import deepspeed
 

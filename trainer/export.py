@@ -18,6 +18,7 @@ import torch
 
 from trainer.checkpoint import write_atomically
 from trainer.distributed import Runtime, barrier
+from trainer.progress import json_safe
 
 RUN_FILE = "run.json"
 
@@ -121,7 +122,7 @@ def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, to
         lora.save_adapters(folder, state, components)
     if card is not None:
         (folder / CARD_FILE).write_text(card)
-    write_atomically(folder / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
+    write_atomically(folder / RUN_FILE, json.dumps(json_safe(run_info), indent=2, sort_keys=True))
 
 
 def publish_folder(target: Path, write) -> None:

@@ -5,6 +5,8 @@ Plain torchrun exits 1 for every failure, and with a traceback when it is itself
 to stop. This launcher runs the same torchrun in-process and exits with:
   0     every worker finished;
   2     a worker rejected the config or its inputs (retrying cannot help);
+  3     trained and exported, but the upload to output.uri failed;
+  4     training diverged: the loss stayed NaN or infinite (retrying the same config cannot help);
   143   stopped by SIGTERM (preemption, suspend, delete), after the workers saved a checkpoint;
   N     otherwise the first failed worker's exit code (or 128 + signal when it was killed).
 """

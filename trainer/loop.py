@@ -8,6 +8,7 @@ step sees exactly what the uninterrupted run saw.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from trainer import checkpoint
 from trainer.config import TrainerConfig
 from trainer.data import Batch, DreamBoothData, derived_seed
-from trainer.distributed import Runtime, any_rank
+from trainer.distributed import Runtime, any_ranks, barrier
 from trainer.engine import DTYPES
 from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
 from trainer.latents import LatentEncoder, batch_keys
@@ -179,6 +180,34 @@ def save_checkpoint(config: TrainerConfig, engine, runtime: Runtime, state: Trai
                      step=state.step, seconds=round(seconds, 3))
 
 
+class TrainingDiverged(Exception):
+    """The loss stayed NaN or infinite: training on would only write broken weights."""
+
+
+def stop_diverged(config: TrainerConfig, runtime: Runtime, first: int, last: int) -> None:
+    """Collective. The checkpoint of the step before `first` holds the weights that gave
+    the first bad loss: rank 0 retracts it, and the run ends with what to change (rank
+    0's message is the one printed: it moved the folders)."""
+    training = config.training
+    retracted = config.checkpoint.dir / checkpoint.step_folder_name(first - 1)
+    latest = None
+    if runtime.is_main:
+        was_saved = retracted.is_dir()
+        latest = checkpoint.retract(config.checkpoint.dir, first - 1)
+        retracted = retracted if was_saved else None
+    barrier()
+    limit = training.max_nonfinite_steps
+    why = f"training.max_nonfinite_steps = {limit}" if last - first + 1 >= limit else "the last step: nothing to export"
+    parts = [f"training diverged: the loss was NaN or infinite on every step from step {first} to step {last} ({why})"]
+    if retracted is not None:
+        parts.append(f"checkpoint {retracted.name}, whose weights gave the first one, was renamed "
+                     f"{checkpoint.DIVERGED_PREFIX}{retracted.name}")
+    parts.append(f"the next run resumes from {latest.name}" if latest is not None
+                 else "no checkpoint from before it is left, so the next run starts at step 0")
+    raise TrainingDiverged("; ".join(parts) + f". Lower training.learning_rate (now {training.learning_rate:g}) "
+                           f"or training.max_grad_norm (now {training.max_grad_norm:g}), and run again")
+
+
 def train(
     config: TrainerConfig,
     engine,
@@ -203,6 +232,7 @@ def train(
     # Not closed on an exception: the worker finishes its one batch and the process exits.
     batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=training.prefetch_batches)
     engine.train()
+    first_nonfinite: int | None = None  # first step of the current run of NaN/Inf losses
     while state.step < training.max_steps:
         step_started = time.monotonic()
         sums = torch.zeros(3, dtype=torch.float64)
@@ -228,13 +258,24 @@ def train(
                 report_step(values, json_format=config.logging.format == "json")
             if on_step is not None:
                 on_step(values)
-        stopping = any_rank(stop_requested())
-        if stopping or state.step % config.checkpoint.every_steps == 0 or state.step == training.max_steps:
+        stopping, nonfinite = any_ranks(stop_requested(), not math.isfinite(sums[0].item()))
+        if not nonfinite:
+            first_nonfinite = None
+        elif first_nonfinite is None:
+            first_nonfinite = state.step
+        watching = training.max_nonfinite_steps > 0
+        # Weights that gave a NaN loss are not worth a checkpoint: retention would delete good ones for them.
+        trusted = not (watching and nonfinite)
+        if trusted and (stopping or state.step % config.checkpoint.every_steps == 0 or state.step == training.max_steps):
             save_checkpoint(config, engine, runtime, state, metrics)
             throughput.reset()  # the pause is not training throughput
             throughput.mark(state.samples)
         if stopping:
             break
+        if watching and first_nonfinite is not None and (
+                state.step - first_nonfinite + 1 >= training.max_nonfinite_steps or state.step == training.max_steps):
+            batches.close()
+            stop_diverged(config, runtime, first_nonfinite, state.step)
         if after_step is not None and after_step(state.step):
             throughput.reset()  # sampling is not training throughput either
             throughput.mark(state.samples)

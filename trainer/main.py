@@ -3,6 +3,8 @@
 Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
 3 trained and exported but the upload to output.uri failed (the model is in output.dir;
 a retry resumes from the final checkpoint and uploads again),
+4 diverged: the loss stayed NaN or infinite (training.max_nonfinite_steps); nothing
+exported, the checkpoints from before the divergence kept,
 143 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -26,6 +28,7 @@ from trainer.config import ConfigError, TrainerConfig, load_config  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2
 EXIT_UPLOAD_FAILED = 3
+EXIT_DIVERGED = 4
 EXIT_TERMINATED = 143
 
 
@@ -103,13 +106,26 @@ def restore_training_state(engine, config: TrainerConfig, runtime):
     None. Collective. Leftovers of checkpoints that were never finished are removed."""
     from trainer import checkpoint
     from trainer.distributed import barrier
+    from trainer.engine import apply_optimizer_settings
     from trainer.loop import TrainState
+    from trainer.progress import report_event
 
     folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora)
     if runtime.is_main:
         checkpoint.remove_incomplete(config.checkpoint.dir)
     barrier()
-    return (TrainState.from_state_dict(saved) if folder is not None else TrainState()), folder
+    if folder is None:
+        return TrainState(), None
+    state = TrainState.from_state_dict(saved)
+    changed = apply_optimizer_settings(engine, config)
+    if runtime.is_main:
+        json_logs = config.logging.format == "json"
+        report_event("resumed", json_format=json_logs, checkpoint=str(folder), step=state.step)
+        if changed:
+            # DeepSpeed would restore the checkpoint's values; this run's config wins.
+            report_event("changed since the checkpoint", json_format=json_logs,
+                         **{key: f"{old:g} -> {new:g}" for key, (old, new) in changed.items()})
+    return state, folder
 
 
 def run(config: TrainerConfig, model_dir: Path | None) -> int:
@@ -122,7 +138,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
-    from trainer.loop import DenoisingStep, train
+    from trainer.loop import DenoisingStep, TrainingDiverged, train
     from trainer.model_card import model_card
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
@@ -168,16 +184,21 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         resumed_from = state.step if resume_point is not None else None
         if resume_point is not None:
             metrics.record_resume(step=state.step, samples=state.samples)
-            if runtime.is_main:
-                report_event("resumed", json_format=json_logs, checkpoint=str(resume_point), step=state.step)
         eval_batch = data.instance_batch()
         eval_before = step_fn.instance_eval_loss(eval_batch)
         samples_before, train_started = state.samples, time.monotonic()
         monitor = TrainingMonitor(config, runtime, metrics, engine, components)
         metrics.set_phase(m.PHASE_TRAINING)
-        state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop,
-                      on_step=monitor.on_step, after_step=monitor.after_step, metrics=metrics)
-        monitor.close()
+        try:
+            state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop,
+                          on_step=monitor.on_step, after_step=monitor.after_step, metrics=metrics)
+        except TrainingDiverged as diverged:
+            if runtime.is_main:
+                print(f"error: {diverged}", file=sys.stderr, flush=True)
+            metrics.set_phase(m.PHASE_DIVERGED)
+            return EXIT_DIVERGED
+        finally:
+            monitor.close()
         train_seconds = time.monotonic() - train_started
         if stop.requested or state.step < config.training.max_steps:
             if runtime.is_main:

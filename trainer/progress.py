@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections import deque
@@ -96,9 +97,10 @@ class TerminalBar:
 _terminal_bar = TerminalBar()
 
 
-def _json_safe(values: dict) -> dict:
-    """NaN (e.g. an ETA not known yet) as null: strict JSON parsers reject bare NaN."""
-    return {key: None if isinstance(value, float) and value != value else value for key, value in values.items()}
+def json_safe(values: dict) -> dict:
+    """NaN (e.g. an ETA not known yet) and infinities as null: strict JSON parsers
+    reject the bare NaN and Infinity that json.dumps writes."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in values.items()}
 
 
 def format_duration(seconds: float) -> str:
@@ -111,7 +113,7 @@ def format_duration(seconds: float) -> str:
 
 def report_step(values: dict, *, json_format: bool) -> None:
     if json_format:
-        emit(json.dumps({"event": "step", **_json_safe(values)}))
+        emit(json.dumps({"event": "step", **json_safe(values)}))
         return
     prior = f" prior {values['prior_loss']:.4f}" if values.get("prior_loss") is not None else ""
     figures = (
@@ -127,7 +129,7 @@ def report_step(values: dict, *, json_format: bool) -> None:
 
 def report_event(message: str, *, json_format: bool, **fields) -> None:
     if json_format:
-        emit(json.dumps({"event": message, **_json_safe(fields)}))
+        emit(json.dumps({"event": message, **json_safe(fields)}))
     else:
         details = " ".join(f"{key}={value}" for key, value in fields.items())
         emit(f"{message} {details}".rstrip())

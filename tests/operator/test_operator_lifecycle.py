@@ -157,13 +157,19 @@ def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
     assert plan.status["completionTime"] == timestamp(NOW)
 
 
-def test_a_worker_rejecting_its_input_fails_the_job_without_retrying() -> None:
-    failed = pod(0, "Failed", exit_code=c.EXIT_CODE_INVALID_INPUT)
+@pytest.mark.parametrize("exit_code,reason,fix", [
+    (c.EXIT_CODE_INVALID_INPUT, c.REASON_INVALID_TRAINER_INPUT, "fix the spec"),
+    # A restart would resume before the divergence and diverge again at the same step.
+    (c.EXIT_CODE_DIVERGED, c.REASON_TRAINING_DIVERGED, "lower spec.training.learningRate"),
+])
+def test_a_failure_a_restart_cannot_cure_fails_the_job_without_retrying(exit_code: int, reason: str, fix: str) -> None:
+    failed = pod(0, "Failed", exit_code=exit_code)
     plan = decide(job_spec(backoff_limit=3), dict(RUNNING), [failed, pod(1)], NOW, TIMING)
     assert plan.status["phase"] == c.PHASE_FAILED
-    assert plan.status["restarts"] == 0
-    assert condition(plan.status, c.CONDITION_FAILED)["reason"] == c.REASON_INVALID_TRAINER_INPUT
-    assert plan.status["lastFailure"]["exitCode"] == 2
+    assert plan.status["restarts"] == 0 and plan.delete == ["j-worker-1"]
+    assert condition(plan.status, c.CONDITION_FAILED)["reason"] == reason
+    assert f"(exit code {exit_code}); not retried: {fix}" in condition(plan.status, c.CONDITION_FAILED)["message"]
+    assert plan.status["lastFailure"]["exitCode"] == exit_code
 
 
 def test_eviction_is_recorded_as_the_last_failure_but_not_counted() -> None:

@@ -17,6 +17,7 @@ from trainer.checkpoint import (
     complete_checkpoints,
     find_resume_point,
     list_files,
+    retract,
     write_atomically,
 )
 from trainer.class_images import class_image_path, plan_missing, share_of_rank
@@ -186,6 +187,19 @@ def test_resume_takes_latest_and_skips_incomplete_or_corrupt(tmp_path):
     assert find_resume_point(config).name == "step-00000020"
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000025", "step-00000020", "step-00000010"]
     assert find_resume_point(CheckpointConfig(dir=tmp_path, resume="never")) is None
+
+
+def test_a_retracted_checkpoint_leaves_the_resume_path_and_latest_falls_back(tmp_path):
+    config = CheckpointConfig(dir=tmp_path)
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    write_atomically(tmp_path / "latest", "step-00000020")
+    assert retract(tmp_path, 20).name == "step-00000010"
+    assert (tmp_path / "latest").read_text() == "step-00000010" and find_resume_point(config).name == "step-00000010"
+    assert (tmp_path / "diverged-step-00000020" / "shard.pt").is_file()  # kept for a look, out of retention's count
+    assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000010"]
+    assert retract(tmp_path, 10) is None and not (tmp_path / "latest").exists() and find_resume_point(config) is None
+    assert retract(tmp_path, 5) is None  # never saved at that step: nothing to move
 
 
 def test_a_checkpoint_of_another_shape_is_named_not_loaded():

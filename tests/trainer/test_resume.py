@@ -158,3 +158,44 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_one_of_another_shape_is_refu
     assert ("was written with deepspeed.zero_stage = 2 (this run: 3), training.precision = 'bf16' (this run: 'fp32'), "
             "which DeepSpeed cannot load across; set those keys back") in errors
     assert checkpoint.complete_checkpoints(root / "checkpoints") == kept and kept[0].name == "step-00000007"
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_with_exit_4_keeps_its_good_checkpoints_and_resumes_with_a_new_learning_rate(tmp_path):
+    """A learning rate raised on resume must take effect (DeepSpeed would restore the
+    checkpoint's), and the NaN losses it brings stop the run: nothing exported, the
+    checkpoint whose weights gave the first NaN retracted, the good ones kept."""
+    root = tmp_path / "run"
+    # No prior preservation: the class images would only add time here.
+    config_path = write_config(root, resume_config(
+        root, training={"max_steps": 3, "learning_rate": 1e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0},
+        checkpoint={"every_steps": 1, "keep_last": 3}, data={"class_prompt": None, "class_dir": None}))
+    first = run_trainer(config_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    healthy = step_losses(first.stdout)
+
+    process = launch(config_path, "--set", "training.max_steps=9", "--set", "training.learning_rate=1e4",
+                     "--set", "training.max_nonfinite_steps=2")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 4, err[-4000:]
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {"event": "changed since the checkpoint", "training.learning_rate": "0.001 -> 10000"} in events
+    steps = {event["step"]: event for event in events if event["event"] == "step"}
+    assert steps[4]["learning_rate"] == 1e4 and steps[4]["loss"] is not None  # step 3's weights, the new rate
+    assert sorted(steps) == [4, 5, 6] and steps[5]["loss"] is None and steps[6]["loss"] is None  # NaN: null in JSON
+    assert ("training diverged: the loss was NaN or infinite on every step from step 5 to step 6 "
+            "(training.max_nonfinite_steps = 2); checkpoint step-00000004, whose weights gave the first one, was renamed "
+            "diverged-step-00000004; the next run resumes from step-00000003. Lower training.learning_rate (now 10000)") in err
+    folder = root / "checkpoints"
+    assert (folder / "latest").read_text() == "step-00000003" and (folder / "diverged-step-00000004").is_dir()
+    assert [path.name for path in checkpoint.complete_checkpoints(folder)] == ["step-00000003", "step-00000002"]
+    assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 3  # the first run's export stands
+
+    # The learning rate back down: the run goes on from step 3, as if the divergence never happened.
+    again = run_trainer(config_path, extra=["--set", "training.max_steps=5"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    resumed = step_losses(again.stdout)
+    assert sorted(resumed) == [4, 5] and resumed[4] == steps[4]["loss"]
+    assert all(loss is not None for loss in {**healthy, **resumed}.values())
+    run_info = json.loads((root / "model" / "run.json").read_text())
+    assert (run_info["final_step"], run_info["resumed_from_step"]) == (5, 3)
