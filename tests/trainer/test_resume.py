@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO, run_trainer, tiny_config, write_config
 from trainer import checkpoint
+from trainer.config import CheckpointConfig
 
 
 def step_losses(stdout: str) -> dict[int, float]:
@@ -161,7 +162,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_one_of_another_shape_is_refu
 
 
 @pytest.mark.slow
-def test_a_diverged_run_stops_with_exit_4_keeps_its_good_checkpoints_and_resumes_with_a_new_learning_rate(tmp_path):
+def test_a_raised_learning_rate_applies_on_resume_and_the_divergence_it_causes_stops_the_run_keeping_good_checkpoints(tmp_path):
     """A learning rate raised on resume must take effect (DeepSpeed would restore the
     checkpoint's), and the NaN losses it brings stop the run: nothing exported, the
     checkpoint whose weights gave the first NaN retracted, the good ones kept."""
@@ -191,11 +192,6 @@ def test_a_diverged_run_stops_with_exit_4_keeps_its_good_checkpoints_and_resumes
     assert [path.name for path in checkpoint.complete_checkpoints(folder)] == ["step-00000003", "step-00000002"]
     assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 3  # the first run's export stands
 
-    # The learning rate back down: the run goes on from step 3, as if the divergence never happened.
-    again = run_trainer(config_path, extra=["--set", "training.max_steps=5"])
-    assert again.returncode == 0, again.stderr[-4000:]
-    resumed = step_losses(again.stdout)
-    assert sorted(resumed) == [4, 5] and resumed[4] == steps[4]["loss"]
-    assert all(loss is not None for loss in {**healthy, **resumed}.values())
-    run_info = json.loads((root / "model" / "run.json").read_text())
-    assert (run_info["final_step"], run_info["resumed_from_step"]) == (5, 3)
+    # What the next run (with a lower rate) resumes from: the last checkpoint before the divergence.
+    assert checkpoint.find_resume_point(CheckpointConfig(dir=folder)).name == "step-00000003"
+    assert all(loss is not None for loss in healthy.values())
