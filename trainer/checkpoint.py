@@ -8,6 +8,7 @@ nodes may share one folder (a ReadWriteMany volume): only rank 0 writes shared f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +77,9 @@ class TrainingShape:
 
     world_size: int
     settings: dict[str, Any]  # config key -> value; a key an older manifest lacks is not compared
+    # What is trained, as `trained_parameters` prints it: another base architecture (a
+    # changed model.source) fails DeepSpeed's load just like a corrupt file. None: not recorded.
+    parameters: str | None = None
 
     @classmethod
     def of(cls, engine, runtime: Runtime, lora: LoraConfig | None = None) -> "TrainingShape":
@@ -90,7 +94,7 @@ class TrainingShape:
             settings |= {"lora.alpha": lora.scaled_alpha, "lora.unet_target_modules": list(lora.unet_target_modules)}
             if train_text_encoder:
                 settings["lora.text_encoder_target_modules"] = list(lora.text_encoder_target_modules)
-        return cls(world_size=runtime.world_size, settings=settings)
+        return cls(world_size=runtime.world_size, settings=settings, parameters=trained_parameters(engine.module))
 
     def mismatches(self, run: "TrainingShape") -> list[str]:
         """`key = saved (this run: value)` for each difference that stops a load."""
@@ -106,6 +110,16 @@ class TrainingShape:
         return found
 
 
+def trained_parameters(module: torch.nn.Module) -> str:
+    """`<elements> in <tensors> tensors, layout <digest>` of the trained parameters: equal
+    exactly when their names and shapes are (ZeRO-3 keeps the full shape in ds_shape)."""
+    shapes = [(name, tuple(getattr(parameter, "ds_shape", parameter.shape)))
+              for name, parameter in module.named_parameters() if parameter.requires_grad]
+    elements = sum(int(np.prod(shape)) for _, shape in shapes)
+    digest = hashlib.sha256(";".join(f"{name}:{shape}" for name, shape in shapes).encode()).hexdigest()[:12]
+    return f"{elements:,} in {len(shapes)} tensors, layout {digest}"
+
+
 @dataclass(frozen=True)
 class Manifest:
     step: int
@@ -117,8 +131,8 @@ class Manifest:
         raw = json.loads((folder / MANIFEST).read_text())
         # Manifests before `settings` was kept: the stage, and no adapters.
         settings = {"deepspeed.zero_stage": raw["zero_stage"], "lora.rank": 0, **raw.get("settings", {})}
-        return cls(step=raw["step"], shape=TrainingShape(world_size=raw["world_size"], settings=settings),
-                   files=raw["files"])
+        shape = TrainingShape(world_size=raw["world_size"], settings=settings, parameters=raw.get("trained_parameters"))
+        return cls(step=raw["step"], shape=shape, files=raw["files"])
 
     def problems(self, folder: Path) -> list[str]:
         found = []
@@ -154,7 +168,8 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
         shape = TrainingShape.of(engine, runtime, lora)
         # zero_stage also at the top: what manifests held before `settings`.
         manifest = {"step": step, "world_size": shape.world_size, "zero_stage": shape.settings["deepspeed.zero_stage"],
-                    "settings": shape.settings, "time": time.time(), "files": list_files(folder)}
+                    "settings": shape.settings, "trained_parameters": shape.parameters, "time": time.time(),
+                    "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)
         apply_retention(config.dir, keep_last=config.keep_last, in_use=tag)
@@ -256,11 +271,18 @@ def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape) -> 
             f"checkpoint {folder} was written by {saved.world_size} processes, this run has {run.world_size}; "
             "resume with the same nodes x processes per node, or set checkpoint.resume=never to start over"
         )
+    start_over = "set checkpoint.resume=never (or another checkpoint.dir) to start over"
     mismatches = saved.mismatches(run)
     if mismatches:
         raise ConfigError(
             f"checkpoint {folder} was written with {', '.join(mismatches)}, which DeepSpeed cannot load across; "
-            "set those keys back to resume it, or set checkpoint.resume=never (or another checkpoint.dir) to start over"
+            f"set those keys back to resume it, or {start_over}"
+        )
+    if None not in (saved.parameters, run.parameters) and saved.parameters != run.parameters:
+        raise ConfigError(
+            f"checkpoint {folder} trains other parameters ({saved.parameters}) than this run ({run.parameters}): "
+            f"model.source is another architecture than the one it was written from; resume with that model, or "
+            f"{start_over}"
         )
 
 

@@ -14,14 +14,16 @@ from trainer.checkpoint import (
     MANIFEST,
     Manifest,
     TrainingShape,
+    check_compatible,
     complete_checkpoints,
     find_resume_point,
     list_files,
     retract,
+    trained_parameters,
     write_atomically,
 )
 from trainer.class_images import class_image_path, plan_missing, share_of_rank
-from trainer.config import CheckpointConfig, validate_config
+from trainer.config import CheckpointConfig, ConfigError, validate_config
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
 from trainer.export import publish_folder
 from trainer.model_card import model_card
@@ -221,6 +223,32 @@ def test_a_checkpoint_of_another_shape_is_named_not_loaded():
     no_lora = TrainingShape(world_size=2, settings={k: v for k, v in saved.settings.items() if k in (
         "deepspeed.zero_stage", "training.precision", "training.train_text_encoder")} | {"lora.rank": 0})
     assert saved.mismatches(no_lora) == ["lora.rank = 8 (this run: 0)"]
+
+
+def test_another_base_architecture_is_refused_by_its_trained_parameters(tmp_path):
+    """A changed model.source with other layer sizes fails DeepSpeed's load like a
+    corrupt file would: the trained parameters' names and shapes tell the two apart."""
+    from diffusers import UNet2DConditionModel
+
+    components = build_tiny_components()
+    denoiser = DreamBoothDenoiser(components["unet"])
+    assert trained_parameters(denoiser) == trained_parameters(DreamBoothDenoiser(build_tiny_components()["unet"]))
+    wider = UNet2DConditionModel.from_config({**components["unet"].config, "block_out_channels": (32, 96)})
+    elements = sum(parameter.numel() for parameter in denoiser.parameters())
+    assert trained_parameters(denoiser).startswith(f"{elements:,} in {len(list(denoiser.parameters()))} tensors, layout ")
+    assert trained_parameters(DreamBoothDenoiser(wider)) != trained_parameters(denoiser)
+    # A frozen part is not trained: it does not count.
+    denoiser.unet.conv_in.requires_grad_(False)
+    assert trained_parameters(denoiser).startswith(f"{elements - components['unet'].conv_in.weight.numel() - 32:,} in ")
+
+    settings = {"deepspeed.zero_stage": 2, "training.precision": "bf16", "training.train_text_encoder": False, "lora.rank": 0}
+    saved = TrainingShape(world_size=2, settings=settings, parameters=trained_parameters(DreamBoothDenoiser(wider)))
+    run = TrainingShape(world_size=2, settings=settings, parameters=trained_parameters(DreamBoothDenoiser(components["unet"])))
+    with pytest.raises(ConfigError, match=r"trains other parameters \(.+\) than this run \(.+\): model.source is another "
+                                          r"architecture .+ resume with that model, or set checkpoint.resume=never"):
+        check_compatible(tmp_path, saved, run)
+    check_compatible(tmp_path, run, run)
+    check_compatible(tmp_path, TrainingShape(world_size=2, settings=settings), run)  # not recorded: not compared
 
 
 def test_a_manifest_from_before_the_shape_check_is_compared_on_what_it_has(tmp_path):

@@ -133,10 +133,22 @@ def test_a_local_diffusers_folder_is_a_model_source(tiny_root, tmp_path):
     build_pipeline(parts, parts.unet, parts.text_encoder).save_pretrained(base)
     config = tiny_config(tiny_root, model={"source": str(base)}, data={"class_prompt": None, "class_dir": None},
                          training={"max_steps": 2})
-    result = run_trainer(write_config(tiny_root, config), nproc=0)
+    config_path = write_config(tiny_root, config)
+    result = run_trainer(config_path, nproc=0)
     assert result.returncode == 0, result.stderr[-5000:]
     assert read_run(tiny_root)["world_size"] == 1
     assert StableDiffusionPipeline.from_pretrained(tiny_root / "model").unet.config.sample_size == 8
+
+    # The same job pointed at a base of another architecture: its checkpoint cannot load
+    # there. Refused by name; before, the load error made it look corrupt, the run started
+    # over, and retention deleted the progress.
+    wider = tmp_path / "wider-model"
+    unet = type(parts.unet).from_config({**parts.unet.config, "block_out_channels": (32, 96)})
+    build_pipeline(parts, unet, parts.text_encoder).save_pretrained(wider)
+    other = run_trainer(config_path, nproc=0, extra=["--set", f"model.source={wider}", "--set", "training.max_steps=4"])
+    assert other.returncode == 2, other.stderr[-5000:]
+    assert "trains other parameters" in other.stderr and "model.source is another architecture" in other.stderr
+    assert read_run(tiny_root)["final_step"] == 2 and (tiny_root / "checkpoints" / "step-00000002").is_dir()
 
 
 @pytest.mark.parametrize("source, message", [
