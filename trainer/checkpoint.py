@@ -264,9 +264,73 @@ def find_resume_point(config: CheckpointConfig) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape) -> None:
-    """A checkpoint of another shape would not load, or load wrongly: refused, not skipped."""
-    if saved.world_size != run.world_size:
+UNIVERSAL_PREFIX = "universal-"
+
+
+def written_for_another_world_size(config: CheckpointConfig, runtime: Runtime) -> Path | None:
+    """The checkpoint this run resumes from, when another world size wrote it (the gang
+    was resized): its ZeRO shards are laid out per rank, and DeepSpeed loads them only
+    after a conversion to its universal format. None: nothing to convert."""
+    folder = find_resume_point(config)
+    if folder is None or not needs_universal(Manifest.read(folder).shape, runtime.world_size):
+        return None
+    return folder
+
+
+def needs_universal(saved: TrainingShape, world_size: int) -> bool:
+    """Only ZeRO shards depend on the world size: without ZeRO (stage 0) every rank's
+    optimizer state is the same, saved once, and loads at any size as it is."""
+    return saved.world_size != world_size and saved.settings["deepspeed.zero_stage"] != 0
+
+
+def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
+    """Collective. Rank 0 rewrites `folder` in DeepSpeed's universal format (each
+    parameter's weights and optimizer moments whole, for any world size) as
+    `universal-step-N` beside it, out of the resume and retention paths; it is removed
+    once loaded. The checkpoint itself is left as it is."""
+    import argparse
+    import contextlib
+    import io
+
+    from trainer.distributed import any_rank
+
+    target = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
+    error = None
+    if runtime.is_main:
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(target, ignore_errors=True)
+        output = io.StringIO()
+        # One worker: the conversion then runs in this process (no fork beside a process group).
+        options = argparse.Namespace(input_folder=str(folder), output_folder=str(target), num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True)
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                ds_to_universal.main(options)
+        except Exception as caught:  # whatever DeepSpeed's converter raises, it is this run's end
+            error = caught
+            shutil.rmtree(target, ignore_errors=True)
+    if any_rank(error is not None):
+        saved = Manifest.read(folder).shape.world_size
+        raise ConfigError(
+            f"checkpoint {folder} was written by {saved} processes, this run has {runtime.world_size}, and DeepSpeed "
+            f"could not convert it for another world size ({error or 'failed on rank 0'}); resume with the same "
+            "nodes x processes per node, or set checkpoint.resume=never to start over"
+        )
+    return target
+
+
+def remove_universal(universal: Path) -> None:
+    """The conversion, once loaded, and the pointer DeepSpeed's converter writes beside it."""
+    shutil.rmtree(universal, ignore_errors=True)
+    (universal.parent / "latest_universal").unlink(missing_ok=True)
+
+
+def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape, *, any_world_size: bool = False) -> None:
+    """A checkpoint of another shape would not load, or load wrongly: refused, not skipped.
+    `any_world_size`: it is loaded through its universal conversion."""
+    if saved.world_size != run.world_size and not any_world_size:
         raise ConfigError(
             f"checkpoint {folder} was written by {saved.world_size} processes, this run has {run.world_size}; "
             "resume with the same nodes x processes per node, or set checkpoint.resume=never to start over"
@@ -286,36 +350,50 @@ def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape) -> 
         )
 
 
-def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None) -> dict[str, Any]:
-    check_compatible(folder, Manifest.read(folder).shape, TrainingShape.of(engine, runtime, lora))
+def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None,
+         universal: Path | None = None) -> dict[str, Any]:
+    """`universal`: `folder` converted by convert_to_universal, to load instead (the
+    engine was built with checkpoint.load_universal)."""
+    saved = Manifest.read(folder).shape
+    check_compatible(folder, saved, TrainingShape.of(engine, runtime, lora),
+                     any_world_size=universal is not None or not needs_universal(saved, runtime.world_size))
+    source = universal or folder
     # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
     _, state = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True,
         load_module_strict=lora is None or not lora.enabled,
     )
     if state is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
-    rng_file = folder / f"rng-rank{runtime.rank:05d}.pt"
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {source}")
+    # Another world size has other ranks: their generators start from the step's seeds alone.
+    rng_file = source / f"rng-rank{runtime.rank:05d}.pt"
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return state
 
 
-def load_latest(engine, config: CheckpointConfig, runtime: Runtime,
-                lora: LoraConfig | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+def load_latest(engine, config: CheckpointConfig, runtime: Runtime, lora: LoraConfig | None = None,
+                universal: Path | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """Loads the best checkpoint that loads on every rank; a corrupt one is skipped with
-    a warning. Collective: every rank walks the same candidate list in step."""
+    a warning. Collective: every rank walks the same candidate list in step. With
+    `universal` (the conversion of the first candidate) only that one is tried."""
     from trainer.distributed import any_rank
 
-    for folder in resume_candidates(config):
+    candidates = resume_candidates(config)
+    for folder in candidates[:1] if universal is not None else candidates:
         error = None
         try:
-            state = load(engine, folder, runtime, lora)
+            state = load(engine, folder, runtime, lora, universal)
         except ConfigError:
             raise
         except Exception as caught:  # a truncated or garbled shard: torch/pickle/zip errors vary
             error, state = caught, None
         if not any_rank(error is not None):
             return folder, state
+        if universal is not None:
+            # Skipped, the run would start over and retention would delete the progress.
+            raise ConfigError(f"checkpoint {folder}, converted for this world size, does not load "
+                              f"({error or 'failed on another rank'}); resume with the nodes x processes per node "
+                              "that wrote it, or set checkpoint.resume=never to start over")
         log.warning("checkpoint %s skipped: it does not load (%s)", folder, error or "failed on another rank")
     return None, None

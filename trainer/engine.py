@@ -51,9 +51,11 @@ def bucket_size(num_trainable: int) -> int:
 
 
 def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size: int, device_type: str = "cuda",
-                           num_trainable: int | None = None) -> dict[str, Any]:
+                           num_trainable: int | None = None, load_universal: bool = False) -> dict[str, Any]:
     """`num_trainable` (trained parameter count) sizes the ZeRO buckets when
-    deepspeed.bucket_size is not set; without either, DeepSpeed's defaults apply."""
+    deepspeed.bucket_size is not set; without either, DeepSpeed's defaults apply.
+    `load_universal`: the checkpoint to resume is a universal one (another world size
+    wrote it)."""
     training = config.training
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.batch_size,
@@ -88,6 +90,8 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
         # Where the reduction happens, not what it computes: each element is still the
         # same sum over ranks (tests compare losses with and without).
         ds["zero_optimization"].update({"reduce_bucket_size": buckets, "allgather_bucket_size": buckets})
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if config.deepspeed.zero_stage == 3:
         # Small models (and the tiny one) would otherwise keep everything unpartitioned.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
@@ -146,7 +150,8 @@ def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[f
     return {key: (saved[key], value) for key, value in wanted.items() if saved[key] != value}
 
 
-def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int, device_type: str):
+def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: str, world_size: int, device_type: str,
+                 load_universal: bool = False):
     import deepspeed
 
     trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
@@ -154,7 +159,8 @@ def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: s
         model=module,
         model_parameters=trainable,
         config=build_deepspeed_config(config, precision=precision, world_size=world_size, device_type=device_type,
-                                      num_trainable=sum(parameter.numel() for parameter in trainable)),
+                                      num_trainable=sum(parameter.numel() for parameter in trainable),
+                                      load_universal=load_universal),
         lr_scheduler=lr_scheduler_factory(config),
     )
     return engine

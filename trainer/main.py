@@ -101,18 +101,29 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def restore_training_state(engine, config: TrainerConfig, runtime):
+def restore_training_state(engine, config: TrainerConfig, runtime, universal: Path | None = None):
     """(state, checkpoint folder) from the best loadable checkpoint, or a fresh state and
-    None. Collective. Leftovers of checkpoints that were never finished are removed."""
+    None. Collective. Leftovers of checkpoints that were never finished are removed.
+    `universal`: the resume point's conversion for this world size (removed once loaded)."""
     from trainer import checkpoint
     from trainer.distributed import barrier
     from trainer.engine import apply_optimizer_settings
     from trainer.loop import TrainState
     from trainer.progress import report_event
 
-    folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora)
+    try:
+        folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora,
+                                               universal=universal)
+    except ConfigError:
+        # Refused on every rank alike, before or after every rank tried it: nobody reads it any more.
+        if universal is not None and runtime.is_main:
+            checkpoint.remove_universal(universal)
+        raise
+    barrier()
     if runtime.is_main:
         checkpoint.remove_incomplete(config.checkpoint.dir)
+        if universal is not None:
+            checkpoint.remove_universal(universal)
     barrier()
     if folder is None:
         return TrainState(), None
@@ -120,7 +131,10 @@ def restore_training_state(engine, config: TrainerConfig, runtime):
     changed = apply_optimizer_settings(engine, config)
     if runtime.is_main:
         json_logs = config.logging.format == "json"
-        report_event("resumed", json_format=json_logs, checkpoint=str(folder), step=state.step)
+        resized = {}
+        if universal is not None:
+            resized = {"world_size": f"{checkpoint.Manifest.read(folder).shape.world_size} -> {runtime.world_size}"}
+        report_event("resumed", json_format=json_logs, checkpoint=str(folder), step=state.step, **resized)
         if changed:
             # DeepSpeed would restore the checkpoint's values; this run's config wins.
             report_event("changed since the checkpoint", json_format=json_logs,
@@ -132,6 +146,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     quiet_libraries()
     import torch
 
+    from trainer import checkpoint
     from trainer import metrics as m
     from trainer.class_images import generate_class_images
     from trainer.data import DreamBoothData
@@ -176,11 +191,14 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
                                 channels_last=config.training.channels_last, lora=config.lora)
         if config.training.compile:
             compile_unet(module, backend=config.training.compile_backend, mode=config.training.compile_mode)
+        # A gang of another size than the one that wrote the checkpoint: converted first.
+        resized_from = checkpoint.written_for_another_world_size(config.checkpoint, runtime)
+        universal = checkpoint.convert_to_universal(resized_from, runtime) if resized_from is not None else None
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
-                              device_type=runtime.device.type)
+                              device_type=runtime.device.type, load_universal=universal is not None)
         step_fn = DenoisingStep(engine, components, config, runtime, precision)
 
-        state, resume_point = restore_training_state(engine, config, runtime)
+        state, resume_point = restore_training_state(engine, config, runtime, universal)
         resumed_from = state.step if resume_point is not None else None
         if resume_point is not None:
             metrics.record_resume(step=state.step, samples=state.samples)

@@ -18,6 +18,7 @@ from trainer.checkpoint import (
     complete_checkpoints,
     find_resume_point,
     list_files,
+    needs_universal,
     retract,
     trained_parameters,
     write_atomically,
@@ -219,6 +220,9 @@ def test_a_checkpoint_of_another_shape_is_named_not_loaded():
     assert saved.mismatches(run(training__precision="bf16", lora__alpha=16.0, lora__unet_target_modules=["to_q"])) == [
         "training.precision = 'fp16' (this run: 'bf16')", "lora.alpha = 8.0 (this run: 16.0)",
         "lora.unet_target_modules = ['to_q', 'to_v'] (this run: ['to_q'])"]
+    # Another world size loads through a universal conversion; without ZeRO there are no shards to convert.
+    assert needs_universal(saved, 4) and not needs_universal(saved, 2)
+    assert not needs_universal(run(deepspeed__zero_stage=0), 4)
     # Without adapters the run has no lora.alpha: the rank says what differs.
     no_lora = TrainingShape(world_size=2, settings={k: v for k, v in saved.settings.items() if k in (
         "deepspeed.zero_stage", "training.precision", "training.train_text_encoder")} | {"lora.rank": 0})
