@@ -4,6 +4,10 @@ and a `latest` pointer replaced atomically. Only complete checkpoints are resume
 Every rank writes its own shards (DeepSpeed) and RNG state; rank 0 then lists the
 folder into `manifest.json`, swaps `latest`, and applies retention. Ranks of several
 nodes may share one folder (a ReadWriteMany volume): only rank 0 writes shared files.
+
+Beside the step folders, never resumed from or counted by retention: `diverged-step-N/`
+(a checkpoint whose weights gave a NaN loss, kept for a look) and, for the moment of a
+resume at another world size, `universal-step-N/` (its DeepSpeed universal conversion).
 """
 
 from __future__ import annotations
