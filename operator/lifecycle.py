@@ -25,6 +25,7 @@ from .podstates import (
     POD_FAILED,
     POD_RUNNING,
     POD_SUCCEEDED,
+    Failure,
     describe_failure,
     is_deleting,
     is_preemption,
@@ -326,8 +327,9 @@ def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.dat
     problems = [problem for problem in map(start_problem, current) if problem is not None]
     conditions = status.get("conditions") or []
     known = next((cond for cond in conditions if cond.get("type") == c.CONDITION_CANNOT_START), None)
+    stuck_since = parse_timestamp(known.get("lastTransitionTime")) if known and known.get("status") == "True" else None
     if not problems:
-        if known is not None and known.get("status") == "True":
+        if stuck_since is not None:
             status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, False,
                                                  c.REASON_CONTAINERS_STARTED, "every worker's container started", now)
         return
@@ -335,10 +337,9 @@ def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.dat
     limit = timing.start_timeout_seconds
     message = "; ".join(map(str, problems))
     status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, True, first.reason, message, now)
-    if known is None or known.get("status") != "True":
+    if stuck_since is None:
         plan.events.append(("Warning", first.reason, f"{message} (the job fails if this lasts {limit:g}s)"))
-    since = parse_timestamp(known.get("lastTransitionTime")) if known and known.get("status") == "True" else now
-    waited = (now - since).total_seconds()
+    waited = (now - (stuck_since or now)).total_seconds()
     hopeless = first.reason in HOPELESS_START_PROBLEMS
     if not hopeless and waited < limit:
         _requeue(plan, limit - waited)
@@ -346,8 +347,8 @@ def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.dat
     fix = ("the Secret or ConfigMap the message names (e.g. spec.model.hfTokenSecret)" if first.reason in CONFIG_PROBLEMS
            else "spec.workers.image (or spec.workers.imagePullSecrets)")
     how_long = "it cannot start" if hopeless else f"its container could not start for {waited:.0f}s"
-    status["lastFailure"] = {"pod": first.pod, "reason": first.reason, "time": timestamp(now),
-                             **({"message": first.message} if first.message else {})}
+    failure = Failure(pod=first.pod, reason=first.reason, exit_code=None, message=first.message)
+    status["lastFailure"] = failure.as_status(timestamp(now))
     _fail(plan, current, first.reason, f"worker {first} ({how_long}); fix {fix} and recreate the job", now)
 
 

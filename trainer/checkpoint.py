@@ -242,9 +242,9 @@ def verified(folder: Path) -> Manifest | None:
     return manifest
 
 
-def resume_candidates(config: CheckpointConfig) -> list[Path]:
-    """Checkpoints to try, best first: the one `latest` names, then older complete ones
-    (a newer folder that `latest` does not name was never finished). Empty: start fresh."""
+def _candidates_in_order(config: CheckpointConfig) -> list[Path]:
+    """Checkpoints to try, best first, not yet verified: the one `latest` names, then
+    older complete ones (a newer folder that `latest` does not name was never finished)."""
     if config.resume == "never":
         return []
     if config.resume != "auto":
@@ -260,12 +260,17 @@ def resume_candidates(config: CheckpointConfig) -> list[Path]:
             log.warning("checkpoint pointer %s names %r, which is not a step folder; ignored", pointer, named.name)
         else:
             candidates = [named] + [path for path in candidates if path.name < named.name]
-    return [folder for folder in candidates if verified(folder) is not None]
+    return candidates
+
+
+def resume_candidates(config: CheckpointConfig) -> list[Path]:
+    """The checkpoints to try whose files match their manifest, best first. Empty: start fresh."""
+    return [folder for folder in _candidates_in_order(config) if verified(folder) is not None]
 
 
 def find_resume_point(config: CheckpointConfig) -> Path | None:
-    candidates = resume_candidates(config)
-    return candidates[0] if candidates else None
+    """The first of resume_candidates; only the folders up to it are verified."""
+    return next((folder for folder in _candidates_in_order(config) if verified(folder) is not None), None)
 
 
 UNIVERSAL_PREFIX = "universal-"
