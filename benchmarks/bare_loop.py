@@ -34,7 +34,7 @@ def main() -> None:
     model = DistributedDataParallel(DreamBoothDenoiser(parts["unet"], parts["text_encoder"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = tokenizer(["a photo of sks robot", "a photo of a robot"], padding="max_length", max_length=77,
-                    return_tensors="pt").input_ids
+                    return_tensors="pt").input_ids[:, None]  # (batch, text encoders, tokens)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     marks = []
     for _ in range(steps):

@@ -113,13 +113,13 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
     from trainer.data import DreamBoothData
 
     components = sd_models.build_components(args.size, device)
-    data = DreamBoothData(trainer_config(args, device, data_root, batch_size=1).data, components.tokenizer,
+    data = DreamBoothData(trainer_config(args, device, data_root, batch_size=1).data, components.tokenizers,
                           seed=0, rank=0, world_size=1, batch_size=1)
     # The recipe's DataLoader workers prepare batches ahead: not on the timed path.
     batches = [data.batch(micro_step) for micro_step in range(args.warmup + args.steps + 1)]
     recipe = DiffusersRecipeStep(components, device)
     try:
-        return measure(name, lambda m: recipe(batches[m].pixel_values, batches[m].input_ids),
+        return measure(name, lambda m: recipe(batches[m].pixel_values, batches[m].input_ids[:, 0]),
                        device=device, samples_per_step=2, warmup=args.warmup, steps=args.steps, peak=peak)
     finally:
         del recipe, components, batches
@@ -158,7 +158,7 @@ def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int,
                             channels_last=channels_last, lora_rank=lora_rank)
     runtime = read_runtime()
     components = sd_models.build_components(args.size, device)
-    data = DreamBoothData(config.data, components.tokenizer, seed=0, rank=0, world_size=1, batch_size=batch_size)
+    data = DreamBoothData(config.data, components.tokenizers, seed=0, rank=0, world_size=1, batch_size=batch_size)
     module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=runtime.device,
                             channels_last=config.training.channels_last, lora=config.lora)
     if compile_mode is not None:

@@ -41,7 +41,7 @@ def share_of_rank(indices: list[int], rank: int, world_size: int) -> list[int]:
 def build_generation_pipeline(components, device: torch.device):
     from trainer.export import build_pipeline
 
-    pipeline = build_pipeline(components, components.unet, components.text_encoder)
+    pipeline = build_pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
     # Only moved, never cast: training starts from the untouched fp32 weights.
     return pipeline.to(device)

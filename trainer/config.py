@@ -26,11 +26,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Random models built from a config and a seed (trainer/tiny.py), for tests and demos: no download.
+BUILT_IN_MODELS = ("tiny", "tiny-sdxl")
+
+
 class ModelConfig(_Section):
     source: str = Field(
         "tiny",
-        description="`tiny` (built-in random model, no download), a local diffusers folder, a hub id, "
-        "or a folder URL (file://, s3://, ...; needs cache_dir).",
+        description="A Stable Diffusion 1.x/2.x or SDXL pipeline: a local diffusers folder, a hub id, a folder URL "
+        "(file://, s3://, ...; needs cache_dir), or `tiny` / `tiny-sdxl` (built-in random models, no download).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
     cache_dir: Path | None = Field(

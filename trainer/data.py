@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.conditioning import size_ids, tokenize
 from trainer.config import ConfigError, DataConfig
 
 IMAGE_SUFFIXES = DataConfig.IMAGE_SUFFIXES
@@ -51,13 +52,20 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR)
 
 
-def load_image_set(folder: Path, key: str, resolution: int, limit: int | None = None) -> list[Image.Image]:
+@dataclass
+class SourceImage:
+    image: Image.Image  # resized: its short side is the training resolution
+    original_size: tuple[int, int]  # (height, width) as decoded: SDXL is conditioned on it
+
+
+def load_image_set(folder: Path, key: str, resolution: int, limit: int | None = None) -> list[SourceImage]:
     paths = list_images(folder, key)[:limit]
     if not paths:
         raise ConfigError(
             f"{key} = {str(folder)!r}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); add the photos there"
         )
-    return [resize_short_side(load_rgb(path, key), resolution) for path in paths]
+    images = [load_rgb(path, key) for path in paths]
+    return [SourceImage(resize_short_side(image, resolution), (image.height, image.width)) for image in images]
 
 
 def derived_seed(*parts: int) -> int:
@@ -67,8 +75,14 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def augment(image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, rng: random.Random) -> torch.Tensor:
-    """Crop to a square and maybe flip; returns CHW float in [-1, 1]."""
+@dataclass
+class View:
+    pixels: torch.Tensor  # CHW float in [-1, 1]
+    crop_top_left: tuple[int, int]  # in the (flipped) resized image, as SDXL's training script counts it
+
+
+def augment(image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, rng: random.Random) -> View:
+    """Crop to a square and maybe flip."""
     width, height = image.size
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
@@ -77,35 +91,45 @@ def augment(image: Image.Image, resolution: int, *, center_crop: bool, random_fl
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = width - resolution - left  # the same crop, seen in the mirrored image
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return View(torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left))
 
 
 @dataclass
 class Batch:
     pixel_values: torch.Tensor  # instance images first, then as many class images
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # (batch, text encoders, tokens): conditioning.tokenize
     num_instance: int
+    time_ids: torch.Tensor  # (batch, 6): conditioning.size_ids; only SDXL reads them
+
+    @classmethod
+    def of(cls, views: list[View], sources: list[SourceImage], ids: list[torch.Tensor], num_instance: int,
+           resolution: int) -> "Batch":
+        return cls(pixel_values=torch.stack([view.pixels for view in views]), input_ids=torch.stack(ids),
+                   num_instance=num_instance,
+                   time_ids=torch.stack([size_ids(source.original_size, view.crop_top_left, resolution)
+                                         for view, source in zip(views, sources)]))
 
 
 class DreamBoothData:
     """Instance images with the instance prompt and, with prior preservation, class
     images with the class prompt. A sample pairs instance i and class i (modulo)."""
 
-    def __init__(self, config: DataConfig, tokenizer, *, seed: int, rank: int, world_size: int, batch_size: int):
+    def __init__(self, config: DataConfig, tokenizers: list, *, seed: int, rank: int, world_size: int, batch_size: int):
         self.config = config
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
         self.instance_images = load_image_set(config.instance_dir, "data.instance_dir", config.resolution)
-        self.class_images: list[Image.Image] = []
+        self.class_images: list[SourceImage] = []
         if config.with_prior_preservation:
             self.class_images = load_image_set(
                 config.class_dir, "data.class_dir", config.resolution, limit=config.num_class_images
             )
-        self.instance_ids = tokenize(tokenizer, config.instance_prompt)
-        self.class_ids = tokenize(tokenizer, config.class_prompt) if config.class_prompt else None
+        self.instance_ids = tokenize(tokenizers, config.instance_prompt)
+        self.class_ids = tokenize(tokenizers, config.class_prompt) if config.class_prompt else None
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
@@ -124,38 +148,34 @@ class DreamBoothData:
         return picks
 
     def batch(self, micro_step: int) -> Batch:
-        pixels, ids = [], []
+        views, sources, ids = [], [], []
         picks = self.sample_indices(micro_step)
-        for epoch, index in picks:
-            pixels.append(self._view(self.instance_images, index, epoch, stream=0))
-            ids.append(self.instance_ids)
+        streams = [(self.instance_images, self.instance_ids)]
         if self.class_ids is not None:
+            streams.append((self.class_images, self.class_ids))
+        for stream, (images, prompt_ids) in enumerate(streams):
             for epoch, index in picks:
-                pixels.append(self._view(self.class_images, index, epoch, stream=1))
-                ids.append(self.class_ids)
-        return Batch(pixel_values=torch.stack(pixels), input_ids=torch.stack(ids), num_instance=len(picks))
+                source = images[index % len(images)]
+                views.append(self._view(source, index, epoch, stream))
+                sources.append(source)
+                ids.append(prompt_ids)
+        return Batch.of(views, sources, ids, len(picks), self.config.resolution)
 
     def instance_batch(self) -> Batch:
         """Every instance image once, centered and unflipped: the fixed evaluation set."""
-        pixels = [
-            augment(image, self.config.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
-            for image in self.instance_images
+        views = [
+            augment(source.image, self.config.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
+            for source in self.instance_images
         ]
-        ids = [self.instance_ids] * len(pixels)
-        return Batch(pixel_values=torch.stack(pixels), input_ids=torch.stack(ids), num_instance=len(pixels))
+        ids = [self.instance_ids] * len(views)
+        return Batch.of(views, self.instance_images, ids, len(views), self.config.resolution)
 
-    def _view(self, images: list[Image.Image], index: int, epoch: int, stream: int) -> torch.Tensor:
+    def _view(self, source: SourceImage, index: int, epoch: int, stream: int) -> View:
         rng = random.Random(derived_seed(self.seed, epoch, index, stream))
         return augment(
-            images[index % len(images)],
+            source.image,
             self.config.resolution,
             center_crop=self.config.center_crop,
             random_flip=self.config.random_flip,
             rng=rng,
         )
-
-
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer(
-        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids[0]

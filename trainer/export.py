@@ -21,6 +21,8 @@ from trainer.distributed import Runtime, barrier
 from trainer.progress import json_safe
 
 RUN_FILE = "run.json"
+# The pipeline parts a DreamBoothDenoiser may train, under the same names (its attributes).
+TRAINABLE_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
@@ -50,19 +52,23 @@ def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, 
     return state
 
 
-def build_pipeline(components, unet, text_encoder):
+def build_pipeline(components, **modules: torch.nn.Module):
+    """A StableDiffusionPipeline (or XL) of `components`, with `modules` (unet=...,
+    text_encoder=..., text_encoder_2=...) in place of theirs."""
+    parts = {name: modules.get(name, getattr(components, name)) for name in TRAINABLE_PARTS}
+    if components.is_sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        # No invisible watermark: the pipeline's optional dependency, and not what a fine-tune's samples need.
+        return StableDiffusionXLPipeline(vae=components.vae, tokenizer=components.tokenizer,
+                                         tokenizer_2=components.tokenizer_2, scheduler=components.inference_scheduler,
+                                         add_watermarker=False, **parts)
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=text_encoder,
-        tokenizer=components.tokenizer,
-        unet=unet,
-        scheduler=components.inference_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts.pop("text_encoder_2")
+    return StableDiffusionPipeline(vae=components.vae, tokenizer=components.tokenizer,
+                                   scheduler=components.inference_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False, **parts)
 
 
 def fresh_like(module: torch.nn.Module) -> torch.nn.Module:
@@ -82,28 +88,30 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     (VAE, an untrained text encoder) were never cast and are saved as they are."""
     state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
     if runtime.is_main:
-        unet, text_encoder = trained_modules(state, components)
-        pipeline = build_pipeline(components, unet, text_encoder.to("cpu"))
+        pipeline = build_pipeline(components, **trained_modules(state, components))
+        pipeline.to("cpu")
         publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components, card))
     barrier()
     return output_dir if runtime.is_main else None
 
 
-def trained_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Fresh fp32 UNet (and text encoder, when it was trained) loaded from a gathered
-    DreamBoothDenoiser state; an untrained text encoder is the frozen original. Trained
-    LoRA adapters come fused into the base weights."""
+def trained_modules(state: dict[str, torch.Tensor], components) -> dict[str, torch.nn.Module]:
+    """Fresh fp32 modules (by pipeline part name) of the parts a gathered DreamBoothDenoiser
+    state holds: the UNet and the text encoders when they were trained. Trained LoRA
+    adapters come fused into the base weights."""
     from trainer import lora
 
     if lora.has_adapters(components.unet):
         return lora.fused_modules(state, components)
-    unet = fresh_like(components.unet)
-    unet.load_state_dict(submodule_state(state, "unet"))
-    text_encoder = components.text_encoder
-    if any(key.startswith("text_encoder.") for key in state):
-        text_encoder = fresh_like(components.text_encoder)
-        text_encoder.load_state_dict(submodule_state(state, "text_encoder"))
-    return unet, text_encoder
+    modules = {}
+    for name in trained_parts(state):
+        modules[name] = fresh_like(getattr(components, name))
+        modules[name].load_state_dict(submodule_state(state, name))
+    return modules
+
+
+def trained_parts(state: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name in TRAINABLE_PARTS if any(key.startswith(name + ".") for key in state)]
 
 
 def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -115,7 +123,6 @@ def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, to
     from trainer import lora
     from trainer.model_card import CARD_FILE
 
-    pipeline.vae.to("cpu")
     pipeline.save_pretrained(folder, safe_serialization=True)
     if lora.has_adapters(components.unet):
         # Beside the fused pipeline: the adapters alone, a few MB, for load_lora_weights on any copy of the base.

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from trainer import checkpoint
+from trainer.conditioning import PromptEmbeddings, encode_prompt
 from trainer.config import TrainerConfig
 from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_ranks, barrier
@@ -86,7 +87,7 @@ class DenoisingStep:
         self.config = config
         self.runtime = runtime
         self.dtype = DTYPES[precision]
-        self._embeddings: dict[tuple, torch.Tensor] = {}
+        self._embeddings: dict[tuple, PromptEmbeddings] = {}
         # A random crop makes nearly every view a new image: nothing to reuse.
         self.cache_latents = config.training.cache_latents and config.data.center_crop
         self.encoder = LatentEncoder(components.vae, cache=self.cache_latents)
@@ -96,22 +97,26 @@ class DenoisingStep:
             return torch.autocast("cuda", self.dtype)
         return contextlib.nullcontext()
 
-    def _frozen_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # A frozen encoder maps a prompt to the same tensor every step: compute each once.
+    def _frozen_embeddings(self, input_ids: torch.Tensor) -> PromptEmbeddings:
+        # Frozen encoders map a prompt to the same tensors every step: compute each once.
         rows = []
         for ids in input_ids:
-            key = tuple(ids.tolist())
+            key = tuple(ids.flatten().tolist())
             if key not in self._embeddings:
                 with torch.no_grad(), self._autocast():
-                    self._embeddings[key] = self.components.text_encoder(ids[None].to(self.runtime.device))[0][0]
+                    self._embeddings[key] = encode_prompt(self.components.text_encoders, ids[None].to(self.runtime.device))
             rows.append(self._embeddings[key])
-        return torch.stack(rows).to(self.dtype)
+        pooled = None if rows[0].pooled is None else torch.cat([row.pooled for row in rows])
+        return PromptEmbeddings(torch.cat([row.hidden_states for row in rows]), pooled).to(self.dtype)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        noisy = noisy.to(self.dtype)
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch) -> torch.Tensor:
+        noisy, device = noisy.to(self.dtype), self.runtime.device
+        time_ids = batch.time_ids.to(device) if self.components.is_sdxl else None
         if self.config.training.train_text_encoder:
-            return self.engine(noisy, timesteps, input_ids=input_ids.to(self.runtime.device))
-        return self.engine(noisy, timesteps, encoder_hidden_states=self._frozen_embeddings(input_ids))
+            return self.engine(noisy, timesteps, input_ids=batch.input_ids.to(device), time_ids=time_ids)
+        embeddings = self._frozen_embeddings(batch.input_ids)
+        return self.engine(noisy, timesteps, encoder_hidden_states=embeddings.hidden_states,
+                           pooled_embeds=embeddings.pooled, time_ids=time_ids)
 
     def prepare(self, batch: Batch) -> PreparedBatch:
         """What can be done before the step, off the training thread."""
@@ -127,7 +132,7 @@ class DenoisingStep:
         latents = self.latents(prepared.batch, generator, prepared.latent_keys)
         training, scheduler, num_instance = self.config.training, self.components.noise_scheduler, prepared.batch.num_instance
         noised = add_noise(latents, scheduler, generator, noise_offset=training.noise_offset)
-        prediction = self.predict(noised.noisy, noised.timesteps, prepared.batch.input_ids)
+        prediction = self.predict(noised.noisy, noised.timesteps, prepared.batch)
         weights = None
         if training.snr_gamma is not None:
             weights = min_snr_weights(scheduler, noised.timesteps[:num_instance], training.snr_gamma)
@@ -143,7 +148,7 @@ class DenoisingStep:
         for timestep in EVAL_TIMESTEPS:
             timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
             noised = add_noise(latents, self.components.noise_scheduler, generator, timesteps=timesteps)
-            prediction = self.predict(noised.noisy, noised.timesteps, batch.input_ids)
+            prediction = self.predict(noised.noisy, noised.timesteps, batch)
             total += dreambooth_loss(prediction, noised.target, batch.num_instance, 0.0).instance_loss.item()
         return total / len(EVAL_TIMESTEPS)
 

@@ -24,8 +24,8 @@ DEFAULT_TARGETS = {key: LoraConfig.model_fields[key].default_factory()
 
 
 def add_adapters(components, lora: LoraConfig, *, train_text_encoder: bool) -> None:
-    """Freezes the UNet (and the text encoder) and adds trainable adapters to it (and,
-    with training.train_text_encoder, to the text encoder's attention)."""
+    """Freezes the UNet (and the text encoders) and adds trainable adapters to it (and,
+    with training.train_text_encoder, to the text encoders' attention: both of SDXL's)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
@@ -47,7 +47,8 @@ def add_adapters(components, lora: LoraConfig, *, train_text_encoder: bool) -> N
 
     add(components.unet, "unet_target_modules")
     if train_text_encoder:
-        add(components.text_encoder, "text_encoder_target_modules")
+        for text_encoder in components.text_encoders:
+            add(text_encoder, "text_encoder_target_modules")
 
 
 def has_adapters(module: torch.nn.Module) -> bool:
@@ -67,15 +68,18 @@ def adapter_layers(state: dict[str, torch.Tensor], prefix: str, module: torch.nn
 def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> Path:
     """`folder/pytorch_lora_weights.safetensors` from a gathered denoiser state, with each
     adapter's config (rank, alpha, targets) as metadata, so that loading it needs nothing else."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from trainer.export import trained_parts
 
     layers, metadata = {}, {}
-    for name in ("unet", "text_encoder"):
+    for name in trained_parts(state):
         module = getattr(components, name)
-        if has_adapters(module) and any(key.startswith(name + ".") for key in state):
-            layers[f"{name}_lora_layers"] = adapter_layers(state, name, module)
-            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
-    StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
+        layers[f"{name}_lora_layers"] = adapter_layers(state, name, module)
+        metadata[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
+    # Each pipeline class writes (and reads) its own parts' key prefixes.
+    pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
+    pipeline_class.save_lora_weights(folder, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
     # safetensors writes it 0600; the volume's readers (an inference server) need what the umask gives others.
     umask = os.umask(0)
     os.umask(umask)
@@ -83,18 +87,18 @@ def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> P
     return folder / LORA_WEIGHTS_FILE
 
 
-def fused_modules(state: dict[str, torch.Tensor], components) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Fresh fp32 UNet and text encoder: the base model's weights, reloaded from the model
-    source (the engine's copies were cast to fp16/bf16), with the trained adapters, read
-    back from a LoRA file as a user would, fused into them."""
-    from trainer.export import build_pipeline
+def fused_modules(state: dict[str, torch.Tensor], components) -> dict[str, torch.nn.Module]:
+    """Fresh fp32 UNet and text encoders (by pipeline part name): the base model's weights,
+    reloaded from the model source (the engine's copies were cast to fp16/bf16), with the
+    trained adapters, read back from a LoRA file as a user would, fused into them."""
+    from trainer.export import TRAINABLE_PARTS, build_pipeline
     from trainer.models import reload_base
 
     base = reload_base(components)
-    pipeline = build_pipeline(base, base.unet, base.text_encoder)
+    pipeline = build_pipeline(base)
     with tempfile.TemporaryDirectory(prefix="lora-") as folder:
         save_adapters(Path(folder), state, components)
         pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
-    return pipeline.unet, pipeline.text_encoder
+    return {name: getattr(pipeline, name) for name in TRAINABLE_PARTS if getattr(pipeline, name, None) is not None}

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def fetch_inputs(config: TrainerConfig) -> Path | None:
     """Before any process group starts: the base model into its cache and the photos
     from data.instance_url onto the volume, each once for all ranks and nodes.
-    Returns the local model folder (None for `tiny`)."""
+    Returns the local model folder (None for a built-in model)."""
     from trainer.model_cache import model_folder
     from trainer.sources import fetch_instance_images
 
@@ -154,7 +154,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.engine import build_engine, resolve_precision
     from trainer.export import export_pipeline
     from trainer.loop import DenoisingStep, TrainingDiverged, train
-    from trainer.model_card import model_card
+    from trainer.model_card import SDXL_PIPELINE, model_card
     from trainer.models import build_components
     from trainer.monitor import TrainingMonitor
     from trainer.objective import build_denoiser, compile_report, compile_unet
@@ -172,7 +172,12 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     stop = StopFlag(config.checkpoint.grace_seconds)
     try:
         torch.manual_seed(config.training.seed)
-        components = build_components(model_dir)
+        components = build_components(config.model.source, model_dir)
+        if config.data.resolution < components.native_resolution and runtime.is_main:
+            # Allowed (a smaller resolution trains faster, e.g. to try settings), but rarely what was meant.
+            report_event(f"warning: data.resolution = {config.data.resolution} is below the {components.native_resolution} "
+                         f"px the base model was trained at; its fine-tune will lose detail. Set data.resolution: "
+                         f"{components.native_resolution} unless this is a trial", json_format=json_logs)
         class_images_generated = 0
         if config.data.with_prior_preservation:
             metrics.set_phase(m.PHASE_GENERATING_CLASS_IMAGES)
@@ -184,7 +189,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)
             class_images_generated = sum_over_ranks(mine)
             metrics.set_class_images_generated(class_images_generated)
-        data = DreamBoothData(config.data, components.tokenizer, seed=config.training.seed, rank=runtime.rank,
+        data = DreamBoothData(config.data, components.tokenizers, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         module = build_denoiser(components, train_text_encoder=config.training.train_text_encoder,
                                 gradient_checkpointing=config.training.gradient_checkpointing, device=runtime.device,
@@ -229,6 +234,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "max_steps": config.training.max_steps,
             "resumed_from_step": resumed_from,
             "world_size": runtime.world_size,
+            "pipeline": SDXL_PIPELINE if components.is_sdxl else "StableDiffusionPipeline",
             "precision": precision,
             "zero_stage": config.deepspeed.zero_stage,
             "train_text_encoder": config.training.train_text_encoder,

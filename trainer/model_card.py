@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.config import LORA_WEIGHTS_FILE, TrainerConfig
+from trainer.config import BUILT_IN_MODELS, LORA_WEIGHTS_FILE, TrainerConfig
 
 CARD_FILE = "README.md"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -23,9 +24,9 @@ dreambooth-operator: {{ trained }}. Use `{{ instance_prompt }}` in a prompt for 
 ## Use
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {{ pipeline_class }}
 
-pipeline = StableDiffusionPipeline.from_pretrained("PATH_OR_REPO")  # this folder, or the repo it was uploaded to
+pipeline = {{ pipeline_class }}.from_pretrained("PATH_OR_REPO")  # this folder, or the repo it was uploaded to
 image = pipeline("{{ instance_prompt }} on the beach").images[0]
 ```
 {% if lora_rank %}
@@ -45,16 +46,18 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
     from trainer.model_cache import looks_like_hub_id
 
     source = config.model.source
-    on_hub = source != "tiny" and not Path(source).is_dir() and looks_like_hub_id(source)
+    on_hub = source not in BUILT_IN_MODELS and not Path(source).is_dir() and looks_like_hub_id(source)
     lora = config.lora
     tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "dreambooth-operator"]
+    sdxl = run_info["pipeline"] == SDXL_PIPELINE
+    tags += ["stable-diffusion-xl"] if sdxl else []
     tags += ["lora"] if lora.enabled else []
     data = ModelCardData(library_name="diffusers", base_model=source if on_hub else None, tags=tags,
                          instance_prompt=config.data.instance_prompt, pipeline_tag="text-to-image")
     training = config.training
     trained = (f"LoRA adapters of rank {lora.rank} (alpha {lora.scaled_alpha:g}) on the UNet" if lora.enabled
                else "all UNet weights")
-    trained += " and the text encoder" if training.train_text_encoder else ""
+    trained += (" and both text encoders" if sdxl else " and the text encoder") if training.train_text_encoder else ""
     details = [f"{run_info['final_step']} steps of {training.batch_size} instance image(s) per process on "
                f"{run_info['world_size']} process(es), learning rate {training.learning_rate:g} ({training.lr_scheduler})",
                f"{run_info['precision']}, DeepSpeed ZeRO-{run_info['zero_stage']}",
@@ -65,6 +68,6 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
     card = ModelCard.from_template(
         data, template_str=_TEMPLATE, instance_prompt=config.data.instance_prompt, trained=trained,
         base_model_text=f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`",
-        lora_rank=lora.rank, lora_file=LORA_WEIGHTS_FILE, details="; ".join(details),
+        lora_rank=lora.rank, lora_file=LORA_WEIGHTS_FILE, details="; ".join(details), pipeline_class=run_info["pipeline"],
     )
     return str(card)

@@ -14,46 +14,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.conditioning import PromptEmbeddings, encode_prompt, unet_conditioning
+
 
 class DreamBoothDenoiser(nn.Module):
-    """The UNet and, when it is trained, the text encoder in one module: DeepSpeed then
-    shards, scales and steps both under one engine (diffusers' example cannot)."""
+    """The UNet and, when they are trained, the text encoders (SDXL has two) in one
+    module: DeepSpeed then shards, scales and steps them under one engine (diffusers'
+    example cannot). The attribute names are the checkpoints' parameter prefixes."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, *, channels_last: bool = False):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, text_encoder_2: nn.Module | None = None,
+                 *, channels_last: bool = False):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         # Only the input is converted: a convolution runs channels-last when its input is,
         # and the activations after it follow. The weights stay contiguous: DeepSpeed
         # broadcasts and flattens them as plain buffers (a channels-last weight fails there).
         self.channels_last = channels_last
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, pooled_embeds=None,
+                time_ids=None):
+        """Trained text encoders encode `input_ids`; otherwise the frozen encoders' output
+        comes in as `encoder_hidden_states` (and SDXL's `pooled_embeds`)."""
         if self.channels_last:
             noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
         if self.text_encoder is not None:
-            encoder_hidden_states = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            encoders = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+            embeddings = encode_prompt(encoders, input_ids)
+        else:
+            embeddings = PromptEmbeddings(encoder_hidden_states, pooled_embeds)
+        return self.unet(noisy_latents, timesteps, **unet_conditioning(embeddings, time_ids)).sample
 
 
 def build_denoiser(components, *, train_text_encoder: bool, gradient_checkpointing: bool, device,
                    channels_last: bool = False, lora=None) -> DreamBoothDenoiser:
-    """The trainable module; the frozen VAE (and text encoder, when it is not trained)
+    """The trainable module; the frozen VAE (and text encoders, when they are not trained)
     keep fp32 weights and move to the device to run beside the engine. With `lora`
-    (an enabled LoraConfig) only adapters on the UNet (and text encoder) are trained."""
+    (an enabled LoraConfig) only adapters on the UNet (and text encoders) are trained."""
     components.vae.requires_grad_(False).to(device)
-    components.text_encoder.requires_grad_(train_text_encoder)
+    for text_encoder in components.text_encoders:
+        text_encoder.requires_grad_(train_text_encoder)
     if lora is not None and lora.enabled:
         from trainer.lora import add_adapters
 
         add_adapters(components, lora, train_text_encoder=train_text_encoder)
-    if not train_text_encoder:
-        components.text_encoder.to(device)
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
-    return DreamBoothDenoiser(components.unet, components.text_encoder if train_text_encoder else None,
+    for text_encoder in components.text_encoders:
+        if not train_text_encoder:
+            text_encoder.to(device)
+        elif gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
+    if not train_text_encoder:
+        return DreamBoothDenoiser(components.unet, channels_last=channels_last)
+    return DreamBoothDenoiser(components.unet, components.text_encoder, components.text_encoder_2,
                               channels_last=channels_last)
 
 

@@ -70,13 +70,14 @@ def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime
 
 def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime):
     validation, device = config.validation, runtime.device
-    unet, text_encoder = trained_modules(state, components)
+    modules = trained_modules(state, components)
     # The shared scheduler object is left untouched: sampling sets its timesteps.
     scheduler = type(components.inference_scheduler).from_config(components.inference_scheduler.config)
     if device.type == "cuda":
         # Half precision beside the training state: the sampling copy costs half the fp32 size.
-        unet = unet.to(device, torch.float16)
-    pipeline = build_pipeline(components, unet, text_encoder.to(device))
+        modules["unet"] = modules["unet"].to(device, torch.float16)
+    # The frozen parts are on the device already (build_denoiser); this moves the trained copies.
+    pipeline = build_pipeline(components, **modules).to(device)
     pipeline.scheduler = scheduler
     pipeline.set_progress_bar_config(disable=True)
     prompts = validation_prompts(config)
@@ -89,7 +90,7 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
             width=config.data.resolution,
             generator=generators,
         ).images
-    del pipeline, unet
+    del pipeline, modules
     return image_grid(images)
 
 

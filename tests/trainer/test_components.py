@@ -95,7 +95,7 @@ def test_offset_noise_shifts_each_image_and_channel_by_a_constant_and_nothing_el
 def test_denoiser_trains_unet_and_text_encoder_through_one_backward():
     parts = build_tiny_components()
     module = DreamBoothDenoiser(parts["unet"], parts["text_encoder"])
-    ids = parts["tokenizer"](["a photo of sks robot"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = parts["tokenizer"](["a photo of sks robot"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids[:, None]
     out = module(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), input_ids=ids)
     assert out.shape == (2, 4, 8, 8)
     out.square().mean().backward()
@@ -270,10 +270,69 @@ def test_the_model_card_says_what_was_trained_from_what_and_how_to_load_it(tmp_p
 
     config = validate_config(tiny_config(tmp_path, model={"source": source}, lora={"rank": lora_rank},
                                          training={"train_text_encoder": True}))
-    card = ModelCard(model_card(config, {"final_step": 800, "world_size": 16, "precision": "fp16", "zero_stage": 2}))
+    card = ModelCard(model_card(config, {"final_step": 800, "world_size": 16, "precision": "fp16", "zero_stage": 2,
+                                         "pipeline": "StableDiffusionPipeline"}))
     assert card.data.library_name == "diffusers" and card.data.instance_prompt == "a photo of sks robot"
     assert card.data.base_model == (source if source != "tiny" else None)  # only a hub id is a Hub base model
     assert ("lora" in card.data.tags) is bool(lora_rank) and "dreambooth" in card.data.tags
     assert "800 steps" in card.text and "fp16, DeepSpeed ZeRO-2" in card.text
     assert 'prior preservation with 4 images of "a photo of a robot"' in card.text
     assert ('load_lora_weights("PATH_OR_REPO", weight_name="pytorch_lora_weights.safetensors")' in card.text) is bool(lora_rank)
+
+
+def test_sdxl_denoiser_conditions_on_both_encoders_the_pooled_prompt_and_the_size_ids():
+    from trainer.conditioning import encode_prompt, size_ids, tokenize
+    from trainer.models import build_components
+    from trainer.objective import build_denoiser
+
+    components = build_components("tiny-sdxl", None)
+    module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=torch.device("cpu"))
+    ids = torch.stack([tokenize(components.tokenizers, "a photo of sks robot")] * 2)
+    with torch.no_grad():
+        embeddings = encode_prompt(components.text_encoders, ids)
+    # Both encoders' hidden states side by side (32 + 32), the second's pooled projection.
+    assert ids.shape == (2, 2, 77)
+    assert embeddings.hidden_states.shape == (2, 77, 64) and embeddings.pooled.shape == (2, 32)
+    noisy, timesteps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 500])
+    square = torch.stack([size_ids((64, 64), (0, 0), 64)] * 2)
+    prediction = module(noisy, timesteps, input_ids=ids, time_ids=square)
+    with torch.no_grad():
+        # A crop of a larger photo is another conditioning.
+        cropped = module(noisy, timesteps, input_ids=ids, time_ids=torch.stack([size_ids((96, 128), (16, 32), 64)] * 2))
+        # Frozen encoders' output passed in (the loop's cache) is the same conditioning.
+        frozen = DreamBoothDenoiser(components.unet)(noisy, timesteps, encoder_hidden_states=embeddings.hidden_states,
+                                                      pooled_embeds=embeddings.pooled, time_ids=square)
+    assert not torch.allclose(prediction, cropped)
+    torch.testing.assert_close(frozen, prediction)
+    prediction.square().mean().backward()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert any(parameter.grad is not None for parameter in getattr(module, name).parameters()), name
+
+
+def test_an_sdxl_folder_is_recognised_and_one_without_its_second_tokenizer_is_refused(tmp_path):
+    import shutil
+
+    from trainer.export import build_pipeline
+    from trainer.models import build_components, load_pipeline_folder
+
+    folder = tmp_path / "xl"
+    build_pipeline(build_components("tiny-sdxl", None)).save_pretrained(folder)
+    loaded = load_pipeline_folder(folder, "example-org/xl")
+    assert loaded.is_sdxl and len(loaded.tokenizers) == 2
+    assert type(loaded.inference_scheduler).__name__ == "EulerDiscreteScheduler"
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(ConfigError, match=f"model.source = 'example-org/xl' \\(fetched to {folder}\\) .* missing tokenizer_2"):
+        load_pipeline_folder(folder, "example-org/xl")
+
+
+def test_the_native_resolution_is_the_unet_sample_size_in_pixels():
+    from types import SimpleNamespace
+
+    from trainer.models import Components
+
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(128, 256, 512, 512)))  # 3 downsamplings: 8x
+    for sample_size, pixels in ((64, 512), (96, 768), (128, 1024)):  # SD 1.5, SD 2, SDXL unet/config.json
+        unet = SimpleNamespace(config=SimpleNamespace(sample_size=sample_size))
+        parts = Components(unet=unet, vae=vae, text_encoder=None, tokenizer=None, noise_scheduler=None,
+                           inference_scheduler=None)
+        assert parts.native_resolution == pixels

@@ -73,11 +73,11 @@ def test_augment_gives_a_square_in_range_and_flip_mirrors():
     image.paste((255, 255, 255), (0, 0, 40, 64))  # left half white
     import random
 
-    plain = augment(image, 64, center_crop=True, random_flip=False, rng=random.Random(0))
+    plain = augment(image, 64, center_crop=True, random_flip=False, rng=random.Random(0)).pixels
     assert plain.shape == (3, 64, 64) and plain.min() >= -1 and plain.max() <= 1
     flipped = None
     for seed in range(20):
-        candidate = augment(image, 64, center_crop=True, random_flip=True, rng=random.Random(seed))
+        candidate = augment(image, 64, center_crop=True, random_flip=True, rng=random.Random(seed)).pixels
         if not torch.equal(candidate, plain):
             flipped = candidate
             break
@@ -94,7 +94,7 @@ def make_data(tmp_path, rank=0, world_size=1, batch_size=1, with_class=True):
         class_prompt="a photo of a robot" if with_class else None, class_dir=class_dir if with_class else None,
         num_class_images=3, resolution=64,
     )
-    return DreamBoothData(config, byte_level_clip_tokenizer(), seed=7, rank=rank, world_size=world_size, batch_size=batch_size)
+    return DreamBoothData(config, [byte_level_clip_tokenizer()], seed=7, rank=rank, world_size=world_size, batch_size=batch_size)
 
 
 def test_batch_puts_instances_first_then_class_images_with_their_prompts(tmp_path):
@@ -130,3 +130,28 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
     for micro_step in (0, 5, 11):
         assert torch.equal(first.batch(micro_step).pixel_values, again.batch(micro_step).pixel_values)
     assert not torch.equal(first.batch(0).pixel_values, first.batch(1).pixel_values)
+
+
+def test_sdxl_size_ids_hold_the_original_size_and_the_crop_mirrored_by_a_flip(tmp_path):
+    import random
+
+    image = Image.new("RGB", (80, 64))  # width 80: a 64 px crop may start 0-16 px from the left
+    image.paste((255, 255, 255), (0, 0, 40, 64))  # left half white: a flip shows
+    mirrored = 0
+    for seed in range(20):
+        plain = augment(image, 64, center_crop=False, random_flip=False, rng=random.Random(seed))
+        maybe = augment(image, 64, center_crop=False, random_flip=True, rng=random.Random(seed))
+        top, left = plain.crop_top_left
+        assert top == 0 and 0 <= left <= 16
+        if not torch.equal(maybe.pixels, plain.pixels):
+            # SDXL's training script flips first, then crops: the same pixels, counted from the mirrored edge.
+            assert maybe.crop_top_left == (0, 16 - left)
+            mirrored += left != 8
+    assert mirrored
+
+    data = make_data(tmp_path, batch_size=2)
+    batch = data.batch(0)
+    # The robot photos are 96 px squares, resized to 64 and center-cropped; the class images are 64 px.
+    robot = [96, 96, 0, 0, 64, 64]
+    assert batch.time_ids.tolist() == [robot, robot, [64, 64, 0, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
+    assert batch.input_ids.shape == (4, 1, 77)

@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from tests.conftest import run_trainer, tiny_config, write_config
 from tests.trainer.test_resume import launch, resume_config, step_losses
+from trainer.conditioning import encode_prompt, size_ids, unet_conditioning
 from trainer.config import LORA_WEIGHTS_FILE
 from trainer.export import build_pipeline
 from trainer.models import build_components
@@ -20,11 +22,13 @@ LORA = {"rank": 4, "alpha": 8}
 
 
 def denoise(pipeline, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """One UNet prediction through the pipeline's text encoder: what its weights compute."""
+    """One UNet prediction through the pipeline's text encoders (SDXL's two): what its weights compute."""
+    encoders = [module for module in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if module is not None]
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden = pipeline.text_encoder(prompt_ids)[0]
-        return pipeline.unet(latents, torch.tensor([500]), hidden).sample
+        embeddings = encode_prompt(encoders, prompt_ids[:, None].expand(-1, len(encoders), -1))
+        conditioning = unet_conditioning(embeddings, size_ids((64, 64), (0, 0), 64)[None])
+        return pipeline.unet(latents, torch.tensor([500]), **conditioning).sample
 
 
 def changed_weights(module: torch.nn.Module, base: torch.nn.Module) -> set[str]:
@@ -73,7 +77,7 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
     # The fused pipeline: only the adapted projections moved, from the fp32 base (not a
     # bf16 working copy); the VAE is the base's.
     exported = StableDiffusionPipeline.from_pretrained(straight / "model")
-    base = build_components(None)  # the tiny model, as the run built it
+    base = build_components("tiny", None)  # the tiny model, as the run built it
     unet_changed = changed_weights(exported.unet, base.unet)
     assert unet_changed and all(name.rsplit(".", 2)[-2] in {"to_q", "to_k", "to_v", "0"} for name in unet_changed)
     text_changed = changed_weights(exported.text_encoder, base.text_encoder)
@@ -83,7 +87,7 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
     # The adapter file on the base model computes what the fused pipeline computes (its
     # metadata carries alpha = 8, scale 2: read with the default scale 1 it would differ).
     assert (straight / "model" / LORA_WEIGHTS_FILE).stat().st_size < 200_000
-    on_base = build_pipeline(base, base.unet, base.text_encoder)
+    on_base = build_pipeline(base)
     prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
     untrained = denoise(on_base, prompt_ids)
     on_base.load_lora_weights(straight / "model", weight_name=LORA_WEIGHTS_FILE)
@@ -93,18 +97,22 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
 
 
 @pytest.mark.slow
-def test_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters(tiny_root):
-    """ZeRO-3 partitions the frozen base weights too, and gradient checkpointing recomputes
-    the adapters' inputs: the adapters of UNet and text encoder still train and export."""
-    config = tiny_config(tiny_root, lora={"rank": 2}, deepspeed={"zero_stage": 3},
+def test_sdxl_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters(tiny_root):
+    """SDXL, whose LoRA file holds three parts. ZeRO-3 partitions the frozen base weights
+    too, and gradient checkpointing recomputes the adapters' inputs: the adapters of the
+    UNet and both text encoders still train and export."""
+    config = tiny_config(tiny_root, model={"source": "tiny-sdxl"}, lora={"rank": 2}, deepspeed={"zero_stage": 3},
                          data={"class_prompt": None, "class_dir": None},
                          training={"max_steps": 2, "train_text_encoder": True, "gradient_checkpointing": True})
     result = run_trainer(write_config(tiny_root, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    exported = StableDiffusionPipeline.from_pretrained(tiny_root / "model")
-    base = build_components(None)
-    assert changed_weights(exported.unet, base.unet) and changed_weights(exported.text_encoder, base.text_encoder)
-    on_base = build_pipeline(base, base.unet, base.text_encoder)
+    exported = DiffusionPipeline.from_pretrained(tiny_root / "model")
+    base = build_components("tiny-sdxl", None)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert changed_weights(getattr(exported, name), getattr(base, name)), name
+    with safe_open(tiny_root / "model" / LORA_WEIGHTS_FILE, "pt") as saved:
+        assert {key.split(".")[0] for key in saved.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+    on_base = build_pipeline(base)
     on_base.load_lora_weights(tiny_root / "model", weight_name=LORA_WEIGHTS_FILE)
     prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(denoise(exported, prompt_ids), denoise(on_base, prompt_ids), atol=2e-5, rtol=1e-4)

@@ -180,3 +180,35 @@ def test_offline_hub_download_fails_the_run_with_id_revision_and_cause(tmp_path)
     assert "offline" in result.stderr
     assert "Traceback" not in result.stderr
     assert list((tmp_path / "models").iterdir()) == []  # no lock, no half copy
+
+
+# A part of the file listings of the SD 1.5 and SDXL base repos on the hub.
+SD15_REPO = ["model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt", "safety_checker/model.safetensors",
+             "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+             "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/config.json", "text_encoder/pytorch_model.bin", "text_encoder/model.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+             "scheduler/scheduler_config.json"]
+SDXL_REPO = ["model_index.json", "sd_xl_base_1.0.safetensors", "vae_decoder/model.onnx",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_flax_model.msgpack",
+             "unet/model.onnx_data", "unet/openvino_model.bin", "unet/openvino_model.xml",
+             "unet/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "text_encoder_2/openvino_model.bin",
+             "tokenizer_2/vocab.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_hub_downloads_take_one_copy_of_each_part_in_safetensors_and_bin_only_where_it_is_the_only_one():
+    from trainer.model_cache import select_hub_files
+
+    assert select_hub_files(SD15_REPO) == [
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"]
+    assert select_hub_files(SDXL_REPO) == [
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json",
+        "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors"]
+    # An older repo with pickled weights only: those are what there is.
+    old = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin"]
+    assert select_hub_files(old) == ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"]

@@ -72,7 +72,7 @@ def test_cached_latents_equal_encoded_ones_and_each_view_is_encoded_once(tmp_pat
 def test_prefetched_batches_are_the_batches_of_their_micro_steps(tmp_path):
     config = validate_config(tiny_config(tmp_path, data={"class_prompt": None, "class_dir": None}))
     tokenizer = build_tiny_components()["tokenizer"]
-    data = DreamBoothData(config.data, tokenizer, seed=0, rank=0, world_size=1, batch_size=2)
+    data = DreamBoothData(config.data, [tokenizer], seed=0, rank=0, world_size=1, batch_size=2)
     prefetcher = BatchPrefetcher(lambda step: data.batch(step), enabled=True)
     # In order (served by the worker), then a jump (a resume): built on the spot.
     for step in [0, 1, 2, 7, 8]:

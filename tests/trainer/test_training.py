@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from huggingface_hub import ModelCard
 
 from tests.conftest import run_trainer, tiny_config, write_config
-from trainer.tiny import build_tiny_components
+from trainer.models import build_components
 
 
 def read_run(root):
@@ -25,28 +25,29 @@ def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def assert_exports_a_loadable_pipeline(root, *, train_text_encoder: bool) -> None:
+def assert_exports_a_loadable_pipeline(root, *, train_text_encoder: bool, source: str = "tiny") -> DiffusionPipeline:
     """diffusers loads the exported folder and draws with it; the UNet is trained, in
-    fp32; the VAE is the base's, and so is the text encoder unless it was trained."""
-    pipeline = StableDiffusionPipeline.from_pretrained(root / "model")
+    fp32; the VAE is the base's, and so are the text encoders unless they were trained."""
+    pipeline = DiffusionPipeline.from_pretrained(root / "model")
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline("a photo of sks robot", num_inference_steps=2, height=64, width=64,
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
     assert ModelCard.load(root / "model" / "README.md").data.instance_prompt == "a photo of sks robot"
-    base = build_tiny_components()
+    base = build_components(source, None)
     assert pipeline.unet.dtype == torch.float32
-    assert not weights_equal(pipeline.unet, base["unet"])
-    assert weights_equal(pipeline.vae, base["vae"])
-    assert weights_equal(pipeline.text_encoder, base["text_encoder"]) is not train_text_encoder
+    assert not weights_equal(pipeline.unet, base.unet)
+    assert weights_equal(pipeline.vae, base.vae)
+    for name in ("text_encoder", "text_encoder_2")[:len(base.text_encoders)]:
+        assert weights_equal(getattr(pipeline, name), getattr(base, name)) is not train_text_encoder, name
+    return pipeline
 
 
 # ZeRO-2 with the text encoder trained is the learning test's run below.
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, train_text_encoder, extra", [
     (2, False, {}),
-    (3, True, {}),
-    (3, False, {}),
+    (3, False, {}),  # ZeRO-3 with the text encoders trained: the SDXL test below
     # The recipe's loss options: Min-SNR weighting and offset noise.
     (0, True, {"snr_gamma": 5.0, "noise_offset": 0.1}),
     # Micro-batches of 2, two of them per optimizer step, activations recomputed.
@@ -62,6 +63,33 @@ def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage
     assert run["world_size"] == 2 and run["zero_stage"] == zero_stage and run["precision"] == "bf16"
     assert run["wall_seconds"] > 0 and run["samples_per_second"] > 0
     assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=train_text_encoder)
+
+
+@pytest.mark.slow
+def test_sdxl_from_a_local_folder_trains_both_text_encoders_under_zero_3_and_exports_an_xl_pipeline(tiny_root, tmp_path):
+    """SDXL: two text encoders, the pooled prompt and the size ids. The source is the
+    tiny-sdxl model saved as a diffusers folder (found to be SDXL by its model_index.json);
+    ZeRO-3 partitions the UNet and both encoders; class images and samples come from the
+    XL pipeline."""
+    from trainer.export import build_pipeline
+
+    base_folder = tmp_path / "sdxl-base"
+    build_pipeline(build_components("tiny-sdxl", None)).save_pretrained(base_folder)
+    config = tiny_config(tiny_root, model={"source": str(base_folder)}, deepspeed={"zero_stage": 3},
+                         training={"max_steps": 4, "train_text_encoder": True},
+                         validation={"every_steps": 4, "num_inference_steps": 2})
+    result = run_trainer(write_config(tiny_root, config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = read_run(tiny_root)
+    assert run["pipeline"] == "StableDiffusionXLPipeline" and run["zero_stage"] == 3 and run["world_size"] == 2
+    assert run["class_images_generated"] == 4 and (tiny_root / "samples" / "step-00000004.png").is_file()
+    assert run["instance_eval_loss_after"] < run["instance_eval_loss_before"], run
+
+    pipeline = assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=True, source="tiny-sdxl")
+    assert type(pipeline).__name__ == "StableDiffusionXLPipeline"
+    card = ModelCard.load(tiny_root / "model" / "README.md")
+    assert "StableDiffusionXLPipeline.from_pretrained" in card.text and "stable-diffusion-xl" in card.data.tags
+    assert "both text encoders" in card.text
 
 
 @pytest.mark.slow
@@ -112,25 +140,24 @@ def test_the_model_learns_its_subject_with_prior_preservation_and_class_images_a
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: fp16 with dynamic loss scaling (CPU twin: bf16 runs above)")
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_fp16_on_cuda(tiny_root, lora_rank):
-    config = tiny_config(tiny_root, training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True},
-                         lora={"rank": lora_rank})
+@pytest.mark.parametrize("source, lora_rank", [("tiny", 0), ("tiny", 4), ("tiny-sdxl", 0), ("tiny-sdxl", 4)])
+def test_fp16_on_cuda(tiny_root, source, lora_rank):
+    config = tiny_config(tiny_root, model={"source": source}, lora={"rank": lora_rank},
+                         training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True})
     result = run_trainer(write_config(tiny_root, config), nproc=1)
     assert result.returncode == 0, result.stderr[-5000:]
     assert read_run(tiny_root)["precision"] == "fp16" and read_run(tiny_root)["lora_rank"] == lora_rank
-    assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=True)
+    assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=True, source=source)
 
 
 @pytest.mark.slow
 def test_a_local_diffusers_folder_is_a_model_source(tiny_root, tmp_path):
     """Export the tiny model as a pipeline folder, then fine-tune from that folder."""
     from trainer.export import build_pipeline
-    from trainer.models import Components
 
     base = tmp_path / "base-model"
-    parts = Components(**build_tiny_components())
-    build_pipeline(parts, parts.unet, parts.text_encoder).save_pretrained(base)
+    parts = build_components("tiny", None)
+    build_pipeline(parts).save_pretrained(base)
     config = tiny_config(tiny_root, model={"source": str(base)}, data={"class_prompt": None, "class_dir": None},
                          training={"max_steps": 2})
     config_path = write_config(tiny_root, config)
@@ -144,7 +171,7 @@ def test_a_local_diffusers_folder_is_a_model_source(tiny_root, tmp_path):
     # over, and retention deleted the progress.
     wider = tmp_path / "wider-model"
     unet = type(parts.unet).from_config({**parts.unet.config, "block_out_channels": (32, 96)})
-    build_pipeline(parts, unet, parts.text_encoder).save_pretrained(wider)
+    build_pipeline(parts, unet=unet).save_pretrained(wider)
     other = run_trainer(config_path, nproc=0, extra=["--set", f"model.source={wider}", "--set", "training.max_steps=4"])
     assert other.returncode == 2, other.stderr[-5000:]
     assert "trains other parameters" in other.stderr and "model.source is another architecture" in other.stderr
