@@ -16,6 +16,7 @@ import torch
 from trainer.config import TrainerConfig
 from trainer.data import list_images
 from trainer.distributed import Runtime, barrier
+from trainer.generation import generate_images
 
 
 def class_image_path(class_dir: Path, index: int) -> Path:
@@ -58,20 +59,14 @@ def generate_class_images(config: TrainerConfig, components, runtime: Runtime, s
     mine = share_of_rank(missing, runtime.rank, runtime.world_size)
     if mine:
         pipeline = build_generation_pipeline(components, runtime.device)
-        half = runtime.device.type == "cuda"
         for start in range(0, len(mine), data.class_generation_batch_size):
             if stop_requested():
                 break
             chunk = mine[start : start + data.class_generation_batch_size]
             generators = [torch.Generator().manual_seed(config.training.seed + index) for index in chunk]
-            with torch.no_grad(), torch.autocast(runtime.device.type, torch.float16, enabled=half):
-                images = pipeline(
-                    [data.class_prompt] * len(chunk),
-                    num_inference_steps=data.class_generation_steps,
-                    height=data.resolution,
-                    width=data.resolution,
-                    generator=generators,
-                ).images
+            images = generate_images(pipeline, [data.class_prompt] * len(chunk), generators=generators,
+                                     num_inference_steps=data.class_generation_steps, resolution=data.resolution,
+                                     device=runtime.device)
             for index, image in zip(chunk, images):
                 save_atomically(image, class_image_path(data.class_dir, index), runtime.rank)
         pipeline.to("cpu")

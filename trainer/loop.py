@@ -123,7 +123,8 @@ class DenoisingStep:
         return PreparedBatch(batch, batch_keys(batch.pixel_values) if self.cache_latents else None)
 
     def latents(self, batch: Batch, generator: torch.Generator, keys: list[bytes] | None = None) -> torch.Tensor:
-        with self._autocast():
+        # SDXL's VAE overflows in fp16 (generation.py): it encodes in fp32, as diffusers' SDXL script does.
+        with contextlib.nullcontext() if self.components.is_sdxl else self._autocast():
             return self.encoder.latents(batch.pixel_values, generator, keys)
 
     def losses(self, batch: Batch | PreparedBatch, micro_step: int) -> LossTerms:

@@ -19,6 +19,7 @@ import torch
 from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, barrier
 from trainer.export import build_pipeline, gather_fp32_state_dict, trained_modules
+from trainer.generation import generate_images
 
 SAMPLE_PREFIX = "step-"
 GRID_COLUMNS = 4
@@ -82,14 +83,8 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
     pipeline.set_progress_bar_config(disable=True)
     prompts = validation_prompts(config)
     generators = [torch.Generator().manual_seed(validation.seed + index) for index in range(len(prompts))]
-    with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
-        images = pipeline(
-            prompts,
-            num_inference_steps=validation.num_inference_steps,
-            height=config.data.resolution,
-            width=config.data.resolution,
-            generator=generators,
-        ).images
+    images = generate_images(pipeline, prompts, num_inference_steps=validation.num_inference_steps,
+                             resolution=config.data.resolution, generators=generators, device=device)
     del pipeline, modules
     return image_grid(images)
 

@@ -336,3 +336,33 @@ def test_the_native_resolution_is_the_unet_sample_size_in_pixels():
         parts = Components(unet=unet, vae=vae, text_encoder=None, tokenizer=None, noise_scheduler=None,
                            inference_scheduler=None)
         assert parts.native_resolution == pixels
+
+
+@pytest.mark.parametrize("source, latents_mean", [("tiny", None), ("tiny-sdxl", None), ("tiny-sdxl", [0.5, -0.5, 0.25, 0.0])])
+def test_images_decoded_apart_from_the_denoising_are_the_pipelines_own(source, latents_mean):
+    """Class images and samples stop the pipeline at its latents and decode them outside
+    fp16 autocast (SDXL's VAE overflows in fp16): the same images as the pipeline's own
+    decode (with SDXL's optional latent mean and std too)."""
+    from trainer.export import build_pipeline
+    from trainer.generation import generate_images
+    from trainer.models import build_components
+
+    components = build_components(source, None)
+    if latents_mean is not None:
+        config = {key: value for key, value in components.vae.config.items() if key != "_use_default_values"}
+        vae = type(components.vae).from_config({**config, "latents_mean": latents_mean, "latents_std": [2.0, 1.0, 0.5, 1.5]})
+        vae.load_state_dict(components.vae.state_dict())
+        assert vae.config.latents_mean == latents_mean
+        components.vae = vae
+    pipeline = build_pipeline(components)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a robot", "a photo of sks robot"]
+
+    def seeds():
+        return [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+
+    ours = generate_images(pipeline, prompts, num_inference_steps=2, resolution=64, generators=seeds(),
+                           device=torch.device("cpu"))
+    theirs = pipeline(prompts, num_inference_steps=2, height=64, width=64, generator=seeds()).images
+    assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+    assert ours[0].tobytes() != ours[1].tobytes()
