@@ -92,6 +92,7 @@ class TrainingSpec(_Spec):
     max_steps: int = Field(800, ge=1)
     # Unset: the trainer's default, 2e-6 for all weights or 1e-4 for LoRA adapters.
     learning_rate: float | None = Field(None, gt=0)
+    text_encoder_learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     prior_loss_weight: float = Field(1.0, ge=0)

@@ -82,6 +82,12 @@ class DataConfig(_Section):
 class TrainingConfig(_Section):
     max_steps: int = Field(800, ge=1, description="Optimizer steps to train.")
     learning_rate: float = Field(2e-6, gt=0, description="Peak learning rate.")
+    text_encoder_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the text encoder(s) with train_text_encoder, as diffusers' "
+        "--text_encoder_lr (LoRA recipes train them slower than the UNet, e.g. 5e-6 beside 1e-4); unset: learning_rate.",
+    )
     batch_size: int = Field(1, ge=1, description="Instance images per rank per micro step (as many class images again).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro steps per optimizer step.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class (prior) loss.")
@@ -260,6 +266,11 @@ class TrainerConfig(_Section):
             raise ValueError(
                 "training.compile = true does not work with deepspeed.zero_stage = 3 (ZeRO-3 gathers each layer's "
                 "weights in hooks that a compiled graph skips); use zero_stage 2, or compile: false"
+            )
+        if self.training.text_encoder_learning_rate is not None and not self.training.train_text_encoder:
+            raise ValueError(
+                f"training.text_encoder_learning_rate = {self.training.text_encoder_learning_rate} has no effect without "
+                "training.train_text_encoder = true; set that too, or remove the key"
             )
         if self.lora.enabled and "learning_rate" not in self.training.model_fields_set:
             self.training.learning_rate = LORA_LEARNING_RATE

@@ -124,28 +124,47 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
     return factory
 
 
+# The optimizer's param groups, in order, and the config key of each one's learning rate.
+GROUP_RATE_KEYS = ("training.learning_rate", "training.text_encoder_learning_rate")
+
+
+def parameter_groups(module: torch.nn.Module, config: TrainerConfig) -> list[dict]:
+    """The UNet's trained parameters, then (when they are trained) the text encoders', at
+    their own learning rate. Two groups whenever the text encoders train, whatever the
+    rates, so that a resume may change either rate."""
+    training = config.training
+    unet, text_encoders = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (text_encoders if name.startswith("text_encoder") else unet).append(parameter)
+    groups = [{"params": unet, "lr": training.learning_rate}]
+    if text_encoders:
+        groups.append({"params": text_encoders, "lr": training.text_encoder_learning_rate or training.learning_rate})
+    return groups
+
+
 def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[float, float]]:
-    """After a resume: this run's learning rate and AdamW settings, not the checkpoint's.
-    DeepSpeed restores the optimizer's param groups and the schedule's base rate from the
+    """After a resume: this run's learning rates and AdamW settings, not the checkpoint's.
+    DeepSpeed restores the optimizer's param groups and the schedule's base rates from the
     checkpoint, so a run resumed with another training.learning_rate (lowered after a
     divergence, say) silently kept the old one. The moments and step counts stay the
     checkpoint's. Returns {config key: (checkpoint's value, this run's)} for what changed."""
     training = config.training
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    saved = {"training.learning_rate": scheduler.base_lrs[0], "training.adam_beta1": groups[0]["betas"][0],
+    rates = [training.learning_rate, training.text_encoder_learning_rate or training.learning_rate][:len(groups)]
+    saved = {**dict(zip(GROUP_RATE_KEYS, scheduler.base_lrs)), "training.adam_beta1": groups[0]["betas"][0],
              "training.adam_beta2": groups[0]["betas"][1], "training.adam_epsilon": groups[0]["eps"],
              "training.adam_weight_decay": groups[0]["weight_decay"]}
-    wanted = {"training.learning_rate": training.learning_rate, "training.adam_beta1": training.adam_beta1,
+    wanted = {**dict(zip(GROUP_RATE_KEYS, rates)), "training.adam_beta1": training.adam_beta1,
               "training.adam_beta2": training.adam_beta2, "training.adam_epsilon": training.adam_epsilon,
               "training.adam_weight_decay": training.adam_weight_decay}
-    scheduler.base_lrs = [training.learning_rate] * len(groups)
+    scheduler.base_lrs = rates
     # The same expression LambdaLR evaluates: an unchanged rate comes back bit for bit.
     multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group in groups:
-        group.update(lr=training.learning_rate * multiplier, initial_lr=training.learning_rate,
-                     betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
-                     weight_decay=training.adam_weight_decay)
+    for group, rate in zip(groups, rates):
+        group.update(lr=rate * multiplier, initial_lr=rate, betas=(training.adam_beta1, training.adam_beta2),
+                     eps=training.adam_epsilon, weight_decay=training.adam_weight_decay)
     scheduler._last_lr = [group["lr"] for group in groups]
     return {key: (saved[key], value) for key, value in wanted.items() if saved[key] != value}
 
@@ -157,7 +176,7 @@ def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: s
     trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        model_parameters=trainable,
+        model_parameters=parameter_groups(module, config),
         config=build_deepspeed_config(config, precision=precision, world_size=world_size, device_type=device_type,
                                       num_trainable=sum(parameter.numel() for parameter in trainable),
                                       load_universal=load_universal),

@@ -82,6 +82,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["training"]["max_grad_norm"] == 0.5
     assert config["deepspeed"]["overrides"] == {"zero_optimization": {"overlap_comm": True}}
     assert config["training"]["train_text_encoder"] is True
+    assert config["training"]["learning_rate"] == 2e-6 and config["training"]["text_encoder_learning_rate"] == 1e-6
     assert config["training"]["precision"] == "fp16"
     assert config["training"]["snr_gamma"] == 5.0 and config["training"]["noise_offset"] == 0.05
     assert config["deepspeed"]["zero_stage"] == 2

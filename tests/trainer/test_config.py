@@ -67,6 +67,8 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"output": None}, ["output", "required key is missing"]),
         ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
         ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
+        ({"training": {"text_encoder_learning_rate": 1e-5}},
+         ["training.text_encoder_learning_rate = 1e-05", "training.train_text_encoder = true"]),
         ({"lora": {"rank": -4}}, ["lora.rank", "-4", "greater than or equal to 0"]),
         ({"deepspeed": {"bucket_size": 4097}}, ["deepspeed.bucket_size", "4097", "multiple of 2"]),
         ({"lora": {"unet_target_modules": []}}, ["lora.unet_target_modules", "at least 1 item"]),

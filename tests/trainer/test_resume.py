@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_trainer, tiny_config, write_config
 from trainer import checkpoint
@@ -133,7 +134,10 @@ def test_kill_9_of_a_rank_while_it_writes_a_checkpoint_resumes_from_the_previous
 @pytest.mark.slow
 def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_shape_is_refused(tmp_path):
     root = tmp_path / "run"
-    config_path = write_config(root, resume_config(root, training={"max_steps": 6}, checkpoint={"every_steps": 3}))
+    # The text encoder trains too, at its own rate: two param groups go through the conversion below.
+    config_path = write_config(root, resume_config(
+        root, training={"max_steps": 6, "train_text_encoder": True, "text_encoder_learning_rate": 1e-4},
+        checkpoint={"every_steps": 3}))
     assert run_trainer(config_path).returncode == 0
     newest = root / "checkpoints" / "step-00000006"
     # Same size, garbage content: passes the manifest's size check, fails to load.
@@ -173,24 +177,33 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
 
 @pytest.mark.slow
 def test_a_raised_learning_rate_applies_on_resume_and_the_divergence_it_causes_stops_the_run_keeping_good_checkpoints(tmp_path):
-    """A learning rate raised on resume must take effect (DeepSpeed would restore the
-    checkpoint's), and the NaN losses it brings stop the run: nothing exported, the
-    checkpoint whose weights gave the first NaN retracted, the good ones kept."""
+    """Learning rates changed on resume must take effect (DeepSpeed would restore the
+    checkpoint's), the text encoders' (a param group of their own) as well, and the NaN
+    losses a raised rate brings stop the run: nothing exported, the checkpoint whose
+    weights gave the first NaN retracted, the good ones kept."""
     root = tmp_path / "run"
     # No prior preservation: the class images would only add time here.
     config_path = write_config(root, resume_config(
-        root, training={"max_steps": 3, "learning_rate": 1e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0},
+        root, training={"max_steps": 3, "learning_rate": 1e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                        "train_text_encoder": True, "text_encoder_learning_rate": 1e-4},
         checkpoint={"every_steps": 1, "keep_last": 3}, data={"class_prompt": None, "class_dir": None}))
     first = run_trainer(config_path)
     assert first.returncode == 0, first.stderr[-4000:]
     healthy = step_losses(first.stdout)
 
+    def learning_rates(folder):  # the schedule's peak rate and current rate of each param group
+        scheduler = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["lr_scheduler"]
+        return scheduler["base_lrs"], scheduler["_last_lr"]
+
+    assert learning_rates(root / "checkpoints" / "step-00000003") == ([1e-3, 1e-4], [1e-3, 1e-4])
     process = launch(config_path, "--set", "training.max_steps=9", "--set", "training.learning_rate=1e4",
-                     "--set", "training.max_nonfinite_steps=2")
+                     "--set", "training.text_encoder_learning_rate=1e-5", "--set", "training.max_nonfinite_steps=2")
     out, err = process.communicate(timeout=300)
     assert process.returncode == 4, err[-4000:]
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert {"event": "changed since the checkpoint", "training.learning_rate": "0.001 -> 10000"} in events
+    assert {"event": "changed since the checkpoint", "training.learning_rate": "0.001 -> 10000",
+            "training.text_encoder_learning_rate": "0.0001 -> 1e-05"} in events
+    assert learning_rates(root / "checkpoints" / "diverged-step-00000004") == ([1e4, 1e-5], [1e4, 1e-5])
     steps = {event["step"]: event for event in events if event["event"] == "step"}
     assert steps[4]["learning_rate"] == 1e4 and steps[4]["loss"] is not None  # step 3's weights, the new rate
     assert sorted(steps) == [4, 5, 6] and steps[5]["loss"] is None and steps[6]["loss"] is None  # NaN: null in JSON
