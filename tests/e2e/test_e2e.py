@@ -289,6 +289,26 @@ def test_suspend_then_resume_continues_from_the_suspend_checkpoint(user: User, k
     assert run["resumed_from_step"] == suspended_at and run["final_step"] == 30
 
 
+def test_a_gang_resized_while_it_trains_resumes_its_checkpoint_on_fewer_nodes(user: User, kubelet: Kubelet) -> None:
+    """`kubectl patch` of workers.nodes 2 -> 1 mid-run: the operator restarts the gang at
+    the new size (a preemption, not a failure: backoffLimit 0 holds), and the one worker
+    converts the checkpoint that two ranks wrote (DeepSpeed's universal checkpoint)."""
+    user.apply_example("tiny-resize", runPolicy={"backoffLimit": 0})
+    wait_for(lambda: user.latest_checkpoint("tiny-resize") == "step-00000010", timeout=JOB_TIMEOUT,
+             what="checkpoint step-00000010 of tiny-resize")
+    first = kubelet.pod("tiny-resize-worker-0")
+    user.kubectl("patch", "dbj", "tiny-resize", "--type", "merge", "-p", '{"spec":{"workers":{"nodes":1}}}')
+    status = user.wait_phase("tiny-resize", "Succeeded")
+    assert (status["restarts"], status["preemptions"]) == (0, 1)
+    assert {pod["metadata"]["name"] for pod in user.cluster.pods("tiny-resize")} <= {"tiny-resize-worker-0"}
+    run = user.run_json("tiny-resize")
+    assert (run["world_size"], run["final_step"]) == (1, 30) and run["resumed_from_step"] >= 10
+    resumed = [event for event in trainer_events(kubelet, "tiny-resize-worker-0")
+               if event["event"] == "resumed" and event.get("world_size") == "2 -> 1"]
+    assert [event["step"] for event in resumed] == [run["resumed_from_step"]], resumed
+    assert kubelet.exit_codes[first.uid] == 143  # the first gang checkpointed on its way out
+
+
 def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret(
         user: User, kubelet: Kubelet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`manifests/examples/bucket-job.yaml`'s flow against an S3-compatible store (moto),
