@@ -85,6 +85,15 @@ def load_pipeline_folder(folder: Path, source: str) -> Components:
             f"model.source = {source!r}{fetched_to} is not a diffusers Stable Diffusion folder: "
             f"missing {', '.join(missing) or 'model_index.json'}"
         )
+    unet_config, vae_config = (UNet2DConditionModel.load_config(folder, subfolder="unet"),
+                               AutoencoderKL.load_config(folder, subfolder="vae"))
+    if unet_config.get("in_channels") != vae_config.get("latent_channels", 4):
+        # Found before any weight is read; the first step would fail on a shape mismatch instead.
+        raise ConfigError(
+            f"model.source = {source!r}: its UNet takes {unet_config.get('in_channels')} input channels, not the "
+            f"VAE's {vae_config.get('latent_channels', 4)} latent channels: an inpainting, depth or instruct model, "
+            "which DreamBooth here does not train. Give its text-to-image base model instead"
+        )
     scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
     inference_class = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"))
     second = {}

@@ -366,3 +366,15 @@ def test_images_decoded_apart_from_the_denoising_are_the_pipelines_own(source, l
     theirs = pipeline(prompts, num_inference_steps=2, height=64, width=64, generator=seeds()).images
     assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
     assert ours[0].tobytes() != ours[1].tobytes()
+
+
+def test_an_inpainting_model_is_refused_by_name_before_its_weights_are_read(tmp_path):
+    """Its UNet takes 9 channels (latents, mask, masked image): the first step would fail on a shape."""
+    from trainer.export import build_pipeline
+    from trainer.models import build_components, load_pipeline_folder
+
+    parts = build_components("tiny", None)
+    inpainting = type(parts.unet).from_config({**parts.unet.config, "in_channels": 9})
+    build_pipeline(parts, unet=inpainting).save_pretrained(tmp_path / "inpainting")
+    with pytest.raises(ConfigError, match="its UNet takes 9 input channels, not the VAE's 4 latent channels: an inpainting"):
+        load_pipeline_folder(tmp_path / "inpainting", "example-org/inpainting")
