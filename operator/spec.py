@@ -259,6 +259,8 @@ class OutputSpec(_Spec):
     uri: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
     # A Secret whose keys become the workers' environment (AWS_*, HF_TOKEN, ...) for the upload.
     credentials_secret: str | None = Field(None, min_length=1)
+    # The exported weights' precision (the trainer's output.dtype).
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
 class JobSpec(_Spec):

@@ -121,8 +121,10 @@ def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, torch.Tensor], components,
            card: str | None) -> None:
     from trainer import lora
+    from trainer.engine import DTYPES
     from trainer.model_card import CARD_FILE
 
+    pipeline.to(dtype=DTYPES[run_info["output_dtype"]])
     pipeline.save_pretrained(folder, safe_serialization=True)
     if lora.has_adapters(components.unet):
         # Beside the fused pipeline: the adapters alone, a few MB, for load_lora_weights on any copy of the base.

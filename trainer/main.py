@@ -235,6 +235,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "resumed_from_step": resumed_from,
             "world_size": runtime.world_size,
             "pipeline": SDXL_PIPELINE if components.is_sdxl else "StableDiffusionPipeline",
+            "output_dtype": config.output.dtype,
             "precision": precision,
             "zero_stage": config.deepspeed.zero_stage,
             "train_text_encoder": config.training.train_text_encoder,

@@ -302,12 +302,13 @@ def test_instance_images_can_come_from_a_config_map() -> None:
 def test_instance_images_from_a_url_are_copied_to_the_job_volume_with_credentials_from_a_secret() -> None:
     spec = copy.deepcopy(MINIMAL_SPEC)
     spec["data"]["instanceImages"] = {"url": "s3://bucket/dogs/", "credentialsSecret": "s3-creds"}
-    spec["output"] = {"uri": "s3://bucket/models/sks-dog", "credentialsSecret": "s3-creds"}
+    spec["output"] = {"uri": "s3://bucket/models/sks-dog", "credentialsSecret": "s3-creds", "dtype": "fp16"}
     the_job = job(spec)
     config = render_trainer_config(the_job.name, the_job.spec)
     assert config["data"]["instance_url"] == "s3://bucket/dogs/"
     assert config["data"]["instance_dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/instance-images"
-    assert config["output"] == {"dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/output", "uri": "s3://bucket/models/sks-dog"}
+    assert config["output"] == {"dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/output", "uri": "s3://bucket/models/sks-dog",
+                                "dtype": "fp16"}
     pod = build_worker_pod(the_job, 0, 0, "h")
     assert "instance-images" not in {v["name"] for v in pod["spec"]["volumes"]}
     [container] = pod["spec"]["containers"]
@@ -371,6 +372,7 @@ _DELETE = object()
     ("data.instanceImages", {"configMapName": "b", "url": "file:///x"}, "or data.instanceImages.url"),
     ("data.instanceImages", {"url": "bucket/photos"}, "spec.data.instanceImages.url = 'bucket/photos'"),
     ("output", {"uri": "models/x"}, "spec.output.uri = 'models/x'"),
+    ("output", {"dtype": "fp8"}, "spec.output.dtype = 'fp8'"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
     ("workers.labels", {"dreambooth.io/job": "other"}, "'dreambooth.io/job' is set by the operator"),
     ("workers.labels", {"team": "computer vision"}, "'computer vision' of 'team' is not a valid label value"),
