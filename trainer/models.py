@@ -81,9 +81,11 @@ def load_pipeline_folder(folder: Path, source: str) -> Components:
     missing = [part for part in parts if not (folder / part).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
         fetched_to = "" if Path(source) == folder else f" (fetched to {folder})"
+        # SDXL's refiner has only the second text encoder: it refines images, it is not what DreamBooth trains.
+        refiner = "; an SDXL refiner? Give the base model it refines" if sdxl and "text_encoder" in missing else ""
         raise ConfigError(
             f"model.source = {source!r}{fetched_to} is not a diffusers Stable Diffusion folder: "
-            f"missing {', '.join(missing) or 'model_index.json'}"
+            f"missing {', '.join(missing) or 'model_index.json'}{refiner}"
         )
     unet_config, vae_config = (UNet2DConditionModel.load_config(folder, subfolder="unet"),
                                AutoencoderKL.load_config(folder, subfolder="vae"))

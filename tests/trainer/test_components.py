@@ -321,7 +321,11 @@ def test_an_sdxl_folder_is_recognised_and_one_without_its_second_tokenizer_is_re
     assert loaded.is_sdxl and len(loaded.tokenizers) == 2
     assert type(loaded.inference_scheduler).__name__ == "EulerDiscreteScheduler"
     shutil.rmtree(folder / "tokenizer_2")
-    with pytest.raises(ConfigError, match=f"model.source = 'example-org/xl' \\(fetched to {folder}\\) .* missing tokenizer_2"):
+    with pytest.raises(ConfigError, match=f"model.source = 'example-org/xl' \\(fetched to {folder}\\) .* missing tokenizer_2$"):
+        load_pipeline_folder(folder, "example-org/xl")
+    # The refiner's layout: the second text encoder only.
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(ConfigError, match="missing text_encoder, tokenizer_2; an SDXL refiner"):
         load_pipeline_folder(folder, "example-org/xl")
 
 
