@@ -60,5 +60,7 @@ def unet_conditioning(embeddings: PromptEmbeddings, time_ids: torch.Tensor | Non
     """The keyword arguments of UNet2DConditionModel's forward besides sample and timestep."""
     if embeddings.pooled is None:
         return {"encoder_hidden_states": embeddings.hidden_states}
+    # time_ids stay float32: the UNet embeds them sinusoidally in float32, and bf16 would
+    # round a photo's size (3025 px becomes 3024).
     return {"encoder_hidden_states": embeddings.hidden_states,
-            "added_cond_kwargs": {"text_embeds": embeddings.pooled, "time_ids": time_ids.to(embeddings.pooled.dtype)}}
+            "added_cond_kwargs": {"text_embeds": embeddings.pooled, "time_ids": time_ids.float()}}

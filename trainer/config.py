@@ -208,7 +208,7 @@ class OutputConfig(_Section):
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32",
         description="Weights of the exported pipeline: `fp32`, the master weights as trained; `fp16` or `bf16`, half "
-        "the size (about 7 GB instead of 14 for SDXL), loaded with torch_dtype=torch.float16 (or bfloat16). The LoRA "
+        "the size (about 7 GB instead of 14 for SDXL), loaded with dtype=torch.float16 (or bfloat16). The LoRA "
         "file stays fp32.",
     )
     uri: str | None = Field(

@@ -24,11 +24,11 @@ dreambooth-operator: {{ trained }}. Use `{{ instance_prompt }}` in a prompt for 
 ## Use
 
 ```python
-{% if torch_dtype %}import torch
+{% if dtype %}import torch
 {% endif %}from diffusers import {{ pipeline_class }}
 
 # this folder, or the repo it was uploaded to
-pipeline = {{ pipeline_class }}.from_pretrained("PATH_OR_REPO"{% if torch_dtype %}, torch_dtype=torch.{{ torch_dtype }}{% endif %})
+pipeline = {{ pipeline_class }}.from_pretrained("PATH_OR_REPO"{% if dtype %}, dtype=torch.{{ dtype }}{% endif %})
 image = pipeline("{{ instance_prompt }} on the beach").images[0]
 ```
 {% if lora_rank %}
@@ -71,6 +71,6 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
         data, template_str=_TEMPLATE, instance_prompt=config.data.instance_prompt, trained=trained,
         base_model_text=f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`",
         lora_rank=lora.rank, lora_file=LORA_WEIGHTS_FILE, details="; ".join(details), pipeline_class=run_info["pipeline"],
-        torch_dtype={"fp16": "float16", "bf16": "bfloat16"}.get(run_info.get("output_dtype")),
+        dtype={"fp16": "float16", "bf16": "bfloat16"}.get(run_info.get("output_dtype")),
     )
     return str(card)

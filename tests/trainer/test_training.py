@@ -165,11 +165,11 @@ def test_a_local_diffusers_folder_is_a_model_source(tiny_root, tmp_path):
     result = run_trainer(config_path, nproc=0)
     assert result.returncode == 0, result.stderr[-5000:]
     assert read_run(tiny_root)["world_size"] == 1 and read_run(tiny_root)["output_dtype"] == "fp16"
-    exported = StableDiffusionPipeline.from_pretrained(tiny_root / "model", torch_dtype=torch.float16)
+    exported = StableDiffusionPipeline.from_pretrained(tiny_root / "model", dtype=torch.float16)
     assert exported.unet.config.sample_size == 8 and exported.unet.dtype == exported.vae.dtype == torch.float16
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (tiny_root / "model" / weights).stat().st_size < 0.55 * (base / weights).stat().st_size
-    assert "from_pretrained(\"PATH_OR_REPO\", torch_dtype=torch.float16)" in (tiny_root / "model" / "README.md").read_text()
+    assert "from_pretrained(\"PATH_OR_REPO\", dtype=torch.float16)" in (tiny_root / "model" / "README.md").read_text()
 
     # The same job pointed at a base of another architecture: its checkpoint cannot load
     # there. Refused by name; before, the load error made it look corrupt, the run started
