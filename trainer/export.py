@@ -124,7 +124,8 @@ def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, to
     from trainer.engine import DTYPES
     from trainer.model_card import CARD_FILE
 
-    pipeline.to(dtype=DTYPES[run_info["output_dtype"]])
+    if run_info["output_dtype"] != "fp32":  # to() at all makes diffusers warn about modules kept in fp32 (none here)
+        pipeline.to(dtype=DTYPES[run_info["output_dtype"]])
     pipeline.save_pretrained(folder, safe_serialization=True)
     if lora.has_adapters(components.unet):
         # Beside the fused pipeline: the adapters alone, a few MB, for load_lora_weights on any copy of the base.
