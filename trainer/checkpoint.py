@@ -73,6 +73,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Settings a manifest written before they were recorded lacks, with the value every
+# trainer before them had: one optimizer param group (the text encoders got their own
+# with training.text_encoder_learning_rate).
+LEGACY_SETTINGS = {"optimizer.param_groups": 1}
+
+
 @dataclass(frozen=True)
 class TrainingShape:
     """What a checkpoint's shards depend on. DeepSpeed cannot load one of another shape,
@@ -92,7 +98,8 @@ class TrainingShape:
         train_text_encoder = getattr(engine.module, "text_encoder", None) is not None
         settings: dict[str, Any] = {"deepspeed.zero_stage": engine.zero_optimization_stage(),
                                     "training.precision": precision, "training.train_text_encoder": train_text_encoder,
-                                    "lora.rank": lora.rank if lora is not None else 0}
+                                    "lora.rank": lora.rank if lora is not None else 0,
+                                    "optimizer.param_groups": len(engine.lr_scheduler.optimizer.param_groups)}
         if lora is not None and lora.enabled:
             # Other targets are other weights; another alpha would load and silently rescale them.
             settings |= {"lora.alpha": lora.scaled_alpha, "lora.unet_target_modules": list(lora.unet_target_modules)}
@@ -106,7 +113,7 @@ class TrainingShape:
             return str(value).lower() if isinstance(value, bool) else repr(value)
 
         found = []
-        for key, saved in self.settings.items():
+        for key, saved in {**LEGACY_SETTINGS, **self.settings}.items():
             current = run.settings.get(key, saved)
             # ZeRO stages 1 and 2 partition the optimizer state alike and load each other.
             if saved != current and not (key == "deepspeed.zero_stage" and {saved, current} == {1, 2}):
@@ -347,9 +354,12 @@ def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape, *, 
     start_over = "set checkpoint.resume=never (or another checkpoint.dir) to start over"
     mismatches = saved.mismatches(run)
     if mismatches:
+        older = ("; optimizer.param_groups is not a key: the checkpoint was written by a trainer older than "
+                 "training.text_encoder_learning_rate, resume it with that trainer's image"
+                 if any(found.startswith("optimizer.param_groups") for found in mismatches) else "")
         raise ConfigError(
             f"checkpoint {folder} was written with {', '.join(mismatches)}, which DeepSpeed cannot load across; "
-            f"set those keys back to resume it, or {start_over}"
+            f"set those keys back to resume it, or {start_over}{older}"
         )
     if None not in (saved.parameters, run.parameters) and saved.parameters != run.parameters:
         raise ConfigError(

@@ -4,6 +4,7 @@ class-image planning, atomic publishing and checkpoint selection."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,13 @@ def test_a_checkpoint_of_another_shape_is_named_not_loaded():
     no_lora = TrainingShape(world_size=2, settings={k: v for k, v in saved.settings.items() if k in (
         "deepspeed.zero_stage", "training.precision", "training.train_text_encoder")} | {"lora.rank": 0})
     assert saved.mismatches(no_lora) == ["lora.rank = 8 (this run: 0)"]
+    # The text encoder in a param group of its own: a checkpoint from before that (its manifest
+    # has no optimizer.param_groups) holds one group, which DeepSpeed cannot load into two.
+    two_groups = run(optimizer__param_groups=2)
+    assert saved.mismatches(two_groups) == ["optimizer.param_groups = 1 (this run: 2)"]
+    with pytest.raises(ConfigError, match="older than training.text_encoder_learning_rate, resume it with that trainer's image"):
+        check_compatible(Path("step-00000100"), saved, two_groups)
+    assert TrainingShape(world_size=2, settings=two_groups.settings).mismatches(two_groups) == []
 
 
 def test_another_base_architecture_is_refused_by_its_trained_parameters(tmp_path):
