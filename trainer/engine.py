@@ -128,18 +128,24 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
 GROUP_RATE_KEYS = ("training.learning_rate", "training.text_encoder_learning_rate")
 
 
+def group_learning_rates(config: TrainerConfig) -> list[float]:
+    """Peak rates in GROUP_RATE_KEYS order: the UNet's, the text encoders' (default: the UNet's)."""
+    training = config.training
+    return [training.learning_rate, training.text_encoder_learning_rate or training.learning_rate]
+
+
 def parameter_groups(module: torch.nn.Module, config: TrainerConfig) -> list[dict]:
     """The UNet's trained parameters, then (when they are trained) the text encoders', at
     their own learning rate. Two groups whenever the text encoders train, whatever the
     rates, so that a resume may change either rate."""
-    training = config.training
     unet, text_encoders = [], []
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
             (text_encoders if name.startswith("text_encoder") else unet).append(parameter)
-    groups = [{"params": unet, "lr": training.learning_rate}]
+    unet_rate, text_encoder_rate = group_learning_rates(config)
+    groups = [{"params": unet, "lr": unet_rate}]
     if text_encoders:
-        groups.append({"params": text_encoders, "lr": training.text_encoder_learning_rate or training.learning_rate})
+        groups.append({"params": text_encoders, "lr": text_encoder_rate})
     return groups
 
 
@@ -152,7 +158,7 @@ def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[f
     training = config.training
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    rates = [training.learning_rate, training.text_encoder_learning_rate or training.learning_rate][:len(groups)]
+    rates = group_learning_rates(config)[:len(groups)]
     saved = {**dict(zip(GROUP_RATE_KEYS, scheduler.base_lrs)), "training.adam_beta1": groups[0]["betas"][0],
              "training.adam_beta2": groups[0]["betas"][1], "training.adam_epsilon": groups[0]["eps"],
              "training.adam_weight_decay": groups[0]["weight_decay"]}
