@@ -110,6 +110,7 @@ class LoraSpec(_Spec):
     rank: int = Field(0, ge=0)
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    use_dora: bool = False
 
 
 class DeepSpeedSpec(_Spec):

@@ -102,7 +102,8 @@ class TrainingShape:
                                     "optimizer.param_groups": len(engine.lr_scheduler.optimizer.param_groups)}
         if lora is not None and lora.enabled:
             # Other targets are other weights; another alpha would load and silently rescale them.
-            settings |= {"lora.alpha": lora.scaled_alpha, "lora.unet_target_modules": list(lora.unet_target_modules)}
+            settings |= {"lora.alpha": lora.scaled_alpha, "lora.use_dora": lora.use_dora,
+                         "lora.unet_target_modules": list(lora.unet_target_modules)}
             if train_text_encoder:
                 settings["lora.text_encoder_target_modules"] = list(lora.text_encoder_target_modules)
         return cls(world_size=runtime.world_size, settings=settings, parameters=trained_parameters(engine.module))

@@ -160,6 +160,12 @@ class LoraConfig(_Section):
     )
     alpha: float | None = Field(None, gt=0, description="Adapter scale numerator (scale = alpha / rank); default: rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    use_dora: bool = Field(
+        False,
+        description="DoRA (weight-decomposed LoRA, as diffusers' --use_dora): each adapted weight also learns the "
+        "length of its rows, which brings a low rank closer to a full fine-tune, at slower steps. The LoRA file then "
+        "holds the magnitudes too; diffusers' load_lora_weights reads them.",
+    )
     unet_target_modules: list[str] = Field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
         min_length=1,
@@ -277,6 +283,13 @@ class TrainerConfig(_Section):
             raise ValueError(
                 f"training.text_encoder_learning_rate = {self.training.text_encoder_learning_rate} has no effect without "
                 "training.train_text_encoder = true; set that too, or remove the key"
+            )
+        ignored = [key for key in sorted(self.lora.model_fields_set - {"rank"})
+                   if getattr(self.lora, key) != LoraConfig.model_fields[key].get_default(call_default_factory=True)]
+        if ignored and not self.lora.enabled:
+            raise ValueError(
+                f"lora.{ignored[0]} = {getattr(self.lora, ignored[0])!r} has no effect with lora.rank = 0 (all weights "
+                "are trained); set lora.rank (e.g. 16) to train adapters, or remove the key"
             )
         if self.lora.enabled and "learning_rate" not in self.training.model_fields_set:
             self.training.learning_rate = LORA_LEARNING_RATE

@@ -36,7 +36,7 @@ def add_adapters(components, lora: LoraConfig, *, train_text_encoder: bool) -> N
         # wants a newer peft than diffusers does, for the same adapters.
         # Gaussian A and zero B, as diffusers' script: the untrained adapter changes nothing.
         config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scaled_alpha, lora_dropout=lora.dropout,
-                                init_lora_weights="gaussian", target_modules=target_modules)
+                                init_lora_weights="gaussian", target_modules=target_modules, use_dora=lora.use_dora)
         try:
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:  # peft: "Target modules {...} not found in the base model"

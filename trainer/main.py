@@ -240,6 +240,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "zero_stage": config.deepspeed.zero_stage,
             "train_text_encoder": config.training.train_text_encoder,
             "lora_rank": config.lora.rank,
+            "lora_use_dora": config.lora.use_dora,
             "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "compile": ({"backend": config.training.compile_backend, "mode": config.training.compile_mode,
                          **compile_report()} if config.training.compile else None),

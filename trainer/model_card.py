@@ -53,11 +53,11 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
     tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "dreambooth-operator"]
     sdxl = run_info["pipeline"] == SDXL_PIPELINE
     tags += ["stable-diffusion-xl"] if sdxl else []
-    tags += ["lora"] if lora.enabled else []
+    tags += (["lora", "dora"] if lora.use_dora else ["lora"]) if lora.enabled else []
     data = ModelCardData(library_name="diffusers", base_model=source if on_hub else None, tags=tags,
                          instance_prompt=config.data.instance_prompt, pipeline_tag="text-to-image")
     training = config.training
-    trained = (f"LoRA adapters of rank {lora.rank} (alpha {lora.scaled_alpha:g}) on the UNet" if lora.enabled
+    trained = (f"{'DoRA' if lora.use_dora else 'LoRA'} adapters of rank {lora.rank} (alpha {lora.scaled_alpha:g}) on the UNet" if lora.enabled
                else "all UNet weights")
     trained += (" and both text encoders" if sdxl else " and the text encoder") if training.train_text_encoder else ""
     details = [f"{run_info['final_step']} steps of {training.batch_size} instance image(s) per process on "

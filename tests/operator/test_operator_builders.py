@@ -100,9 +100,11 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
 
 
 def test_a_lora_job_renders_its_adapters_and_leaves_the_learning_rate_to_the_trainer() -> None:
-    spec = {**MINIMAL_SPEC, "lora": {"rank": 16, "alpha": 32}, "trainerOverrides": {"lora.unet_target_modules": ["to_q", "to_v"]}}
+    spec = {**MINIMAL_SPEC, "lora": {"rank": 16, "alpha": 32, "useDora": True},
+            "trainerOverrides": {"lora.unet_target_modules": ["to_q", "to_v"]}}
     config = render_trainer_config("sks-dog", parse_spec(spec))
-    assert config["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.0, "unet_target_modules": ["to_q", "to_v"]}
+    assert config["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.0, "use_dora": True,
+                              "unet_target_modules": ["to_q", "to_v"]}
     assert "learning_rate" not in config["training"]
     trainer = validate_config(copy.deepcopy(config))
     assert trainer.training.learning_rate == 1e-4 and trainer.lora.scaled_alpha == 32
@@ -112,6 +114,9 @@ def test_a_lora_job_renders_its_adapters_and_leaves_the_learning_rate_to_the_tra
     assert render_trainer_config("sks-dog", parse_spec(with_rate))["training"]["learning_rate"] == 5e-5
     with pytest.raises(InvalidSpecError, match=r"spec\.lora\.rank = -1: .*greater than or equal to 0"):
         parse_spec({**MINIMAL_SPEC, "lora": {"rank": -1}})
+    # An adapter setting without adapters would be ignored: refused, named as the spec names it.
+    with pytest.raises(InvalidSpecError, match=r"spec\.lora\.useDora = True has no effect with spec\.lora\.rank = 0"):
+        render_trainer_config("sks-dog", parse_spec({**MINIMAL_SPEC, "lora": {"useDora": True}}))
     with pytest.raises(InvalidSpecError, match=r"lora\.rank comes from spec\.lora\.rank; set it there"):
         render_trainer_config("sks-dog", parse_spec({**MINIMAL_SPEC, "trainerOverrides": {"lora.rank": 8}}))
 

@@ -70,6 +70,8 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"training": {"text_encoder_learning_rate": 1e-5}},
          ["training.text_encoder_learning_rate = 1e-05", "training.train_text_encoder = true"]),
         ({"lora": {"rank": -4}}, ["lora.rank", "-4", "greater than or equal to 0"]),
+        ({"lora": {"use_dora": True}}, ["lora.use_dora = True has no effect with lora.rank = 0", "set lora.rank"]),
+        ({"lora": {"alpha": 16, "dropout": 0.0}}, ["lora.alpha = 16", "lora.rank = 0"]),
         ({"deepspeed": {"bucket_size": 4097}}, ["deepspeed.bucket_size", "4097", "multiple of 2"]),
         ({"lora": {"unet_target_modules": []}}, ["lora.unet_target_modules", "at least 1 item"]),
     ],

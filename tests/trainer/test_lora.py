@@ -97,15 +97,28 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
 
 
 @pytest.mark.slow
-def test_sdxl_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters(tiny_root):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_sdxl_lora_under_zero_3_with_recomputed_activations_exports_loadable_adapters(tiny_root, use_dora):
     """SDXL, whose LoRA file holds three parts. ZeRO-3 partitions the frozen base weights
     too, and gradient checkpointing recomputes the adapters' inputs: the adapters of the
-    UNet and both text encoders still train and export."""
-    config = tiny_config(tiny_root, model={"source": "tiny-sdxl"}, lora={"rank": 2}, deepspeed={"zero_stage": 3},
-                         data={"class_prompt": None, "class_dir": None},
+    UNet and both text encoders still train and export. DoRA's magnitudes read the
+    partitioned base weight outside its own layer's forward, and train all the same."""
+    config = tiny_config(tiny_root, model={"source": "tiny-sdxl"}, lora={"rank": 2, "use_dora": use_dora},
+                         deepspeed={"zero_stage": 3}, data={"class_prompt": None, "class_dir": None},
                          training={"max_steps": 2, "train_text_encoder": True, "gradient_checkpointing": True})
     result = run_trainer(write_config(tiny_root, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = json.loads((tiny_root / "model" / "run.json").read_text())
+    assert run["lora_use_dora"] is use_dora
+    if use_dora:
+        with safe_open(tiny_root / "model" / LORA_WEIGHTS_FILE, "pt") as saved:
+            magnitudes = {key.split(".")[0] for key in saved.keys() if "lora_magnitude_vector" in key}
+        assert magnitudes == {"unet", "text_encoder", "text_encoder_2"}
+        # The magnitudes are weights of their own: a run without DoRA does not take the checkpoint.
+        plain = launch(write_config(tiny_root, {**config, "lora": {"rank": 2}}))
+        _, errors = plain.communicate(timeout=300)
+        assert plain.returncode == 2, errors[-4000:]
+        assert "lora.use_dora = true (this run: false)" in errors
     exported = DiffusionPipeline.from_pretrained(tiny_root / "model")
     base = build_components("tiny-sdxl", None)
     for name in ("unet", "text_encoder", "text_encoder_2"):
