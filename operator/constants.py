@@ -44,6 +44,8 @@ DEFAULT_SCRAPE_INTERVAL_SECONDS = 15.0
 
 # Hash of the rendered trainer config, on the ConfigMap and the pods that mount it.
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+# The gang size a worker was started for (its torchrun --nnodes).
+ANNOTATION_GANG_NODES = f"{GROUP}/nodes"
 
 # Worker pods.
 WORKER_CONTAINER = "trainer"

@@ -93,6 +93,7 @@ class KubeApi:
     }
     # Read by name: the photos' ConfigMap, the claims the workers mount.
     _READ = {
+        "Service": "read_namespaced_service",
         "ConfigMap": "read_namespaced_config_map",
         "PersistentVolumeClaim": "read_namespaced_persistent_volume_claim",
     }

@@ -31,6 +31,7 @@ from .podstates import (
     is_preemption,
     is_scheduled,
     pod_gang,
+    pod_gang_nodes,
     pod_index,
     pod_name,
     pod_phase,
@@ -214,6 +215,8 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
         enter_phase(status, c.PHASE_PENDING, c.REASON_RESUMED, "runPolicy.suspend is false; recreating workers", now)
         plan.events.append(("Normal", c.REASON_RESUMED, "Job resumed; recreating workers"))
         phase = c.PHASE_PENDING
+        # As a Kubernetes Job's: activeDeadlineSeconds counts from the resume, not across the suspension.
+        status.pop("startTime", None)
 
     deadline = spec.run_policy.active_deadline_seconds
     started = parse_timestamp(status.get("startTime"))
@@ -240,12 +243,22 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
             _requeue(plan, (restart_at - now).total_seconds())
             return plan
 
+    if phase == c.PHASE_PENDING and any(is_deleting(p) for p in current):
+        # Workers still stopping (a suspension just lifted, or one deleted by hand before
+        # the gang ran): a worker cannot be recreated under its name until it is gone, and
+        # one that exits 143 meanwhile is not a preemption of the gang to come.
+        _requeue(plan, 1.0)
+        return plan
+
     failed = [p for p in current if pod_phase(p) == POD_FAILED]
     # The gang no longer matches: a worker vanished (node lost, deleted by hand) or
     # workers.nodes was edited. Restarted like a preemption: not the job's fault.
     vanished = phase in (c.PHASE_INITIALIZING, c.PHASE_RUNNING) and (
         len(current) < spec.workers.nodes or any(is_deleting(p) for p in current))
-    resized = any((pod_index(p) or 0) >= spec.workers.nodes for p in current)
+    # Edited up or down while the gang exists, even before it ran: its workers' torchrun
+    # waits for the old number of nodes, and a new worker would wait for the new one.
+    resized = any((pod_index(p) or 0) >= spec.workers.nodes or pod_gang_nodes(p) not in (None, spec.workers.nodes)
+                  for p in current)
     if failed or vanished or resized:
         return _restart(plan, spec, failed, current, now, timing)
 

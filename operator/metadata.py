@@ -81,6 +81,11 @@ def owner_reference(job: Job) -> dict[str, Any]:
     }
 
 
+def owner_uids(obj: dict[str, Any], kind: str = KIND) -> set[str]:
+    """The uids of the `kind` objects (DreamboothJobs) that own `obj`."""
+    return {ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("kind") == kind}
+
+
 def child_metadata(
     job: Job,
     name: str,

@@ -11,6 +11,7 @@ from kubernetes.utils import parse_quantity
 from .children import storage_claim_name
 from .constants import (
     ANNOTATION_CONFIG_HASH,
+    ANNOTATION_GANG_NODES,
     CONFIG_MOUNT_DIR,
     CONFIG_PATH,
     CONFIG_VOLUME,
@@ -216,7 +217,7 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         spec["imagePullSecrets"] = [{"name": secret.name} for secret in workers.image_pull_secrets]
     # The user's labels and annotations (never the operator's own keys: the spec refuses those).
     labels = {**workers.labels, **worker_labels(job.name, index, gang)}
-    annotations = {**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash}
+    annotations = {**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_GANG_NODES: str(workers.nodes)}
     gang_scheduling = job.spec.run_policy.gang_scheduling
     if gang_scheduling is not None and gang_scheduling.pod_group == "volcano":
         annotations[VOLCANO_GROUP_ANNOTATION] = pod_group_name(job.name)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import EXIT_CODE_SIGTERM, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
+from .constants import ANNOTATION_GANG_NODES, EXIT_CODE_SIGTERM, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
 
 POD_PENDING = "Pending"
 POD_RUNNING = "Running"
@@ -35,6 +36,14 @@ def pod_index(pod: dict[str, Any]) -> int | None:
         return None
 
 
+def pod_gang_nodes(pod: dict[str, Any]) -> int | None:
+    """The gang size the worker was started for; None on a pod of an operator before it was recorded."""
+    try:
+        return int(pod["metadata"].get("annotations", {})[ANNOTATION_GANG_NODES])
+    except (KeyError, ValueError):
+        return None
+
+
 def is_deleting(pod: dict[str, Any]) -> bool:
     return bool(pod["metadata"].get("deletionTimestamp"))
 
@@ -56,10 +65,21 @@ def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# The kubelet's eviction messages for a pod over its own limits ("Pod ephemeral local
+# storage usage exceeds the total limit of containers 20Gi.", "Container trainer exceeded
+# its local ephemeral storage limit \"20Gi\".", "Usage of EmptyDir volume \"dshm\" exceeds
+# the limit \"8Gi\"."), as opposed to a node short of a resource.
+_OWN_LIMIT_EXCEEDED = re.compile(r"exceeds the (total )?limit|exceeded its local ephemeral storage limit")
+
+
 def is_preemption(pod: dict[str, Any]) -> bool:
     """A failure that is not the job's fault: it restarts the gang without counting
     against runPolicy.backoffLimit (the trainer checkpoints on SIGTERM and exits 143)."""
     status = pod.get("status") or {}
+    if status.get("reason") == "Evicted" and _OWN_LIMIT_EXCEEDED.search(status.get("message") or ""):
+        # The kubelet evicts a pod that outgrew its own ephemeral-storage (or emptyDir)
+        # limit: the next gang would outgrow it again, so it counts like a crash.
+        return False
     if status.get("reason") in ("Evicted", "Preempting", "Terminated", "Shutdown", "NodeShutdown"):
         return True
     disruption = pod_condition(pod, "DisruptionTarget")
@@ -88,6 +108,8 @@ class Failure:
 def describe_failure(pod: dict[str, Any]) -> Failure:
     status = pod.get("status") or {}
     terminated = terminated_state(pod) or {}
+    if status.get("reason") == "Evicted":  # the kubelet's reason outranks the killed container's "Error"
+        terminated = {"exitCode": terminated.get("exitCode")}
     reason = terminated.get("reason") or status.get("reason") or "Error"
     message = terminated.get("message") or status.get("message") or ""
     return Failure(pod=pod_name(pod), reason=reason, exit_code=terminated.get("exitCode"), message=message)

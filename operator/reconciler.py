@@ -19,7 +19,15 @@ from .children import build_claim, build_config_map, build_service, output_statu
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
-from .metadata import claim_name, config_map_name, job_selector, service_name, worker_name, worker_selector
+from .metadata import (
+    claim_name,
+    config_map_name,
+    job_selector,
+    owner_uids,
+    service_name,
+    worker_name,
+    worker_selector,
+)
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
@@ -223,6 +231,9 @@ class Reconciler:
         create, asked in a dry run before anything is written: spec.workers passes
         volumes, tolerations, env and resources through as they are, and a malformed one
         must fail the job with the server's words, not fail every pass in the log."""
+        taken = await self._names_taken(job)
+        if taken is not None:
+            return taken
         fixes = {"Pod": "fix the spec field it comes from (a pod's spec.* from spec.workers)",
                  "PersistentVolumeClaim": "fix spec.storage",
                  "PodGroup": "install that scheduler, or remove spec.runPolicy.gangScheduling"}
@@ -232,6 +243,24 @@ class Reconciler:
             if message is not None:
                 return (f"the API server refuses the {child['kind']} {child['metadata']['name']!r} made from this "
                         f"spec: {message}; {fixes[child['kind']]}")
+        return None
+
+    async def _names_taken(self, job: Job) -> str | None:
+        """A Service or ConfigMap under a name the job's children need that is not this
+        job's: someone else's is refused (taking it over would also delete it with the
+        job); one an earlier job of the same name left behind (its garbage collection
+        may lag) is deleted now, or the new workers would lose it when it is collected."""
+        wanted = {"Service": (service_name(job.name), "its workers' DNS names <job>-worker-N.<job>"),
+                  "ConfigMap": (config_map_name(job.name), "the trainer config it mounts")}
+        for kind, (name, use) in wanted.items():
+            existing = await self.api.get(kind, job.namespace, name)
+            if existing is None or job.uid in owner_uids(existing):
+                continue
+            if owner_uids(existing):
+                await self.api.delete(kind, job.namespace, name)
+                continue
+            return (f"a {kind} named {name!r} already exists in namespace {job.namespace} and is not this job's; "
+                    f"the job needs that name for {use}: delete that {kind}, or recreate the job under another name")
         return None
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -277,8 +306,11 @@ class Reconciler:
         selector = job_selector(name)
         for pod in await self.api.list("Pod", namespace, selector):
             await self.api.delete("Pod", namespace, pod_name(pod))
-        await self.api.delete("Service", namespace, service_name(name))
-        await self.api.delete("ConfigMap", namespace, config_map_name(name))
+        uid = body["metadata"].get("uid")
+        for kind, child in (("Service", service_name(name)), ("ConfigMap", config_map_name(name))):
+            existing = await self.api.get(kind, namespace, child)
+            if existing is not None and uid in owner_uids(existing):  # never someone else's of that name
+                await self.api.delete(kind, namespace, child)
         pod_group = _pod_group_of(body)
         if pod_group is not None:
             await self.api.delete_custom(pod_group)

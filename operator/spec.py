@@ -163,6 +163,29 @@ class WorkersSpec(_Spec):
         return value
 
     @model_validator(mode="after")
+    def _resources_are_quantities(self) -> "WorkersSpec":
+        # The API server would refuse the pod too, but the PodGroup's minResources sums
+        # them first: a typo there must fail the job, not every reconcile pass.
+        from kubernetes.utils import parse_quantity
+
+        for section, amounts in self.resources.items():
+            if section == "claims":
+                continue
+            if section not in ("limits", "requests"):
+                raise field_error(f"resources.{section}", amounts, "unknown section; resources has limits, requests "
+                                                                   "and claims")
+            if not isinstance(amounts, dict):
+                raise field_error(f"resources.{section}", amounts, "give a mapping of resource to quantity, e.g. "
+                                                                   "{memory: 64Gi, cpu: 8}")
+            for resource, quantity in amounts.items():
+                try:
+                    parse_quantity(quantity)
+                except (ValueError, TypeError):
+                    raise field_error(f"resources.{section}.{resource}", quantity,
+                                      "not a Kubernetes quantity; write e.g. 64Gi (not 64GB), 500m or 8") from None
+        return self
+
+    @model_validator(mode="after")
     def _own_volumes(self) -> "WorkersSpec":
         names: list[str] = []
         for index, volume in enumerate(self.volumes):
@@ -336,5 +359,23 @@ class Job(BaseModel):
     @classmethod
     def from_body(cls, body: Any) -> "Job":
         meta = body["metadata"]
-        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid") or "",
-                   spec=parse_spec(body.get("spec")))
+        spec = parse_spec(body.get("spec"))
+        check_job_name(meta["name"], spec.workers.nodes)
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid") or "", spec=spec)
+
+
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def check_job_name(name: str, nodes: int) -> None:
+    """The job's name is its headless Service's (a DNS-1035 label) and the first part of
+    its workers' hostnames `<name>-worker-<index>` (at most 63 characters): a name the
+    API server accepts for the job could still fail every Service or pod creation."""
+    longest = 63 - len(f"-worker-{nodes - 1}")
+    if not _DNS_1035_LABEL.fullmatch(name) or len(name) > longest:
+        raise InvalidSpecError(
+            f"metadata.name = {name!r}: the job's name is also its Service's and its workers' hostnames' "
+            f"(<name>-worker-N), so it must be at most {longest} lower-case letters, digits or '-' "
+            f"(with spec.workers.nodes = {nodes}), starting with a letter and ending with a letter or digit; "
+            "recreate the job under such a name"
+        )

@@ -203,6 +203,7 @@ def test_worker_pod_takes_the_users_labels_volumes_registry_and_scheduler() -> N
     # Beside the operator's own labels and annotations, which still select the pod.
     assert pod["metadata"]["labels"]["team"] == "vision" and pod["metadata"]["labels"][c.LABEL_JOB] == "sks-dog"
     assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false", c.ANNOTATION_CONFIG_HASH: "abc",
+                                              c.ANNOTATION_GANG_NODES: str(FULL_SPEC["workers"]["nodes"]),
                                               c.VOLCANO_GROUP_ANNOTATION: "sks-dog"}  # runPolicy.gangScheduling
     assert spec["schedulerName"] == "volcano"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
@@ -392,6 +393,11 @@ _DELETE = object()
                  "volumeMounts": [{"name": "data", "mountPath": "/mnt/storage/data"}]},
      "spec.workers.volumeMounts[0].mountPath = '/mnt/storage/data': the operator mounts /mnt/storage there"),
     ("workers.imagePullSecrets", ["regcred"], "spec.workers.imagePullSecrets.0 = 'regcred'"),
+    # The PodGroup's minResources sums them: a typo must fail the job, not every reconcile pass.
+    ("workers.resources", {"limits": {"memory": "16GB"}},
+     "spec.workers.resources.limits.memory = '16GB': not a Kubernetes quantity; write e.g. 64Gi (not 64GB)"),
+    ("workers.resources", {"limits": None}, "spec.workers.resources.limits = None: give a mapping of resource"),
+    ("workers.resources", {"limit": {"cpu": 1}}, "spec.workers.resources.limit = {'cpu': 1}: unknown section"),
     ("runPolicy.gangScheduling", {"podGroup": "kueue"}, "spec.runPolicy.gangScheduling.podGroup = 'kueue'"),
     ("runPolicy.gangScheduling", {"podGroup": "coscheduling", "queue": "a"},
      "spec.runPolicy.gangScheduling.queue = 'a': only Volcano has queues"),
@@ -410,6 +416,20 @@ def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: An
         the_job = job(_with(path, value))
         render_trainer_config(the_job.name, the_job.spec)
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("name,nodes,longest", [("1st-dog", 2, 54), ("sks.dog", 2, 54), ("d" * 55, 2, 54),
+                                                 ("d" * 54, 10, 54), ("d" * 54, 11, 53)])
+def test_a_job_name_that_cannot_name_its_service_and_hostnames_is_an_invalid_spec(name: str, nodes: int,
+                                                                                   longest: int) -> None:
+    spec = _with("workers.nodes", nodes)
+    if len(name) <= longest and name[0].isalpha() and "." not in name:
+        assert job(spec, name=name).name == name
+        return
+    with pytest.raises(InvalidSpecError) as error:
+        job(spec, name=name)
+    assert f"metadata.name = {name!r}" in str(error.value)
+    assert f"at most {longest} lower-case letters, digits or '-' (with spec.workers.nodes = {nodes})" in str(error.value)
 
 
 def test_spec_the_trainer_rejects_is_an_invalid_spec() -> None:

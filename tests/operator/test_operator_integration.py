@@ -184,6 +184,37 @@ def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
     assert cluster.status("broken")["phase"] == "Pending"
 
 
+def test_a_service_of_the_jobs_name_that_is_not_the_jobs_is_neither_taken_over_nor_deleted(cluster: Cluster) -> None:
+    theirs = {"metadata": {"name": "clash"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}}
+    cluster.core.create_namespaced_service("default", theirs)
+    # A ConfigMap an earlier job of the same name left behind (its garbage collection lagging): replaced.
+    stale = {"metadata": {"name": "clash-config", "ownerReferences": [
+        {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamboothJob", "name": "clash", "uid": "an-earlier-job"}]},
+        "data": {"config.yaml": "old"}}
+    cluster.core.create_namespaced_config_map("default", stale)
+    cluster.create_job("clash", spec())
+    wait_for(phase_is(cluster, "clash", "Failed"), what="clash Failed")
+    failed = condition(cluster.status("clash"), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(
+        "a Service named 'clash' already exists in namespace default and is not this job's; the job needs that name "
+        "for its workers' DNS names")
+    assert cluster.pods("clash") == []
+
+    # Deleting the job leaves their Service alone.
+    cluster.delete_job("clash")
+    wait_for(lambda: not cluster.job_exists("clash"), what="job gone")
+    assert cluster.core.read_namespaced_service("clash", "default").spec.selector == {"app": "web"}
+
+    # Once it is gone, a job of that name starts, the stale ConfigMap replaced by its own.
+    cluster.core.delete_namespaced_service("clash", "default")
+    assert cluster.core.read_namespaced_config_map("clash-config", "default").data == {"config.yaml": "old"}
+    cluster.create_job("clash", spec())
+    wait_for(lambda: len(cluster.pods("clash")) == 1, what="the worker")
+    owner = cluster.core.read_namespaced_config_map("clash-config", "default").metadata.owner_references[0]
+    assert owner.uid == cluster.job("clash")["metadata"]["uid"]
+
+
 NFS_WITHOUT_PATH = {"volumes": [{"name": "datasets", "nfs": {"server": "nfs.internal"}}]}
 ENV_WITH_VALUE_AND_SOURCE = {"env": [{"name": "TOKEN", "value": "x",
                                       "valueFrom": {"secretKeyRef": {"name": "t", "key": "token"}}}]}
@@ -381,9 +412,13 @@ def test_gang_scheduling_puts_every_worker_in_one_pod_group_that_follows_the_gan
         assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "gang"
         assert pod["spec"]["schedulerName"] == "volcano"
 
-    # A third worker (added to the gang, which has not started): the group waits for three.
+    # A third worker before the gang ran: the whole gang is recreated for three nodes (two
+    # workers waiting for 2 and one for 3 would never meet), and the group waits for three.
     cluster.patch_spec("gang", {"workers": {"nodes": 3}})
-    wait_for(lambda: len(cluster.pods("gang")) == 3, what="a third worker")
+    pods = wait_for(lambda: (found := cluster.pods("gang")) and len(found) == 3
+                    and all(pod["metadata"]["annotations"]["dreambooth.io/nodes"] == "3" for pod in found) and found,
+                    what="a gang of three")
+    assert {pod["metadata"]["labels"]["dreambooth.io/gang"] for pod in pods} == {"1"}
     wait_for(lambda: cluster.custom.get_namespaced_custom_object(*VOLCANO, "gang")["spec"]["minMember"] == 3,
              what="minMember 3")
 

@@ -27,7 +27,8 @@ def job_spec(nodes: int = 2, backoff_limit: int = 3, **run_policy: Any) -> JobSp
 
 def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, reason: str | None = None,
         conditions: list[dict[str, Any]] | None = None, pod_reason: str | None = None,
-        created: dt.datetime = NOW, deleting: bool = False) -> dict[str, Any]:
+        created: dt.datetime = NOW, deleting: bool = False, nodes: int | None = None,
+        message: str | None = None) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if exit_code is not None:
         status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
@@ -36,10 +37,14 @@ def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None
         status["conditions"] = conditions
     if pod_reason is not None:
         status["reason"] = pod_reason
+    if message is not None:
+        status["message"] = message
     metadata: dict[str, Any] = {"name": f"j-worker-{index}", "creationTimestamp": timestamp(created),
                                 "labels": {c.LABEL_GANG: str(gang), c.LABEL_WORKER_INDEX: str(index)}}
     if deleting:
         metadata["deletionTimestamp"] = timestamp(NOW)
+    if nodes is not None:  # the gang size the worker was started for
+        metadata["annotations"] = {c.ANNOTATION_GANG_NODES: str(nodes)}
     return {"metadata": metadata, "status": status}
 
 
@@ -81,6 +86,14 @@ RUNNING = {"phase": c.PHASE_RUNNING, "restarts": 0, "preemptions": 0, "startTime
     (RUNNING, [pod(0)], c.PHASE_RESTARTING, [], ["j-worker-0"]),
     # workers.nodes lowered from 3 to 2 while running: a new gang of the new size
     (RUNNING, [pod(0), pod(1), pod(2)], c.PHASE_RESTARTING, [], ["j-worker-0", "j-worker-1", "j-worker-2"]),
+    # workers.nodes raised from 1 to 2 before the gang ran: worker-0 waits for 1 node, a new one would wait
+    # for 2: a new gang of the new size
+    ({"phase": c.PHASE_PENDING}, [pod(0, "Pending", nodes=1)], c.PHASE_RESTARTING, [], ["j-worker-0"]),
+    # workers of the same size as the spec's are kept
+    ({"phase": c.PHASE_PENDING}, [pod(0, "Pending", nodes=2)], c.PHASE_PENDING, [1], []),
+    # workers still stopping before the gang ran (a suspension just lifted): wait for them, count nothing
+    ({"phase": c.PHASE_PENDING}, [pod(0, "Failed", exit_code=143, deleting=True), pod(1, deleting=True)],
+     c.PHASE_PENDING, [], []),
     # stale pods of an older gang are deleted before anything else
     ({**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING}, [pod(0, gang=0), pod(1, gang=0, deleting=True)],
      c.PHASE_RESTARTING, [], ["j-worker-0"]),
@@ -116,6 +129,12 @@ def test_success_reports_the_last_step_even_when_the_last_scrape_was_earlier() -
     (pod(1, "Failed", exit_code=137, reason="OOMKilled"), False),
     (pod(1, "Failed", exit_code=143), True),
     (pod(1, "Failed", pod_reason="Evicted"), True),
+    # evicted for outgrowing its own limits: the next gang would be too
+    (pod(1, "Failed", pod_reason="Evicted",
+         message="Pod ephemeral local storage usage exceeds the total limit of containers 20Gi."), False),
+    (pod(1, "Failed", exit_code=137, pod_reason="Evicted", conditions=[{"type": "DisruptionTarget", "status": "True"}],
+         message='Container trainer exceeded its local ephemeral storage limit "20Gi". '), False),
+    (pod(1, "Failed", pod_reason="Evicted", message="The node was low on resource: ephemeral-storage. "), True),
     (pod(1, "Failed", exit_code=1, conditions=[{"type": "DisruptionTarget", "status": "True"}]), True),
     (pod(1, "Failed", exit_code=1, conditions=[{"type": "DisruptionTarget", "status": "False"}]), False),
 ])
@@ -200,6 +219,22 @@ def test_suspend_deletes_every_worker_and_resume_recreates_them() -> None:
     assert plan.status["phase"] == c.PHASE_PENDING
     assert plan.create == [0, 1]
     assert condition(plan.status, c.CONDITION_SUSPENDED)["status"] == "False"
+
+
+def test_the_active_deadline_counts_from_the_resume_not_across_the_suspension() -> None:
+    suspended = {**RUNNING, "phase": c.PHASE_SUSPENDED, "startTime": timestamp(NOW - dt.timedelta(hours=2))}
+    plan = decide(job_spec(activeDeadlineSeconds=3600), suspended, [], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_PENDING and plan.create == [0, 1]
+    assert plan.status["startTime"] == timestamp(NOW)
+    assert plan.requeue_after is None or plan.requeue_after > 3000
+
+
+def test_an_eviction_for_outgrowing_its_own_limit_is_named_in_the_failure() -> None:
+    message = "Pod ephemeral local storage usage exceeds the total limit of containers 20Gi."
+    evicted = pod(1, "Failed", exit_code=137, reason="Error", pod_reason="Evicted", message=message)
+    plan = decide(job_spec(backoff_limit=0), RUNNING, [pod(0), evicted], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_FAILED
+    assert plan.status["lastFailure"]["reason"] == "Evicted" and plan.status["lastFailure"]["message"] == message
 
 
 def test_active_deadline_fails_the_job_and_stops_workers() -> None:
