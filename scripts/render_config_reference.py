@@ -21,7 +21,9 @@ TARGET = REPO / "docs" / "config.md"
 
 def default_text(field) -> str:
     if field.default_factory is not None:
-        return "(computed)" if field.default_factory.__name__.startswith("_") else "{}"
+        if field.default_factory.__name__.startswith("_"):
+            return "(computed)"
+        return f"`{field.default_factory()!r}`"
     if field.default is PydanticUndefined:
         return "**required**"
     return f"`{field.default!r}`" if field.default is not None else "`null`"

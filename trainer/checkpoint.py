@@ -237,17 +237,32 @@ def apply_retention(directory: Path, *, keep_last: int, in_use: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def verified(folder: Path) -> Manifest | None:
+def why_incomplete(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files, None when they match its manifest."""
     try:
         manifest = Manifest.read(folder)
     except (OSError, ValueError, KeyError) as error:
-        log.warning("checkpoint %s skipped: unreadable manifest (%s)", folder, error)
+        return f"unreadable manifest ({error})"
+    return "; ".join(manifest.problems(folder)) or None
+
+
+def verified(folder: Path) -> Manifest | None:
+    problem = why_incomplete(folder)
+    if problem is not None:
+        log.warning("checkpoint %s skipped: %s", folder, problem)
         return None
-    problems = manifest.problems(folder)
-    if problems:
-        log.warning("checkpoint %s skipped: %s", folder, "; ".join(problems))
-        return None
-    return manifest
+    return Manifest.read(folder)
+
+
+def named_resume_point(config: CheckpointConfig) -> Path:
+    """The folder checkpoint.resume names (neither auto nor never), refused unless complete."""
+    folder = Path(config.resume)
+    problem = why_incomplete(folder)
+    if problem is not None:
+        raise ConfigError(f"checkpoint.resume = {config.resume!r}: not a complete checkpoint folder: {problem}; "
+                          "name a step-NNNNNNNN folder of checkpoint.dir, or set auto (the latest complete one) "
+                          "or never (start over)")
+    return folder
 
 
 def _candidates_in_order(config: CheckpointConfig) -> list[Path]:
@@ -256,10 +271,7 @@ def _candidates_in_order(config: CheckpointConfig) -> list[Path]:
     if config.resume == "never":
         return []
     if config.resume != "auto":
-        folder = Path(config.resume)
-        if verified(folder) is None:
-            raise ConfigError(f"checkpoint.resume = {config.resume!r}: not a complete checkpoint folder (no valid manifest)")
-        return [folder]
+        return [named_resume_point(config)]
     candidates = complete_checkpoints(config.dir)
     pointer = config.dir / LATEST
     if pointer.is_file():
@@ -355,9 +367,11 @@ def check_compatible(folder: Path, saved: TrainingShape, run: TrainingShape, *, 
     start_over = "set checkpoint.resume=never (or another checkpoint.dir) to start over"
     mismatches = saved.mismatches(run)
     if mismatches:
+        # One group saved where the text encoders trained: only a trainer before their own group wrote that.
+        legacy = "optimizer.param_groups" not in saved.settings and saved.settings.get("training.train_text_encoder")
         older = ("; optimizer.param_groups is not a key: the checkpoint was written by a trainer older than "
                  "training.text_encoder_learning_rate, resume it with that trainer's image"
-                 if any(found.startswith("optimizer.param_groups") for found in mismatches) else "")
+                 if legacy and any(found.startswith("optimizer.param_groups") for found in mismatches) else "")
         raise ConfigError(
             f"checkpoint {folder} was written with {', '.join(mismatches)}, which DeepSpeed cannot load across; "
             f"set those keys back to resume it, or {start_over}{older}"
@@ -410,10 +424,13 @@ def load_latest(engine, config: CheckpointConfig, runtime: Runtime, lora: LoraCo
             error, state = caught, None
         if not any_rank(error is not None):
             return folder, state
+        # Skipped, the run would start over and retention would delete the progress.
         if universal is not None:
-            # Skipped, the run would start over and retention would delete the progress.
             raise ConfigError(f"checkpoint {folder}, converted for this world size, does not load "
                               f"({error or 'failed on another rank'}); resume with the nodes x processes per node "
                               "that wrote it, or set checkpoint.resume=never to start over")
+        if config.resume != "auto":  # the one asked for: no other is tried
+            raise ConfigError(f"checkpoint.resume = {config.resume!r} does not load ({error or 'failed on another rank'}); "
+                              "name another checkpoint folder, or set auto (the latest complete one that loads)")
         log.warning("checkpoint %s skipped: it does not load (%s)", folder, error or "failed on another rank")
     return None, None

@@ -7,6 +7,7 @@ depend on pydantic and PyYAML (never torch).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -317,6 +318,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _section_keys(loc: tuple, required_only: bool = False) -> list[str]:
+    """The keys of the config section at `loc` (the top level for ()), [] where it is no section."""
+    model: Any = TrainerConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [name for name, field in model.model_fields.items() if not required_only or field.is_required()]
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid trainer config {source}:"]
     for item in error.errors():
@@ -326,11 +338,20 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             # Our own cross-field checks already name the keys and values involved.
             lines.append(f"  {message}")
         elif item["type"] == "missing":
-            lines.append(f"  {key}: required key is missing; add it to the file or pass --set {key}=VALUE")
+            required = [f"{key}.{name}" for name in _section_keys(item["loc"], required_only=True)]
+            example = required[0] if required else key
+            lines.append(f"  {key}: required {'section' if required else 'key'} is missing"
+                         f"{' (it needs ' + ', '.join(required) + ')' if required else ''}; "
+                         f"add it to the file or pass --set {example}=VALUE")
         elif item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; remove it or check its spelling against DESIGN.md / README")
+            section = ".".join(str(part) for part in item["loc"][:-1])
+            close = difflib.get_close_matches(str(item["loc"][-1]), _section_keys(item["loc"][:-1]), n=1)
+            hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+            lines.append(f"  {key}: unknown key; {hint}remove it or check its spelling against docs/config.md")
         else:
-            lines.append(f"  {key} = {item.get('input')!r}: {message}")
+            quoted = (" (--set reads its value as YAML: quote text, e.g. --set 'data.instance_prompt=\"#1 sks dog\"')"
+                      if item["type"] == "string_type" else "")
+            lines.append(f"  {key} = {item.get('input')!r}: {message}{quoted}")
     lines.append("Fix the file or override a key with --set section.key=value.")
     return "\n".join(lines)
 

@@ -210,8 +210,10 @@ def stop_diverged(config: TrainerConfig, runtime: Runtime, first: int, last: int
                      f"{checkpoint.DIVERGED_PREFIX}{retracted.name}")
     parts.append(f"the next run resumes from {latest.name}" if latest is not None
                  else "no checkpoint from before it is left, so the next run starts at step 0")
+    clipping = (f"or training.max_grad_norm (now {training.max_grad_norm:g})" if training.max_grad_norm > 0
+                else "or clip gradients with training.max_grad_norm (now 0: off; e.g. 1.0)")
     raise TrainingDiverged("; ".join(parts) + f". Lower training.learning_rate (now {training.learning_rate:g}) "
-                           f"or training.max_grad_norm (now {training.max_grad_norm:g}), and run again")
+                           f"{clipping}, and run again")
 
 
 def train(

@@ -51,12 +51,32 @@ def fetch_inputs(config: TrainerConfig) -> Path | None:
 
 
 def check_inputs(config: TrainerConfig) -> None:
-    """What can be checked before any process group starts: the instance photos."""
+    """What can be checked before any process group starts: the instance photos, the
+    folders the run writes (found out at the first checkpoint or the export otherwise),
+    and a checkpoint named to resume from."""
+    from trainer.checkpoint import named_resume_point
     from trainer.data import load_image_set
 
     load_image_set(config.data.instance_dir, "data.instance_dir", config.data.resolution)
-    if config.data.class_dir is not None and config.data.class_dir.exists() and not config.data.class_dir.is_dir():
-        raise ConfigError(f"data.class_dir = {str(config.data.class_dir)!r}: exists and is not a folder")
+    folders = {"checkpoint.dir": config.checkpoint.dir, "output.dir": config.output.dir, "data.class_dir": config.data.class_dir}
+    for key, folder in folders.items():
+        if folder is not None:
+            check_writable_folder(folder, key)
+    if config.checkpoint.resume not in ("auto", "never"):
+        named_resume_point(config.checkpoint)
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """`folder` is one, or can be made where it is named, by this user."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key} = {str(folder)!r}: exists and is not a folder; name a folder")
+    existing = folder if folder.exists() else next(parent for parent in folder.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} = {str(folder)!r}: {existing} is a file, so no folder can be made there; "
+                          "name another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} = {str(folder)!r}: {existing} is not writable by this user (uid {os.getuid()}); "
+                          "name a folder it may write, or give it access (a volume's fsGroup)")
 
 
 class StopFlag:
@@ -207,6 +227,11 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         resumed_from = state.step if resume_point is not None else None
         if resume_point is not None:
             metrics.record_resume(step=state.step, samples=state.samples)
+        if state.step > config.training.max_steps and runtime.is_main:
+            report_event(f"warning: checkpoint {resume_point.name} is past training.max_steps = "
+                         f"{config.training.max_steps}: nothing is trained, and its step-{state.step} weights are "
+                         "exported; to export an earlier step, set checkpoint.resume to that step's folder",
+                         json_format=json_logs)
         eval_batch = data.instance_batch()
         eval_before = step_fn.instance_eval_loss(eval_batch)
         samples_before, train_started = state.samples, time.monotonic()

@@ -235,6 +235,12 @@ def test_a_checkpoint_of_another_shape_is_named_not_loaded():
     with pytest.raises(ConfigError, match="older than training.text_encoder_learning_rate, resume it with that trainer's image"):
         check_compatible(Path("step-00000100"), saved, two_groups)
     assert TrainingShape(world_size=2, settings=two_groups.settings).mismatches(two_groups) == []
+    # This trainer's checkpoint (both groups), resumed without the text encoder: the keys, no older trainer blamed.
+    current = TrainingShape(world_size=2, settings=two_groups.settings)
+    with pytest.raises(ConfigError) as refused:
+        check_compatible(Path("step-00000100"), current, run(training__train_text_encoder=False, optimizer__param_groups=1))
+    assert "training.train_text_encoder = true (this run: false)" in str(refused.value)
+    assert "optimizer.param_groups = 2 (this run: 1)" in str(refused.value) and "older than" not in str(refused.value)
 
 
 def test_another_base_architecture_is_refused_by_its_trained_parameters(tmp_path):

@@ -60,11 +60,13 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
     [
         ({"training": {"precision": "fp8"}}, ["training.precision", "'fp8'", "'fp16'", "'bf16'"]),
         ({"training": {"learning_rate": -1}}, ["training.learning_rate", "-1", "greater than 0"]),
-        ({"training": {"max_stepz": 5}}, ["training.max_stepz", "unknown key"]),
+        ({"training": {"max_stepz": 5}}, ["training.max_stepz: unknown key; did you mean training.max_steps?"]),
+        ({"trainin": {"max_steps": 5}}, ["trainin: unknown key; did you mean training?"]),
+        ({"data": {"instance_prompt": None}}, ["data.instance_prompt = None", "quote text"]),
         ({"deepspeed": {"zero_stage": 4}}, ["deepspeed.zero_stage", "4"]),
         ({"data": {"resolution": 70}}, ["data.resolution", "70", "multiple of 8"]),
         ({"data": {"class_dir": None}}, ["data.class_dir", "required", "class_prompt"]),
-        ({"output": None}, ["output", "required key is missing"]),
+        ({"output": None}, ["output: required section is missing (it needs output.dir)", "--set output.dir=VALUE"]),
         ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
         ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
         ({"training": {"text_encoder_learning_rate": 1e-5}},
@@ -163,3 +165,31 @@ def test_config_reference_doc_is_up_to_date():
 
     check = subprocess.run([sys.executable, str(REPO / "scripts" / "render_config_reference.py"), "--check"])
     assert check.returncode == 0, "docs/config.md is stale: run python scripts/render_config_reference.py"
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "output.dir", "data.class_dir"])
+def test_a_folder_the_run_writes_is_checked_before_it_trains(tmp_path, key):
+    from trainer.main import check_inputs
+
+    section, field = key.split(".")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for path, expected in ((a_file, "exists and is not a folder"),
+                           (a_file / "inside", f"{a_file} is a file, so no folder can be made there")):
+        config = validate_config(tiny_config(tmp_path, **{section: {field: str(path)}}))
+        with pytest.raises(ConfigError) as caught:
+            check_inputs(config)
+        assert f"{key} = {str(path)!r}: {expected}" in str(caught.value)
+    # Folders that do not exist yet are made by the run.
+    check_inputs(validate_config(tiny_config(tmp_path, **{section: {field: str(tmp_path / "new" / "folder")}})))
+
+
+def test_a_checkpoint_named_to_resume_from_must_be_complete_before_anything_starts(tmp_path):
+    from trainer.main import check_inputs
+
+    for value in ("latest", str(tmp_path)):
+        config = validate_config(tiny_config(tmp_path, checkpoint={"resume": value}))
+        with pytest.raises(ConfigError) as caught:
+            check_inputs(config)
+        assert f"checkpoint.resume = {value!r}: not a complete checkpoint folder: unreadable manifest" in str(caught.value)
+        assert "or set auto (the latest complete one) or never (start over)" in str(caught.value)

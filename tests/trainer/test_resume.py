@@ -144,6 +144,13 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
     states = newest / "mp_rank_00_model_states.pt"
     states.write_bytes(b"\0" * states.stat().st_size)
 
+    # Named in checkpoint.resume, it is refused, not skipped: the run would start from step 0 and overwrite it.
+    named = launch(config_path, "--set", "training.max_steps=7", "--set", f"checkpoint.resume={newest}")
+    _, errors = named.communicate(timeout=300)
+    assert named.returncode == 2, errors[-4000:]
+    assert f"checkpoint.resume = '{newest}' does not load" in errors
+    assert [path.name for path in checkpoint.complete_checkpoints(root / "checkpoints")] == ["step-00000006", "step-00000003"]
+
     resumed = run_trainer(config_path, extra=["--set", "training.max_steps=7"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "step-00000006 skipped" in resumed.stderr
