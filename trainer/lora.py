@@ -23,32 +23,48 @@ DEFAULT_TARGETS = {key: LoraConfig.model_fields[key].default_factory()
                    for key in ("unet_target_modules", "text_encoder_target_modules")}
 
 
+def adapted_modules(components, *, train_text_encoder: bool) -> list[tuple[torch.nn.Module, str]]:
+    """(module, the LoraConfig key of its targets) for each module that gets adapters."""
+    return [(components.unet, "unet_target_modules")] + (
+        [(encoder, "text_encoder_target_modules") for encoder in components.text_encoders] if train_text_encoder else [])
+
+
+def _targets_error(lora: LoraConfig, key: str, module: torch.nn.Module, problem: str) -> ConfigError:
+    return ConfigError(
+        f"lora.{key} = {getattr(lora, key)}: {problem}. Name modules of {type(module).__name__} (the last part "
+        f"of a module's name, e.g. {DEFAULT_TARGETS[key]}) or remove the key for the default"
+    )
+
+
+def check_targets(components, lora: LoraConfig, *, train_text_encoder: bool) -> None:
+    """Before class images are generated: every target names a module, by peft's rule (a
+    module's full name or its last dotted parts). peft itself fails only when none does,
+    so a misspelt one beside a good one would be dropped without a word."""
+    for module, key in adapted_modules(components, train_text_encoder=train_text_encoder):
+        names = [name for name, _ in module.named_modules()]
+        missing = [target for target in getattr(lora, key)
+                   if not any(name == target or name.endswith("." + target) for name in names)]
+        if missing:
+            raise _targets_error(lora, key, module, f"no module named {', '.join(map(repr, missing))}")
+
+
 def add_adapters(components, lora: LoraConfig, *, train_text_encoder: bool) -> None:
     """Freezes the UNet (and the text encoders) and adds trainable adapters to it (and,
     with training.train_text_encoder, to the text encoders' attention: both of SDXL's)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    def add(module: torch.nn.Module, key: str) -> None:
-        target_modules = getattr(lora, key)
+    for module, key in adapted_modules(components, train_text_encoder=train_text_encoder):
         module.requires_grad_(False)
         # peft's own call, as diffusers' add_adapter makes it: transformers' add_adapter
         # wants a newer peft than diffusers does, for the same adapters.
         # Gaussian A and zero B, as diffusers' script: the untrained adapter changes nothing.
         config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scaled_alpha, lora_dropout=lora.dropout,
-                                init_lora_weights="gaussian", target_modules=target_modules, use_dora=lora.use_dora)
+                                init_lora_weights="gaussian", target_modules=getattr(lora, key), use_dora=lora.use_dora)
         try:
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)
         except ValueError as error:  # peft: "Target modules {...} not found in the base model"
-            raise ConfigError(
-                f"lora.{key} = {target_modules}: {str(error).rstrip('.')}. Name modules of {type(module).__name__} "
-                f"(the last part of a module's name, e.g. {DEFAULT_TARGETS[key]}) or remove the key for the default"
-            ) from None
-
-    add(components.unet, "unet_target_modules")
-    if train_text_encoder:
-        for text_encoder in components.text_encoders:
-            add(text_encoder, "text_encoder_target_modules")
+            raise _targets_error(lora, key, module, str(error).rstrip(".")) from None
 
 
 def has_adapters(module: torch.nn.Module) -> bool:

@@ -5,7 +5,7 @@ Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
 a retry resumes from the final checkpoint and uploads again),
 4 diverged: the loss stayed NaN or infinite (training.max_nonfinite_steps); nothing
 exported, the checkpoints from before the divergence kept,
-143 stopped by SIGTERM after saving a checkpoint.
+143 stopped by SIGTERM (or Ctrl-C) after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -83,20 +83,35 @@ class StopFlag:
     """SIGTERM (preemption, suspend, delete) asks for a checkpoint at the end of the
     current step. If that has not finished within `grace_seconds`, the process exits
     anyway, before the kubelet's SIGKILL: the half-written checkpoint has no manifest
-    and is skipped on resume, so the previous one is used."""
+    and is skipped on resume, so the previous one is used. Ctrl-C (SIGINT) does the
+    same for a run in a terminal; a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, grace_seconds: float):
         self.requested = False
+        self.signal_name = "a signal"
         self.grace_seconds = grace_seconds
-        signal.signal(signal.SIGTERM, self._handle)
+        self._watchdog: threading.Timer | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame):
         if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             return
         self.requested = True
-        watchdog = threading.Timer(self.grace_seconds, self._give_up)
-        watchdog.daemon = True
-        watchdog.start()
+        self.signal_name = signal.Signals(signum).name
+        self._watchdog = threading.Timer(self.grace_seconds, self._give_up)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def close(self) -> None:
+        """The previous handlers back, and no exit pending: the run is over."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _give_up(self):
         sys.stderr.write(f"no checkpoint within checkpoint.grace_seconds={self.grace_seconds}; exiting\n")
@@ -115,8 +130,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
     import torch
+    import transformers
 
+    # Their bars for loading and saving weights: carriage-return noise in a pod's log.
+    # The hub's download bars stay (minutes for a real model, worth watching).
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -198,12 +219,16 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             report_event(f"warning: data.resolution = {config.data.resolution} is below the {components.native_resolution} "
                          f"px the base model was trained at; its fine-tune will lose detail. Set data.resolution: "
                          f"{components.native_resolution} unless this is a trial", json_format=json_logs)
+        if config.lora.enabled:  # before minutes of class-image generation
+            from trainer.lora import check_targets
+
+            check_targets(components, config.lora, train_text_encoder=config.training.train_text_encoder)
         class_images_generated = 0
         if config.data.with_prior_preservation:
             metrics.set_phase(m.PHASE_GENERATING_CLASS_IMAGES)
             mine = generate_class_images(config, components, runtime, stop_requested=stop)
             if stop.requested:
-                report_event("stopped by SIGTERM during class-image generation", json_format=json_logs)
+                report_event(f"stopped by {stop.signal_name} during class-image generation", json_format=json_logs)
                 metrics.set_phase(m.PHASE_STOPPED)
                 return EXIT_TERMINATED
             report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)
@@ -250,7 +275,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         train_seconds = time.monotonic() - train_started
         if stop.requested or state.step < config.training.max_steps:
             if runtime.is_main:
-                report_event("stopped by SIGTERM", json_format=json_logs, step=state.step)
+                report_event(f"stopped by {stop.signal_name}", json_format=json_logs, step=state.step)
             metrics.set_phase(m.PHASE_STOPPED)
             return EXIT_TERMINATED
         eval_after = step_fn.instance_eval_loss(eval_batch)
@@ -294,6 +319,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         shutdown()
         metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase == m.PHASE_DONE else 0,
                       interrupted=stop)
+        stop.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,22 @@ def changed_weights(module: torch.nn.Module, base: torch.nn.Module) -> set[str]:
     return {name for name, value in module.state_dict().items() if not torch.equal(value, base_state[name])}
 
 
+def test_a_misspelt_target_beside_good_ones_is_refused_before_anything_is_generated():
+    from trainer.config import ConfigError, LoraConfig
+    from trainer.lora import check_targets
+
+    for source in ("tiny", "tiny-sdxl"):  # the defaults name modules of both models, SDXL's two encoders included
+        check_targets(build_components(source, None), LoraConfig(rank=4), train_text_encoder=True)
+    components = build_components("tiny", None)
+    # peft alone would adapt to_q and drop to_kk without a word.
+    with pytest.raises(ConfigError, match=r"lora.unet_target_modules = \['to_q', 'to_kk'\]: no module named 'to_kk'"):
+        check_targets(components, LoraConfig(rank=4, unet_target_modules=["to_q", "to_kk"]), train_text_encoder=False)
+    text_targets = LoraConfig(rank=4, text_encoder_target_modules=["q_proj", "query"])
+    check_targets(components, text_targets, train_text_encoder=False)  # the text encoder gets none
+    with pytest.raises(ConfigError, match=r"lora.text_encoder_target_modules = .*: no module named 'query'"):
+        check_targets(components, text_targets, train_text_encoder=True)
+
+
 @pytest.mark.slow
 def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_fused_and_as_a_file(tmp_path):
     straight = tmp_path / "straight"

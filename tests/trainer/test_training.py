@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -196,3 +199,21 @@ def test_unavailable_model_source_is_a_clear_error(tiny_root, monkeypatch, sourc
     assert f"model.source = {source!r}" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tiny_root / "model").exists()
+
+
+def test_ctrl_c_asks_for_a_checkpoint_as_sigterm_does_and_a_second_one_stops_at_once():
+    from trainer.main import StopFlag
+
+    before = {signum: signal.getsignal(signum) for signum in StopFlag.SIGNALS}
+    stop = StopFlag(grace_seconds=60)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread between two bytecodes
+        assert stop() and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.close()  # the grace-period watchdog would end this process
+    assert {signum: signal.getsignal(signum) for signum in StopFlag.SIGNALS} == before
+
