@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(config)
         return run(config, model_dir)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        # Every process of a node finds the same problem: one copy per node, not interleaved ones.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
 
 
