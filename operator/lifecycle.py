@@ -235,6 +235,7 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
     # created while the old one is still terminating (same name).
     if stale:
         plan.delete = [pod_name(p) for p in stale if not is_deleting(p)]
+        _report_stuck_terminating(plan, stale, now)
         _requeue(plan, 1.0)
         return plan
     if phase == c.PHASE_RESTARTING:
@@ -363,6 +364,36 @@ def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.dat
     failure = Failure(pod=first.pod, reason=first.reason, exit_code=None, message=first.message)
     status["lastFailure"] = failure.as_status(timestamp(now))
     _fail(plan, current, first.reason, f"worker {first} ({how_long}); fix {fix} and recreate the job", now)
+
+
+# Past its deletionTimestamp (the end of its grace period) a pod's kubelet has had time to
+# stop it; this much later, its node is not answering.
+STUCK_TERMINATING_SECONDS = 120.0
+
+
+def _report_stuck_terminating(plan: Plan, stale: list[dict[str, Any]], now: dt.datetime) -> None:
+    """An old worker that stays Terminating (its node lost or partitioned) holds the next
+    gang back: its name cannot be reused until it is gone. Said in the phase's condition
+    and one Warning Event. The operator does not force-delete it: on a partitioned node
+    that worker may still be running, and writing checkpoints beside a new gang's."""
+    stuck = [p for p in stale if is_deleting(p) and (now - parse_timestamp(p["metadata"]["deletionTimestamp"]))
+             .total_seconds() >= STUCK_TERMINATING_SECONDS]
+    if not stuck:
+        return
+    pod = stuck[0]
+    node = (pod.get("spec") or {}).get("nodeName") or "its node"
+    message = (f"waiting for worker {pod_name(pod)} on {node} to terminate (due at "
+               f"{pod['metadata']['deletionTimestamp']}): the node is not answering. The next gang starts once it is "
+               f"gone: remove the node (kubectl delete node), or, if it is really down, kubectl delete pod "
+               f"{pod_name(pod)} --force --grace-period=0")
+    status = plan.status
+    kind = _PHASE_CONDITIONS.get(status["phase"])
+    known = next((cond for cond in status.get("conditions") or [] if cond.get("type") == kind), None)
+    if kind is None or (known is not None and known.get("reason") == c.REASON_WORKER_STUCK_TERMINATING):
+        return
+    status["conditions"] = set_condition(status.get("conditions") or [], kind, True,
+                                         c.REASON_WORKER_STUCK_TERMINATING, message, now)
+    plan.events.append(("Warning", c.REASON_WORKER_STUCK_TERMINATING, message))
 
 
 def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: list[dict[str, Any]],

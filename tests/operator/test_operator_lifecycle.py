@@ -221,6 +221,25 @@ def test_suspend_deletes_every_worker_and_resume_recreates_them() -> None:
     assert condition(plan.status, c.CONDITION_SUSPENDED)["status"] == "False"
 
 
+def test_an_old_worker_stuck_terminating_on_a_lost_node_is_named_once_and_not_force_deleted() -> None:
+    restarting = {**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING, "conditions": [
+        {"type": c.CONDITION_RESTARTING, "status": "True", "reason": c.REASON_WORKER_FAILED, "message": "restart 1"}]}
+    leaving = pod(0, gang=0, deleting=True)
+    leaving["spec"] = {"nodeName": "gpu-7"}
+    plan = decide(job_spec(), restarting, [leaving], NOW + dt.timedelta(seconds=60), TIMING)
+    assert plan.events == [] and condition(plan.status, c.CONDITION_RESTARTING)["message"] == "restart 1"
+
+    plan = decide(job_spec(), restarting, [leaving], NOW + dt.timedelta(seconds=180), TIMING)
+    restarting_condition = condition(plan.status, c.CONDITION_RESTARTING)
+    assert restarting_condition["reason"] == c.REASON_WORKER_STUCK_TERMINATING
+    assert "waiting for worker j-worker-0 on gpu-7 to terminate" in restarting_condition["message"]
+    assert "kubectl delete pod j-worker-0 --force --grace-period=0" in restarting_condition["message"]
+    assert [event[:2] for event in plan.events] == [("Warning", c.REASON_WORKER_STUCK_TERMINATING)]
+    assert plan.delete == [] and plan.create == []  # it is not deleted again, nor forced, nor replaced yet
+    again = decide(job_spec(), plan.status, [leaving], NOW + dt.timedelta(seconds=240), TIMING)
+    assert again.events == [] and again.status["phase"] == c.PHASE_RESTARTING
+
+
 def test_the_active_deadline_counts_from_the_resume_not_across_the_suspension() -> None:
     suspended = {**RUNNING, "phase": c.PHASE_SUSPENDED, "startTime": timestamp(NOW - dt.timedelta(hours=2))}
     plan = decide(job_spec(activeDeadlineSeconds=3600), suspended, [], NOW, TIMING)
