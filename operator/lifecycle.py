@@ -277,6 +277,8 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
     present = {pod_index(p) for p in current}
     plan.create = [i for i in range(spec.workers.nodes) if i not in present]
     if plan.create:
+        if len(plan.create) == spec.workers.nodes:  # a new gang: it reads the current spec's config
+            status["maxSteps"] = spec.training.max_steps
         status.setdefault("startTime", timestamp(now))
         status.pop("nextRestartTime", None)
         if not any(cond.get("type") == c.CONDITION_CREATED for cond in status.get("conditions") or []):

@@ -115,6 +115,16 @@ def test_phase_and_actions(status: dict[str, Any], pods: list[dict[str, Any]], p
     assert plan.delete == delete
 
 
+def test_a_new_gang_reports_the_max_steps_of_the_spec_it_runs() -> None:
+    # spec.training.maxSteps edited (the example spec's is 30): the next gang's config has the new one.
+    restart_due = {**RUNNING, "restarts": 1, "phase": c.PHASE_RESTARTING, "maxSteps": 800}
+    plan = decide(job_spec(), restart_due, [], NOW, TIMING)
+    assert plan.create == [0, 1] and plan.status["maxSteps"] == job_spec().training.max_steps
+    # A worker replaced in a gang that already runs keeps the gang's.
+    pending = {"phase": c.PHASE_PENDING, "maxSteps": 800}
+    assert decide(job_spec(), pending, [pod(0, "Pending")], NOW, TIMING).status["maxSteps"] == 800
+
+
 def test_success_reports_the_last_step_even_when_the_last_scrape_was_earlier() -> None:
     # Scraped every 15 s, a short run can finish between two scrapes: status said step 12.
     scraped = {**RUNNING, "step": 12, "maxSteps": 30, "progress": "40%", "etaSeconds": 9.5}
