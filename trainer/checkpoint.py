@@ -38,6 +38,7 @@ STEP_PREFIX = "step-"
 STEP_KEY = "step"
 MICRO_STEP_KEY = "micro_step"
 SAMPLES_KEY = "samples"
+RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
 def step_folder_name(step: int) -> str:

@@ -297,6 +297,26 @@ class TrainerConfig(_Section):
         return self
 
 
+# Keys that change what the steps after a resume compute, though the checkpoint loads
+# all the same: a resume reports each one that changed (the optimizer's own settings are
+# reported by engine.apply_optimizer_settings).
+RECIPE_KEYS = (
+    "model.source", "model.revision", "data.instance_prompt", "data.class_prompt", "data.num_class_images",
+    "data.resolution", "data.center_crop", "data.random_flip", "training.seed", "training.batch_size",
+    "training.gradient_accumulation", "training.max_steps", "training.lr_scheduler", "training.lr_warmup_steps",
+    "training.prior_loss_weight", "training.max_grad_norm", "training.snr_gamma", "training.noise_offset",
+)
+
+
+def recipe(config: TrainerConfig) -> dict[str, Any]:
+    """RECIPE_KEYS -> this config's values."""
+    values = {}
+    for key in RECIPE_KEYS:
+        section, name = key.split(".")
+        values[key] = getattr(getattr(config, section), name)
+    return values
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
     key, sep, raw = text.partition("=")

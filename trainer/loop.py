@@ -18,7 +18,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.conditioning import PromptEmbeddings, encode_prompt
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, recipe
 from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_ranks, barrier
 from trainer.engine import DTYPES
@@ -175,8 +175,8 @@ def save_checkpoint(config: TrainerConfig, engine, runtime: Runtime, state: Trai
     started = time.monotonic()
     if metrics is not None:
         metrics.set_phase(PHASE_CHECKPOINTING)
-    checkpoint.save(engine, config.checkpoint, runtime, step=state.step, state=state.state_dict(),
-                    lora=config.lora)
+    checkpoint.save(engine, config.checkpoint, runtime, step=state.step,
+                    state={**state.state_dict(), checkpoint.RECIPE_KEY: recipe(config)}, lora=config.lora)
     seconds = time.monotonic() - started
     if metrics is not None:
         metrics.record_checkpoint(step=state.step, seconds=seconds)

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     repo_root = str(Path(__file__).resolve().parent.parent)
     sys.path[:] = [repo_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from trainer.config import ConfigError, TrainerConfig, load_config  # noqa: E402
+from trainer.config import ConfigError, TrainerConfig, load_config, recipe  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2
 EXIT_UPLOAD_FAILED = 3
@@ -142,6 +142,10 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def restore_training_state(engine, config: TrainerConfig, runtime, universal: Path | None = None):
     """(state, checkpoint folder) from the best loadable checkpoint, or a fresh state and
     None. Collective. Leftovers of checkpoints that were never finished are removed.
@@ -170,6 +174,10 @@ def restore_training_state(engine, config: TrainerConfig, runtime, universal: Pa
         return TrainState(), None
     state = TrainState.from_state_dict(saved)
     changed = apply_optimizer_settings(engine, config)
+    # A checkpoint from before the recipe was kept compares nothing.
+    saved_recipe = saved.get(checkpoint.RECIPE_KEY, {})
+    changed |= {key: (saved_recipe[key], value) for key, value in recipe(config).items()
+                if key in saved_recipe and saved_recipe[key] != value}
     if runtime.is_main:
         json_logs = config.logging.format == "json"
         resized = {}
@@ -179,7 +187,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime, universal: Pa
         if changed:
             # DeepSpeed would restore the checkpoint's values; this run's config wins.
             report_event("changed since the checkpoint", json_format=json_logs,
-                         **{key: f"{old:g} -> {new:g}" for key, (old, new) in changed.items()})
+                         **{key: f"{shown(old)} -> {shown(new)}" for key, (old, new) in changed.items()})
     return state, folder
 
 

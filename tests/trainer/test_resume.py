@@ -208,8 +208,9 @@ def test_a_raised_learning_rate_applies_on_resume_and_the_divergence_it_causes_s
     out, err = process.communicate(timeout=300)
     assert process.returncode == 4, err[-4000:]
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # The rates take effect; the other keys that change what a step computes are named too.
     assert {"event": "changed since the checkpoint", "training.learning_rate": "0.001 -> 10000",
-            "training.text_encoder_learning_rate": "0.0001 -> 1e-05"} in events
+            "training.text_encoder_learning_rate": "0.0001 -> 1e-05", "training.max_steps": "3 -> 9"} in events
     assert learning_rates(root / "checkpoints" / "diverged-step-00000004") == ([1e4, 1e-5], [1e4, 1e-5])
     steps = {event["step"]: event for event in events if event["event"] == "step"}
     assert steps[4]["learning_rate"] == 1e4 and steps[4]["loss"] is not None  # step 3's weights, the new rate
