@@ -143,13 +143,14 @@ def test_the_model_learns_its_subject_with_prior_preservation_and_class_images_a
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: fp16 with dynamic loss scaling (CPU twin: bf16 runs above)")
-@pytest.mark.parametrize("source, lora_rank", [("tiny", 0), ("tiny", 4), ("tiny-sdxl", 0), ("tiny-sdxl", 4)])
-def test_fp16_on_cuda(tiny_root, source, lora_rank):
-    config = tiny_config(tiny_root, model={"source": source}, lora={"rank": lora_rank},
+@pytest.mark.parametrize("source, lora", [("tiny", {}), ("tiny", {"rank": 4}), ("tiny", {"rank": 4, "use_dora": True}),
+                                          ("tiny-sdxl", {}), ("tiny-sdxl", {"rank": 4})])
+def test_fp16_on_cuda(tiny_root, source, lora):
+    config = tiny_config(tiny_root, model={"source": source}, lora=lora,
                          training={"max_steps": 4, "precision": "fp16", "train_text_encoder": True})
     result = run_trainer(write_config(tiny_root, config), nproc=1)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert read_run(tiny_root)["precision"] == "fp16" and read_run(tiny_root)["lora_rank"] == lora_rank
+    assert read_run(tiny_root)["precision"] == "fp16" and read_run(tiny_root)["lora_rank"] == lora.get("rank", 0)
     assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=True, source=source)
 
 
