@@ -2,7 +2,8 @@
 train_dreambooth.py step (benchmarks/diffusers_recipe.py), (b) our trainer's step in
 the same configuration (1 instance + 1 class image, text encoder trained, DeepSpeed
 ZeRO-2 fp16), (c) ours at throughput batches (8 + 8 and larger). SD 1.5-sized models
-with random weights (benchmarks/sd_models.py), 512 px, nothing downloaded.
+with random weights (benchmarks/sd_models.py), 512 px, nothing downloaded. Beside the
+targets: (d) ours with LoRA, and, with --cases e, (e) SDXL base-sized LoRA at 1024 px.
 
 Per case: step time, samples/s (instance + class images), peak GPU memory of the whole
 case (weights, optimizer state, activations), FLOPs of one step counted with
@@ -113,7 +114,7 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
     from trainer.data import DreamBoothData
 
     components = sd_models.build_components(args.size, device)
-    data = DreamBoothData(trainer_config(args, device, data_root, batch_size=1).data, components.tokenizers,
+    data = DreamBoothData(trainer_config(args, device, data_root, size=args.size, batch_size=1).data, components.tokenizers,
                           seed=0, rank=0, world_size=1, batch_size=1)
     # The recipe's DataLoader workers prepare batches ahead: not on the timed path.
     batches = [data.batch(micro_step) for micro_step in range(args.warmup + args.steps + 1)]
@@ -125,15 +126,16 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
         del recipe, components, batches
 
 
-def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides: dict | None = None,
+def trainer_config(args, device, data_root: Path, *, size: str, batch_size: int, overrides: dict | None = None,
                    channels_last: bool = False, lora_rank: int = 0):
     from trainer.config import validate_config
 
+    images = data_root / size
     return validate_config({
         "model": {"source": "tiny"},  # unused: the components come from sd_models
-        "data": {"instance_dir": str(data_root / "instance"), "instance_prompt": "a photo of sks dog",
-                 "class_prompt": "a photo of dog", "class_dir": str(data_root / "class"),
-                 "num_class_images": args.images, "resolution": sd_models.resolution(args.size),
+        "data": {"instance_dir": str(images / "instance"), "instance_prompt": "a photo of sks dog",
+                 "class_prompt": "a photo of dog", "class_dir": str(images / "class"),
+                 "num_class_images": args.images, "resolution": sd_models.resolution(size),
                  "random_flip": False},  # with flips, 2x the warm-up until every view is cached
         "training": {"batch_size": batch_size, "train_text_encoder": True, "learning_rate": 5e-6,
                      "precision": "fp16" if device.type == "cuda" else "fp32", "max_steps": 10**6,
@@ -147,17 +149,18 @@ def trainer_config(args, device, data_root: Path, *, batch_size: int, overrides:
 
 def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int, overrides: dict,
              channels_last: bool = False, lora_rank: int = 0, compile_mode: str | None = None,
-             flops: float | None = None) -> dict:
+             flops: float | None = None, size: str | None = None) -> dict:
     from trainer.data import DreamBoothData
     from trainer.distributed import read_runtime
     from trainer.engine import build_engine
     from trainer.loop import BatchPrefetcher, DenoisingStep, train_micro_step
     from trainer.objective import build_denoiser, compile_unet
 
-    config = trainer_config(args, device, data_root, batch_size=batch_size, overrides=overrides,
+    size = size or args.size
+    config = trainer_config(args, device, data_root, size=size, batch_size=batch_size, overrides=overrides,
                             channels_last=channels_last, lora_rank=lora_rank)
     runtime = read_runtime()
-    components = sd_models.build_components(args.size, device)
+    components = sd_models.build_components(size, device)
     data = DreamBoothData(config.data, components.tokenizers, seed=0, rank=0, world_size=1, batch_size=batch_size)
     module = build_denoiser(components, train_text_encoder=True, gradient_checkpointing=False, device=runtime.device,
                             channels_last=config.training.channels_last, lora=config.lora)
@@ -255,12 +258,21 @@ def our_cases(args) -> list[tuple[str, dict]]:
     if "d" in args.cases:
         # Not one of the issue's targets: what the LoRA recipe costs beside (b).
         cases.append((f"(d) ours, LoRA rank {args.lora_rank}, ZeRO-2, 1+1", {"batch_size": 1, "lora_rank": args.lora_rank}))
+    if "e" in args.cases:
+        # SDXL base at its 1024 px, the LoRA recipe of diffusers' train_dreambooth_lora_sdxl.py.
+        size = xl_size(args.size)
+        cases.append((f"(e) ours, SDXL LoRA rank {args.lora_rank}, ZeRO-2, 1+1, {sd_models.resolution(size)} px",
+                      {"batch_size": 1, "lora_rank": args.lora_rank, "size": size}))
     if args.compile and args.throughput_batches:
         # Last: the compile takes minutes (first_step_seconds). FLOPs: those of the same step uncompiled.
         n = args.throughput_batches[0]
         cases.append((f"(c) ours, ZeRO-2, torch.compile {args.compile}, {n}+{n}",
                       {"batch_size": n, "compile_mode": args.compile}))
     return cases
+
+
+def xl_size(size: str) -> str:
+    return "tiny-sdxl" if size == "tiny" else "sdxl"
 
 
 def uncompiled_flops(cases: list[dict], batch_size: int) -> float | None:
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", type=int, default=8, help="instance images and as many class images")
     parser.add_argument("--throughput-batches", type=int, nargs="*", default=[8, 16], help="(c): instance images per step")
-    parser.add_argument("--cases", default="abcd", help="which of a, b, c, d (LoRA) to run")
+    parser.add_argument("--cases", default="abcd", help="which of a, b, c, d (LoRA), e (SDXL LoRA) to run")
     parser.add_argument("--lora-rank", type=int, default=16, help="(d): adapter rank")
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
                         help="also (c) at the first throughput batch with the UNet torch.compiled (inductor) in this mode")
@@ -325,8 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         args.images = max([args.images, *args.throughput_batches])
-        for stream, seed in (("instance", 1), ("class", 2)):
-            write_images(root / stream, args.images, sd_models.resolution(args.size), seed)
+        for size in {args.size, *([xl_size(args.size)] if "e" in args.cases else [])}:
+            for stream, seed in (("instance", 1), ("class", 2)):
+                write_images(root / size / stream, args.images, sd_models.resolution(size), seed)
         if "a" in args.cases:
             name = "(a) diffusers train_dreambooth.py, 1+1"
             record(run_case(name, lambda name: diffusers_case(name, args, device, root, peak), device))

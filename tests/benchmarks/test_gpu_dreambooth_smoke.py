@@ -19,7 +19,8 @@ from tests.conftest import REPO
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
     command = [sys.executable, "benchmarks/gpu_dreambooth.py", "--device", "cpu", "--size", "tiny", "--steps", "2",
-               "--warmup", "1", "--images", "2", "--throughput-batches", "2", "--channels-last", "--json", str(path)]
+               "--warmup", "1", "--images", "2", "--throughput-batches", "2", "--channels-last", "--cases", "abcde",
+               "--json", str(path)]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -30,12 +31,13 @@ def report(tmp_path_factory):
 def test_cpu_run_measures_the_recipe_and_our_trainer(report):
     cases = {row["case"]: row for row in report["cases"]}
     assert list(cases) == ["(a) diffusers train_dreambooth.py, 1+1", "(b) ours, ZeRO-2, 1+1", "(c) ours, ZeRO-2, 2+2",
-                           "(c) ours, ZeRO-2, channels_last, 2+2", "(d) ours, LoRA rank 16, ZeRO-2, 1+1"]
+                           "(c) ours, ZeRO-2, channels_last, 2+2", "(d) ours, LoRA rank 16, ZeRO-2, 1+1",
+                           "(e) ours, SDXL LoRA rank 16, ZeRO-2, 1+1, 64 px"]
     for row in cases.values():
         assert row["step_seconds"] > 0 and row["samples_per_second"] == pytest.approx(row["samples_per_step"] / row["step_seconds"])
         assert row["first_step_seconds"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # no card: no peak to compare with
-    a, b, c, c_channels_last, lora = cases.values()
+    a, b, c, c_channels_last, lora, _ = cases.values()
     # Same models and batch, but our latents come from the cache: no VAE encoder in the step.
     assert b["tflop_per_step"] < 0.8 * a["tflop_per_step"]
     assert c["tflop_per_step"] == pytest.approx(2 * b["tflop_per_step"], rel=0.05)
@@ -86,3 +88,17 @@ def test_a_compiled_case_takes_the_flops_of_its_uncompiled_twin():
             {"case": "(c) ours, ZeRO-2, 8+8", "samples_per_step": 16, "tflop_per_step": 8.0}]
     assert benchmark.uncompiled_flops(rows, batch_size=8) == 8.0e12
     assert benchmark.uncompiled_flops(rows, batch_size=16) is None  # counted afresh then
+
+
+def test_the_sdxl_sized_models_have_sdxl_base_weight_counts():
+    """(e) measures SDXL only if its configs are SDXL's: counted on the meta device (no memory)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sd_models
+
+    components = sd_models.build_components("sdxl", torch.device("meta"))
+    counts = [sum(parameter.numel() for parameter in module.parameters())
+              for module in (components.unet, components.text_encoder, components.text_encoder_2, components.vae)]
+    # SDXL base 1.0's unet, text_encoder, text_encoder_2 and vae as published.
+    assert counts == [2_567_463_684, 123_060_480, 694_659_840, 83_653_863]
+    assert components.is_sdxl and sd_models.resolution("sdxl") == 1024
+
