@@ -103,7 +103,7 @@ class TrainingConfig(_Section):
         "instead of training on and exporting broken weights; no checkpoint is written on such a step. 0: never stop.",
     )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (at most training.max_steps).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
