@@ -244,12 +244,16 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
             _requeue(plan, (restart_at - now).total_seconds())
             return plan
 
-    if phase == c.PHASE_PENDING and any(is_deleting(p) for p in current):
+    leaving = [p for p in current if is_deleting(p)]
+    if phase == c.PHASE_PENDING and leaving:
         # Workers still stopping (a suspension just lifted, or one deleted by hand before
         # the gang ran): a worker cannot be recreated under its name until it is gone, and
-        # one that exits 143 meanwhile is not a preemption of the gang to come.
-        _requeue(plan, 1.0)
-        return plan
+        # one that exits 143 meanwhile is not a preemption of the gang to come. One stuck
+        # on a lost node ends the gang instead, so that the wait for it is reported.
+        if not any(_stuck_terminating(p, now) for p in leaving):
+            _requeue(plan, 1.0)
+            return plan
+        return _restart(plan, spec, [], current, now, timing)
 
     failed = [p for p in current if pod_phase(p) == POD_FAILED]
     # The gang no longer matches: a worker vanished (node lost, deleted by hand) or
@@ -373,13 +377,17 @@ def _check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.dat
 STUCK_TERMINATING_SECONDS = 120.0
 
 
+def _stuck_terminating(pod: dict[str, Any], now: dt.datetime) -> bool:
+    due = parse_timestamp(pod["metadata"].get("deletionTimestamp"))
+    return due is not None and (now - due).total_seconds() >= STUCK_TERMINATING_SECONDS
+
+
 def _report_stuck_terminating(plan: Plan, stale: list[dict[str, Any]], now: dt.datetime) -> None:
     """An old worker that stays Terminating (its node lost or partitioned) holds the next
     gang back: its name cannot be reused until it is gone. Said in the phase's condition
     and one Warning Event. The operator does not force-delete it: on a partitioned node
     that worker may still be running, and writing checkpoints beside a new gang's."""
-    stuck = [p for p in stale if is_deleting(p) and (now - parse_timestamp(p["metadata"]["deletionTimestamp"]))
-             .total_seconds() >= STUCK_TERMINATING_SECONDS]
+    stuck = [p for p in stale if _stuck_terminating(p, now)]
     if not stuck:
         return
     pod = stuck[0]

@@ -249,6 +249,18 @@ def test_an_old_worker_stuck_terminating_on_a_lost_node_is_named_once_and_not_fo
     again = decide(job_spec(), plan.status, [leaving], NOW + dt.timedelta(seconds=240), TIMING)
     assert again.events == [] and again.status["phase"] == c.PHASE_RESTARTING
 
+    # The same before the gang ran: waited for a while, then the gang ends (a preemption)
+    # and the wait for the stuck one is reported as above.
+    pending = {"phase": c.PHASE_PENDING, "restarts": 0, "preemptions": 0}
+    ours = pod(0, "Pending", deleting=True)
+    assert decide(job_spec(), pending, [ours, pod(1)], NOW + dt.timedelta(seconds=60), TIMING).status["phase"] == \
+        c.PHASE_PENDING
+    plan = decide(job_spec(), pending, [ours, pod(1)], NOW + dt.timedelta(seconds=180), TIMING)
+    assert plan.status["phase"] == c.PHASE_RESTARTING and plan.status["preemptions"] == 1
+    assert plan.delete == ["j-worker-1"]
+    plan = decide(job_spec(), plan.status, [ours], NOW + dt.timedelta(seconds=181), TIMING)
+    assert condition(plan.status, c.CONDITION_RESTARTING)["reason"] == c.REASON_WORKER_STUCK_TERMINATING
+
 
 def test_the_active_deadline_counts_from_the_resume_not_across_the_suspension() -> None:
     suspended = {**RUNNING, "phase": c.PHASE_SUSPENDED, "startTime": timestamp(NOW - dt.timedelta(hours=2))}
