@@ -275,6 +275,7 @@ class ValidationSpec(_Spec):
     every_steps: int = Field(0, ge=0)
     prompts: list[str] = Field(default_factory=list)
     num_inference_steps: int = Field(25, ge=1)
+    images_per_prompt: int = Field(1, ge=1, le=16)
     seed: int = 0
 
 

@@ -107,7 +107,8 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         "logging": {"format": "json"},
         # Sample grids go to <job>/samples/ on the claim (the trainer's default beside checkpoints).
         "validation": {"every_steps": spec.validation.every_steps, "prompts": list(spec.validation.prompts),
-                       "num_inference_steps": spec.validation.num_inference_steps, "seed": spec.validation.seed},
+                       "num_inference_steps": spec.validation.num_inference_steps,
+                       "images_per_prompt": spec.validation.images_per_prompt, "seed": spec.validation.seed},
     }
     apply_trainer_overrides(config, spec.trainer_overrides)
     try:

@@ -246,6 +246,8 @@ class ValidationConfig(_Section):
     every_steps: int = Field(0, ge=0, description="Sample images every N optimizer steps (and at the end); 0 disables.")
     prompts: list[str] = Field(default_factory=list, description="Prompts sampled each time; default: data.instance_prompt.")
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per sample.")
+    images_per_prompt: int = Field(1, ge=1, le=16, description="Samples per prompt (diffusers' --num_validation_images), "
+                                   "each from its own seed, drawn together: a row of the grid per prompt.")
     seed: int = Field(0, description="Fixed seed: the samples of different steps differ only by what was learned.")
     dir: Path | None = Field(None, description="Folder of the `step-NNNNNNNN.png` grids; default: `samples/` beside checkpoint.dir.")
 

@@ -1,5 +1,6 @@
-"""Validation samples: every `validation.every_steps`, one image per prompt from a fixed
-seed, saved by rank 0 as one PNG grid per step (`step-NNNNNNNN.png`).
+"""Validation samples: every `validation.every_steps`, `images_per_prompt` images per
+prompt, each from a fixed seed, saved by rank 0 as one PNG grid per step
+(`step-NNNNNNNN.png`).
 
 Under ZeRO-3 every rank holds only a shard of each weight, so a forward pass on rank 0
 alone would wait forever for the others. Instead all ranks gather the fp32 master
@@ -81,12 +82,17 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
     pipeline = build_pipeline(components, **modules).to(device)
     pipeline.scheduler = scheduler
     pipeline.set_progress_bar_config(disable=True)
-    prompts = validation_prompts(config)
-    generators = [torch.Generator().manual_seed(validation.seed + index) for index in range(len(prompts))]
-    images = generate_images(pipeline, prompts, num_inference_steps=validation.num_inference_steps,
-                             resolution=config.data.resolution, generators=generators, device=device)
+    per_prompt = validation.images_per_prompt
+    images = []
+    # One prompt's images at a time: all prompts' at once could need the memory of a whole
+    # grid of decodes beside the training state. Image k has seed validation.seed + k.
+    for index, prompt in enumerate(validation_prompts(config)):
+        seeds = range(validation.seed + index * per_prompt, validation.seed + (index + 1) * per_prompt)
+        images += generate_images(pipeline, [prompt] * per_prompt, num_inference_steps=validation.num_inference_steps,
+                                  resolution=config.data.resolution, device=device,
+                                  generators=[torch.Generator().manual_seed(seed) for seed in seeds])
     del pipeline, modules
-    return image_grid(images)
+    return image_grid(images, columns=per_prompt if per_prompt > 1 else GRID_COLUMNS)
 
 
 def save_grid(grid, folder: Path, step: int) -> Path:

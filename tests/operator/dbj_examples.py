@@ -53,7 +53,8 @@ FULL_SPEC: dict[str, Any] = {
     "runPolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 86400, "suspend": False, "ttlSecondsAfterFinished": 86400,
                   "gangScheduling": {"podGroup": "volcano", "queue": "vision"}},
     "metrics": {"port": 9090},
-    "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30},
+    "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30,
+                   "imagesPerPrompt": 4},
     "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": False,
                          "deepspeed.overrides": {"zero_optimization": {"overlap_comm": True}}},
 }

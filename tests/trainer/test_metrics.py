@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_trainer, tiny_config, write_config
@@ -183,6 +184,33 @@ def test_validation_steps_samples_folder_and_grid(tmp_path):
     assert grid.size == (32, 16)
     assert grid.getpixel((8 * 1, 0)) == (40, 0, 0) and grid.getpixel((0, 8)) == (160, 0, 0)
     assert image_grid(images[:2]).size == (16, 8)
+
+
+def test_several_samples_per_prompt_make_a_row_each_and_the_first_is_the_one_sample_of_before(tmp_path):
+    """validation.images_per_prompt: image k of the grid has seed validation.seed + k, so
+    with one per prompt the samples are those of a run before the key existed."""
+    from PIL import ImageChops
+
+    from trainer.distributed import Runtime
+    from trainer.models import build_components
+    from trainer.validation import _generate_on_main
+
+    components = build_components("tiny", None)
+    runtime = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+    def grid(images_per_prompt: int):
+        config = validate_config(tiny_config(tmp_path, data={"resolution": 32}, validation={
+            "every_steps": 1, "num_inference_steps": 2, "prompts": ["a photo of sks robot", "a robot on a beach"],
+            "images_per_prompt": images_per_prompt}))
+        return _generate_on_main({}, components, config, runtime)  # nothing trained: the base model draws
+
+    one, three = grid(1), grid(3)
+    assert one.size == (64, 32) and three.size == (96, 64)  # prompts side by side; then a row per prompt
+    first_of = {"one": one.crop((0, 0, 32, 32)), "three": three.crop((0, 0, 32, 32))}
+    assert not ImageChops.difference(first_of["one"], first_of["three"]).getbbox()
+    second_prompt = three.crop((0, 32, 32, 64))
+    assert ImageChops.difference(three.crop((32, 0, 64, 32)), first_of["three"]).getbbox()  # another seed
+    assert ImageChops.difference(second_prompt, one.crop((32, 0, 64, 32))).getbbox()  # seed 3, not seed 1
 
 
 def test_step_lines_are_plain_off_a_terminal_and_a_bar_on_one(capsys, monkeypatch):
