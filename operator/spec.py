@@ -83,6 +83,7 @@ class InstanceImages(_Spec):
 class DataSpec(_Spec):
     instance_images: InstanceImages
     instance_prompt: str = Field(min_length=1)
+    caption_files: bool = False
     class_prompt: str | None = None
     num_class_images: int = Field(100, ge=1)
     resolution: int = Field(512, ge=8, multiple_of=8)

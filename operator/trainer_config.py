@@ -55,6 +55,7 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
     data: dict[str, Any] = {
         "instance_dir": INSTANCE_IMAGES_MOUNT_DIR,
         "instance_prompt": spec.data.instance_prompt,
+        "caption_files": spec.data.caption_files,
         "num_class_images": spec.data.num_class_images,
         "resolution": spec.data.resolution,
     }

@@ -50,6 +50,7 @@ class DataConfig(_Section):
     IMAGE_SUFFIXES: ClassVar[frozenset[str]] = frozenset(
         {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     )
+    CAPTION_SUFFIX: ClassVar[str] = ".txt"
 
     instance_dir: Path = Field(description="Folder with the 3-5+ photos of the subject.")
     instance_url: str | None = Field(
@@ -58,6 +59,11 @@ class DataConfig(_Section):
         "into instance_dir before training.",
     )
     instance_prompt: str = Field(min_length=1, description="Prompt with the rare identifier, e.g. `a photo of sks dog`.")
+    caption_files: bool = Field(
+        False,
+        description="Each photo's own prompt from a text file beside it of the same name (dog1.jpg -> dog1.txt), as "
+        "kohya's trainers read them; a photo without one gets data.instance_prompt. Captions should hold the identifier.",
+    )
     class_prompt: str | None = Field(None, description="Prompt of the subject's class; setting it enables prior preservation.")
     class_dir: Path | None = Field(None, description="Folder of class images; missing ones are generated there.")
     num_class_images: int = Field(100, ge=1, description="How many class images prior preservation uses.")
@@ -303,7 +309,8 @@ class TrainerConfig(_Section):
 # all the same: a resume reports each one that changed (the optimizer's own settings are
 # reported by engine.apply_optimizer_settings).
 RECIPE_KEYS = (
-    "model.source", "model.revision", "data.instance_prompt", "data.class_prompt", "data.num_class_images",
+    "model.source", "model.revision", "data.instance_prompt", "data.caption_files", "data.class_prompt",
+    "data.num_class_images",
     "data.resolution", "data.center_crop", "data.random_flip", "training.seed", "training.batch_size",
     "training.gradient_accumulation", "training.max_steps", "training.lr_scheduler", "training.lr_warmup_steps",
     "training.prior_loss_weight", "training.max_grad_norm", "training.snr_gamma", "training.noise_offset",

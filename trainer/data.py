@@ -56,16 +56,37 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
 class SourceImage:
     image: Image.Image  # resized: its short side is the training resolution
     original_size: tuple[int, int]  # (height, width) as decoded: SDXL is conditioned on it
+    caption: str | None = None  # its own prompt (data.caption_files)
 
 
-def load_image_set(folder: Path, key: str, resolution: int, limit: int | None = None) -> list[SourceImage]:
+def read_caption(image_path: Path, key: str) -> str | None:
+    """The text of the caption file beside an image (dog1.jpg -> dog1.txt), None without one."""
+    path = image_path.with_suffix(DataConfig.CAPTION_SUFFIX)
+    if not path.is_file():
+        return None
+    try:
+        caption = " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{key}: cannot read caption {path}: {error}; save it as UTF-8 text or remove it") from None
+    if not caption:
+        raise ConfigError(f"{key}: caption {path} is empty; write the photo's prompt there, or remove the file to "
+                          "use data.instance_prompt")
+    return caption
+
+
+def load_image_set(folder: Path, key: str, resolution: int, limit: int | None = None,
+                   captions: bool = False) -> list[SourceImage]:
     paths = list_images(folder, key)[:limit]
     if not paths:
         raise ConfigError(
             f"{key} = {str(folder)!r}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); add the photos there"
         )
-    images = [load_rgb(path, key) for path in paths]
-    return [SourceImage(resize_short_side(image, resolution), (image.height, image.width)) for image in images]
+    sources = []
+    for path in paths:
+        image = load_rgb(path, key)
+        caption = read_caption(path, key) if captions else None
+        sources.append(SourceImage(resize_short_side(image, resolution), (image.height, image.width), caption))
+    return sources
 
 
 def derived_seed(*parts: int) -> int:
@@ -122,13 +143,16 @@ class DreamBoothData:
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
-        self.instance_images = load_image_set(config.instance_dir, "data.instance_dir", config.resolution)
+        self.instance_images = load_image_set(config.instance_dir, "data.instance_dir", config.resolution,
+                                              captions=config.caption_files)
         self.class_images: list[SourceImage] = []
         if config.with_prior_preservation:
             self.class_images = load_image_set(
                 config.class_dir, "data.class_dir", config.resolution, limit=config.num_class_images
             )
-        self.instance_ids = tokenize(tokenizers, config.instance_prompt)
+        default_ids = tokenize(tokenizers, config.instance_prompt)
+        self.instance_ids = [tokenize(tokenizers, source.caption) if source.caption else default_ids
+                             for source in self.instance_images]  # per image: its caption or the instance prompt
         self.class_ids = tokenize(tokenizers, config.class_prompt) if config.class_prompt else None
 
     def __len__(self) -> int:
@@ -152,13 +176,13 @@ class DreamBoothData:
         picks = self.sample_indices(micro_step)
         streams = [(self.instance_images, self.instance_ids)]
         if self.class_ids is not None:
-            streams.append((self.class_images, self.class_ids))
+            streams.append((self.class_images, [self.class_ids] * len(self.class_images)))
         for stream, (images, prompt_ids) in enumerate(streams):
             for epoch, index in picks:
                 source = images[index % len(images)]
                 views.append(self._view(source, index, epoch, stream))
                 sources.append(source)
-                ids.append(prompt_ids)
+                ids.append(prompt_ids[index % len(images)])
         return Batch.of(views, sources, ids, len(picks), self.config.resolution)
 
     def instance_batch(self) -> Batch:
@@ -167,8 +191,7 @@ class DreamBoothData:
             augment(source.image, self.config.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
             for source in self.instance_images
         ]
-        ids = [self.instance_ids] * len(views)
-        return Batch.of(views, self.instance_images, ids, len(views), self.config.resolution)
+        return Batch.of(views, self.instance_images, self.instance_ids, len(views), self.config.resolution)
 
     def _view(self, source: SourceImage, index: int, epoch: int, stream: int) -> View:
         rng = random.Random(derived_seed(self.seed, epoch, index, stream))

@@ -57,7 +57,8 @@ def check_inputs(config: TrainerConfig) -> None:
     from trainer.checkpoint import named_resume_point
     from trainer.data import load_image_set
 
-    load_image_set(config.data.instance_dir, "data.instance_dir", config.data.resolution)
+    load_image_set(config.data.instance_dir, "data.instance_dir", config.data.resolution,
+                   captions=config.data.caption_files)
     folders = {"checkpoint.dir": config.checkpoint.dir, "output.dir": config.output.dir, "data.class_dir": config.data.class_dir}
     for key, folder in folders.items():
         if folder is not None:

@@ -64,6 +64,8 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
                f"{run_info['world_size']} process(es), learning rate {training.learning_rate:g} ({training.lr_scheduler})",
                f"{run_info['precision']}, DeepSpeed ZeRO-{run_info['zero_stage']}",
                f"{config.data.resolution} px"]
+    if config.data.caption_files:
+        details.append("each photo with its own caption where it has one")
     if config.data.with_prior_preservation:
         details.append(f"prior preservation with {config.data.num_class_images} images of "
                        f"\"{config.data.class_prompt}\" (weight {training.prior_loss_weight:g})")

@@ -77,6 +77,11 @@ def is_image_name(relative: str) -> bool:
     return "/" not in relative and not name.startswith(".") and Path(name).suffix.lower() in DataConfig.IMAGE_SUFFIXES
 
 
+def is_caption_name(relative: str) -> bool:
+    """A caption file (data.caption_files) beside the photos."""
+    return "/" not in relative and not relative.startswith(".") and relative.endswith(DataConfig.CAPTION_SUFFIX)
+
+
 def fetch_instance_images(config: DataConfig) -> bool:
     """With `data.instance_url`, copy its images once into `data.instance_dir` (shared by
     every rank and node); returns True when this process copied them."""
@@ -85,7 +90,8 @@ def fetch_instance_images(config: DataConfig) -> bool:
     url = config.instance_url
 
     def fetch(folder: Path) -> None:
-        if not copy_folder(url, folder, "data.instance_url", recursive=False, keep=is_image_name):
+        wanted = (lambda name: is_image_name(name) or is_caption_name(name)) if config.caption_files else is_image_name
+        if not copy_folder(url, folder, "data.instance_url", recursive=False, keep=wanted):
             raise ConfigError(
                 f"data.instance_url = {url!r}: no images there (looked for {', '.join(sorted(DataConfig.IMAGE_SUFFIXES))}); "
                 "upload the photos or fix the URL"

@@ -20,6 +20,7 @@ FULL_SPEC: dict[str, Any] = {
     "data": {
         "instanceImages": {"claimName": "dog-photos", "path": "/dogs"},
         "instancePrompt": "a photo of sks dog",
+        "captionFiles": True,
         "classPrompt": "a photo of dog",
         "numClassImages": 200,
         "resolution": 512,

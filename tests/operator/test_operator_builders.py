@@ -72,6 +72,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["data"] == {
         "instance_dir": c.INSTANCE_IMAGES_MOUNT_DIR,
         "instance_prompt": "a photo of sks dog",
+        "caption_files": True,
         "class_prompt": "a photo of dog",
         "class_dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/class-images",
         "num_class_images": 200,

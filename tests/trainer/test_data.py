@@ -8,6 +8,7 @@ from PIL import Image
 
 from tests.conftest import INSTANCE_IMAGES
 from trainer.config import ConfigError, DataConfig
+from trainer.conditioning import tokenize
 from trainer.data import DreamBoothData, augment, list_images, load_image_set, load_rgb
 from trainer.tiny import byte_level_clip_tokenizer
 
@@ -101,12 +102,45 @@ def test_batch_puts_instances_first_then_class_images_with_their_prompts(tmp_pat
     data = make_data(tmp_path, batch_size=2)
     batch = data.batch(0)
     assert batch.num_instance == 2 and batch.pixel_values.shape == (4, 3, 64, 64)
-    assert torch.equal(batch.input_ids[0], data.instance_ids) and torch.equal(batch.input_ids[1], data.instance_ids)
+    prompt = tokenize([byte_level_clip_tokenizer()], "a photo of sks robot")
+    assert torch.equal(batch.input_ids[0], prompt) and torch.equal(batch.input_ids[1], prompt)
     assert torch.equal(batch.input_ids[2], data.class_ids) and torch.equal(batch.input_ids[3], data.class_ids)
-    assert not torch.equal(data.instance_ids, data.class_ids)
+    assert not torch.equal(prompt, data.class_ids)
     # Class images are flat colours: their pixels have (almost) no spread, the robots do.
     assert batch.pixel_values[2].std(dim=(1, 2)).max() < 0.01
     assert batch.pixel_values[0].std(dim=(1, 2)).max() > 0.1
+
+
+def test_caption_files_give_each_photo_its_own_prompt_in_every_batch(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (40 * index, 0, 0)).save(photos / f"dog{index}.png")
+    (photos / "dog0.txt").write_text("a photo of sks dog\n  on a   beach\n")  # whitespace folded to single spaces
+    (photos / "dog1.txt").write_text("sks dog asleep")  # dog2 has none: the instance prompt
+    tokenizers = [byte_level_clip_tokenizer()]
+    expected = [tokenize(tokenizers, prompt) for prompt in
+                ("a photo of sks dog on a beach", "sks dog asleep", "a photo of sks dog")]
+
+    def data(caption_files: bool) -> DreamBoothData:
+        config = DataConfig(instance_dir=photos, instance_prompt="a photo of sks dog", resolution=64,
+                            caption_files=caption_files)
+        return DreamBoothData(config, tokenizers, seed=7, rank=0, world_size=1, batch_size=1)
+
+    captioned = data(True)
+    for micro_step in range(6):  # two epochs: each photo comes with its own prompt
+        [(_, index)] = captioned.sample_indices(micro_step)
+        assert torch.equal(captioned.batch(micro_step).input_ids[0], expected[index])
+    assert all(torch.equal(ids, want) for ids, want in zip(captioned.instance_batch().input_ids, expected))
+    # Off (the default), the .txt files are not read: every photo has the instance prompt.
+    assert all(torch.equal(ids, expected[2]) for ids in data(False).instance_batch().input_ids)
+
+    (photos / "dog1.txt").write_text("  \n")
+    with pytest.raises(ConfigError, match=r"data.instance_dir: caption .*dog1.txt is empty; write the photo's prompt"):
+        data(True)
+    (photos / "dog1.txt").write_bytes(b"sks \xff dog")
+    with pytest.raises(ConfigError, match=r"cannot read caption .*dog1.txt: .*; save it as UTF-8 text or remove it"):
+        data(True)
 
 
 def test_without_prior_preservation_batches_hold_instances_only(tmp_path):

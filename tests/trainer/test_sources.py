@@ -56,6 +56,20 @@ def test_photos_from_a_memory_url_are_copied_once(tmp_path, memory_folder):
     assert fetch_instance_images(config) is False  # already on the volume
 
 
+def test_with_caption_files_the_captions_are_copied_beside_the_photos(tmp_path, memory_folder):
+    fs, root = memory_folder
+    fs.pipe(f"{root}/{PHOTOS[0]}", (INSTANCE_IMAGES / PHOTOS[0]).read_bytes())
+    caption = Path(PHOTOS[0]).with_suffix(".txt").name
+    fs.pipe(f"{root}/{caption}", b"sks robot waving")
+    fs.pipe(f"{root}/.hidden.txt", b"an editor's temporary")
+    config = DataConfig(instance_dir=tmp_path / "images", instance_url=f"memory://{root}",
+                        instance_prompt="a photo of sks robot", caption_files=True)
+    assert fetch_instance_images(config) is True
+    assert sorted(path.name for path in config.instance_dir.iterdir() if not path.name.startswith(".")) == sorted(
+        [PHOTOS[0], caption])
+    assert (config.instance_dir / caption).read_text() == "sks robot waving"
+
+
 def test_an_empty_image_set_names_the_key_and_the_url(tmp_path, memory_folder):
     fs, root = memory_folder
     fs.pipe(f"{root}/notes.txt", b"not a photo")
