@@ -38,6 +38,7 @@ STEP_PREFIX = "step-"
 STEP_KEY = "step"
 MICRO_STEP_KEY = "micro_step"
 SAMPLES_KEY = "samples"
+SKIPPED_STEPS_KEY = "skipped_steps"  # fp16 overflow skips so far (DeepSpeed restores its own count)
 RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
@@ -180,8 +181,10 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
     if runtime.is_main:
         shape = TrainingShape.of(engine, runtime, lora)
         # zero_stage also at the top: what manifests held before `settings`.
+        # The totals let a restarted run's metrics start where this one left off (metrics.checkpoint_hint).
         manifest = {"step": step, "world_size": shape.world_size, "zero_stage": shape.settings["deepspeed.zero_stage"],
                     "settings": shape.settings, "trained_parameters": shape.parameters, "time": time.time(),
+                    SAMPLES_KEY: state.get(SAMPLES_KEY, 0), SKIPPED_STEPS_KEY: int(getattr(engine, "skipped_steps", 0)),
                     "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)

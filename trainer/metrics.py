@@ -10,8 +10,10 @@ only rank 0 serves it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -88,26 +90,39 @@ def engine_loss_scale(engine) -> float:
     return float(scale)
 
 
-def checkpoint_step_hint(config: CheckpointConfig) -> int:
-    """The step of the checkpoint a restarted run will most likely resume from (the one
-    `latest` names, or checkpoint.resume), read before anything loads: the endpoint then
-    does not say step 0 while a restarted run starts. The loaded checkpoint's step
-    replaces it (`record_resume`); 0 when there is none or it cannot be read."""
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: its step gauge and its counters' totals."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+
+
+def checkpoint_hint(config: CheckpointConfig) -> Position:
+    """Where a restarted run will most likely resume (the checkpoint `latest` names, or
+    checkpoint.resume), read from its manifest before anything loads. The endpoint then
+    starts there: it does not say step 0 while a restarted run loads, and its counters
+    do not jump from 0 to the restored totals, which rate() and increase() would count
+    as samples trained and steps skipped just now. Zeros when there is none or it
+    cannot be read (a manifest from before the totals were kept: the step alone)."""
     from trainer import checkpoint
 
     if config.resume == "never":
-        return 0
+        return Position()
     if config.resume != "auto":
         folder = Path(config.resume)
     else:
         try:
             folder = config.dir / (config.dir / checkpoint.LATEST).read_text().strip()
         except OSError:
-            return 0
+            return Position()
     try:
-        return checkpoint.Manifest.read(folder).step
-    except (OSError, ValueError, KeyError):
-        return 0
+        raw = json.loads((folder / checkpoint.MANIFEST).read_text())
+        return Position(step=int(raw["step"]), samples=int(raw.get(checkpoint.SAMPLES_KEY, 0)),
+                        skipped_steps=int(raw.get(checkpoint.SKIPPED_STEPS_KEY, 0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return Position()
 
 
 def gpu_memory_bytes(device) -> int:
@@ -162,6 +177,7 @@ class TrainerMetrics:
         self._phases = {name: phase.labels(**self.labels, **{PHASE_LABEL: name}) for name in PHASES}
         self.max_steps.set(max_steps)
         self.loss_scale.set(1.0)
+        self.eta_seconds.set(float("nan"))  # unknown until steps are timed, not 0 (done)
         self.phase = None
         self.set_phase(PHASE_STARTING)
 
@@ -174,7 +190,9 @@ class TrainerMetrics:
         group exists, so that a taken port fails the run at once (exit code 2)."""
         metrics = cls(max_steps=config.training.max_steps, labels=constant_labels())
         if runtime.is_main and config.metrics.port:
-            metrics.step.set(checkpoint_step_hint(config.checkpoint))
+            hint = checkpoint_hint(config.checkpoint)
+            metrics.record_position(step=hint.step, samples=hint.samples)
+            metrics.record_skipped_steps(hint.skipped_steps)
             metrics.serve(config.metrics.host, config.metrics.port)
         return metrics
 
@@ -218,11 +236,15 @@ class TrainerMetrics:
         self.step_seconds.observe(seconds)
         self.loss_scale.set(engine_loss_scale(engine))
         # The engine counts overflow skips itself and restores the count from a checkpoint.
-        skipped = int(getattr(engine, "skipped_steps", 0))
-        if skipped > self._skipped_counted:
-            self.skipped_steps.inc(skipped - self._skipped_counted)
-            self._skipped_counted = skipped
+        self.record_skipped_steps(int(getattr(engine, "skipped_steps", 0)))
         self.gpu_memory.set(gpu_memory_bytes(engine.device))
+
+    def record_skipped_steps(self, total: int) -> None:
+        """A counter only grows: a total below what it holds (a hint from a checkpoint
+        that then did not load) waits until the run passes it."""
+        if total > self._skipped_counted:
+            self.skipped_steps.inc(total - self._skipped_counted)
+            self._skipped_counted = total
 
     def record_values(self, values: dict) -> None:
         """The figures of a logged step (the loop's `on_step`)."""

@@ -66,6 +66,7 @@ def test_every_design_series_exists_from_the_start_with_the_constant_labels(labe
     assert value(metrics, m.STEP) == 0
     assert value(metrics, m.LOSS_SCALE) == 1.0
     assert value(metrics, m.SKIPPED_STEPS_TOTAL) == 0
+    assert value(metrics, m.ETA_SECONDS) != value(metrics, m.ETA_SECONDS)  # NaN: not known yet (0 would say done)
 
 
 def test_one_phase_at_a_time():
@@ -240,13 +241,29 @@ def test_a_restarted_run_reports_its_checkpoint_step_before_loading_it(tmp_path)
     from trainer.checkpoint import LATEST, MANIFEST, step_folder_name
 
     raw = tiny_config(tmp_path)
-    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 0  # fresh: nothing to resume
+    assert m.checkpoint_hint(validate_config(raw).checkpoint) == m.Position()  # fresh: nothing to resume
     folder = tmp_path / "checkpoints" / step_folder_name(12)
     folder.mkdir(parents=True)
-    (folder / MANIFEST).write_text(json.dumps({"step": 12, "world_size": 2, "zero_stage": 2, "files": {}}))
+    manifest = {"step": 12, "world_size": 2, "zero_stage": 2, "files": {}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))  # from before the totals were kept
     (tmp_path / "checkpoints" / LATEST).write_text(folder.name)
-    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 12
+    assert m.checkpoint_hint(validate_config(raw).checkpoint) == m.Position(step=12)
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "samples": 96, "skipped_steps": 3}))
+    assert m.checkpoint_hint(validate_config(raw).checkpoint) == m.Position(step=12, samples=96, skipped_steps=3)
     never = tiny_config(tmp_path, checkpoint={"resume": "never"})
-    assert m.checkpoint_step_hint(validate_config(never).checkpoint) == 0
+    assert m.checkpoint_hint(validate_config(never).checkpoint) == m.Position()
     (folder / MANIFEST).write_text("{garbled")
-    assert m.checkpoint_step_hint(validate_config(raw).checkpoint) == 0
+    assert m.checkpoint_hint(validate_config(raw).checkpoint) == m.Position()
+
+
+def test_counters_start_at_the_restored_totals_so_a_resume_is_no_burst_of_samples_or_skips():
+    """rate() and increase() count a series' rise from 0 to the restored total as new."""
+    metrics = m.TrainerMetrics(max_steps=30, labels=LABELS)
+    metrics.record_position(step=12, samples=96)  # the hint, before the endpoint serves
+    metrics.record_skipped_steps(3)
+    assert value(metrics, m.SAMPLES_TOTAL) == 96 and value(metrics, m.SKIPPED_STEPS_TOTAL) == 3
+    metrics.record_resume(step=12, samples=96)  # the checkpoint the hint named: nothing new
+    metrics.record_skipped_steps(3)
+    assert value(metrics, m.SAMPLES_TOTAL) == 96 and value(metrics, m.SKIPPED_STEPS_TOTAL) == 3
+    metrics.record_skipped_steps(4)
+    assert value(metrics, m.SKIPPED_STEPS_TOTAL) == 4
