@@ -47,6 +47,7 @@ from .metadata import (
     worker_name,
 )
 from .spec import Job
+from .trainer_config import launcher_shutdown_seconds
 
 
 def torchrun_command(job: Job, index: int) -> list[str]:
@@ -58,6 +59,7 @@ def torchrun_command(job: Job, index: int) -> list[str]:
         "--nnodes", str(workers.nodes),
         "--node_rank", str(index),
         "--nproc_per_node", str(workers.procs_per_node),
+        "--shutdown-timeout", str(launcher_shutdown_seconds(workers.termination_grace_period_seconds)),
         "--master_addr", rendezvous_address(job.name),
         "--master_port", str(RENDEZVOUS_PORT),
         TRAINER_ENTRY,

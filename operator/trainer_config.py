@@ -40,6 +40,13 @@ def checkpoint_grace_seconds(termination_grace_period_seconds: int) -> float:
                      termination_grace_period_seconds / 2))
 
 
+def launcher_shutdown_seconds(termination_grace_period_seconds: int) -> int:
+    """How long torchrun waits for its workers after SIGTERM before it kills them (its
+    --shutdown-timeout; 30 s by default, which would cut short a checkpoint of a large
+    model): past the trainer's own checkpoint.grace_seconds, before the kubelet's SIGKILL."""
+    return int((checkpoint_grace_seconds(termination_grace_period_seconds) + termination_grace_period_seconds) / 2)
+
+
 def final_scrape_linger_seconds(scrape_interval_seconds: float) -> float:
     """How long rank 0 keeps serving its metrics after the last step: one scrape
     interval plus the latency of a reconcile, so that the operator's last scrape is of

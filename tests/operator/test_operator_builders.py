@@ -157,7 +157,7 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
         container = pod["spec"]["containers"][0]
         assert container["command"] == [
             "python", "-m", "trainer.launch", "--nnodes", str(nodes), "--node_rank", str(index), "--nproc_per_node", expected_procs,
-            "--master_addr", "sks-dog-worker-0.sks-dog", "--master_port", "29500",
+            "--shutdown-timeout", "112", "--master_addr", "sks-dog-worker-0.sks-dog", "--master_port", "29500",
             "trainer/main.py", "--config", "/etc/dreambooth/config.yaml",
         ]
         assert pod["spec"]["hostname"] == f"sks-dog-worker-{index}"
@@ -166,6 +166,20 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
         assert pod["metadata"]["labels"][c.LABEL_WORKER_INDEX] == str(index)
         limits = container["resources"].get("limits", {})
         assert limits.get(c.GPU_RESOURCE) == (str(gpus) if gpus else None)
+
+
+@pytest.mark.parametrize("grace", [10, 30, 120, 600])
+def test_torchrun_waits_for_the_sigterm_checkpoint_and_exits_before_the_kubelet_kills(grace: int) -> None:
+    """Kubelet SIGTERM -> torchrun -> workers checkpoint within checkpoint.grace_seconds and
+    exit 143; torchrun must not kill them sooner (its default: 30 s), and must itself be
+    done before the kubelet's SIGKILL at terminationGracePeriodSeconds."""
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["workers"]["terminationGracePeriodSeconds"] = grace
+    the_job = job(spec)
+    command = build_worker_pod(the_job, index=0, gang=0, config_hash="h")["spec"]["containers"][0]["command"]
+    shutdown = int(command[command.index("--shutdown-timeout") + 1])
+    trainer_grace = render_trainer_config(the_job.name, the_job.spec)["checkpoint"]["grace_seconds"]
+    assert trainer_grace < shutdown < grace
 
 
 def test_worker_pod_carries_env_volumes_and_scheduling_fields() -> None:
