@@ -116,6 +116,16 @@ def test_example_specs_pass_the_crd_schema_and_the_model(spec: dict[str, Any]) -
     JobSpec.model_validate(spec)
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_an_example_on_one_node_asks_for_a_claim_the_default_block_disk_class_can_bind(path: Path) -> None:
+    """ReadWriteMany (the default) never binds on GKE's, EBS's or Azure Disk's default
+    class: the claim stays Pending, and so do the workers. Only a gang across nodes needs it."""
+    spec = JobSpec.model_validate(yaml.safe_load(path.read_text())["spec"])
+    if spec.storage.size is not None:
+        wanted = "ReadWriteMany" if spec.workers.nodes > 1 else "ReadWriteOnce"
+        assert spec.storage.access_mode == wanted, path.name
+
+
 def test_crd_schema_rejects_what_the_model_rejects() -> None:
     validator = jsonschema.Draft4Validator(SCHEMA["properties"]["spec"])
     bad = {**MINIMAL_SPEC, "workers": {**MINIMAL_SPEC["workers"], "nodes": 0}}

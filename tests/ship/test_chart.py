@@ -202,8 +202,14 @@ def test_values_schema_rejects_bad_values_naming_the_field() -> None:
 def test_notes_tell_what_to_run_next() -> None:
     result = helm("install", "dreambooth-operator", str(CHART), "--dry-run=client", "--namespace", "dreambooth-system")
     notes = result.stdout.split("NOTES:", 1)[1]
-    for command in ("kubectl create configmap", "kubectl apply -f", "kubectl get dbj -w", "helm uninstall"):
+    for command in ("kubectl -n default create configmap", "kubectl -n default apply -f", "kubectl -n default get dbj -w",
+                    "helm uninstall", "kubectl apply -f charts/dreambooth-operator/crds/crd.yaml"):
         assert command in notes, notes
+    # Watching some namespaces only: the commands go to one of them (elsewhere a job is never picked up).
+    result = helm("install", "dreambooth-operator", str(CHART), "--dry-run=client", "--namespace", "dreambooth-system",
+                  "--set", "watchNamespaces={team-a,team-b}")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl -n team-a apply -f" in notes and "never picked up: team-a, team-b only" in notes, notes
 
 
 def test_install_manifest_is_the_default_rendering() -> None:
