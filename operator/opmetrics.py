@@ -27,6 +27,10 @@ class OperatorMetrics:
         # prometheus_client adds the `_total` suffix to counters itself.
         self.restarts = Counter(METRIC_RESTARTS.removesuffix("_total"), "Gang restarts by cause",
                                 ["reason"], registry=self.registry)
+        # Both series from the start: increase() cannot count the first failure of a series
+        # that appears with it (DreamboothWorkersFailingRepeatedly would need a fourth).
+        for reason in (RESTART_FAILURE, RESTART_PREEMPTION):
+            self.restarts.labels(reason=reason)
         self.pods_created = Counter(METRIC_PODS_CREATED.removesuffix("_total"), "Worker pods created",
                                     registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}

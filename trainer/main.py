@@ -326,8 +326,9 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         return 0
     finally:
         shutdown()
-        metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase == m.PHASE_DONE else 0,
-                      interrupted=stop)
+        # The end states a scrape must see: done, and diverged (an alert names it).
+        metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase in (m.PHASE_DONE, m.PHASE_DIVERGED)
+                      else 0, interrupted=stop)
         stop.close()
 
 

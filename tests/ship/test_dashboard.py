@@ -145,12 +145,18 @@ def test_panels_show_the_run(scraped) -> None:
 
     assert value("Step") == {"": MAX_STEPS}
     assert value("Progress") == {"": 1.0}
-    assert value("Gang restarts") == {"preemption": 1.0}
+    assert value("Gang restarts") == {"failure": 0.0, "preemption": 1.0}  # both series from the operator's start
     assert value("Jobs by phase")["Running"] == 1.0
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert value("Checkpoint", "A") == {"": float(latest.removeprefix("step-"))}
     assert value("Loss: instance and prior", "C")[""] > 0, "prior preservation is on: the prior loss is real"
     assert value("fp16 loss scale") == {"": 1.0}  # bf16 on CPU
+
+
+def test_a_table_of_several_queries_merges_them_into_one_row_per_training() -> None:
+    for panel in d.load()["panels"]:
+        if panel.get("type") == "table" and len(panel["targets"]) > 1:
+            assert [t["id"] for t in panel.get("transformations", [])][:1] == ["merge"], panel["title"]
 
 
 def test_template_variables_list_the_job(scraped) -> None:
