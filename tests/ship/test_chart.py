@@ -197,6 +197,11 @@ def test_values_schema_rejects_bad_values_naming_the_field() -> None:
     assert result.returncode != 0 and "watchNamespaces" in result.stderr, result.stderr
     result = helm("template", str(CHART), "--set", "metrics.podMonitor.enabeld=true", check=False)
     assert result.returncode != 0 and "enabeld" in result.stderr, result.stderr
+    # Not creating a ServiceAccount without naming one would grant the operator's RBAC to `default`.
+    result = helm("template", str(CHART), "--set", "serviceAccount.create=false", check=False)
+    assert result.returncode != 0 and "/serviceAccount/name" in result.stderr, result.stderr
+    rendered = helm("template", str(CHART), "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops")
+    assert "serviceAccountName: ops" in rendered.stdout
 
 
 def test_notes_tell_what_to_run_next() -> None:
