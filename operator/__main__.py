@@ -18,7 +18,7 @@ from . import handlers  # noqa: F401  (registers the handlers)
 from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS
 from .handlers import OperatorConfig
 from .kube import load_client_config
-from .lifecycle import Timing
+from .plan import Timing
 from .reconciler import Settings
 
 

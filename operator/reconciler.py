@@ -18,7 +18,7 @@ from . import constants as c
 from .children import build_claim, build_config_map, build_service, output_status
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
-from .lifecycle import Timing, created_status, decide, failed_create_status, invalid_spec_status, timestamp
+from .lifecycle import created_status, decide, failed_create_status, invalid_spec_status
 from .metadata import (
     claim_name,
     config_map_name,
@@ -29,6 +29,7 @@ from .metadata import (
     worker_selector,
 )
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
+from .plan import Timing, timestamp
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
 from .progress import metrics_url, progress_status, scrape, utc_now

@@ -1,0 +1,114 @@
+"""One reconcile pass's plan for a job (lifecycle.decide makes it) and the status
+primitives its rules share: timestamps, conditions, the phase, failing, looking again."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import constants as c
+from .podstates import POD_FAILED, POD_SUCCEEDED, is_deleting, pod_name, pod_phase
+
+# Conditions that mirror the current phase: at most one of them is True.
+PHASE_CONDITIONS = {
+    c.PHASE_RUNNING: c.CONDITION_RUNNING,
+    c.PHASE_RESTARTING: c.CONDITION_RESTARTING,
+    c.PHASE_SUSPENDED: c.CONDITION_SUSPENDED,
+    c.PHASE_SUCCEEDED: c.CONDITION_SUCCEEDED,
+    c.PHASE_FAILED: c.CONDITION_FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Operator settings that shape a job's life (set from the command line)."""
+
+    backoff_base_seconds: float = 10.0
+    backoff_max_seconds: float = 300.0
+    pending_timeout_seconds: float = 300.0
+    # How long a scheduled worker's container may be unable to start (image pull, missing
+    # Secret) before the job fails: its pods hold their nodes' GPUs all that time.
+    start_timeout_seconds: float = 600.0
+    # How often a job with nothing to wait for is looked at again anyway.
+    resync_seconds: float = 30.0
+    # The same for a finished job: only a spec edit (which wakes it) can change it.
+    finished_resync_seconds: float = 600.0
+
+    def backoff(self, restarts: int) -> float:
+        """Delay before the gang's restart number `restarts` (1, 2, ...): doubles each time."""
+        return min(self.backoff_base_seconds * 2 ** max(restarts - 1, 0), self.backoff_max_seconds)
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[int] = field(default_factory=list)
+    gang: int = 0
+    delete: list[str] = field(default_factory=list)
+    # (type, reason, message) of Kubernetes Events to post on the job.
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    requeue_after: float | None = None
+    counted_restart: bool = False
+    # runPolicy.ttlSecondsAfterFinished has passed: the job itself is to be deleted.
+    delete_job: bool = False
+
+
+def timestamp(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def set_condition(conditions: list[dict[str, Any]], kind: str, status: bool, reason: str,
+                  message: str, now: dt.datetime) -> list[dict[str, Any]]:
+    """A new conditions list with `kind` set; its lastTransitionTime moves only when
+    its status flips."""
+    value = "True" if status else "False"
+    result = []
+    found = False
+    for condition in conditions:
+        if condition.get("type") == kind:
+            found = True
+            since = condition.get("lastTransitionTime") if condition.get("status") == value else None
+            condition = {"type": kind, "status": value, "reason": reason, "message": message,
+                         "lastTransitionTime": since or timestamp(now)}
+        result.append(condition)
+    if not found:
+        result.append({"type": kind, "status": value, "reason": reason, "message": message,
+                       "lastTransitionTime": timestamp(now)})
+    return result
+
+
+def enter_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: dt.datetime) -> None:
+    """Set status.phase and make the phase's condition the only True phase condition."""
+    status["phase"] = phase
+    conditions = list(status.get("conditions") or [])
+    for other_phase, kind in PHASE_CONDITIONS.items():
+        if other_phase == phase:
+            conditions = set_condition(conditions, kind, True, reason, message, now)
+        elif any(cond.get("type") == kind and cond.get("status") == "True" for cond in conditions):
+            conditions = set_condition(conditions, kind, False, reason, message, now)
+    status["conditions"] = conditions
+
+def alive_pods(pods: list[dict[str, Any]]) -> list[str]:
+    """Pods still running or waiting that are not already being deleted."""
+    return [pod_name(p) for p in pods if pod_phase(p) not in (POD_SUCCEEDED, POD_FAILED) and not is_deleting(p)]
+
+
+def fail(plan: Plan, pods: list[dict[str, Any]], reason: str, message: str, now: dt.datetime) -> Plan:
+    enter_phase(plan.status, c.PHASE_FAILED, reason, message, now)
+    plan.status["completionTime"] = timestamp(now)
+    plan.status.pop("nextRestartTime", None)
+    plan.delete = alive_pods(pods)
+    plan.events.append(("Warning", reason, message))
+    return plan
+
+
+def requeue(plan: Plan, seconds: float) -> None:
+    seconds = max(seconds, 0.05)
+    plan.requeue_after = seconds if plan.requeue_after is None else min(plan.requeue_after, seconds)

@@ -1,0 +1,113 @@
+"""What a job's waiting workers are stuck on, said in its status: a worker the scheduler
+cannot place, a container that cannot start, an old worker that does not terminate.
+Pure functions on a Plan, as lifecycle.decide's."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from . import constants as c
+from .plan import PHASE_CONDITIONS, Plan, Timing, fail, parse_timestamp, requeue, set_condition, timestamp
+from .podstates import (
+    CONFIG_PROBLEMS,
+    HOPELESS_START_PROBLEMS,
+    Failure,
+    pod_name,
+    scheduling_problem,
+    start_problem,
+)
+
+
+def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
+    """Pods the scheduler cannot place for longer than the pending timeout get a
+    condition carrying the scheduler's own message (e.g. Insufficient nvidia.com/gpu)."""
+    status = plan.status
+    stuck = []
+    for pod in current:
+        problem = scheduling_problem(pod)
+        created = parse_timestamp(pod["metadata"].get("creationTimestamp"))
+        if problem is None:
+            continue
+        waited = (now - created).total_seconds() if created is not None else 0.0
+        if waited >= timing.pending_timeout_seconds:
+            stuck.append(f"{pod_name(pod)}: {problem}")
+        else:
+            requeue(plan, timing.pending_timeout_seconds - waited)
+    conditions = status.get("conditions") or []
+    has = any(cond.get("type") == c.CONDITION_UNSCHEDULABLE for cond in conditions)
+    if stuck:
+        status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, True,
+                                             c.REASON_PODS_PENDING, "; ".join(stuck), now)
+    elif has:
+        status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, False,
+                                             c.REASON_PODS_PENDING, "all workers scheduled", now)
+
+
+def check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
+    """Scheduled workers whose container cannot start get condition CannotStart (and one
+    Warning Event) carrying the kubelet's reason and message. The job fails when the
+    problem cannot clear (InvalidImageName) or has lasted past the start timeout,
+    counted from the condition's lastTransitionTime: the pods are deleted, their nodes'
+    GPUs freed. A restart would not help: the next gang would wait for the same image."""
+    status = plan.status
+    problems = [problem for problem in map(start_problem, current) if problem is not None]
+    conditions = status.get("conditions") or []
+    known = next((cond for cond in conditions if cond.get("type") == c.CONDITION_CANNOT_START), None)
+    stuck_since = parse_timestamp(known.get("lastTransitionTime")) if known and known.get("status") == "True" else None
+    if not problems:
+        if stuck_since is not None:
+            status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, False,
+                                                 c.REASON_CONTAINERS_STARTED, "every worker's container started", now)
+        return
+    first = problems[0]
+    limit = timing.start_timeout_seconds
+    message = "; ".join(map(str, problems))
+    status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, True, first.reason, message, now)
+    if stuck_since is None:
+        plan.events.append(("Warning", first.reason, f"{message} (the job fails if this lasts {limit:g}s)"))
+    waited = (now - (stuck_since or now)).total_seconds()
+    hopeless = first.reason in HOPELESS_START_PROBLEMS
+    if not hopeless and waited < limit:
+        requeue(plan, limit - waited)
+        return
+    fix = ("the Secret or ConfigMap the message names (e.g. spec.model.hfTokenSecret)" if first.reason in CONFIG_PROBLEMS
+           else "spec.workers.image (or spec.workers.imagePullSecrets)")
+    how_long = "it cannot start" if hopeless else f"its container could not start for {waited:.0f}s"
+    failure = Failure(pod=first.pod, reason=first.reason, exit_code=None, message=first.message)
+    status["lastFailure"] = failure.as_status(timestamp(now))
+    fail(plan, current, first.reason, f"worker {first} ({how_long}); fix {fix} and recreate the job", now)
+
+
+# Past its deletionTimestamp (the end of its grace period) a pod's kubelet has had time to
+# stop it; this much later, its node is not answering.
+STUCK_TERMINATING_SECONDS = 120.0
+
+
+def stuck_terminating(pod: dict[str, Any], now: dt.datetime) -> bool:
+    due = parse_timestamp(pod["metadata"].get("deletionTimestamp"))
+    return due is not None and (now - due).total_seconds() >= STUCK_TERMINATING_SECONDS
+
+
+def report_stuck_terminating(plan: Plan, stale: list[dict[str, Any]], now: dt.datetime) -> None:
+    """An old worker that stays Terminating (its node lost or partitioned) holds the next
+    gang back: its name cannot be reused until it is gone. Said in the phase's condition
+    and one Warning Event. The operator does not force-delete it: on a partitioned node
+    that worker may still be running, and writing checkpoints beside a new gang's."""
+    stuck = [p for p in stale if stuck_terminating(p, now)]
+    if not stuck:
+        return
+    pod = stuck[0]
+    node = (pod.get("spec") or {}).get("nodeName") or "its node"
+    message = (f"waiting for worker {pod_name(pod)} on {node} to terminate (due at "
+               f"{pod['metadata']['deletionTimestamp']}): the node is not answering. The next gang starts once it is "
+               f"gone: remove the node (kubectl delete node), or, if it is really down, kubectl delete pod "
+               f"{pod_name(pod)} --force --grace-period=0")
+    status = plan.status
+    kind = PHASE_CONDITIONS.get(status["phase"])
+    known = next((cond for cond in status.get("conditions") or [] if cond.get("type") == kind), None)
+    if kind is None or (known is not None and known.get("reason") == c.REASON_WORKER_STUCK_TERMINATING):
+        return
+    status["conditions"] = set_condition(status.get("conditions") or [], kind, True,
+                                         c.REASON_WORKER_STUCK_TERMINATING, message, now)
+    plan.events.append(("Warning", c.REASON_WORKER_STUCK_TERMINATING, message))
