@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer import checkpoint  # noqa: E402
 from trainer.config import validate_config  # noqa: E402
+from trainer.manifest import list_files  # noqa: E402
 from trainer.distributed import init_process_group, read_runtime, shutdown  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 from trainer.lora import add_adapters  # noqa: E402
@@ -69,7 +70,7 @@ def best_save_and_load(engine, config, runtime, root: Path, repeats: int) -> dic
         folder = checkpoint.save(engine, config.checkpoint, runtime, step=step,
                                  state={"step": step, "micro_step": step, "samples": 0}, lora=config.lora)
         save_seconds = time.perf_counter() - started
-        num_bytes = sum(checkpoint.list_files(folder).values())
+        num_bytes = sum(list_files(folder).values())
         started = time.perf_counter()
         loaded, _ = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora)
         load_seconds = time.perf_counter() - started

@@ -52,6 +52,19 @@ def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, 
     return state
 
 
+def record_unfinished_run(output_dir: Path, run_info: dict[str, Any]) -> Path | None:
+    """run.json of a run that ended without an export (stopped, diverged): DESIGN.md
+    asks for one at the end of every run. Not where an earlier run's model was
+    exported: that folder's run.json describes the model beside it."""
+    from trainer.checkpoint import write_atomically
+
+    if (output_dir / "model_index.json").is_file():
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / RUN_FILE, json.dumps(json_safe(run_info), indent=2, sort_keys=True))
+    return output_dir / RUN_FILE
+
+
 def build_pipeline(components, **modules: torch.nn.Module):
     """A StableDiffusionPipeline (or XL) of `components`, with `modules` (unet=...,
     text_encoder=..., text_encoder_2=...) in place of theirs."""

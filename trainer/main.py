@@ -155,6 +155,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime, universal: Pa
     from trainer.distributed import barrier
     from trainer.engine import apply_optimizer_settings
     from trainer.loop import TrainState
+    from trainer.manifest import Manifest
     from trainer.progress import report_event
 
     try:
@@ -183,13 +184,33 @@ def restore_training_state(engine, config: TrainerConfig, runtime, universal: Pa
         json_logs = config.logging.format == "json"
         resized = {}
         if universal is not None:
-            resized = {"world_size": f"{checkpoint.Manifest.read(folder).shape.world_size} -> {runtime.world_size}"}
+            resized = {"world_size": f"{Manifest.read(folder).shape.world_size} -> {runtime.world_size}"}
         report_event("resumed", json_format=json_logs, checkpoint=str(folder), step=state.step, **resized)
         if changed:
             # DeepSpeed would restore the checkpoint's values; this run's config wins.
             report_event("changed since the checkpoint", json_format=json_logs,
                          **{key: f"{shown(old)} -> {shown(new)}" for key, (old, new) in changed.items()})
     return state, folder
+
+
+def describe_run(config: TrainerConfig, runtime, precision: str, *, outcome: str, final_step: int,
+                 resumed_from: int | None, started: float, trained_samples: int = 0, train_seconds: float = 0.0) -> dict:
+    """What run.json holds for every run (DESIGN.md's fields, and what ended it:
+    `done`, `stopped` by a signal, or `diverged`); a finished run adds its model's."""
+    return {
+        "outcome": outcome,
+        "final_step": final_step,
+        "max_steps": config.training.max_steps,
+        "resumed_from_step": resumed_from,
+        "world_size": runtime.world_size,
+        "precision": precision,
+        "zero_stage": config.deepspeed.zero_stage,
+        "train_text_encoder": config.training.train_text_encoder,
+        "lora_rank": config.lora.rank,
+        "lora_use_dora": config.lora.use_dora,
+        "wall_seconds": time.monotonic() - started,
+        "samples_per_second": trained_samples / train_seconds if train_seconds > 0 else 0.0,
+    }
 
 
 def run(config: TrainerConfig, model_dir: Path | None) -> int:
@@ -202,7 +223,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     from trainer.data import DreamBoothData
     from trainer.distributed import init_process_group, read_runtime, shutdown, sum_over_ranks
     from trainer.engine import build_engine, resolve_precision
-    from trainer.export import export_pipeline
+    from trainer.export import export_pipeline, record_unfinished_run
     from trainer.loop import DenoisingStep, TrainingDiverged, train
     from trainer.model_card import SDXL_PIPELINE, model_card
     from trainer.models import build_components
@@ -239,6 +260,10 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             if stop.requested:
                 report_event(f"stopped by {stop.signal_name} during class-image generation", json_format=json_logs)
                 metrics.set_phase(m.PHASE_STOPPED)
+                if runtime.is_main:  # training stands where the checkpoint to resume left it
+                    record_unfinished_run(config.output.dir, describe_run(
+                        config, runtime, precision, outcome="stopped", resumed_from=None, started=started,
+                        final_step=m.checkpoint_hint(config.checkpoint).step))
                 return EXIT_TERMINATED
             report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)
             class_images_generated = sum_over_ranks(mine)
@@ -271,35 +296,33 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         samples_before, train_started = state.samples, time.monotonic()
         monitor = TrainingMonitor(config, runtime, metrics, engine, components)
         metrics.set_phase(m.PHASE_TRAINING)
+        def ended(outcome: str) -> dict:  # state is trained in place: it stands where the run ended
+            return describe_run(config, runtime, precision, outcome=outcome, final_step=state.step,
+                                resumed_from=resumed_from, started=started, trained_samples=state.samples - samples_before,
+                                train_seconds=time.monotonic() - train_started)
+
         try:
             state = train(config, engine, step_fn, data, runtime, state, stop_requested=stop,
                           on_step=monitor.on_step, after_step=monitor.after_step, metrics=metrics)
         except TrainingDiverged as diverged:
             if runtime.is_main:
                 print(f"error: {diverged}", file=sys.stderr, flush=True)
+                record_unfinished_run(config.output.dir, ended("diverged"))
             metrics.set_phase(m.PHASE_DIVERGED)
             return EXIT_DIVERGED
         finally:
             monitor.close()
-        train_seconds = time.monotonic() - train_started
         if stop.requested or state.step < config.training.max_steps:
             if runtime.is_main:
                 report_event(f"stopped by {stop.signal_name}", json_format=json_logs, step=state.step)
+                record_unfinished_run(config.output.dir, ended("stopped"))
             metrics.set_phase(m.PHASE_STOPPED)
             return EXIT_TERMINATED
+        run_info = ended("done")
         eval_after = step_fn.instance_eval_loss(eval_batch)
-        run_info = {
-            "final_step": state.step,
-            "max_steps": config.training.max_steps,
-            "resumed_from_step": resumed_from,
-            "world_size": runtime.world_size,
+        run_info |= {
             "pipeline": SDXL_PIPELINE if components.is_sdxl else "StableDiffusionPipeline",
             "output_dtype": config.output.dtype,
-            "precision": precision,
-            "zero_stage": config.deepspeed.zero_stage,
-            "train_text_encoder": config.training.train_text_encoder,
-            "lora_rank": config.lora.rank,
-            "lora_use_dora": config.lora.use_dora,
             "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "compile": ({"backend": config.training.compile_backend, "mode": config.training.compile_mode,
                          **compile_report()} if config.training.compile else None),
@@ -307,8 +330,6 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
             "class_images_generated": class_images_generated,
             "instance_eval_loss_before": eval_before,
             "instance_eval_loss_after": eval_after,
-            "wall_seconds": time.monotonic() - started,
-            "samples_per_second": (state.samples - samples_before) / train_seconds if train_seconds > 0 else 0.0,
         }
         metrics.set_phase(m.PHASE_EXPORTING)
         export_pipeline(engine, components, config.output.dir, runtime, run_info, model_card(config, run_info))

@@ -107,6 +107,7 @@ def checkpoint_hint(config: CheckpointConfig) -> Position:
     as samples trained and steps skipped just now. Zeros when there is none or it
     cannot be read (a manifest from before the totals were kept: the step alone)."""
     from trainer import checkpoint
+    from trainer.manifest import MANIFEST
 
     if config.resume == "never":
         return Position()
@@ -118,7 +119,7 @@ def checkpoint_hint(config: CheckpointConfig) -> Position:
         except OSError:
             return Position()
     try:
-        raw = json.loads((folder / checkpoint.MANIFEST).read_text())
+        raw = json.loads((folder / MANIFEST).read_text())
         return Position(step=int(raw["step"]), samples=int(raw.get(checkpoint.SAMPLES_KEY, 0)),
                         skipped_steps=int(raw.get(checkpoint.SKIPPED_STEPS_KEY, 0)))
     except (OSError, ValueError, KeyError, TypeError):

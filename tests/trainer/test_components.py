@@ -11,18 +11,15 @@ import torch
 from diffusers import DDPMScheduler
 
 from tests.conftest import tiny_config
-from trainer.checkpoint import (
+from trainer.checkpoint import complete_checkpoints, find_resume_point, retract, write_atomically
+from trainer.manifest import (
     MANIFEST,
     Manifest,
     TrainingShape,
     check_compatible,
-    complete_checkpoints,
-    find_resume_point,
     list_files,
     needs_universal,
-    retract,
     trained_parameters,
-    write_atomically,
 )
 from trainer.class_images import class_image_path, plan_missing, share_of_rank
 from trainer.config import CheckpointConfig, ConfigError, validate_config

@@ -238,7 +238,8 @@ def test_step_lines_are_plain_off_a_terminal_and_a_bar_on_one(capsys, monkeypatc
 def test_a_restarted_run_reports_its_checkpoint_step_before_loading_it(tmp_path):
     import json
 
-    from trainer.checkpoint import LATEST, MANIFEST, step_folder_name
+    from trainer.checkpoint import LATEST, step_folder_name
+    from trainer.manifest import MANIFEST
 
     raw = tiny_config(tmp_path)
     assert m.checkpoint_hint(validate_config(raw).checkpoint) == m.Position()  # fresh: nothing to resume

@@ -73,11 +73,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_resumed_run_matches_an_uni
     stopped_at = max(first_part)
     assert stopped_at >= 4
     assert (interrupted / "checkpoints" / "latest").read_text() == f"step-{stopped_at:08d}"
+    # run.json at the end of every run: no model yet, only the record of where it stopped.
+    stopped = json.loads((interrupted / "model" / "run.json").read_text())
+    assert (stopped["outcome"], stopped["final_step"], stopped["resumed_from_step"]) == ("stopped", stopped_at, None)
+    assert stopped["samples_per_second"] > 0 and not (interrupted / "model" / "model_index.json").exists()
 
     resumed = run_trainer(config_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     run = json.loads((interrupted / "model" / "run.json").read_text())
-    assert run["resumed_from_step"] == stopped_at and run["final_step"] == 12
+    assert run["resumed_from_step"] == stopped_at and run["final_step"] == 12 and run["outcome"] == "done"
     second_part = step_losses(resumed.stdout)
     assert sorted(second_part) == list(range(stopped_at + 1, 13))
     # Exactly the same numbers, not merely close: data order, noise, optimizer and
@@ -221,7 +225,9 @@ def test_a_raised_learning_rate_applies_on_resume_and_the_divergence_it_causes_s
     folder = root / "checkpoints"
     assert (folder / "latest").read_text() == "step-00000003" and (folder / "diverged-step-00000004").is_dir()
     assert [path.name for path in checkpoint.complete_checkpoints(folder)] == ["step-00000003", "step-00000002"]
-    assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 3  # the first run's export stands
+    first_export = json.loads((root / "model" / "run.json").read_text())
+    # The first run's export stands: the diverged run's record does not replace its model's.
+    assert (first_export["final_step"], first_export["outcome"]) == (3, "done")
 
     # What the next run (with a lower rate) resumes from: the last checkpoint before the divergence.
     assert checkpoint.find_resume_point(CheckpointConfig(dir=folder)).name == "step-00000003"
