@@ -296,6 +296,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         samples_before, train_started = state.samples, time.monotonic()
         monitor = TrainingMonitor(config, runtime, metrics, engine, components)
         metrics.set_phase(m.PHASE_TRAINING)
+
         def ended(outcome: str) -> dict:  # state is trained in place: it stands where the run ended
             return describe_run(config, runtime, precision, outcome=outcome, final_step=state.step,
                                 resumed_from=resumed_from, started=started, trained_samples=state.samples - samples_before,
