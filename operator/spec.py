@@ -105,6 +105,7 @@ class TrainingSpec(_Spec):
     gradient_checkpointing: bool = False
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
+    max_nonfinite_steps: int = Field(10, ge=0)
 
 
 class LoraSpec(_Spec):

@@ -86,6 +86,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["training"]["learning_rate"] == 2e-6 and config["training"]["text_encoder_learning_rate"] == 1e-6
     assert config["training"]["precision"] == "fp16"
     assert config["training"]["snr_gamma"] == 5.0 and config["training"]["noise_offset"] == 0.05
+    assert config["training"]["max_nonfinite_steps"] == 20
     assert config["deepspeed"]["zero_stage"] == 2
     assert config["checkpoint"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/checkpoints"
     assert config["checkpoint"]["every_steps"] == 100
