@@ -27,7 +27,17 @@ import torch
 
 from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.distributed import Runtime, barrier
-from trainer.manifest import MANIFEST, Manifest, TrainingShape, check_compatible, list_files, needs_universal, why_incomplete
+from trainer.manifest import (
+    MANIFEST,
+    SAMPLES,
+    SKIPPED_STEPS,
+    Manifest,
+    TrainingShape,
+    check_compatible,
+    list_files,
+    needs_universal,
+    read_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,6 @@ STEP_PREFIX = "step-"
 STEP_KEY = "step"
 MICRO_STEP_KEY = "micro_step"
 SAMPLES_KEY = "samples"
-SKIPPED_STEPS_KEY = "skipped_steps"  # fp16 overflow skips so far (DeepSpeed restores its own count)
 RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
@@ -91,7 +100,7 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
         # The totals let a restarted run's metrics start where this one left off (metrics.checkpoint_hint).
         manifest = {"step": step, "world_size": shape.world_size, "zero_stage": shape.settings["deepspeed.zero_stage"],
                     "settings": shape.settings, "trained_parameters": shape.parameters, "time": time.time(),
-                    SAMPLES_KEY: state.get(SAMPLES_KEY, 0), SKIPPED_STEPS_KEY: int(getattr(engine, "skipped_steps", 0)),
+                    SAMPLES: state.get(SAMPLES_KEY, 0), SKIPPED_STEPS: int(getattr(engine, "skipped_steps", 0)),
                     "files": list_files(folder)}
         write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
         write_atomically(config.dir / LATEST, tag)
@@ -149,17 +158,16 @@ def apply_retention(directory: Path, *, keep_last: int, in_use: str) -> None:
 
 
 def verified(folder: Path) -> Manifest | None:
-    problem = why_incomplete(folder)
+    manifest, problem = read_complete(folder)
     if problem is not None:
         log.warning("checkpoint %s skipped: %s", folder, problem)
-        return None
-    return Manifest.read(folder)
+    return manifest
 
 
 def named_resume_point(config: CheckpointConfig) -> Path:
     """The folder checkpoint.resume names (neither auto nor never), refused unless complete."""
     folder = Path(config.resume)
-    problem = why_incomplete(folder)
+    _, problem = read_complete(folder)
     if problem is not None:
         raise ConfigError(f"checkpoint.resume = {config.resume!r}: not a complete checkpoint folder: {problem}; "
                           "name a step-NNNNNNNN folder of checkpoint.dir, or set auto (the latest complete one) "

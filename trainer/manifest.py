@@ -19,6 +19,9 @@ from trainer.config import ConfigError, LoraConfig
 from trainer.distributed import Runtime
 
 MANIFEST = "manifest.json"
+# The run's totals at the checkpoint, for a restarted run's metrics to start from (metrics.checkpoint_hint).
+SAMPLES = "samples"
+SKIPPED_STEPS = "skipped_steps"  # fp16 overflow skips (DeepSpeed restores its own count)
 
 # Settings a manifest written before they were recorded lacks, with the value every
 # trainer before them had: one optimizer param group (the text encoders got their own
@@ -84,6 +87,8 @@ class Manifest:
     step: int
     shape: TrainingShape
     files: dict[str, int]  # relative path -> size in bytes
+    samples: int = 0  # 0 in a manifest from before the totals were kept
+    skipped_steps: int = 0
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
@@ -91,7 +96,8 @@ class Manifest:
         # Manifests before `settings` was kept: the stage, and no adapters.
         settings = {"deepspeed.zero_stage": raw["zero_stage"], "lora.rank": 0, **raw.get("settings", {})}
         shape = TrainingShape(world_size=raw["world_size"], settings=settings, parameters=raw.get("trained_parameters"))
-        return cls(step=raw["step"], shape=shape, files=raw["files"])
+        return cls(step=raw["step"], shape=shape, files=raw["files"], samples=int(raw.get(SAMPLES, 0)),
+                   skipped_steps=int(raw.get(SKIPPED_STEPS, 0)))
 
     def problems(self, folder: Path) -> list[str]:
         found = []
@@ -112,13 +118,15 @@ def list_files(folder: Path) -> dict[str, int]:
     }
 
 
-def why_incomplete(folder: Path) -> str | None:
-    """What is wrong with a checkpoint folder's files, None when they match its manifest."""
+def read_complete(folder: Path) -> tuple[Manifest | None, str | None]:
+    """(its manifest, None) for a checkpoint folder whose files match its manifest, else
+    (None, what is wrong)."""
     try:
         manifest = Manifest.read(folder)
     except (OSError, ValueError, KeyError) as error:
-        return f"unreadable manifest ({error})"
-    return "; ".join(manifest.problems(folder)) or None
+        return None, f"unreadable manifest ({error})"
+    problems = manifest.problems(folder)
+    return (None, "; ".join(problems)) if problems else (manifest, None)
 
 
 def needs_universal(saved: TrainingShape, world_size: int) -> bool:

@@ -10,7 +10,6 @@ only rank 0 serves it.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def checkpoint_hint(config: CheckpointConfig) -> Position:
     as samples trained and steps skipped just now. Zeros when there is none or it
     cannot be read (a manifest from before the totals were kept: the step alone)."""
     from trainer import checkpoint
-    from trainer.manifest import MANIFEST
+    from trainer.manifest import Manifest
 
     if config.resume == "never":
         return Position()
@@ -119,11 +118,10 @@ def checkpoint_hint(config: CheckpointConfig) -> Position:
         except OSError:
             return Position()
     try:
-        raw = json.loads((folder / MANIFEST).read_text())
-        return Position(step=int(raw["step"]), samples=int(raw.get(checkpoint.SAMPLES_KEY, 0)),
-                        skipped_steps=int(raw.get(checkpoint.SKIPPED_STEPS_KEY, 0)))
+        manifest = Manifest.read(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return Position()
+    return Position(step=manifest.step, samples=manifest.samples, skipped_steps=manifest.skipped_steps)
 
 
 def gpu_memory_bytes(device) -> int:
