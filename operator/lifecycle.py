@@ -176,14 +176,17 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
     failed = [p for p in current if pod_phase(p) == POD_FAILED]
     # The gang no longer matches: a worker vanished (node lost, deleted by hand) or
     # workers.nodes was edited. Restarted like a preemption: not the job's fault.
+    started_for = max((pod_gang_nodes(p) or spec.workers.nodes for p in current), default=spec.workers.nodes)
     vanished = phase in (c.PHASE_INITIALIZING, c.PHASE_RUNNING) and (
-        len(current) < spec.workers.nodes or any(is_deleting(p) for p in current))
+        len(current) < started_for or any(is_deleting(p) for p in current))
     # Edited up or down while the gang exists, even before it ran: its workers' torchrun
     # waits for the old number of nodes, and a new worker would wait for the new one.
     resized = any((pod_index(p) or 0) >= spec.workers.nodes or pod_gang_nodes(p) not in (None, spec.workers.nodes)
                   for p in current)
     if failed or vanished or resized:
-        return _restart(plan, spec, failed, current, now, timing)
+        # An edit alone is not a disruption: it does not lengthen a run of preemptions.
+        disrupted = bool(failed) or vanished
+        return _restart(plan, spec, failed, current, now, timing, disrupted=disrupted)
 
     if len(current) == spec.workers.nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
         enter_phase(status, c.PHASE_SUCCEEDED, c.REASON_ALL_WORKERS_SUCCEEDED, "every worker exited 0", now)
@@ -231,20 +234,31 @@ def _update_running_phase(plan: Plan, spec: JobSpec, current: list[dict[str, Any
 
 
 def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: list[dict[str, Any]],
-             now: dt.datetime, timing: Timing) -> Plan:
+             now: dt.datetime, timing: Timing, disrupted: bool = True) -> Plan:
     status = plan.status
     # One preempted worker takes the others down with it (their collectives fail):
     # a gang with any preemption in it counts as preempted.
     preempted = not failed or any(is_preemption(p) for p in failed)
     if preempted:
-        who = ", ".join(pod_name(p) for p in failed) or "the gang changed: a worker vanished or workers.nodes was edited"
+        who = ", ".join(pod_name(p) for p in failed) or (
+            "a worker vanished or is stuck terminating" if disrupted else "workers.nodes was edited")
         preempted_pods = [p for p in failed if is_preemption(p)]
         if preempted_pods:  # recorded for people; it does not count against backoffLimit
             status["lastFailure"] = describe_failure(preempted_pods[0]).as_status(timestamp(now))
         status["preemptions"] = int(status["preemptions"]) + 1
+        # Preemptions are free, but not every one is the cluster's doing: a gang that
+        # presses its own node (memory, disk) into evicting it, or a spot pool reclaimed
+        # again and again, would loop at full speed. A run of them with no newer
+        # checkpoint in between (scraping one resets the run) backs off like failures do.
+        in_a_row = int(status.get("consecutivePreemptions") or 0) + (1 if disrupted else 0)
+        status["consecutivePreemptions"] = in_a_row
+        delay = timing.backoff(in_a_row - 1) if in_a_row > 1 else 0.0
         message = f"gang preempted ({who}); restarting from the latest checkpoint, not counted against backoffLimit"
+        if delay:
+            message = (f"gang preempted ({who}), {in_a_row} times in a row with no new checkpoint in between; "
+                       f"restarting from the latest checkpoint in {delay:g}s, not counted against backoffLimit")
         enter_phase(status, c.PHASE_RESTARTING, c.REASON_PREEMPTED, message, now)
-        status["nextRestartTime"] = timestamp(now)
+        status["nextRestartTime"] = timestamp(now + dt.timedelta(seconds=delay))
         plan.events.append(("Normal", c.REASON_PREEMPTED, message))
     else:
         failure = describe_failure(failed[0])

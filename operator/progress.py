@@ -65,6 +65,8 @@ def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint
     if checkpoint_step > 0 and previous.get("step") != checkpoint_step:
         fields["latestCheckpoint"] = {"step": checkpoint_step,
                                       "path": checkpoint_path(checkpoint_dir, checkpoint_step), "time": now}
+        if status.get("consecutivePreemptions"):  # progress since: the next preemption starts a new run
+            fields["consecutivePreemptions"] = 0
     return {key: value for key, value in fields.items() if status.get(key) != value}
 
 

@@ -143,9 +143,13 @@ def test_every_status_the_operator_writes_fits_the_schema() -> None:
                   {"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}]}}
     status = decide(spec, {}, [], now).status
     status = decide(spec, {**status, "phase": c.PHASE_RUNNING}, [failed], now).status
+    assert status["lastFailure"]["exitCode"] == 1
+    evicted = {"metadata": {**failed["metadata"], "labels": {**failed["metadata"]["labels"], "dreambooth.io/gang": "1"}},
+               "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}}
+    status = decide(spec, {**status, "phase": c.PHASE_RUNNING}, [evicted], now).status
+    assert status["consecutivePreemptions"] == 1
     status.update(step=10, progress="1%", loss=0.5, samplesPerSecond=1.0, etaSeconds=3.0,
                   latestCheckpoint={"step": 10, "path": "/x/step-00000010", "time": "2026-01-01T00:00:00Z"})
-    assert status["lastFailure"]["exitCode"] == 1
     status["output"] = output_status(Job(name="sks-dog", namespace="default", uid="u", spec=spec))
     status_schema = SCHEMA["properties"]["status"]
     jsonschema.Draft4Validator(status_schema).validate(status)

@@ -164,6 +164,16 @@ def test_preemption_restarts_without_counting(cluster: Cluster, how: str) -> Non
     # backoffLimit 0 would have failed the job on any counted failure.
     assert status["restarts"] == 0
     assert status["phase"] != "Failed"
+    if how == "evicted":  # evicted again before a new checkpoint: the restart backs off
+        cluster.run_pods(name)
+        wait_for(phase_is(cluster, name, "Running"), what="Running again")
+        cluster.set_pod_status(f"{name}-worker-0", evicted())
+        wait_for(lambda: cluster.status(name).get("preemptions") == 2, what="preemptions: 2")
+        assert cluster.status(name)["consecutivePreemptions"] == 2
+        wait_for(lambda: any("2 times in a row with no new checkpoint" in e["message"]
+                             for e in cluster.events(name) if e["reason"] == "Preempted"), what="the Event")
+        wait_for(lambda: (p := cluster.pods(name)) and len(p) == 2 and all(gang_of(x) == "2" for x in p),
+                 what="the gang after the backoff")
 
 
 def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:

@@ -174,6 +174,34 @@ def test_restart_backoff_doubles_up_to_the_cap(restarts: int, delay: float) -> N
     assert plan.events[0][:2] == ("Warning", c.REASON_WORKER_FAILED)
 
 
+@pytest.mark.parametrize("in_a_row,delay", [(0, 0), (1, 10), (2, 20), (3, 40), (9, 60)])
+def test_preemptions_in_a_row_with_no_new_checkpoint_back_off(in_a_row: int, delay: float) -> None:
+    # A gang evicted again and again (pressing its own node, a spot pool reclaimed in a
+    # loop) would otherwise restart at full speed, never counted against backoffLimit.
+    status = {**RUNNING, "consecutivePreemptions": in_a_row}
+    evicted = pod(1, "Failed", pod_reason="Evicted", message="The node was low on resource: memory. ")
+    plan = decide(job_spec(backoff_limit=0), status, [pod(0), evicted], NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_RESTARTING and plan.status["restarts"] == 0
+    assert plan.status["consecutivePreemptions"] == in_a_row + 1
+    assert plan.status["nextRestartTime"] == timestamp(NOW + dt.timedelta(seconds=delay))
+    message = condition(plan.status, c.CONDITION_RESTARTING)["message"]
+    assert (f"{in_a_row + 1} times in a row with no new checkpoint" in message) == (delay > 0)
+    assert (f"in {delay:g}s" in message) == (delay > 0)
+    # the new gang is created once the delay has passed, not before
+    waiting = decide(job_spec(), plan.status, [], NOW + dt.timedelta(seconds=delay / 2), TIMING)
+    assert waiting.create == ([] if delay else [0, 1])
+    later = decide(job_spec(), plan.status, [], NOW + dt.timedelta(seconds=delay), TIMING)
+    assert later.create == [0, 1]
+
+
+def test_an_edit_of_workers_nodes_does_not_lengthen_a_run_of_preemptions() -> None:
+    status = {**RUNNING, "consecutivePreemptions": 1}
+    plan = decide(job_spec(nodes=3), status, [pod(0, nodes=2), pod(1, nodes=2)], NOW, TIMING)
+    assert plan.status["preemptions"] == 1 and plan.status["consecutivePreemptions"] == 1
+    assert plan.status["nextRestartTime"] == timestamp(NOW)
+    assert "workers.nodes was edited" in condition(plan.status, c.CONDITION_RESTARTING)["message"]
+
+
 def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
     status = {**RUNNING, "restarts": 3}
     failed = pod(1, "Failed", exit_code=137, reason="OOMKilled", gang=3)

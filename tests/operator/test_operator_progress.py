@@ -63,3 +63,11 @@ def test_rank0_is_scraped_at_worker0s_pod_ip() -> None:
     assert metrics_url({"status": {"podIP": "10.0.0.7"}}, 9090) == "http://10.0.0.7:9090/metrics"
     assert metrics_url({"status": {}}, 9090) is None
     assert metrics_url(None, 9090) is None
+
+
+def test_a_new_checkpoint_ends_a_run_of_preemptions() -> None:
+    values = parse_metrics(trainer_exposition())  # checkpoint 40
+    resumed_where_it_was = {"latestCheckpoint": {"step": 40}, "consecutivePreemptions": 2}
+    assert "consecutivePreemptions" not in progress_status(values, resumed_where_it_was, "/c", NOW)
+    progressed = {"latestCheckpoint": {"step": 20}, "consecutivePreemptions": 2}
+    assert progress_status(values, progressed, "/c", NOW)["consecutivePreemptions"] == 0
