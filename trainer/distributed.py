@@ -67,21 +67,29 @@ def any_ranks(*flags: bool) -> tuple[bool, ...]:
     """`any_rank` of several flags in one all-reduce."""
     if not dist.is_initialized():
         return tuple(flags)
-    tensor = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tuple(bool(value) for value in tensor.tolist())
+    return tuple(bool(value) for value in _all_reduce([1 if flag else 0 for flag in flags], torch.int32,
+                                                      dist.ReduceOp.MAX))
 
 
 def sum_over_ranks(value: int) -> int:
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64)
+    return int(_all_reduce([value], torch.int64, dist.ReduceOp.SUM)[0])
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    if not dist.is_initialized():
+        return list(values)
+    return [total / dist.get_world_size() for total in _all_reduce(values, torch.float64, dist.ReduceOp.SUM)]
+
+
+def _all_reduce(values: list, dtype: torch.dtype, op) -> list:
+    tensor = torch.tensor(values, dtype=dtype)
+    # DeepSpeed starts an nccl-only group on CUDA, and nccl reduces CUDA tensors only.
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return int(tensor.item())
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
 
 
 def shutdown() -> None:

@@ -20,7 +20,7 @@ from trainer import checkpoint
 from trainer.conditioning import PromptEmbeddings, encode_prompt
 from trainer.config import TrainerConfig, recipe
 from trainer.data import Batch, DreamBoothData, derived_seed
-from trainer.distributed import Runtime, any_ranks, barrier
+from trainer.distributed import Runtime, any_ranks, barrier, mean_over_ranks
 from trainer.engine import DTYPES
 from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
 from trainer.latents import LatentEncoder, batch_keys
@@ -162,14 +162,6 @@ def train_micro_step(engine, step_fn: DenoisingStep, prepared: PreparedBatch, mi
     return terms
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
-    if not torch.distributed.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return (tensor / torch.distributed.get_world_size()).tolist()
-
-
 def save_checkpoint(config: TrainerConfig, engine, runtime: Runtime, state: TrainState, metrics=None) -> None:
     """Collective: a checkpoint of the current step, timed and reported."""
     started = time.monotonic()
@@ -243,13 +235,16 @@ def train(
     first_nonfinite: int | None = None  # first step of the current run of NaN/Inf losses
     while state.step < training.max_steps:
         step_started = time.monotonic()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = None
         for _ in range(training.gradient_accumulation):
             terms = train_micro_step(engine, step_fn, batches.get(state.micro_step), state.micro_step)
             state.micro_step += 1
             state.samples += samples_per_micro_step
-            sums += torch.tensor([terms.loss.item(), terms.instance_loss.item(),
-                                  terms.prior_loss.item() if terms.prior_loss is not None else 0.0], dtype=torch.float64)
+            # Summed where the losses are: an .item() per term and micro-step would make the
+            # host wait for the GPU three times per micro-step instead of once per step.
+            prior = terms.prior_loss if terms.prior_loss is not None else torch.zeros_like(terms.loss)
+            micro = torch.stack([terms.loss.detach(), terms.instance_loss.detach(), prior.detach()]).double()
+            sums = micro if sums is None else sums + micro
         state.step += 1
         throughput.mark(state.samples)
         if metrics is not None:
