@@ -62,7 +62,7 @@ INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
 # Each credentials Secret is also mounted, read-only, at <dir>/<secret name>/: for the
 # clients that want a file (GOOGLE_APPLICATION_CREDENTIALS=<dir>/<name>/key.json).
 CREDENTIALS_MOUNT_DIR = "/var/run/secrets/dreambooth"
-# Base models fetched from the hub, shared by every job on the same claim: <dir>/<id>@<revision>.
+# Base models fetched from the hub, shared by every job on the same claim: <dir>/<org>--<name>@<revision>.
 MODEL_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/models"
 # The API server's limit on a ConfigMap's data (etcd's object size limit).
 CONFIG_MAP_MAX_BYTES = 1024 * 1024

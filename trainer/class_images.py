@@ -64,9 +64,12 @@ def generate_class_images(config: TrainerConfig, components, runtime: Runtime, s
                 break
             chunk = mine[start : start + data.class_generation_batch_size]
             generators = [torch.Generator().manual_seed(config.training.seed + index) for index in chunk]
+            # At the size the base draws well, as diffusers' script does: a base asked for
+            # a smaller size (data.resolution below native, a trial) draws poor priors.
+            # The data loader scales them to data.resolution like the photos.
             images = generate_images(pipeline, [data.class_prompt] * len(chunk), generators=generators,
-                                     num_inference_steps=data.class_generation_steps, resolution=data.resolution,
-                                     device=runtime.device)
+                                     num_inference_steps=data.class_generation_steps,
+                                     resolution=components.native_resolution, device=runtime.device)
             for index, image in zip(chunk, images):
                 save_atomically(image, class_image_path(data.class_dir, index), runtime.rank)
         pipeline.to("cpu")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 
@@ -25,6 +26,21 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise: reject them instead of ignoring them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_switch_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads true/yes/on as a boolean, which pydantic would take as 1 or 1.0: a
+        # `noise_offset: true` (diffusers' --offset_noise is a switch) trained with 1.0.
+        if isinstance(value, bool) and not _takes_a_switch(cls.model_fields[info.field_name].annotation):
+            hint = " (diffusers' --offset_noise switch is 0.1)" if info.field_name == "noise_offset" else ""
+            raise PydanticCustomError("switch_not_value", "YAML reads true/yes/on as a switch, and this key takes "
+                                      "a value: write the value itself" + hint)
+        return value
+
+
+def _takes_a_switch(annotation: Any) -> bool:
+    return annotation is bool or bool in getattr(annotation, "__args__", ())
 
 
 # Random models built from a config and a seed (trainer/tiny.py), for tests and demos: no download.
@@ -40,7 +56,7 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
     cache_dir: Path | None = Field(
         None,
-        description="Shared model cache: a hub id or URL is fetched once into `<cache_dir>/<id>@<revision>` "
+        description="Shared model cache: a hub id or URL is fetched once into `<cache_dir>/<org>--<name>@<revision>` "
         "(lock + atomic rename, safe on a volume many nodes share); default: huggingface_hub's own cache.",
     )
 
@@ -68,9 +84,23 @@ class DataConfig(_Section):
     class_dir: Path | None = Field(None, description="Folder of class images; missing ones are generated there.")
     num_class_images: int = Field(100, ge=1, description="How many class images prior preservation uses.")
     resolution: int = Field(512, ge=8, description="Training resolution in pixels (a multiple of 8).")
-    center_crop: bool = Field(True, description="Center crop after resizing; false takes a random crop.")
-    random_flip: bool = Field(True, description="Flip images horizontally at random (deterministic per seed).")
-    class_generation_steps: int = Field(25, ge=1, description="Inference steps per generated class image.")
+    center_crop: bool = Field(
+        True,
+        description="Center crop after resizing (diffusers' --center_crop; its default is a random crop, which "
+        "turns off training.cache_latents); false takes a random crop.",
+    )
+    random_flip: bool = Field(
+        False,
+        description="Flip instance and class images horizontally at random (deterministic per seed), as diffusers' "
+        "--random_flip; off by default, as there: a subject that is not mirror-symmetric (text, a parting, "
+        "a logo) would be learnt both ways.",
+    )
+    class_generation_steps: int = Field(
+        25,
+        ge=1,
+        description="Inference steps per generated class image (diffusers' script uses its pipeline's 50: twice "
+        "the time for little gain in a prior). Drawn at the base's native resolution and scaled like the photos.",
+    )
     class_generation_batch_size: int = Field(4, ge=1, description="Class images generated per pipeline call.")
 
     @model_validator(mode="after")
@@ -108,7 +138,12 @@ class TrainingConfig(_Section):
         description="Steps in a row with a NaN or infinite loss after which the run stops as diverged (exit 4) "
         "instead of training on and exporting broken weights; no checkpoint is written on such a step. 0: never stop.",
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="Decay after warmup. Every schedule warms up over lr_warmup_steps, so `constant` with warmup is "
+        "diffusers' constant_with_warmup; the ramp's first step takes 1/lr_warmup_steps of the peak (diffusers' "
+        "takes 0).",
+    )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (at most training.max_steps).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.latents import latent_statistics
+
 
 def generate_images(pipeline, prompts: list[str], *, num_inference_steps: int, resolution: int,
                     generators: list[torch.Generator], device: torch.device) -> list:
@@ -27,10 +29,10 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] from a pipeline's latents, in the VAE's own dtype: the decode of
     diffusers' SD and SDXL pipelines (SDXL's with its optional latent mean and std)."""
     latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean, std = (torch.tensor(values).view(1, -1, 1, 1).to(latents) for values in (mean, std))
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
+    statistics = latent_statistics(vae.config, latents)
+    if statistics is None:
         latents = latents / vae.config.scaling_factor
+    else:
+        mean, std = statistics
+        latents = latents * std / vae.config.scaling_factor + mean
     return vae.decode(latents, return_dict=False)[0]

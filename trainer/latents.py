@@ -18,7 +18,39 @@ import hashlib
 
 import torch
 
-from trainer.objective import encode_moments, sample_latents
+
+def encode_moments(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution of one CHW image. Encoded alone: a
+    batched convolution may round differently from a single-image one, and an image's
+    latents must not depend on the images it happens to be batched with (or on whether
+    they came from the latent cache)."""
+    parameter = next(vae.parameters())
+    pixels = image[None].to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        distribution = vae.encode(pixels).latent_dist
+    return distribution.mean[0], distribution.std[0]
+
+
+def sample_latents(means: torch.Tensor, stds: torch.Tensor, generator: torch.Generator, vae_config) -> torch.Tensor:
+    """One draw from the stacked per-image distributions, scaled for the UNet."""
+    # Sampled on the CPU generator so that the draw is the same on every device.
+    noise = torch.randn(means.shape, generator=generator, dtype=torch.float32).to(means.device, means.dtype)
+    latents = (means + stds * noise).float()
+    statistics = latent_statistics(vae_config, latents)
+    if statistics is None:
+        return latents * vae_config.scaling_factor
+    mean, std = statistics
+    return (latents - mean) * vae_config.scaling_factor / std
+
+
+def latent_statistics(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel (mean, std) that some SDXL VAEs normalise their latents with (e.g.
+    Playground v2.5's), shaped to broadcast over `like`; None for the usual scaling alone.
+    The SDXL pipeline undoes them when it decodes, so training must apply them."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(values).view(1, -1, 1, 1).to(like) for values in (mean, std))
 
 
 def image_key(image: torch.Tensor) -> bytes:
@@ -53,7 +85,7 @@ class LatentEncoder:
 
     def latents(self, pixel_values: torch.Tensor, generator: torch.Generator, keys: list[bytes] | None = None) -> torch.Tensor:
         means, stds = self.moments(pixel_values, keys)
-        return sample_latents(means, stds, generator, self.vae.config.scaling_factor)
+        return sample_latents(means, stds, generator, self.vae.config)
 
     @property
     def num_cached(self) -> int:

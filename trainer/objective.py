@@ -118,25 +118,6 @@ class NoisedLatents:
     target: torch.Tensor
 
 
-def encode_moments(vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE's latent distribution of one CHW image. Encoded alone: a
-    batched convolution may round differently from a single-image one, and an image's
-    latents must not depend on the images it happens to be batched with (or on whether
-    they came from the latent cache)."""
-    parameter = next(vae.parameters())
-    pixels = image[None].to(parameter.device, parameter.dtype)
-    with torch.no_grad():
-        distribution = vae.encode(pixels).latent_dist
-    return distribution.mean[0], distribution.std[0]
-
-
-def sample_latents(means: torch.Tensor, stds: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
-    """One draw from the stacked per-image distributions, scaled for the UNet."""
-    # Sampled on the CPU generator so that the draw is the same on every device.
-    noise = torch.randn(means.shape, generator=generator, dtype=torch.float32).to(means.device, means.dtype)
-    return (means + stds * noise).float() * scaling_factor
-
-
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), as diffusers' --snr_gamma: min(SNR, gamma) / SNR
     per timestep, so that the many easy low-noise steps stop dominating; a v-prediction

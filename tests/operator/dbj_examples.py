@@ -57,7 +57,7 @@ FULL_SPEC: dict[str, Any] = {
     "metrics": {"port": 9090},
     "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30,
                    "imagesPerPrompt": 4},
-    "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": False,
+    "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": True,
                          "deepspeed.overrides": {"zero_optimization": {"overlap_comm": True}}},
 }
 

@@ -77,7 +77,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
         "class_dir": f"{c.STORAGE_MOUNT_DIR}/sks-dog/class-images",
         "num_class_images": 200,
         "resolution": 512,
-        "random_flip": False,  # spec.trainerOverrides
+        "random_flip": True,  # spec.trainerOverrides
     }
     assert config["training"]["max_steps"] == 800
     assert config["training"]["max_grad_norm"] == 0.5

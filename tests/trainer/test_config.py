@@ -76,6 +76,10 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"lora": {"alpha": 16, "dropout": 0.0}}, ["lora.alpha = 16", "lora.rank = 0"]),
         ({"deepspeed": {"bucket_size": 4097}}, ["deepspeed.bucket_size", "4097", "multiple of 2"]),
         ({"lora": {"unet_target_modules": []}}, ["lora.unet_target_modules", "at least 1 item"]),
+        # YAML's true is no number: diffusers' --offset_noise is a switch, and true would be 1.0.
+        ({"training": {"noise_offset": True}}, ["training.noise_offset = True", "takes a value", "is 0.1"]),
+        ({"training": {"snr_gamma": True}}, ["training.snr_gamma = True", "write the value itself"]),
+        ({"deepspeed": {"zero_stage": True}}, ["deepspeed.zero_stage = True", "switch"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(tmp_path, change, expected):
