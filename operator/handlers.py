@@ -41,6 +41,15 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 @kopf.on.startup()
 async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
     config: OperatorConfig = memo.get("config") or OperatorConfig()
+    configure_kopf(settings)
+    memo.metrics = OperatorMetrics()
+    memo.api = KubeApi(load_client_config(config.kubeconfig))
+    memo.reconciler = Reconciler(memo.api, memo.metrics, config.settings)
+    memo.http = (await start_http(memo.metrics, config.http_host, config.http_port, memo.reconciler.stuck_jobs)
+                 if config.http_port else None)
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # kopf's bookkeeping goes to annotations, leaving `status` to the job's own fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -48,11 +57,10 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # Only worker pods, filtered by the API server: the handler's own label filter runs
+    # in the operator, after every pod of the cluster was listed and streamed to it.
+    settings.watching.label_selectors["v1", "pods"] = LABEL_JOB
     settings.networking.request_timeout = 30
-    memo.metrics = OperatorMetrics()
-    memo.api = KubeApi(load_client_config(config.kubeconfig))
-    memo.reconciler = Reconciler(memo.api, memo.metrics, config.settings)
-    memo.http = await start_http(memo.metrics, config.http_host, config.http_port) if config.http_port else None
 
 
 @kopf.on.cleanup()

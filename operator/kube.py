@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import hashlib
 import json
-import uuid
 from typing import Any, Callable
 
 import kubernetes
@@ -23,6 +23,10 @@ from .constants import API_VERSION, GROUP, KIND, MANAGER, PLURAL, POD_GROUP_KIND
 MERGE_PATCH = "application/merge-patch+json"
 # Enough for many jobs' short calls at once; each call takes milliseconds.
 API_THREADS = 16
+# (connect, read) seconds. Without them, a call on a connection the API server's fail-over
+# or a load balancer left half-open waits forever: that job's loop stops, and 16 such
+# calls stop every job's. urllib3 retries a timed-out GET 3 times: 160 s at most.
+REQUEST_TIMEOUT = (10, 30)
 
 
 def load_client_config(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
@@ -58,7 +62,9 @@ def connection_info(configuration: kubernetes.client.Configuration) -> Any:
 
 
 class KubeApi:
-    def __init__(self, configuration: kubernetes.client.Configuration) -> None:
+    def __init__(self, configuration: kubernetes.client.Configuration,
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
+        self._request_timeout = request_timeout
         self._client = kubernetes.client.ApiClient(configuration)
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
@@ -70,6 +76,7 @@ class KubeApi:
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
+        kwargs.setdefault("_request_timeout", self._request_timeout)
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     @staticmethod
@@ -93,6 +100,7 @@ class KubeApi:
     }
     # Read by name: the photos' ConfigMap, the claims the workers mount.
     _READ = {
+        "Event": "read_namespaced_event",
         "Service": "read_namespaced_service",
         "ConfigMap": "read_namespaced_config_map",
         "PersistentVolumeClaim": "read_namespaced_persistent_volume_claim",
@@ -234,25 +242,37 @@ class KubeApi:
                 raise
 
     async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """One Event per (job, type, reason, message), as client-go's recorder keeps them:
+        a repeat bumps its count and lastTimestamp instead of adding an object to etcd."""
         meta = job["metadata"]
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        message = message[:1024]  # the API server caps Event messages at 1 KiB
+        key = "\0".join([meta.get("uid", ""), type_, reason, message]).encode()
+        name = f"{meta['name']}.{hashlib.sha256(key).hexdigest()[:16]}"
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid", "")},
             "type": type_,
             "reason": reason,
-            # The API server caps Event messages at 1 KiB.
-            "message": message[:1024],
+            "message": message,
             "source": {"component": MANAGER},
             "reportingComponent": MANAGER,
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.create(event)
+        if await self.create(event):
+            return
+        existing = await self.get("Event", meta["namespace"], name)
+        if existing is None:  # expired (the API server keeps Events an hour) between the two calls
+            await self.create(event)
+            return
+        await self._call(self._core.patch_namespaced_event, name, meta["namespace"],
+                         {"count": int(existing.get("count") or 1) + 1, "lastTimestamp": now},
+                         _content_type=MERGE_PATCH, _preload_content=False)
 
 
 class CreateForbidden(Exception):

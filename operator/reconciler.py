@@ -38,6 +38,9 @@ from .trainer_config import job_storage_dir
 
 log = logging.getLogger(__name__)
 
+# A pass makes a few API calls, each cut at kube.REQUEST_TIMEOUT, and one scrape.
+STUCK_PASS_SECONDS = 600.0
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -75,18 +78,28 @@ class Wakeups:
         self._markers: dict[tuple[str, str], Any] = {}
 
     def get(self, namespace: str, name: str) -> asyncio.Event:
+        """The job's Event; only its loop makes one (and forgets it when it ends)."""
         return self._events.setdefault((namespace, name), asyncio.Event())
 
     def poke(self, namespace: str, name: str) -> None:
-        self.get(namespace, name).set()
+        # A job without a loop has nothing to wake: its pods' and its own deletion
+        # events arrive after the loop ended, and would otherwise keep an entry forever.
+        event = self._events.get((namespace, name))
+        if event is not None:
+            event.set()
 
     def poke_if_changed(self, namespace: str, name: str, marker: Any) -> None:
         """Poke only when `marker` differs from the last one seen for this job (or is
         unknown: an API without generations pokes every time)."""
         key = (namespace, name)
+        if key not in self._events:  # no loop (yet, or any more); a new loop reconciles at once anyway
+            return
         if marker is None or marker[0] is None or self._markers.get(key) != marker:
             self._markers[key] = marker
             self.poke(namespace, name)
+
+    def __len__(self) -> int:
+        return len(self._events) + len(self._markers)
 
     def forget(self, namespace: str, name: str) -> None:
         self._events.pop((namespace, name), None)
@@ -101,6 +114,8 @@ class Reconciler:
     wakeups: Wakeups = field(default_factory=Wakeups)
     _last_scrape: dict[tuple[str, str], float] = field(default_factory=dict)
     _http: aiohttp.ClientSession | None = None
+    # When each job's pass in progress began (time.monotonic()).
+    _passes: dict[tuple[str, str], float] = field(default_factory=dict)
 
     async def run(self, namespace: str, name: str, stopped: Any) -> None:
         """The job's loop: reconcile, then sleep until woken or the plan's next check."""
@@ -128,10 +143,18 @@ class Reconciler:
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns seconds until the next one, None when the job is gone."""
         started = time.perf_counter()
+        self._passes[namespace, name] = time.monotonic()
         try:
             return await self._reconcile(namespace, name)
         finally:
+            self._passes.pop((namespace, name), None)
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    def stuck_jobs(self) -> list[str]:
+        """Jobs whose pass has run for longer than any pass of timed calls can."""
+        now = time.monotonic()
+        return [f"{namespace}/{name}" for (namespace, name), started in list(self._passes.items())
+                if now - started > STUCK_PASS_SECONDS]
 
     async def _reconcile(self, namespace: str, name: str) -> float | None:
         body = await self.api.get_job(namespace, name)

@@ -189,6 +189,25 @@ def test_a_claim_that_does_not_exist_yet_is_named_in_a_warning_once_and_the_work
 
 
 @pytest.mark.timeout(120)
+def test_warnings_repeated_while_a_quota_blocks_the_gang_are_one_event_counted(cluster: Cluster) -> None:
+    # No pod can be created, so every pass is a gang start that warns again: each warning
+    # stays one Event whose count grows, as client-go's recorder keeps them.
+    namespace = "team-c"
+    cluster.core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "no-pods"},
+                                                              "spec": {"hard": {"pods": "0"}}})
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    spec["storage"] = {"claimName": "made-later"}
+    cluster.create_job("blocked", spec, namespace=namespace)
+    counted = wait_for(lambda: [e for e in cluster.events("blocked", namespace)
+                                if e["reason"] == c.REASON_CLAIM_NOT_FOUND and e["count"] >= 3],
+                       what="a ClaimNotFound Event counted 3 times")
+    assert counted[0]["lastTimestamp"] >= counted[0]["firstTimestamp"]
+    events = cluster.events("blocked", namespace)
+    assert sorted(e["reason"] for e in events) == [c.REASON_CLAIM_NOT_FOUND, c.REASON_CLAIM_NOT_FOUND,
+                                                   c.REASON_FAILED_CREATE]
+
+
+@pytest.mark.timeout(120)
 def test_two_workers_on_a_read_write_once_pod_claim_fail_with_the_reason(cluster: Cluster) -> None:
     cluster.core.create_namespaced_persistent_volume_claim("default", claim("one-pod-disk", ["ReadWriteOncePod"]))
     cluster.create_job("on-one-pod-disk", two_workers_on("one-pod-disk"))

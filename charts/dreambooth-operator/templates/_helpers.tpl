@@ -67,8 +67,8 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
   verbs: [create, patch, delete]
-# The operator's and kopf's Events on jobs.
+# The operator's and kopf's Events on jobs; a repeat of one of the operator's bumps its count.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [get, create, patch]
 {{- end -}}
