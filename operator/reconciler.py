@@ -188,6 +188,7 @@ class Reconciler:
             return self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_SUCCEEDED:
             plan.status["output"] = output_status(job)
+        _observe_generation(plan.status, body)
         await self._write_status(namespace, name, body.get("status") or {}, plan.status)
         self.metrics.set_phase(namespace, name, plan.status.get("phase"))
         for type_, reason, message in plan.events:
@@ -217,11 +218,12 @@ class Reconciler:
 
     async def _reject(self, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
         meta = body["metadata"]
-        if _failed_for_invalid_spec(status) and any(
+        if _failed_for_invalid_spec(status) and status.get("observedGeneration") == meta.get("generation") and any(
                 cond.get("message") == message for cond in status.get("conditions") or []):
-            return  # already reported
+            return  # already reported, for this spec
         log.warning("DreamboothJob %s/%s has an invalid spec: %s", meta["namespace"], meta["name"], message)
         new = invalid_spec_status(status, message, utc_now())
+        _observe_generation(new, body)
         await self._write_status(meta["namespace"], meta["name"], status, new)
         self.metrics.set_phase(meta["namespace"], meta["name"], c.PHASE_FAILED)
         await self.api.post_event(body, "Warning", c.REASON_INVALID_SPEC, message)
@@ -346,6 +348,14 @@ class Reconciler:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+def _observe_generation(status: dict[str, Any], body: dict[str, Any]) -> None:
+    """Say which spec the status was decided from (Kubernetes' convention, which
+    `kubectl wait`, Argo CD and Flux read to tell a status from before an edit)."""
+    generation = body["metadata"].get("generation")
+    if generation is not None:
+        status["observedGeneration"] = int(generation)
 
 
 def _pod_group_of(body: dict[str, Any]) -> dict[str, Any] | None:

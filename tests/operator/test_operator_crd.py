@@ -151,6 +151,7 @@ def test_every_status_the_operator_writes_fits_the_schema() -> None:
     status.update(step=10, progress="1%", loss=0.5, samplesPerSecond=1.0, etaSeconds=3.0,
                   latestCheckpoint={"step": 10, "path": "/x/step-00000010", "time": "2026-01-01T00:00:00Z"})
     status["output"] = output_status(Job(name="sks-dog", namespace="default", uid="u", spec=spec))
+    status["observedGeneration"] = 3  # the reconciler's, from metadata.generation
     status_schema = SCHEMA["properties"]["status"]
     jsonschema.Draft4Validator(status_schema).validate(status)
     assert unknown_fields(status_schema, status) == []

@@ -180,6 +180,7 @@ def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
     cluster.create_job("broken", spec(workers={"nodes": 0}))
     cluster.create_job("healthy", spec())
     wait_for(phase_is(cluster, "broken", "Failed"), what="broken job Failed")
+    assert cluster.status("broken")["observedGeneration"] == 1
     failed = condition(cluster.status("broken"), "Failed")
     assert failed["reason"] == "InvalidSpec"
     assert "spec.workers.nodes = 0" in failed["message"]
@@ -188,10 +189,11 @@ def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
     assert cluster.pods("broken") == []
     wait_for(lambda: len(cluster.pods("healthy")) == 1, what="the other job's pod")
 
-    # Fixing the spec starts the job afresh.
+    # Fixing the spec starts the job afresh; the status says it was decided from the edit.
     cluster.patch_spec("broken", {"workers": {"nodes": 1}})
     wait_for(lambda: len(cluster.pods("broken")) == 1, what="pod after the fix")
     assert cluster.status("broken")["phase"] == "Pending"
+    wait_for(lambda: cluster.status("broken").get("observedGeneration") == 2, what="observedGeneration 2")
 
 
 def test_a_service_of_the_jobs_name_that_is_not_the_jobs_is_neither_taken_over_nor_deleted(cluster: Cluster) -> None:
