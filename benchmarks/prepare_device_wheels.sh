@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 SHARED_WHEELS="${SHARED_WHEELS:-../shared/device-wheels}"
 # Imported by deepspeed (einops, msgpack, cpuinfo, ninja) or by our trainer (prometheus_client); harmless
 # where the image has them already. Pillow, psutil, tqdm and PyYAML come with its transformers/accelerate.
-EXTRA=(einops msgpack py-cpuinfo ninja prometheus-client)
+# pytest and its plugins run the GPU-marked tests there (run_on_device.sh).
+EXTRA=(einops msgpack py-cpuinfo ninja prometheus-client pytest pluggy iniconfig pytest-timeout)
 
 mkdir -p .whl
 cp "$SHARED_WHEELS"/*.whl .whl/

@@ -2,9 +2,12 @@
 # Runs on the GPU machine (device tool), from the repository root, with .whl/ carried
 # (filled by benchmarks/prepare_device_wheels.sh). Installs the wheels into /tmp/site,
 # checks that every module the benchmark imports is there (naming the missing ones),
-# then runs benchmarks/gpu_dreambooth.py: (a), (b), (c) at 8+8 and 16+16, then (d) LoRA
-# rank 16 at 1+1 (needs the image's peft), about 4-6 minutes in all (cut at 7 minutes; every
+# runs the GPU-marked tests first (the real trainer in fp16 on CUDA, under nccl: what no
+# CPU run reaches; cut at 3 minutes, results in $OUT/gpu_tests.log), then
+# benchmarks/gpu_dreambooth.py: (a), (b), (c) at 8+8 and 16+16, then (d) LoRA
+# rank 16 at 1+1 (needs the image's peft), about 4-6 minutes in all (cut at 6 minutes; every
 # finished case is already in the JSON). Results: $OUT/gpu_dreambooth.json and $OUT/gpu_dreambooth.log.
+# SKIP_GPU_TESTS=1 goes straight to the benchmark (a second call on the same machine).
 #   bash benchmarks/run_on_device.sh [extra gpu_dreambooth.py arguments]
 set -euo pipefail
 OUT="${OUT:-$PWD/benchmark-results}"
@@ -22,4 +25,10 @@ import torch
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nvcc: {'yes' if importlib.util.find_spec('torch.utils.cpp_extension') and __import__('shutil').which('nvcc') else 'no'}")
 PY
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-timeout 420 python3 benchmarks/gpu_dreambooth.py --channels-last --json "$OUT/gpu_dreambooth.json" "$@" 2>&1 | tee "$OUT/gpu_dreambooth.log"
+if [ -z "${SKIP_GPU_TESTS:-}" ]; then
+  # Not fatal: the benchmark's figures are worth having even when a test fails.
+  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/trainer/test_training.py \
+    > "$OUT/gpu_tests.log" 2>&1 || echo "GPU tests: rc $? (see gpu_tests.log)"
+  tail -5 "$OUT/gpu_tests.log"
+fi
+timeout 360 python3 benchmarks/gpu_dreambooth.py --channels-last --json "$OUT/gpu_dreambooth.json" "$@" 2>&1 | tee "$OUT/gpu_dreambooth.log"
