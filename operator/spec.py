@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -50,13 +51,34 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
+URL_WITH_CREDENTIALS = "url_with_credentials"
+
+
+def _no_credentials(url: str | None) -> str | None:
+    # A URL is written into the job's ConfigMap, its status and the logs: a password in
+    # it would be readable by everyone who can read those.
+    if url is not None and "://" in url:
+        try:
+            # A user name alone is no secret (and abfs://container@account.dfs... needs one).
+            has_password = urlsplit(url).password is not None
+        except ValueError:
+            return url  # not parsed here: the trainer's own check names the problem
+        if has_password:
+            raise PydanticCustomError(URL_WITH_CREDENTIALS, "holds a password (user:password@)")
+    return url
+
+
+# An fsspec URL (s3://, gs://, az://, https://, ...) without credentials in it.
+Url = Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://"), AfterValidator(_no_credentials)]
+
+
 class SecretKeyRef(_Spec):
     name: str = Field(min_length=1)
     key: str = Field("token", min_length=1)
 
 
 class ModelSpec(_Spec):
-    source: str = Field("tiny", min_length=1)
+    source: Annotated[str, AfterValidator(_no_credentials)] = Field("tiny", min_length=1)
     revision: str | None = None
     hf_token_secret: SecretKeyRef | None = None
 
@@ -64,7 +86,7 @@ class ModelSpec(_Spec):
 class InstanceImages(_Spec):
     claim_name: str | None = Field(None, min_length=1)
     config_map_name: str | None = Field(None, min_length=1)
-    url: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
+    url: Url | None = None
     path: str = "/"
     # A Secret whose keys become the workers' environment (AWS_ACCESS_KEY_ID, ...) for `url`.
     credentials_secret: str | None = Field(None, min_length=1)
@@ -283,7 +305,7 @@ class ValidationSpec(_Spec):
 
 class OutputSpec(_Spec):
     # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, az://, file://) or hf://ORG/REPO.
-    uri: str | None = Field(None, pattern=r"^[a-z][a-z0-9+.-]*://")
+    uri: Url | None = None
     # A Secret whose keys become the workers' environment (AWS_*, HF_TOKEN, ...) for the upload.
     credentials_secret: str | None = Field(None, min_length=1)
     # The exported weights' precision (the trainer's output.dtype).
@@ -342,6 +364,10 @@ def format_spec_error(error: ValidationError) -> str:
             problems.append(f"{field}: required field is missing; add it")
         elif item["type"] == FIELD_ERROR:
             problems.append(f"{field}.{item['ctx']['field']} = {item['ctx']['value']!r}: {message}")
+        elif item["type"] == URL_WITH_CREDENTIALS:  # not repeated: the message goes to status and Events
+            problems.append(f"{field}: {message}, which would show in the job's ConfigMap, status and logs; "
+                            "remove it and give the credentials through the Secret the URL's section names "
+                            "(credentialsSecret: AWS_ACCESS_KEY_ID, ... or hfTokenSecret)")
         elif item["type"] == "extra_forbidden":
             problems.append(f"{field}: unknown field; remove it or fix its spelling (kubectl explain dreamboothjob.spec)")
         else:

@@ -28,10 +28,14 @@ DEFAULT_REVISION = "main"
 
 
 def cache_folder(cache_dir: Path, source: str, revision: str | None) -> Path:
-    """`org/name` at `rev` -> `<cache_dir>/org--name@rev`; a URL keeps only safe characters."""
+    """`org/name` at `rev` -> `<cache_dir>/org--name@rev`; a URL and a revision keep only
+    safe characters (a revision `../../x` must not name a folder outside the cache)."""
     name = source.split("://", 1)[-1].strip("/").replace("/", "--")
-    name = "".join(char if char.isalnum() or char in "-_." else "_" for char in name)
-    return cache_dir / f"{name}@{revision or DEFAULT_REVISION}"
+    return cache_dir / f"{_safe(name)}@{_safe(revision or DEFAULT_REVISION)}"
+
+
+def _safe(text: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_." else "_" for char in text)
 
 
 def looks_like_hub_id(source: str) -> bool:

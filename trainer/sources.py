@@ -61,8 +61,9 @@ def copy_folder(url: str, destination: Path, key: str, *, recursive: bool,
     fs, root = open_url(url, key)
     try:
         names = [name for name in list_files(fs, root, recursive=recursive) if keep(name)]
-        for name in names:
-            local = destination / name
+        # Every name checked before the first file is written.
+        targets = [inside(destination, name, f"{key} = {url!r}") for name in names]
+        for name, local in zip(names, targets):
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(posixpath.join(root.rstrip("/"), name), str(local))
     except ConfigError:
@@ -70,6 +71,18 @@ def copy_folder(url: str, destination: Path, key: str, *, recursive: bool,
     except Exception as error:  # every backend has its own errors: name the key whatever they are
         raise ConfigError(f"{key} = {url!r}: cannot read it: {type(error).__name__}: {error}") from None
     return len(names)
+
+
+def inside(destination: Path, relative: str, what: str) -> Path:
+    """`destination / relative`, refused when it would land outside `destination`: a
+    listing (an index page, a bucket's keys) is the store's to write, and a name such as
+    `a/../../../x` would otherwise write over the shared model cache or another job's
+    checkpoints."""
+    local = (destination / relative).resolve()
+    if posixpath.isabs(relative) or not local.is_relative_to(destination.resolve()):
+        raise ConfigError(f"{what}: lists the file {relative!r}, which is outside the folder; refused "
+                          "(a store whose listing reaches outside the folder is not safe to copy)")
+    return destination / posixpath.normpath(relative)
 
 
 def is_image_name(relative: str) -> bool:

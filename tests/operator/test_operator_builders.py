@@ -394,6 +394,11 @@ _DELETE = object()
     ("data.instanceImages", {"configMapName": "b", "url": "file:///x"}, "or data.instanceImages.url"),
     ("data.instanceImages", {"url": "bucket/photos"}, "spec.data.instanceImages.url = 'bucket/photos'"),
     ("output", {"uri": "models/x"}, "spec.output.uri = 'models/x'"),
+    # A password in a URL would show in the ConfigMap, status and logs (and is not repeated here).
+    ("output", {"uri": "s3://AKIA:wJalr@bucket/m"}, "spec.output.uri: holds a password (user:password@), which"),
+    ("data.instanceImages", {"url": "https://bob:hunter2@photos.example/dog/"},
+     "spec.data.instanceImages.url: holds a password"),
+    ("model", {"source": "https://bob:hunter2@models.example/sd15/"}, "spec.model.source: holds a password"),
     ("output", {"dtype": "fp8"}, "spec.output.dtype = 'fp8'"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
     ("workers.labels", {"dreambooth.io/job": "other"}, "'dreambooth.io/job' is set by the operator"),
@@ -432,6 +437,13 @@ def test_invalid_spec_names_the_field_the_value_and_the_fix(path: str, value: An
         the_job = job(_with(path, value))
         render_trainer_config(the_job.name, the_job.spec)
     assert expected in str(error.value)
+    assert "hunter2" not in str(error.value) and "wJalr" not in str(error.value)
+
+
+def test_a_user_name_alone_in_a_url_is_no_secret() -> None:
+    # abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/ is Azure Data Lake's own form.
+    url = "abfs://photos@account.dfs.core.windows.net/dog/"
+    assert job(_with("data.instanceImages", {"url": url})).spec.data.instance_images.url == url
 
 
 @pytest.mark.parametrize("name,nodes,longest", [("1st-dog", 2, 54), ("sks.dog", 2, 54), ("d" * 55, 2, 54),

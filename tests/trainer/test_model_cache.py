@@ -110,6 +110,8 @@ def test_cache_folder_layout_is_id_at_revision(tmp_path):
     assert cache_folder(tmp_path, "org/model", None) == tmp_path / "org--model@main"
     assert cache_folder(tmp_path, "org/model", "abc123") == tmp_path / "org--model@abc123"
     assert cache_folder(tmp_path, "s3://bucket/models/sd", None) == tmp_path / "bucket--models--sd@main"
+    # a revision is a name, not a path: it stays one folder inside the cache
+    assert cache_folder(tmp_path, "org/model", "../../etc").parent == tmp_path
 
 
 def test_a_local_folder_stays_a_local_folder(tmp_path):

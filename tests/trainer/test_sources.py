@@ -25,7 +25,7 @@ from trainer.config import ConfigError, DataConfig
 from trainer.data import list_images
 from trainer.fetch_once import FETCH_RECORD
 from trainer.publish import COMPLETE_MARKER, UploadError, upload_and_record, upload_model
-from trainer.sources import fetch_instance_images
+from trainer.sources import copy_folder, fetch_instance_images
 
 PHOTOS = sorted(path.name for path in INSTANCE_IMAGES.iterdir() if path.suffix == ".png")
 
@@ -150,7 +150,7 @@ FETCH_IN_A_NEW_PROCESS = """
 import sys
 from pathlib import Path
 from trainer.config import ConfigError, DataConfig
-from trainer.sources import fetch_instance_images
+from trainer.sources import copy_folder, fetch_instance_images
 try:
     fetch_instance_images(DataConfig(instance_dir=Path(sys.argv[2]), instance_url=sys.argv[1], instance_prompt="p"))
 except ConfigError as error:
@@ -183,6 +183,25 @@ def test_https_photos_from_a_server_a_private_ca_signed_once_the_workers_trust_i
         assert trusted.returncode == 0, trusted.stderr[-3000:]
     for name in PHOTOS:
         assert (tmp_path / "trusted" / name).read_bytes() == (INSTANCE_IMAGES / name).read_bytes()
+
+
+def test_a_listing_that_reaches_outside_the_folder_is_refused_and_writes_nothing_there(tmp_path):
+    # A model folder is copied recursively from whatever its store lists: an index page
+    # naming `a/../../../escaped.txt` would write beside the model cache (the claim's
+    # other models, other jobs' checkpoints).
+    site = tmp_path / "site"
+    (site / "model" / "a").mkdir(parents=True)
+    (site / "escaped.txt").write_text("not yours")
+    (site / "model" / "model_index.json").write_text("{}")
+    (site / "model" / "index.html").write_text(
+        '<a href="model_index.json">model_index.json</a> <a href="a/../../../escaped.txt">x</a>')
+    destination = tmp_path / "cache" / "staging" / "model"
+    destination.mkdir(parents=True)
+    with http_folder(site) as root, pytest.raises(ConfigError) as caught:
+        copy_folder(f"{root}/model/", destination, "model.source", recursive=True)
+    assert "outside the folder; refused" in str(caught.value) and "escaped.txt" in str(caught.value)
+    assert sorted(path.name for path in tmp_path.rglob("escaped.txt")) == ["escaped.txt"]  # the site's own only
+    assert not (destination / "model_index.json").exists()  # refused before anything was written
 
 
 def test_a_configmap_mount_reads_only_its_keys(tmp_path):
