@@ -90,7 +90,7 @@ def test_monitors_select_what_exists(rendered) -> None:
     assert not selector <= other["metadata"]["labels"].items(), "only rank 0 serves metrics"
     [endpoint] = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in rank0["spec"]["containers"][0]["ports"]}
-    assert endpoint["honorLabels"] is True
+    assert endpoint["honorLabels"] is False  # the pod's namespace wins: tests/ship/test_podmonitor.py
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     [namespaced] = by_kind(rendered["namespaced"], "PodMonitor")
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": NAMESPACED["watchNamespaces"]}

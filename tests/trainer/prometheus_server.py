@@ -37,13 +37,15 @@ class PrometheusServer:
     as a Prometheus scraping the trainer must, or it would become `exported_job`."""
 
     def __init__(self, binary: str, root: Path, targets: list[str], target_files: list[Path] = (),
-                 scrape_interval: str = SCRAPE_INTERVAL, rule_files: list[Path] = ()):
+                 scrape_interval: str = SCRAPE_INTERVAL, rule_files: list[Path] = (), **scrape_settings):
         """`target_files`: file_sd JSON files that whoever starts the targets keeps up to date;
-        `rule_files`: alerting rules, evaluated at every scrape interval."""
+        `rule_files`: alerting rules, evaluated at every scrape interval; `scrape_settings`
+        replace the scrape job's (e.g. a PodMonitor's honor_labels and metric_relabel_configs)."""
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
-        scrape = {"job_name": "trainer", "honor_labels": True, "static_configs": [{"targets": targets}]}
+        scrape = {"job_name": "trainer", "honor_labels": True, "static_configs": [{"targets": targets}],
+                  **scrape_settings}
         if target_files:
             scrape["file_sd_configs"] = [{"files": [str(path) for path in target_files], "refresh_interval": "1s"}]
         config = {
