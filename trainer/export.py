@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.checkpoint import write_atomically
+from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, barrier
+from trainer.model_card import SDXL_PIPELINE
+from trainer.objective import compile_report
 from trainer.progress import json_safe
 
 RUN_FILE = "run.json"
@@ -50,6 +54,42 @@ def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, 
             if name in persistent:
                 state[name] = buffer.detach().cpu().clone()
     return state
+
+
+def describe_run(config: TrainerConfig, runtime: Runtime, precision: str, *, outcome: str, final_step: int,
+                 resumed_from: int | None, started: float, trained_samples: int = 0, train_seconds: float = 0.0) -> dict:
+    """What run.json holds for every run (DESIGN.md's fields, and what ended it:
+    `done`, `stopped` by a signal, or `diverged`); a finished run adds describe_model's."""
+    return {
+        "outcome": outcome,
+        "final_step": final_step,
+        "max_steps": config.training.max_steps,
+        "resumed_from_step": resumed_from,
+        "world_size": runtime.world_size,
+        "precision": precision,
+        "zero_stage": config.deepspeed.zero_stage,
+        "train_text_encoder": config.training.train_text_encoder,
+        "lora_rank": config.lora.rank,
+        "lora_use_dora": config.lora.use_dora,
+        "wall_seconds": time.monotonic() - started,
+        "samples_per_second": trained_samples / train_seconds if train_seconds > 0 else 0.0,
+    }
+
+
+def describe_model(config: TrainerConfig, components, module: torch.nn.Module, *, class_images_generated: int,
+                   eval_before: float, eval_after: float) -> dict:
+    """What run.json adds for a finished run: the model it exports and how it was trained."""
+    return {
+        "pipeline": SDXL_PIPELINE if components.is_sdxl else "StableDiffusionPipeline",
+        "output_dtype": config.output.dtype,
+        "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "compile": ({"backend": config.training.compile_backend, "mode": config.training.compile_mode,
+                     **compile_report()} if config.training.compile else None),
+        "prior_preservation": config.data.with_prior_preservation,
+        "class_images_generated": class_images_generated,
+        "instance_eval_loss_before": eval_before,
+        "instance_eval_loss_after": eval_after,
+    }
 
 
 def record_unfinished_run(output_dir: Path, run_info: dict[str, Any]) -> Path | None:

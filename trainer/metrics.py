@@ -261,14 +261,14 @@ class TrainerMetrics:
     def set_class_images_generated(self, count: int) -> None:
         self.class_images_generated.set(count)
 
-    def close(self, *, linger_seconds: float = 0.0, interrupted=lambda: False) -> None:
+    def close(self, *, linger_seconds: float = 0.0, stop_requested=lambda: False) -> None:
         """Stops serving; after `linger_seconds`, so that a last scrape sees the end state,
-        or sooner once `interrupted()` is true (a SIGTERM: the pod is going away, and a
+        or sooner once `stop_requested()` is true (a SIGTERM: the pod is going away, and a
         process still lingering at the end of the grace period would be killed)."""
         if self._server is None:
             return
         deadline = time.monotonic() + linger_seconds
-        while time.monotonic() < deadline and not interrupted():
+        while time.monotonic() < deadline and not stop_requested():
             time.sleep(min(LINGER_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         self._server.shutdown()
         self._server.server_close()

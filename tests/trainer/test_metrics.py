@@ -136,7 +136,7 @@ def test_a_finished_run_keeps_serving_its_end_state_until_the_linger_ends_or_a_s
     metrics.serve("127.0.0.1", 0)
     sigterm_at = time.monotonic() + 0.3
     started = time.monotonic()
-    metrics.close(linger_seconds=60.0, interrupted=lambda: time.monotonic() >= sigterm_at)
+    metrics.close(linger_seconds=60.0, stop_requested=lambda: time.monotonic() >= sigterm_at)
     assert time.monotonic() - started < 5  # the pod is going away: no minute-long wait
 
 

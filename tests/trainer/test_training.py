@@ -203,7 +203,7 @@ def test_unavailable_model_source_is_a_clear_error(tiny_root, monkeypatch, sourc
 
 
 def test_ctrl_c_asks_for_a_checkpoint_as_sigterm_does_and_a_second_one_stops_at_once():
-    from trainer.main import StopFlag
+    from trainer.signals import StopFlag
 
     before = {signum: signal.getsignal(signum) for signum in StopFlag.SIGNALS}
     stop = StopFlag(grace_seconds=60)

@@ -1,0 +1,74 @@
+"""Resuming: the engine loaded from the best checkpoint this run may use, leftovers of
+unfinished checkpoints removed, and what this run's config changed reported. Which
+checkpoints exist and whether they load is checkpoint.py's; this is the start-up step
+that puts one into a freshly built engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer import checkpoint
+from trainer.config import ConfigError, TrainerConfig, recipe
+from trainer.distributed import Runtime, barrier
+from trainer.engine import apply_optimizer_settings
+from trainer.loop import TrainState
+from trainer.manifest import Manifest
+from trainer.progress import report_event
+
+
+def shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def convert_if_resized(config: TrainerConfig, runtime: Runtime) -> Path | None:
+    """Collective, before the engine is built. A gang of another size than the one that
+    wrote the checkpoint to resume: that checkpoint converted for any world size (the
+    engine then loads it with checkpoint.load_universal). None: nothing to convert."""
+    resized_from = checkpoint.written_for_another_world_size(config.checkpoint, runtime)
+    return checkpoint.convert_to_universal(resized_from, runtime) if resized_from is not None else None
+
+
+def restore_training_state(engine, config: TrainerConfig, runtime: Runtime, metrics, universal: Path | None = None):
+    """(state, checkpoint folder) from the best loadable checkpoint, or a fresh state and
+    None. Collective. Leftovers of checkpoints that were never finished are removed, and
+    `metrics` (a TrainerMetrics) start where the checkpoint left off. `universal`: the
+    resume point's conversion for this world size (removed once loaded)."""
+    try:
+        folder, saved = checkpoint.load_latest(engine, config.checkpoint, runtime, lora=config.lora,
+                                               universal=universal)
+    except ConfigError:
+        # Refused on every rank alike, before or after every rank tried it: nobody reads it any more.
+        if universal is not None and runtime.is_main:
+            checkpoint.remove_universal(universal)
+        raise
+    barrier()
+    if runtime.is_main:
+        checkpoint.remove_incomplete(config.checkpoint.dir)
+        if universal is not None:
+            checkpoint.remove_universal(universal)
+    barrier()
+    if folder is None:
+        return TrainState(), None
+    state = TrainState.from_state_dict(saved)
+    changed = apply_optimizer_settings(engine, config)
+    # A checkpoint from before the recipe was kept compares nothing.
+    saved_recipe = saved.get(checkpoint.RECIPE_KEY, {})
+    changed |= {key: (saved_recipe[key], value) for key, value in recipe(config).items()
+                if key in saved_recipe and saved_recipe[key] != value}
+    if runtime.is_main:
+        json_logs = config.logging.format == "json"
+        resized = {}
+        if universal is not None:
+            resized = {"world_size": f"{Manifest.read(folder).shape.world_size} -> {runtime.world_size}"}
+        report_event("resumed", json_format=json_logs, checkpoint=str(folder), step=state.step, **resized)
+        if changed:
+            # DeepSpeed would restore the checkpoint's values; this run's config wins.
+            report_event("changed since the checkpoint", json_format=json_logs,
+                         **{key: f"{shown(old)} -> {shown(new)}" for key, (old, new) in changed.items()})
+    metrics.record_resume(step=state.step, samples=state.samples)
+    if state.step > config.training.max_steps and runtime.is_main:
+        report_event(f"warning: checkpoint {folder.name} is past training.max_steps = "
+                     f"{config.training.max_steps}: nothing is trained, and its step-{state.step} weights are "
+                     "exported; to export an earlier step, set checkpoint.resume to that step's folder",
+                     json_format=config.logging.format == "json")
+    return state, folder
