@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from trainer import checkpoint  # noqa: E402
-from trainer.config import validate_config  # noqa: E402
+from trainer.config_file import validate_config  # noqa: E402
 from trainer.manifest import list_files  # noqa: E402
 from trainer.distributed import init_process_group, read_runtime, shutdown  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402

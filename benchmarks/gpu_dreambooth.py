@@ -128,7 +128,7 @@ def diffusers_case(name: str, args, device, data_root: Path, peak) -> dict:
 
 def trainer_config(args, device, data_root: Path, *, size: str, batch_size: int, overrides: dict | None = None,
                    channels_last: bool = False, lora_rank: int = 0):
-    from trainer.config import validate_config
+    from trainer.config_file import validate_config
 
     images = data_root / size
     return validate_config({

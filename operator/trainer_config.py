@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from trainer.config import ConfigError, apply_overrides, validate_config
+from trainer.config import ConfigError
+from trainer.config_file import apply_overrides, validate_config
 
 from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
 from .spec import InvalidSpecError, JobSpec

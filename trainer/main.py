@@ -22,7 +22,8 @@ if __package__ in (None, ""):
     repo_root = str(Path(__file__).resolve().parent.parent)
     sys.path[:] = [repo_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from trainer.config import ConfigError, TrainerConfig, load_config  # noqa: E402
+from trainer.config import ConfigError, TrainerConfig  # noqa: E402
+from trainer.config_file import load_config  # noqa: E402
 from trainer.signals import EXIT_TERMINATED, StopFlag  # noqa: E402
 
 EXIT_CONFIG_ERROR = 2

@@ -22,7 +22,7 @@ from dreambooth_operator.metadata import owner_reference
 from dreambooth_operator.pods import build_pod_group, build_worker_pod, build_worker_pods
 from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
-from trainer.config import validate_config
+from trainer.config_file import validate_config
 from trainer.validation import samples_dir
 
 SPECS = {"minimal": MINIMAL_SPEC, "full": FULL_SPEC}

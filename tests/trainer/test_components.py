@@ -22,7 +22,8 @@ from trainer.manifest import (
     trained_parameters,
 )
 from trainer.class_images import class_image_path, plan_missing, share_of_rank
-from trainer.config import CheckpointConfig, ConfigError, validate_config
+from trainer.config import CheckpointConfig, ConfigError
+from trainer.config_file import validate_config
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_precision
 from trainer.export import publish_folder
 from trainer.model_card import model_card

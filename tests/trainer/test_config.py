@@ -6,15 +6,8 @@ import pytest
 import yaml
 
 from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
-from trainer.config import (
-    LORA_LEARNING_RATE,
-    ConfigError,
-    TrainerConfig,
-    TrainingConfig,
-    apply_overrides,
-    load_config,
-    validate_config,
-)
+from trainer.config import LORA_LEARNING_RATE, ConfigError, TrainerConfig, TrainingConfig
+from trainer.config_file import apply_overrides, load_config, validate_config
 
 
 def test_contract_keys_exist_with_their_names(tmp_path):

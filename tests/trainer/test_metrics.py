@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import run_trainer, tiny_config, write_config
 from trainer import metrics as m
 from trainer import progress
-from trainer.config import ConfigError, validate_config
+from trainer.config import ConfigError
+from trainer.config_file import validate_config
 from trainer.validation import image_grid, is_validation_step, samples_dir
 
 LABELS = {"job": "sks-robot", "namespace": "team-a"}

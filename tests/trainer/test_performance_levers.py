@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_trainer, tiny_config, write_config
-from trainer.config import validate_config
+from trainer.config_file import validate_config
 from trainer.data import DreamBoothData
 from trainer.engine import MAX_BUCKET_SIZE, MIN_BUCKET_SIZE, bucket_size, build_deepspeed_config
 from trainer.latents import LatentEncoder, batch_keys
