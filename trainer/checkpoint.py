@@ -13,7 +13,6 @@ What a manifest holds, and which checkpoints this run may load, is manifest.py's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import atomic
 from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.distributed import Runtime, barrier
 from trainer.manifest import (
@@ -52,20 +52,6 @@ RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the
 
 def step_folder_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,8 +88,8 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
                     "settings": shape.settings, "trained_parameters": shape.parameters, "time": time.time(),
                     SAMPLES: state.get(SAMPLES_KEY, 0), SKIPPED_STEPS: int(getattr(engine, "skipped_steps", 0)),
                     "files": list_files(folder)}
-        write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
-        write_atomically(config.dir / LATEST, tag)
+        atomic.write_json(folder / MANIFEST, manifest, indent=1)
+        atomic.write_text(config.dir / LATEST, tag)
         apply_retention(config.dir, keep_last=config.keep_last, in_use=tag)
     barrier()
     return folder
@@ -145,7 +131,7 @@ def retract(directory: Path, step: int) -> Path | None:
     remaining = complete_checkpoints(directory)
     pointer = directory / LATEST
     if remaining:
-        write_atomically(pointer, remaining[0].name)
+        atomic.write_text(pointer, remaining[0].name)
         return remaining[0]
     pointer.unlink(missing_ok=True)
     return None

@@ -8,11 +8,11 @@ made from the seed `training.seed + NNNNN`, whichever rank makes it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from trainer import atomic
 from trainer.config import TrainerConfig
 from trainer.data import list_images
 from trainer.distributed import Runtime, barrier
@@ -71,18 +71,10 @@ def generate_class_images(config: TrainerConfig, components, runtime: Runtime, s
                                      num_inference_steps=data.class_generation_steps,
                                      resolution=components.native_resolution, device=runtime.device)
             for index, image in zip(chunk, images):
-                save_atomically(image, class_image_path(data.class_dir, index), runtime.rank)
+                atomic.save_image(image, class_image_path(data.class_dir, index))
         pipeline.to("cpu")
         del pipeline
     if stop_requested():
         return sum(class_image_path(data.class_dir, index).exists() for index in mine)
     barrier()
     return len(mine)
-
-
-def save_atomically(image, path: Path, rank: int) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{rank}")
-    image.save(temporary, format="PNG")
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -8,7 +8,6 @@ never half of one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import write_atomically
+from trainer import atomic
 from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, barrier
 from trainer.model_card import SDXL_PIPELINE
@@ -96,13 +95,17 @@ def record_unfinished_run(output_dir: Path, run_info: dict[str, Any]) -> Path | 
     """run.json of a run that ended without an export (stopped, diverged): DESIGN.md
     asks for one at the end of every run. Not where an earlier run's model was
     exported: that folder's run.json describes the model beside it."""
-    from trainer.checkpoint import write_atomically
-
     if (output_dir / "model_index.json").is_file():
         return None
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(output_dir / RUN_FILE, json.dumps(json_safe(run_info), indent=2, sort_keys=True))
-    return output_dir / RUN_FILE
+    return write_run_json(output_dir, run_info)
+
+
+def write_run_json(folder: Path, run_info: dict[str, Any]) -> Path:
+    """`folder`/run.json, atomically; a NaN or infinite figure is written as null."""
+    path = folder / RUN_FILE
+    atomic.write_json(path, json_safe(run_info), indent=2, sort_keys=True)
+    return path
 
 
 def build_pipeline(components, **modules: torch.nn.Module):
@@ -185,7 +188,7 @@ def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, to
         lora.save_adapters(folder, state, components)
     if card is not None:
         (folder / CARD_FILE).write_text(card)
-    write_atomically(folder / RUN_FILE, json.dumps(json_safe(run_info), indent=2, sort_keys=True))
+    write_run_json(folder, run_info)
 
 
 def publish_folder(target: Path, write) -> None:

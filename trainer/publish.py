@@ -23,9 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import write_atomically
 from trainer.config import ConfigError
-from trainer.export import RUN_FILE, publish_folder
+from trainer.export import RUN_FILE, publish_folder, write_run_json
 from trainer.sources import open_url
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,7 @@ def upload_and_record(folder: Path, uri: str) -> dict[str, Any]:
         log.info("uploaded %s to %s", folder, uri)
     except UploadError as error:
         record = {"uri": uri, "ok": False, "error": f"{error}; the model is kept at {folder}"}
-    run_file = folder / RUN_FILE
-    run = json.loads(run_file.read_text())
+    run = json.loads((folder / RUN_FILE).read_text())
     run["upload"] = record
-    write_atomically(run_file, json.dumps(run, indent=2, sort_keys=True))
+    write_run_json(folder, run)
     return record

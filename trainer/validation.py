@@ -12,11 +12,11 @@ for every ZeRO stage, and the samples show the same weights the export would wri
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from trainer import atomic
 from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, barrier
 from trainer.export import build_pipeline, gather_fp32_state_dict, trained_modules
@@ -99,7 +99,5 @@ def save_grid(grid, folder: Path, step: int) -> Path:
     """Written under a temporary name and renamed: a reader never sees half a PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     path = sample_path(folder, step)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    grid.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    atomic.save_image(grid, path)
     return path

@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from tests.conftest import tiny_config
-from trainer.checkpoint import complete_checkpoints, find_resume_point, retract, write_atomically
+from trainer.atomic import write_text
+from trainer.checkpoint import complete_checkpoints, find_resume_point, retract
 from trainer.manifest import (
     MANIFEST,
     Manifest,
@@ -182,10 +183,10 @@ def test_resume_takes_latest_and_skips_incomplete_or_corrupt(tmp_path):
     fake_checkpoint(tmp_path, 10)
     fake_checkpoint(tmp_path, 20)
     fake_checkpoint(tmp_path, 30, complete=False)
-    write_atomically(tmp_path / "latest", "step-00000020")
+    write_text(tmp_path / "latest", "step-00000020")
     assert find_resume_point(config).name == "step-00000020"
     fake_checkpoint(tmp_path, 25, corrupt=True)
-    write_atomically(tmp_path / "latest", "step-00000025")
+    write_text(tmp_path / "latest", "step-00000025")
     assert find_resume_point(config).name == "step-00000020"
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-00000025", "step-00000020", "step-00000010"]
     assert find_resume_point(CheckpointConfig(dir=tmp_path, resume="never")) is None
@@ -195,7 +196,7 @@ def test_a_retracted_checkpoint_leaves_the_resume_path_and_latest_falls_back(tmp
     config = CheckpointConfig(dir=tmp_path)
     fake_checkpoint(tmp_path, 10)
     fake_checkpoint(tmp_path, 20)
-    write_atomically(tmp_path / "latest", "step-00000020")
+    write_text(tmp_path / "latest", "step-00000020")
     assert retract(tmp_path, 20).name == "step-00000010"
     assert (tmp_path / "latest").read_text() == "step-00000010" and find_resume_point(config).name == "step-00000010"
     assert (tmp_path / "diverged-step-00000020" / "shard.pt").is_file()  # kept for a look, out of retention's count
