@@ -61,9 +61,9 @@ def build_components(size: str, device: torch.device, seed: int = 0) -> Componen
     initialises SD 1.5's weights in a second, a CPU takes many)."""
     if size not in SIZES:
         raise ValueError(f"--size {size!r}: use one of {', '.join(SIZES)}")
-    if size in tiny.BUILT_IN_MODELS:
+    if size in tiny.BUILDERS:
         with device:
-            return Components(**tiny.BUILT_IN_MODELS[size](), source=size)
+            return Components(**tiny.BUILDERS[size](), source=size)
     with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)
         tokenizer = tiny.byte_level_clip_tokenizer()

@@ -42,7 +42,8 @@ def _takes_a_switch(annotation: Any) -> bool:
     return annotation is bool or bool in getattr(annotation, "__args__", ())
 
 
-# Random models built from a config and a seed (trainer/tiny.py), for tests and demos: no download.
+# Random models built from a config and a seed (trainer/tiny.py, one of its BUILDERS each), for
+# tests and demos: no download.
 BUILT_IN_MODELS = ("tiny", "tiny-sdxl")
 
 

@@ -51,9 +51,9 @@ def build_components(source: str, folder: Path | None) -> Components:
     """From a local pipeline folder (`model_cache.model_folder` resolves and fetches
     `model.source` to one), or the built-in model `source` names when `folder` is None."""
     if folder is None:
-        from trainer.tiny import BUILT_IN_MODELS
+        from trainer.tiny import BUILDERS
 
-        return Components(**BUILT_IN_MODELS[source](), source=source)
+        return Components(**BUILDERS[source](), source=source)
     return load_pipeline_folder(folder, source)
 
 

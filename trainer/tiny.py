@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, PNDM
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.conditioning import SIZE_IDS
+from trainer.config import BUILT_IN_MODELS
 
 TINY_SEED = 1234
 TEXT_HIDDEN_SIZE = 32
@@ -143,5 +144,9 @@ def build_tiny_sdxl_components() -> dict:
         )
 
 
-# model.source -> builder (the names are config.BUILT_IN_MODELS).
-BUILT_IN_MODELS = {"tiny": build_tiny_components, "tiny-sdxl": build_tiny_sdxl_components}
+# model.source -> builder. The names the config accepts are config.BUILT_IN_MODELS (config.py
+# stays torch-free, so it cannot import these); a name added there without a builder here
+# fails at import, not at a run's first step.
+BUILDERS = {"tiny": build_tiny_components, "tiny-sdxl": build_tiny_sdxl_components}
+if set(BUILDERS) != set(BUILT_IN_MODELS):
+    raise ImportError(f"trainer.tiny builds {sorted(BUILDERS)}, config.BUILT_IN_MODELS names {list(BUILT_IN_MODELS)}")
