@@ -29,8 +29,6 @@ from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.distributed import Runtime, barrier
 from trainer.manifest import (
     MANIFEST,
-    SAMPLES,
-    SKIPPED_STEPS,
     Manifest,
     TrainingShape,
     check_compatible,
@@ -81,14 +79,10 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
     torch.save(rng_state(), folder / f"rng-rank{runtime.rank:05d}.pt")
     barrier()
     if runtime.is_main:
-        shape = TrainingShape.of(engine, runtime, lora)
-        # zero_stage also at the top: what manifests held before `settings`.
         # The totals let a restarted run's metrics start where this one left off (metrics.checkpoint_hint).
-        manifest = {"step": step, "world_size": shape.world_size, "zero_stage": shape.settings["deepspeed.zero_stage"],
-                    "settings": shape.settings, "trained_parameters": shape.parameters, "time": time.time(),
-                    SAMPLES: state.get(SAMPLES_KEY, 0), SKIPPED_STEPS: int(getattr(engine, "skipped_steps", 0)),
-                    "files": list_files(folder)}
-        atomic.write_json(folder / MANIFEST, manifest, indent=1)
+        Manifest(step=step, shape=TrainingShape.of(engine, runtime, lora), files=list_files(folder),
+                 samples=state.get(SAMPLES_KEY, 0), skipped_steps=int(getattr(engine, "skipped_steps", 0)),
+                 time=time.time()).write(folder)
         atomic.write_text(config.dir / LATEST, tag)
         apply_retention(config.dir, keep_last=config.keep_last, in_use=tag)
     barrier()
@@ -169,14 +163,23 @@ def _candidates_in_order(config: CheckpointConfig) -> list[Path]:
     if config.resume != "auto":
         return [named_resume_point(config)]
     candidates = complete_checkpoints(config.dir)
-    pointer = config.dir / LATEST
-    if pointer.is_file():
-        named = config.dir / pointer.read_text().strip()
-        if named.parent != config.dir or not named.name.startswith(STEP_PREFIX):
-            log.warning("checkpoint pointer %s names %r, which is not a step folder; ignored", pointer, named.name)
-        else:
-            candidates = [named] + [path for path in candidates if path.name < named.name]
+    named = latest_pointed_to(config.dir)
+    if named is not None:
+        candidates = [named] + [path for path in candidates if path.name < named.name]
     return candidates
+
+
+def latest_pointed_to(directory: Path) -> Path | None:
+    """The step folder `latest` names, not yet verified; None without a pointer. A
+    pointer that names anything but a step folder of `directory` is ignored, warned."""
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    named = directory / pointer.read_text().strip()
+    if named.parent != directory or not named.name.startswith(STEP_PREFIX):
+        log.warning("checkpoint pointer %s names %r, which is not a step folder; ignored", pointer, named.name)
+        return None
+    return named
 
 
 def resume_candidates(config: CheckpointConfig) -> list[Path]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import atomic
 from trainer.config import ConfigError, LoraConfig
 from trainer.distributed import Runtime
 
@@ -89,6 +90,17 @@ class Manifest:
     files: dict[str, int]  # relative path -> size in bytes
     samples: int = 0  # 0 in a manifest from before the totals were kept
     skipped_steps: int = 0
+    time: float | None = None  # when it was written (seconds since the epoch); for people, never compared
+
+    def write(self, folder: Path) -> None:
+        """Last, once every file it lists is written: its presence makes the checkpoint complete."""
+        atomic.write_json(folder / MANIFEST, {
+            "step": self.step, "world_size": self.shape.world_size,
+            # zero_stage also at the top: what manifests held before `settings`.
+            "zero_stage": self.shape.settings["deepspeed.zero_stage"], "settings": self.shape.settings,
+            "trained_parameters": self.shape.parameters, "time": self.time,
+            SAMPLES: self.samples, SKIPPED_STEPS: self.skipped_steps, "files": self.files,
+        }, indent=1)
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
@@ -97,7 +109,7 @@ class Manifest:
         settings = {"deepspeed.zero_stage": raw["zero_stage"], "lora.rank": 0, **raw.get("settings", {})}
         shape = TrainingShape(world_size=raw["world_size"], settings=settings, parameters=raw.get("trained_parameters"))
         return cls(step=raw["step"], shape=shape, files=raw["files"], samples=int(raw.get(SAMPLES, 0)),
-                   skipped_steps=int(raw.get(SKIPPED_STEPS, 0)))
+                   skipped_steps=int(raw.get(SKIPPED_STEPS, 0)), time=raw.get("time"))
 
     def problems(self, folder: Path) -> list[str]:
         found = []

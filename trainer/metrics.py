@@ -114,8 +114,10 @@ def checkpoint_hint(config: CheckpointConfig) -> Position:
         folder = Path(config.resume)
     else:
         try:
-            folder = config.dir / (config.dir / checkpoint.LATEST).read_text().strip()
+            folder = checkpoint.latest_pointed_to(config.dir)
         except OSError:
+            return Position()
+        if folder is None:
             return Position()
     try:
         manifest = Manifest.read(folder)
