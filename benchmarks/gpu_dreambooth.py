@@ -167,12 +167,12 @@ def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int,
     if compile_mode is not None:
         compile_unet(module, backend="inductor", mode=compile_mode)
     engine = build_engine(config, module, precision=config.training.precision, world_size=1, device_type=device.type)
-    step_fn = DenoisingStep(engine, components, config, runtime, config.training.precision)
-    batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=True)
+    denoising_step = DenoisingStep(engine, components, config, runtime, config.training.precision)
+    batches = BatchPrefetcher(lambda micro_step: denoising_step.prepare(data.batch(micro_step)), enabled=True)
     engine.train()
 
     def step(micro_step: int) -> float:
-        return train_micro_step(engine, step_fn, batches.get(micro_step), micro_step).loss.item()
+        return train_micro_step(engine, denoising_step, batches.get(micro_step), micro_step).loss.item()
 
     # Every image encoded once before timing: the cache's steady state.
     warmup = max(args.warmup, math.ceil(args.images / batch_size) + 1)
@@ -183,7 +183,7 @@ def our_case(name: str, args, device, data_root: Path, peak, *, batch_size: int,
         batches.close()
         if hasattr(engine, "destroy"):
             engine.destroy()
-        del engine, module, step_fn, components
+        del engine, module, denoising_step, components
 
 
 def choose_optimizer(device: torch.device, requested: str) -> tuple[str, dict]:

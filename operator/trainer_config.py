@@ -49,9 +49,10 @@ def launcher_shutdown_seconds(termination_grace_period_seconds: int) -> int:
 
 
 def final_scrape_linger_seconds(scrape_interval_seconds: float) -> float:
-    """How long rank 0 keeps serving its metrics after the last step: one scrape
-    interval plus the latency of a reconcile, so that the operator's last scrape is of
-    the finished run and a succeeded job shows the run's final loss and throughput."""
+    """How long rank 0 keeps serving its metrics after the last step: one and a half
+    scrape intervals plus a second (a scrape comes late by a reconcile's latency), so
+    that the operator's last scrape is of the finished run and a succeeded job shows
+    the run's final loss and throughput."""
     return round(1.5 * scrape_interval_seconds + 1.0, 3)
 
 

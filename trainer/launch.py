@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import sys
 
-EXIT_TERMINATED = 143
-
 
 def exit_code_for_failure(exitcode: int) -> int:
     """Map a worker's exit status (negative: killed by that signal) to a shell-style code."""

@@ -154,9 +154,9 @@ class DenoisingStep:
         return total / len(EVAL_TIMESTEPS)
 
 
-def train_micro_step(engine, step_fn: DenoisingStep, prepared: PreparedBatch, micro_step: int) -> LossTerms:
+def train_micro_step(engine, denoising_step: DenoisingStep, prepared: PreparedBatch, micro_step: int) -> LossTerms:
     """Forward, backward and (at an accumulation boundary, DeepSpeed decides) the update."""
-    terms = step_fn.losses(prepared, micro_step)
+    terms = denoising_step.losses(prepared, micro_step)
     engine.backward(terms.loss)
     engine.step()
     return terms
@@ -211,7 +211,7 @@ def stop_diverged(config: TrainerConfig, runtime: Runtime, first: int, last: int
 def train(
     config: TrainerConfig,
     engine,
-    step_fn: DenoisingStep,
+    denoising_step: DenoisingStep,
     data: DreamBoothData,
     runtime: Runtime,
     state: TrainState,
@@ -230,14 +230,15 @@ def train(
     throughput.mark(state.samples)
     samples_per_micro_step = runtime.world_size * training.batch_size * (2 if data.class_ids is not None else 1)
     # Not closed on an exception: the worker finishes its one batch and the process exits.
-    batches = BatchPrefetcher(lambda micro_step: step_fn.prepare(data.batch(micro_step)), enabled=training.prefetch_batches)
+    batches = BatchPrefetcher(lambda micro_step: denoising_step.prepare(data.batch(micro_step)),
+                              enabled=training.prefetch_batches)
     engine.train()
     first_nonfinite: int | None = None  # first step of the current run of NaN/Inf losses
     while state.step < training.max_steps:
         step_started = time.monotonic()
         sums = None
         for _ in range(training.gradient_accumulation):
-            terms = train_micro_step(engine, step_fn, batches.get(state.micro_step), state.micro_step)
+            terms = train_micro_step(engine, denoising_step, batches.get(state.micro_step), state.micro_step)
             state.micro_step += 1
             state.samples += samples_per_micro_step
             # Summed where the losses are: an .item() per term and micro-step would make the

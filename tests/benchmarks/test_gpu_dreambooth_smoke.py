@@ -1,5 +1,5 @@
 """benchmarks/gpu_dreambooth.py keeps working: its CPU run (tiny models, fp32) measures
-all three cases, and the counted FLOPs show what our step leaves out (the VAE encode)."""
+all five cases, (a) to (e), and the counted FLOPs show what our step leaves out (the VAE encode)."""
 
 from __future__ import annotations
 
