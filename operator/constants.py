@@ -55,7 +55,7 @@ CONFIG_FILE_NAME = "config.yaml"
 CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"
 TRAINER_ENTRY = "trainer/main.py"
 # torchrun through the trainer's launcher, which keeps the workers' exit codes
-# (plain torchrun turns every failure into 1): 2 = bad config or input, 143 = SIGTERM.
+# (plain torchrun turns every failure into 1; trainer/contract.py lists them).
 LAUNCHER = ("python", "-m", "trainer.launch")
 STORAGE_MOUNT_DIR = "/mnt/storage"
 INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
@@ -78,11 +78,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The trainer image's non-root user (Dockerfile). fsGroup makes the volumes writable to it.
 WORKER_UID = 1000
 WORKER_GID = 1000
-
-# Exit code of a trainer that checkpointed after SIGTERM (preempted, suspended, deleted).
-EXIT_CODE_SIGTERM = 143
-EXIT_CODE_INVALID_INPUT = 2  # the trainer rejected its config or inputs: a retry cannot help
-EXIT_CODE_DIVERGED = 4  # the loss stayed NaN/Inf: a retry with the same spec diverges the same way
 
 # status.phase values.
 PHASE_PENDING = "Pending"

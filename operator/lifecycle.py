@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED
+
 from . import constants as c
 from .plan import (
     Plan,
@@ -288,9 +290,9 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
 
 # Trainer exit codes a restart of the same spec cannot cure: (reason, what happened, the fix).
 _NOT_RETRIED = {
-    c.EXIT_CODE_INVALID_INPUT: (c.REASON_INVALID_TRAINER_INPUT, "rejected its config or inputs",
+    EXIT_CONFIG_ERROR: (c.REASON_INVALID_TRAINER_INPUT, "rejected its config or inputs",
                                 "fix the spec (the pod's log names the field) and recreate the job"),
-    c.EXIT_CODE_DIVERGED: (c.REASON_TRAINING_DIVERGED, "stopped training: the loss stayed NaN or infinite",
+    EXIT_DIVERGED: (c.REASON_TRAINING_DIVERGED, "stopped training: the loss stayed NaN or infinite",
                            "lower spec.training.learningRate and recreate the job; it resumes from the last "
                            "checkpoint before the divergence (the pod's log names it)"),
 }

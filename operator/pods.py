@@ -8,6 +8,8 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
+from trainer.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, POD_IP_ENV
+
 from .children import storage_claim_name
 from .constants import (
     ANNOTATION_CONFIG_HASH,
@@ -70,9 +72,9 @@ def torchrun_command(job: Job, index: int) -> list[str]:
 def worker_env(job: Job, index: int) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         # The trainer binds its metrics endpoint to the pod IP (DESIGN.md metrics.host).
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "JOB_NAME", "value": job.name},
-        {"name": "JOB_NAMESPACE", "value": job.namespace},
+        {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": JOB_NAME_ENV, "value": job.name},
+        {"name": JOB_NAMESPACE_ENV, "value": job.namespace},
         {"name": "WORKER_INDEX", "value": str(index)},
     ]
     secret = job.spec.model.hf_token_secret

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import ANNOTATION_GANG_NODES, EXIT_CODE_SIGTERM, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
+from trainer.contract import EXIT_TERMINATED
+
+from .constants import ANNOTATION_GANG_NODES, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
 
 POD_PENDING = "Pending"
 POD_RUNNING = "Running"
@@ -86,7 +88,7 @@ def is_preemption(pod: dict[str, Any]) -> bool:
     if disruption is not None and disruption.get("status") == "True":
         return True
     terminated = terminated_state(pod)
-    return terminated is not None and terminated.get("exitCode") == EXIT_CODE_SIGTERM
+    return terminated is not None and terminated.get("exitCode") == EXIT_TERMINATED
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainer.contract import step_folder_name
+
 SCRAPE_TIMEOUT_SECONDS = 3.0
 
 # Trainer metric -> status field (DESIGN.md "Metrics").
@@ -38,8 +40,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def checkpoint_path(checkpoint_dir: str, step: int) -> str:
-    # The trainer's checkpoint layout: `<checkpoint.dir>/step-00000500/`.
-    return f"{checkpoint_dir}/step-{step:08d}"
+    return f"{checkpoint_dir}/{step_folder_name(step)}"
 
 
 def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint_dir: str,

@@ -26,6 +26,7 @@ import torch
 
 from trainer import atomic
 from trainer.config import CheckpointConfig, ConfigError, LoraConfig
+from trainer.contract import STEP_PREFIX, step_folder_name
 from trainer.distributed import Runtime, barrier
 from trainer.manifest import (
     MANIFEST,
@@ -40,7 +41,6 @@ from trainer.manifest import (
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-STEP_PREFIX = "step-"
 # Keys of the trainer state stored beside DeepSpeed's own.
 STEP_KEY = "step"
 MICRO_STEP_KEY = "micro_step"
@@ -48,8 +48,6 @@ SAMPLES_KEY = "samples"
 RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
-def step_folder_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from trainer.contract import POD_IP_ENV
+
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 
 
@@ -267,7 +269,7 @@ class OutputConfig(_Section):
 
 
 def _default_metrics_host() -> str:
-    return os.environ.get("POD_IP") or "0.0.0.0"
+    return os.environ.get(POD_IP_ENV) or "0.0.0.0"
 
 
 class MetricsConfig(_Section):

@@ -24,11 +24,8 @@ if __package__ in (None, ""):
 
 from trainer.config import ConfigError, TrainerConfig  # noqa: E402
 from trainer.config_file import load_config  # noqa: E402
-from trainer.signals import EXIT_TERMINATED, StopFlag  # noqa: E402
-
-EXIT_CONFIG_ERROR = 2
-EXIT_UPLOAD_FAILED = 3
-EXIT_DIVERGED = 4
+from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED, EXIT_TERMINATED, EXIT_UPLOAD_FAILED  # noqa: E402
+from trainer.signals import StopFlag  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from trainer.config import CheckpointConfig, ConfigError, TrainerConfig
+from trainer.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 
 LINGER_POLL_SECONDS = 0.2
 
@@ -49,8 +50,6 @@ METRIC_NAMES = (
 JOB_LABEL = "job"
 NAMESPACE_LABEL = "namespace"
 PHASE_LABEL = "phase"
-JOB_NAME_ENV = "JOB_NAME"
-JOB_NAMESPACE_ENV = "JOB_NAMESPACE"
 
 PHASE_STARTING = "starting"
 PHASE_GENERATING_CLASS_IMAGES = "generating_class_images"

@@ -8,9 +8,7 @@ import signal
 import sys
 import threading
 
-# 128 + SIGTERM, as a shell reports a process the signal ended: the operator reads it as a
-# preemption, which does not count against the job's backoffLimit.
-EXIT_TERMINATED = 143
+from trainer.contract import EXIT_TERMINATED
 
 
 class StopFlag:

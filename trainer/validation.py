@@ -18,11 +18,12 @@ import torch
 
 from trainer import atomic
 from trainer.config import TrainerConfig
+from trainer.contract import STEP_PREFIX
 from trainer.distributed import Runtime, barrier
 from trainer.export import build_pipeline, gather_fp32_state_dict, trained_modules
 from trainer.generation import generate_images
 
-SAMPLE_PREFIX = "step-"
+SAMPLE_PREFIX = STEP_PREFIX  # a step's grid is named like its checkpoint folder
 GRID_COLUMNS = 4
 
 

@@ -27,6 +27,7 @@ from dreambooth_operator.plan import Timing
 from dreambooth_operator.podstates import describe_failure
 from dreambooth_operator.spec import parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
+from trainer.contract import EXIT_CONFIG_ERROR
 
 PHOTOS = REPO / "examples" / "instance-images"
 KEY = "spec.data.instanceImages.configMapName"
@@ -237,7 +238,7 @@ def test_a_trainer_input_error_reaches_the_jobs_last_failure(tmp_path: Path) -> 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
     result = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(path)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == c.EXIT_CODE_INVALID_INPUT
+    assert result.returncode == EXIT_CONFIG_ERROR
     log_tail = (result.stdout + result.stderr)[-2048:]  # what the kubelet keeps of the log
     pod = {"metadata": {"name": "dog-worker-0", "labels": {c.LABEL_WORKER_INDEX: "0", c.LABEL_GANG: "0"}},
            "status": {"phase": "Failed", "containerStatuses": [{"name": c.WORKER_CONTAINER, "state": {"terminated": {

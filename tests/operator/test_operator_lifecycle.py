@@ -14,6 +14,7 @@ from dreambooth_operator.lifecycle import created_status, decide, failed_create_
 from dreambooth_operator.plan import Timing, timestamp
 from dreambooth_operator.podstates import describe_failure, is_preemption
 from dreambooth_operator.spec import JobSpec
+from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 TIMING = Timing(backoff_base_seconds=10, backoff_max_seconds=60, pending_timeout_seconds=300)
@@ -216,9 +217,9 @@ def test_backoff_limit_reached_fails_with_the_last_failure() -> None:
 
 
 @pytest.mark.parametrize("exit_code,reason,fix", [
-    (c.EXIT_CODE_INVALID_INPUT, c.REASON_INVALID_TRAINER_INPUT, "fix the spec"),
+    (EXIT_CONFIG_ERROR, c.REASON_INVALID_TRAINER_INPUT, "fix the spec"),
     # A restart would resume before the divergence and diverge again at the same step.
-    (c.EXIT_CODE_DIVERGED, c.REASON_TRAINING_DIVERGED, "lower spec.training.learningRate"),
+    (EXIT_DIVERGED, c.REASON_TRAINING_DIVERGED, "lower spec.training.learningRate"),
 ])
 def test_a_failure_a_restart_cannot_cure_fails_the_job_without_retrying(exit_code: int, reason: str, fix: str) -> None:
     failed = pod(0, "Failed", exit_code=exit_code)
