@@ -208,9 +208,10 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
             status["maxSteps"] = spec.training.max_steps
         status.setdefault("startTime", timestamp(now))
         status.pop("nextRestartTime", None)
+        # Said here at the first gang start only: a Created False from a forbidden create
+        # stays False until a create succeeds (the reconciler then calls created_status).
         if not any(cond.get("type") == c.CONDITION_CREATED for cond in status.get("conditions") or []):
-            status["conditions"] = set_condition(status.get("conditions") or [], c.CONDITION_CREATED, True,
-                                                 c.REASON_WORKERS_CREATED, f"{spec.workers.nodes} worker pods created", now)
+            status["conditions"] = created_status(status, spec.workers.nodes, now)["conditions"]
         if phase != c.PHASE_PENDING:
             enter_phase(status, c.PHASE_PENDING, c.REASON_WORKERS_CREATED, "creating worker pods", now)
         return plan

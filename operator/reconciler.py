@@ -18,7 +18,7 @@ from . import constants as c
 from .children import build_claim, build_config_map, build_service, output_status
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
-from .lifecycle import created_status, decide, failed_create_status, invalid_spec_status
+from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
 from .metadata import (
     claim_name,
     config_map_name,
@@ -34,7 +34,7 @@ from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
 from .progress import metrics_url, progress_status, scrape, utc_now
 from .spec import InvalidSpecError, Job
-from .trainer_config import job_storage_dir
+from .trainer_config import job_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Reconciler:
                 await self.api.post_event(body, "Warning", reason, message)
         if plan.counted_restart:
             self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()
-        elif plan.gang != job_gang_before(status):
+        elif plan.gang != gang_of(status):
             self.metrics.restarts.labels(reason=RESTART_PREEMPTION).inc()
         for pod in plan.delete:
             await self.api.delete("Pod", namespace, pod)
@@ -320,8 +320,7 @@ class Reconciler:
         url = metrics_url(worker0, job.spec.metrics.port)
         values = await scrape(self._http, url) if url is not None else None
         if values:
-            checkpoint_dir = f"{job_storage_dir(job.name)}/checkpoints"
-            fields = progress_status(values, status, checkpoint_dir, timestamp(utc_now()))
+            fields = progress_status(values, status, job_checkpoint_dir(job.name), timestamp(utc_now()))
             if fields:
                 await self.api.patch_job_status(job.namespace, job.name, fields)
         return interval
@@ -365,7 +364,3 @@ def _pod_group_of(body: dict[str, Any]) -> dict[str, Any] | None:
         return build_pod_group(Job.from_body(body))
     except InvalidSpecError:
         return None
-
-
-def job_gang_before(status: dict[str, Any]) -> int:
-    return int(status.get("restarts") or 0) + int(status.get("preemptions") or 0)

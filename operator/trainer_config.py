@@ -36,6 +36,11 @@ def job_output_dir(job_name: str) -> str:
     return f"{job_storage_dir(job_name)}/output"
 
 
+def job_checkpoint_dir(job_name: str) -> str:
+    """The trainer's checkpoint.dir, in the workers' mount."""
+    return f"{job_storage_dir(job_name)}/checkpoints"
+
+
 def checkpoint_grace_seconds(termination_grace_period_seconds: int) -> float:
     return float(max(termination_grace_period_seconds - SIGTERM_MARGIN_SECONDS,
                      termination_grace_period_seconds / 2))
@@ -102,7 +107,7 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
                  **_set_only(alpha=spec.lora.alpha)},
         "deepspeed": {"zero_stage": spec.deepspeed.zero_stage},
         "checkpoint": {
-            "dir": f"{root}/checkpoints",
+            "dir": job_checkpoint_dir(job_name),
             "every_steps": spec.checkpoint.every_steps,
             "keep_last": spec.checkpoint.keep_last,
             # After any restart the gang resumes from the newest complete checkpoint.
