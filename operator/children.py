@@ -15,7 +15,7 @@ from .constants import (
     RENDEZVOUS_PORT,
     STORAGE_MOUNT_DIR,
 )
-from .metadata import child_metadata, claim_name, config_map_name, job_labels, service_name
+from .metadata import child_metadata, config_map_name, created_claim_name, job_labels, service_name, storage_claim_name
 from .spec import Job
 from .trainer_config import config_hash, config_yaml, job_output_dir, render_trainer_config
 
@@ -69,14 +69,9 @@ def build_claim(job: Job) -> dict[str, Any] | None:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": child_metadata(job, claim_name(job.name), owned=not storage.retain),
+        "metadata": child_metadata(job, created_claim_name(job.name), owned=not storage.retain),
         "spec": spec,
     }
-
-
-def storage_claim_name(job: Job) -> str:
-    storage = job.spec.storage
-    return storage.claim_name if storage.claim_name is not None else claim_name(job.name)
 
 
 def output_status(job: Job) -> dict[str, Any]:

@@ -34,8 +34,15 @@ def config_map_name(job_name: str) -> str:
     return f"{job_name}-config"
 
 
-def claim_name(job_name: str) -> str:
+def created_claim_name(job_name: str) -> str:
+    """The claim the operator creates when spec.storage asks for a size."""
     return f"{job_name}-storage"
+
+
+def storage_claim_name(job: Job) -> str:
+    """The claim the job's workers keep their files on: spec.storage.claimName, else the created one."""
+    storage = job.spec.storage
+    return storage.claim_name if storage.claim_name is not None else created_claim_name(job.name)
 
 
 def pod_group_name(job_name: str) -> str:

@@ -10,7 +10,6 @@ from kubernetes.utils import parse_quantity
 
 from trainer.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, POD_IP_ENV
 
-from .children import storage_claim_name
 from .constants import (
     ANNOTATION_CONFIG_HASH,
     ANNOTATION_GANG_NODES,
@@ -45,6 +44,7 @@ from .metadata import (
     pod_group_name,
     rendezvous_address,
     service_name,
+    storage_claim_name,
     worker_labels,
     worker_name,
 )

@@ -20,8 +20,8 @@ from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
 from .metadata import (
-    claim_name,
     config_map_name,
+    created_claim_name,
     job_selector,
     owner_uids,
     service_name,
@@ -32,7 +32,7 @@ from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .plan import Timing, timestamp
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
-from .progress import metrics_url, progress_status, scrape, utc_now
+from .scrape import metrics_url, progress_status, scrape, utc_now
 from .spec import InvalidSpecError, Job
 from .trainer_config import job_checkpoint_dir
 
@@ -341,7 +341,7 @@ class Reconciler:
             await self.api.delete_custom(pod_group)
         storage = ((body.get("spec") or {}).get("storage") or {})
         if "size" in storage and storage.get("retain") is False:
-            await self.api.delete("PersistentVolumeClaim", namespace, claim_name(name))
+            await self.api.delete("PersistentVolumeClaim", namespace, created_claim_name(name))
         self.metrics.set_phase(namespace, name, None)
 
     async def close(self) -> None:

@@ -182,7 +182,7 @@ def test_operator_rbac_covers_what_it_calls() -> None:
 
 
 def test_printer_columns_point_at_status_fields_the_operator_writes() -> None:
-    from dreambooth_operator.progress import parse_metrics, progress_status
+    from dreambooth_operator.scrape import parse_metrics, progress_status
 
     scraped = progress_status(parse_metrics("dreambooth_step 5\ndreambooth_max_steps 10\ndreambooth_loss 0.5\n"),
                               {}, "/c", "2026-01-01T00:00:00Z")

@@ -7,7 +7,7 @@ import math
 
 from prometheus_client import generate_latest
 
-from dreambooth_operator.progress import metrics_url, parse_metrics, progress_status
+from dreambooth_operator.scrape import metrics_url, parse_metrics, progress_status
 from trainer.metrics import TrainerMetrics
 
 NOW = "2026-06-01T12:00:00Z"
