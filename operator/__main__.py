@@ -15,11 +15,8 @@ import kopf
 import kubernetes
 
 from . import handlers  # noqa: F401  (registers the handlers)
-from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS
-from .handlers import OperatorConfig
 from .kube import load_client_config
-from .plan import Timing
-from .reconciler import Settings
+from .settings import OperatorConfig, ReconcilerSettings, Timing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,19 +27,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scope.add_argument("--all-namespaces", "-A", action="store_true",
                        help="watch every namespace (the default when no --namespace is given)")
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
-    parser.add_argument("--http-host", default="0.0.0.0", help="address of /healthz and /metrics")
-    parser.add_argument("--http-port", type=int, default=8080, help="port of /healthz and /metrics (0 disables)")
-    parser.add_argument("--backoff-seconds", type=float, default=10.0,
+    parser.add_argument("--http-host", default=OperatorConfig.http_host, help="address of /healthz and /metrics")
+    parser.add_argument("--http-port", type=int, default=OperatorConfig.http_port,
+                        help="port of /healthz and /metrics (0 disables)")
+    parser.add_argument("--backoff-seconds", type=float, default=Timing.backoff_base_seconds,
                         help="delay before the first gang restart after a failure; doubles each time")
-    parser.add_argument("--backoff-max-seconds", type=float, default=300.0, help="cap of the restart delay")
-    parser.add_argument("--pending-timeout", type=float, default=300.0,
+    parser.add_argument("--backoff-max-seconds", type=float, default=Timing.backoff_max_seconds,
+                        help="cap of the restart delay")
+    parser.add_argument("--pending-timeout", type=float, default=Timing.pending_timeout_seconds,
                         help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
-    parser.add_argument("--start-timeout", type=float, default=600.0,
+    parser.add_argument("--start-timeout", type=float, default=Timing.start_timeout_seconds,
                         help="seconds a scheduled worker's container may fail to start (image pull, missing Secret) "
                              "before the job fails and its pods free their nodes")
-    parser.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_SECONDS,
+    parser.add_argument("--scrape-interval", type=float, default=ReconcilerSettings.scrape_interval_seconds,
                         help="seconds between scrapes of rank 0's metrics per job")
-    parser.add_argument("--resync-seconds", type=float, default=30.0,
+    parser.add_argument("--resync-seconds", type=float, default=Timing.resync_seconds,
                         help="seconds between checks of a job that nothing woke up")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser.parse_args(argv)
@@ -52,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     timing = Timing(backoff_base_seconds=args.backoff_seconds, backoff_max_seconds=args.backoff_max_seconds,
                     pending_timeout_seconds=args.pending_timeout, start_timeout_seconds=args.start_timeout,
                     resync_seconds=args.resync_seconds)
-    return OperatorConfig(settings=Settings(timing=timing, scrape_interval_seconds=args.scrape_interval),
+    return OperatorConfig(settings=ReconcilerSettings(timing=timing, scrape_interval_seconds=args.scrape_interval),
                           http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
 
 

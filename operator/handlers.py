@@ -7,7 +7,6 @@ handler from the `OperatorConfig` the entry point puts into kopf's memo.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -16,18 +15,11 @@ from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
 from .health import start_http
 from .kube import KubeApi, connection_info, load_client_config
 from .opmetrics import OperatorMetrics
-from .reconciler import Reconciler, Settings
+from .reconciler import Reconciler
+from .settings import OperatorConfig
 
 # (group, version, plural) of the DreamboothJob resource, as kopf decorators take it.
 JOBS = (GROUP, VERSION, PLURAL)
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    settings: Settings = Settings()
-    http_host: str = "0.0.0.0"
-    http_port: int = 8080  # 0: no /healthz and /metrics
-    kubeconfig: str | None = None
 
 
 @kopf.on.login()

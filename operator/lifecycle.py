@@ -22,17 +22,8 @@ from typing import Any
 from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED
 
 from . import constants as c
-from .plan import (
-    Plan,
-    Timing,
-    alive_pods,
-    enter_phase,
-    fail,
-    parse_timestamp,
-    requeue,
-    set_condition,
-    timestamp,
-)
+from .clock import parse_timestamp, timestamp
+from .plan import Plan, alive_pods, enter_phase, fail, requeue, set_condition
 from .podstates import (
     POD_FAILED,
     POD_RUNNING,
@@ -47,6 +38,7 @@ from .podstates import (
     pod_name,
     pod_phase,
 )
+from .settings import Timing
 from .spec import JobSpec
 from .troubles import check_start_problems, mark_unschedulable, report_stuck_terminating, stuck_terminating
 

@@ -1,5 +1,5 @@
 """One reconcile pass's plan for a job (lifecycle.decide makes it) and the status
-primitives its rules share: timestamps, conditions, the phase, failing, looking again."""
+primitives its rules share: conditions, the phase, failing, looking again."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import constants as c
+from .clock import timestamp
 from .podstates import POD_FAILED, POD_SUCCEEDED, is_deleting, pod_name, pod_phase
 
 # Conditions that mirror the current phase: at most one of them is True.
@@ -18,26 +19,6 @@ PHASE_CONDITIONS = {
     c.PHASE_SUCCEEDED: c.CONDITION_SUCCEEDED,
     c.PHASE_FAILED: c.CONDITION_FAILED,
 }
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Operator settings that shape a job's life (set from the command line)."""
-
-    backoff_base_seconds: float = 10.0
-    backoff_max_seconds: float = 300.0
-    pending_timeout_seconds: float = 300.0
-    # How long a scheduled worker's container may be unable to start (image pull, missing
-    # Secret) before the job fails: its pods hold their nodes' GPUs all that time.
-    start_timeout_seconds: float = 600.0
-    # How often a job with nothing to wait for is looked at again anyway.
-    resync_seconds: float = 30.0
-    # The same for a finished job: only a spec edit (which wakes it) can change it.
-    finished_resync_seconds: float = 600.0
-
-    def backoff(self, restarts: int) -> float:
-        """Delay before the gang's restart number `restarts` (1, 2, ...): doubles each time."""
-        return min(self.backoff_base_seconds * 2 ** max(restarts - 1, 0), self.backoff_max_seconds)
 
 
 @dataclass
@@ -52,16 +33,6 @@ class Plan:
     counted_restart: bool = False
     # runPolicy.ttlSecondsAfterFinished has passed: the job itself is to be deleted.
     delete_job: bool = False
-
-
-def timestamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_timestamp(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def set_condition(conditions: list[dict[str, Any]], kind: str, status: bool, reason: str,

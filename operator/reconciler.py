@@ -16,6 +16,7 @@ import aiohttp
 
 from . import constants as c
 from .children import build_claim, build_config_map, build_service, output_status
+from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
@@ -29,10 +30,10 @@ from .metadata import (
     worker_selector,
 )
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
-from .plan import Timing, timestamp
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
-from .scrape import metrics_url, progress_status, scrape, utc_now
+from .scrape import metrics_url, progress_status, scrape
+from .settings import ReconcilerSettings
 from .spec import InvalidSpecError, Job
 from .trainer_config import job_checkpoint_dir
 
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 
 # A pass makes a few API calls, each cut at kube.REQUEST_TIMEOUT, and one scrape.
 STUCK_PASS_SECONDS = 600.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    timing: Timing = Timing()
-    # Progress is copied into status at most this often per job.
-    scrape_interval_seconds: float = c.DEFAULT_SCRAPE_INTERVAL_SECONDS
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +104,7 @@ class Wakeups:
 class Reconciler:
     api: KubeApi
     metrics: OperatorMetrics
-    settings: Settings = Settings()
+    settings: ReconcilerSettings = ReconcilerSettings()
     wakeups: Wakeups = field(default_factory=Wakeups)
     _last_scrape: dict[tuple[str, str], float] = field(default_factory=dict)
     _http: aiohttp.ClientSession | None = None

@@ -7,7 +7,6 @@ them. Parsing is pure; fetching is one short HTTP GET.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from typing import Any
 
@@ -88,7 +87,3 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float] |
             return parse_metrics(await response.text())
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -8,7 +8,8 @@ import datetime as dt
 from typing import Any
 
 from . import constants as c
-from .plan import PHASE_CONDITIONS, Plan, Timing, fail, parse_timestamp, requeue, set_condition, timestamp
+from .clock import parse_timestamp, timestamp
+from .plan import PHASE_CONDITIONS, Plan, fail, requeue, set_condition
 from .podstates import (
     CONFIG_PROBLEMS,
     HOPELESS_START_PROBLEMS,

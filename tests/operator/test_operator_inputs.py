@@ -23,8 +23,8 @@ from operator_harness import Cluster, OperatorProcess, condition, wait_for
 from dreambooth_operator import constants as c
 from dreambooth_operator.inputs import claim_access_modes, config_map_problem, config_map_size, sharing_check
 from dreambooth_operator.lifecycle import decide
-from dreambooth_operator.plan import Timing
 from dreambooth_operator.podstates import describe_failure
+from dreambooth_operator.settings import Timing
 from dreambooth_operator.spec import parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
 from trainer.contract import EXIT_CONFIG_ERROR

@@ -10,9 +10,10 @@ import pytest
 from dbj_examples import MINIMAL_SPEC
 
 from dreambooth_operator import constants as c
+from dreambooth_operator.clock import timestamp
 from dreambooth_operator.lifecycle import created_status, decide, failed_create_status
-from dreambooth_operator.plan import Timing, timestamp
 from dreambooth_operator.podstates import describe_failure, is_preemption
+from dreambooth_operator.settings import Timing
 from dreambooth_operator.spec import JobSpec
 from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED
 
