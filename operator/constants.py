@@ -12,7 +12,6 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "DreamboothJob"
 PLURAL = "dreamboothjobs"
-SINGULAR = "dreamboothjob"
 SHORT_NAME = "dbj"
 
 # Labels on every child; selectors use LABEL_JOB (+ LABEL_ROLE for workers).

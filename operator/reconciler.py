@@ -1,7 +1,12 @@
 """Carries out plans: read a job and its pods, `decide`, then write what was decided.
 
 One reconcile loop runs per job (a kopf daemon), so a job's steps never race each
-other; pod events only wake it up early. All rules live in lifecycle.py.
+other; pod events only wake it up early. The rules of a job's life are pure and live
+in lifecycle.py (`decide`), plan.py and troubles.py. Checked here are only the rules
+that need answers from the API server: inputs.py's checks of the photos and claims, a
+dry run of the children (`_refused_children`) and children's names that are someone
+else's (`_names_taken`). What they refuse fails the job as an invalid spec (`_reject`),
+as a spec the models refuse does.
 """
 
 from __future__ import annotations
