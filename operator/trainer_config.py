@@ -1,7 +1,8 @@
 """Spec -> trainer config: the YAML file every worker reads (DESIGN.md "Trainer command").
 
-The trainer's own models (`trainer.config`) validate the result, so the operator and the
-trainer agree on one contract; only `trainer.config` is imported (pydantic, no torch).
+The trainer's own models (`trainer.config`, read through `trainer.config_file`) validate
+the result, so the operator and the trainer agree on one contract; only those two are
+imported (pydantic and PyYAML, no torch).
 """
 
 from __future__ import annotations
