@@ -37,7 +37,7 @@ from .metadata import (
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
-from .scrape import metrics_url, progress_status, scrape
+from .scrape import metrics_url, progress_status, scrape, scrape_session
 from .settings import ReconcilerSettings
 from .spec import InvalidSpecError, Job
 from .trainer_config import job_checkpoint_dir
@@ -315,7 +315,7 @@ class Reconciler:
         self._last_scrape[key] = time.monotonic()
         worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            self._http = scrape_session()
         url = metrics_url(worker0, job.spec.metrics.port)
         values = await scrape(self._http, url) if url is not None else None
         if values:

@@ -16,6 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainer.contract import step_folder_name
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
+# Rank 0's exposition is a few KiB. The endpoint runs the job author's image, and one
+# shared operator reads it: a larger answer (a compressed one inflating to gigabytes)
+# is not read.
+MAX_SCRAPE_BYTES = 1 << 20
 
 # Trainer metric -> status field (DESIGN.md "Metrics").
 METRIC_STEP = "dreambooth_step"
@@ -78,12 +82,25 @@ def metrics_url(worker0: dict[str, Any] | None, port: int) -> str | None:
     return f"http://{host}:{port}/metrics" if host else None
 
 
+def scrape_session() -> aiohttp.ClientSession:
+    """What scrape() asks through: nothing compressed (a small answer must stay small)."""
+    return aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "identity"})
+
+
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
-    """The values at `url`, or None when rank 0 does not answer (yet)."""
+    """The values at `url`, or None when rank 0 does not answer (yet), or answers with
+    anything but a small plain exposition. A redirect is not followed: the operator would
+    fetch, from where it runs, whatever address the job's image names."""
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)) as response:
-            if response.status != 200:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS),
+                               allow_redirects=False) as response:
+            if response.status != 200 or response.headers.get("Content-Encoding", "identity") != "identity":
                 return None
-            return parse_metrics(await response.text())
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_SCRAPE_BYTES:
+                    return None
+            return parse_metrics(body.decode("utf-8"))
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None

@@ -3,11 +3,22 @@ metrics module (the contract of DESIGN.md "Metrics"), and the status fields it y
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import math
 
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client import generate_latest
 
-from dreambooth_operator.scrape import metrics_url, parse_metrics, progress_status
+from dreambooth_operator.scrape import (
+    MAX_SCRAPE_BYTES,
+    metrics_url,
+    parse_metrics,
+    progress_status,
+    scrape,
+    scrape_session,
+)
 from trainer.metrics import TrainerMetrics
 
 NOW = "2026-06-01T12:00:00Z"
@@ -71,3 +82,40 @@ def test_a_new_checkpoint_ends_a_run_of_preemptions() -> None:
     assert "consecutivePreemptions" not in progress_status(values, resumed_where_it_was, "/c", NOW)
     progressed = {"latestCheckpoint": {"step": 20}, "consecutivePreemptions": 2}
     assert progress_status(values, progressed, "/c", NOW)["consecutivePreemptions"] == 0
+
+
+def test_only_a_small_plain_answer_from_rank_0_is_read() -> None:
+    # Rank 0 runs the job author's image, and one operator serves every tenant: a
+    # compressed bomb, a huge body or a redirect to an address only the operator reaches
+    # must give nothing (and take neither its memory nor its network position).
+    exposition = trainer_exposition()
+    bomb = gzip.compress(b"#" * (64 * MAX_SCRAPE_BYTES))
+
+    async def plain(_: web.Request) -> web.Response:
+        return web.Response(text=exposition)
+
+    async def compressed(_: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+
+    async def huge(_: web.Request) -> web.Response:
+        return web.Response(text=exposition + "#" * (MAX_SCRAPE_BYTES + 1))
+
+    async def redirect(_: web.Request) -> web.Response:
+        raise web.HTTPFound("/metrics")
+
+    async def scenario() -> dict[str, object]:
+        app = web.Application()
+        for path, handler in {"/metrics": plain, "/bomb": compressed, "/huge": huge, "/redirect": redirect}.items():
+            app.router.add_get(path, handler)
+        server = TestServer(app)
+        await server.start_server()
+        try:
+            async with scrape_session() as session:
+                return {path: await scrape(session, str(server.make_url(path)))
+                        for path in ("/metrics", "/bomb", "/huge", "/redirect")}
+        finally:
+            await server.close()
+
+    results = asyncio.run(scenario())
+    assert results["/metrics"] == parse_metrics(exposition) and results["/metrics"]["dreambooth_step"] == 42
+    assert results["/bomb"] is None and results["/huge"] is None and results["/redirect"] is None
