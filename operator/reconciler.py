@@ -284,8 +284,14 @@ class Reconciler:
             if owner_uids(existing):
                 await self.api.delete(kind, job.namespace, name)
                 continue
-            return (f"a {kind} named {name!r} already exists in namespace {job.namespace} and is not this job's; "
-                    f"the job needs that name for {use}: delete that {kind}, or recreate the job under another name")
+            return _not_the_jobs(kind, name, job.namespace, use)
+        if job.spec.storage.creates_claim:
+            # A claim of the name an earlier job of this name made (kept by storage.retain)
+            # is the job's to resume from; anyone else's would get its checkpoints.
+            name = created_claim_name(job.name)
+            existing = await self.api.get("PersistentVolumeClaim", job.namespace, name)
+            if existing is not None and (existing["metadata"].get("labels") or {}).get(c.LABEL_JOB) != job.name:
+                return _not_the_jobs("PersistentVolumeClaim", name, job.namespace, "its checkpoints and output")
         return None
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -340,12 +346,21 @@ class Reconciler:
             await self.api.delete_custom(pod_group)
         storage = ((body.get("spec") or {}).get("storage") or {})
         if "size" in storage and storage.get("retain") is False:
-            await self.api.delete("PersistentVolumeClaim", namespace, created_claim_name(name))
+            # Only a claim this job made (and owns): one of that name that was there
+            # before it (an earlier job's retained checkpoints) is not its to delete.
+            claim = await self.api.get("PersistentVolumeClaim", namespace, created_claim_name(name))
+            if claim is not None and uid in owner_uids(claim):
+                await self.api.delete("PersistentVolumeClaim", namespace, created_claim_name(name))
         self.metrics.set_phase(namespace, name, None)
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+def _not_the_jobs(kind: str, name: str, namespace: str, use: str) -> str:
+    return (f"a {kind} named {name!r} already exists in namespace {namespace} and is not this job's; "
+            f"the job needs that name for {use}: delete that {kind}, or recreate the job under another name")
 
 
 def _observe_generation(status: dict[str, Any], body: dict[str, Any]) -> None:

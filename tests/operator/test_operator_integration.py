@@ -392,6 +392,35 @@ def test_delete_keeps_a_retained_claim(cluster: Cluster) -> None:
     assert [c["metadata"]["name"] for c in cluster.claims("keeper")] == ["keeper-storage"]
 
 
+def test_a_claim_kept_from_an_earlier_job_is_resumed_from_and_not_deleted_by_the_next(cluster: Cluster) -> None:
+    cluster.create_job("again", spec(storage={"claimName": None, "size": "1Gi"}))  # retained (the default)
+    wait_for(lambda: len(cluster.pods("again")) == 1, what="pod")
+    cluster.delete_job("again")
+    wait_for(lambda: not cluster.job_exists("again"), what="job gone")
+    # The same job again, now not retaining its claim: it resumes from the kept one, and
+    # that claim, which it did not make, outlives it.
+    cluster.create_job("again", spec(storage={"claimName": None, "size": "1Gi", "retain": False}))
+    wait_for(lambda: len(cluster.pods("again")) == 1, what="pod of the second job")
+    cluster.delete_job("again")
+    wait_for(lambda: not cluster.job_exists("again"), what="second job gone")
+    assert [c["metadata"]["name"] for c in cluster.claims("again")] == ["again-storage"]
+
+
+def test_someone_elses_claim_of_the_name_the_job_would_make_is_refused(cluster: Cluster) -> None:
+    theirs = {"metadata": {"name": "taken-storage"},
+              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    cluster.core.create_namespaced_persistent_volume_claim("default", theirs)
+    cluster.create_job("taken", spec(storage={"claimName": None, "size": "1Gi", "retain": False}))
+    wait_for(phase_is(cluster, "taken", "Failed"), what="taken Failed")
+    failed = condition(cluster.status("taken"), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("a PersistentVolumeClaim named 'taken-storage' already exists in namespace "
+                                        "default and is not this job's")
+    cluster.delete_job("taken")
+    wait_for(lambda: not cluster.job_exists("taken"), what="job gone")
+    assert cluster.core.read_namespaced_persistent_volume_claim("taken-storage", "default").metadata.name
+
+
 def test_a_finished_job_is_deleted_after_its_ttl_and_its_claim_kept(cluster: Cluster) -> None:
     cluster.create_job("short-lived", spec(storage={"claimName": None, "size": "1Gi"},
                                            runPolicy={"ttlSecondsAfterFinished": 2}))
