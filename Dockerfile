@@ -24,11 +24,12 @@ COPY docker/build-requirements.txt docker/trainer-requirements.txt docker/deepsp
 RUN python3 -m venv $VIRTUAL_ENV && pip install --no-cache-dir -r /tmp/requirements/build-requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements/trainer-requirements.txt
 # DeepSpeed's FusedAdam (the optimizer every GPU job uses) compiled now, for A100, H100
-# and B200 (+PTX for newer), so no pod JIT-compiles it at start; the other ops are
-# unused or CPU-side and stay JIT-only.
-ENV DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0+PTX" MAX_JOBS=4
+# and B200 (+PTX for newer), so no pod JIT-compiles it at start, and its CPU Adam
+# (deepspeed.offload_optimizer): the runtime image has no compiler to JIT it with. The
+# other ops are unused and stay JIT-only.
+ENV DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0+PTX" MAX_JOBS=4
 RUN pip install --no-cache-dir --no-build-isolation -r /tmp/requirements/deepspeed-requirements.txt \
- && python -c "import deepspeed.ops.adam as adam; adam.FusedAdam"
+ && python -c "import deepspeed.ops.adam as adam; adam.FusedAdam; adam.DeepSpeedCPUAdam"
 
 # --- trainer: runtime ---------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS trainer

@@ -139,6 +139,7 @@ class LoraSpec(_Spec):
 
 class DeepSpeedSpec(_Spec):
     zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
 
 
 def field_error(field: str, value: Any, message: str) -> PydanticCustomError:

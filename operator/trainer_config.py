@@ -106,7 +106,7 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         },
         "lora": {"rank": spec.lora.rank, "dropout": spec.lora.dropout, "use_dora": spec.lora.use_dora,
                  **_set_only(alpha=spec.lora.alpha)},
-        "deepspeed": {"zero_stage": spec.deepspeed.zero_stage},
+        "deepspeed": {"zero_stage": spec.deepspeed.zero_stage, "offload_optimizer": spec.deepspeed.offload_optimizer},
         "checkpoint": {
             "dir": job_checkpoint_dir(job_name),
             "every_steps": spec.checkpoint.every_steps,

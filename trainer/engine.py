@@ -90,6 +90,9 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
         # Where the reduction happens, not what it computes: each element is still the
         # same sum over ranks (tests compare losses with and without).
         ds["zero_optimization"].update({"reduce_bucket_size": buckets, "allgather_bucket_size": buckets})
+    if config.deepspeed.offload_optimizer:
+        # Pinned host memory speeds the copies to and from a GPU (there is none to pin for on CPU).
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if config.deepspeed.zero_stage == 3:

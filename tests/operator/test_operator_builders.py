@@ -87,7 +87,7 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["training"]["precision"] == "fp16"
     assert config["training"]["snr_gamma"] == 5.0 and config["training"]["noise_offset"] == 0.05
     assert config["training"]["max_nonfinite_steps"] == 20
-    assert config["deepspeed"]["zero_stage"] == 2
+    assert config["deepspeed"]["zero_stage"] == 2 and config["deepspeed"]["offload_optimizer"] is True
     assert config["checkpoint"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/checkpoints"
     assert config["checkpoint"]["every_steps"] == 100
     assert config["checkpoint"]["resume"] == "auto"
@@ -386,6 +386,7 @@ _DELETE = object()
     ("training.maxSteps", -5, "spec.training.maxSteps = -5"),
     ("training.precision", "fp8", "spec.training.precision = 'fp8'"),
     ("deepspeed.zeroStage", 4, "spec.deepspeed.zeroStage = 4"),
+    ("deepspeed", {"zeroStage": 0, "offloadOptimizer": True}, "needs ZeRO to partition the optimizer"),
     ("data.resolution", 500, "spec.data.resolution = 500"),
     ("training.maxStep", 10, "spec.training.maxStep: unknown field"),
     ("storage.size", "10Gi", "set exactly one of storage.claimName"),

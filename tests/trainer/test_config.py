@@ -73,6 +73,8 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"training": {"noise_offset": True}}, ["training.noise_offset = True", "takes a value", "is 0.1"]),
         ({"training": {"snr_gamma": True}}, ["training.snr_gamma = True", "write the value itself"]),
         ({"deepspeed": {"zero_stage": True}}, ["deepspeed.zero_stage = True", "switch"]),
+        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}},
+         ["deepspeed.offload_optimizer = true needs ZeRO", "set deepspeed.zero_stage to 1, 2 or 3"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(tmp_path, change, expected):

@@ -4,6 +4,7 @@ batch prefetch thread and ZeRO bucket sizes give the same per-step losses as wit
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,6 +32,9 @@ def losses_with_and_without_levers(tmp_path_factory):
         "default": {},
         "levers off": {"training": {"cache_latents": False, "prefetch_batches": False},
                        "deepspeed": {"bucket_size": 4096}},  # many small buckets: dozens of reductions per step
+        # ZeRO-Offload (a memory lever): the optimizer step on the CPU; its mid-run checkpoint
+        # is resumed without offload below.
+        "offload": {"deepspeed": {"offload_optimizer": True}, "checkpoint": {"every_steps": STEPS // 2}},
     }
     losses = {}
     for name, changes in runs.items():
@@ -39,10 +43,12 @@ def losses_with_and_without_levers(tmp_path_factory):
         config = tiny_config(run_root, data={"class_prompt": None, "class_dir": None},
                              training={"max_steps": STEPS, "train_text_encoder": True, **changes.get("training", {})},
                              deepspeed={"zero_stage": 2, **changes.get("deepspeed", {})},
-                             checkpoint={"every_steps": STEPS}, logging={"format": "json"})
+                             checkpoint={"every_steps": STEPS, **changes.get("checkpoint", {})},
+                             logging={"format": "json"})
         result = run_trainer(write_config(run_root, config))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         losses[name] = step_losses(result.stdout)
+    losses["root"] = root
     return losses
 
 
@@ -51,6 +57,19 @@ def test_default_levers_give_bit_identical_losses(losses_with_and_without_levers
     default, off = losses_with_and_without_levers["default"], losses_with_and_without_levers["levers off"]
     assert len(default) == STEPS
     assert default == off  # exact float equality, every step, every term
+
+
+@pytest.mark.slow
+def test_optimizer_offload_trains_the_same_and_its_checkpoint_resumes_without_it(losses_with_and_without_levers):
+    default = losses_with_and_without_levers["default"]
+    assert losses_with_and_without_levers["offload"] == default
+    offloaded = losses_with_and_without_levers["root"] / "offload"
+    checkpoints = offloaded / "checkpoints"
+    shutil.rmtree(checkpoints / f"step-{STEPS:08d}")
+    (checkpoints / "latest").write_text(f"step-{STEPS // 2:08d}")
+    result = run_trainer(offloaded / "config.yaml", extra=["--set", "deepspeed.offload_optimizer=false"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert step_losses(result.stdout) == default[STEPS // 2:]
 
 
 def test_cached_latents_equal_encoded_ones_and_each_view_is_encoded_once(tmp_path):
