@@ -34,18 +34,3 @@ def test_without_a_cluster_it_says_how_to_give_one(tmp_path) -> None:
     assert "no cluster to talk to" in result.stderr and "--kubeconfig" in result.stderr
     assert "Traceback" not in result.stderr
 
-
-def test_kopf_watches_only_worker_pods_server_side() -> None:
-    import kopf
-
-    from dreambooth_operator.constants import LABEL_JOB, PLURAL
-    from dreambooth_operator.handlers import JOBS, configure_kopf
-
-    settings = kopf.OperatorSettings()
-    configure_kopf(settings)
-    pods = kopf.Resource(group="", version="v1", plural="pods", kind="Pod", namespaced=True)
-    jobs = kopf.Resource(group=JOBS[0], version=JOBS[1], plural=PLURAL, kind="DreamboothJob", namespaced=True)
-    # What kopf puts into each watch's labelSelector: every pod of a large cluster otherwise.
-    assert settings.watching.label_selectors.collect(pods) == [LABEL_JOB]
-    assert settings.watching.label_selectors.collect(jobs) == []
-    assert settings.networking.request_timeout == 30
