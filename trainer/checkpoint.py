@@ -48,8 +48,6 @@ SAMPLES_KEY = "samples"
 RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
-
-
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
