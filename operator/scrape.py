@@ -13,7 +13,15 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainer.contract import step_folder_name
+from trainer.contract import (
+    METRIC_CHECKPOINT_STEP,
+    METRIC_ETA_SECONDS,
+    METRIC_LOSS,
+    METRIC_MAX_STEPS,
+    METRIC_SAMPLES_PER_SECOND,
+    METRIC_STEP,
+    step_folder_name,
+)
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Rank 0's exposition is a few KiB. The endpoint runs the job author's image, and one
@@ -21,13 +29,7 @@ SCRAPE_TIMEOUT_SECONDS = 3.0
 # is not read.
 MAX_SCRAPE_BYTES = 1 << 20
 
-# Trainer metric -> status field (DESIGN.md "Metrics").
-METRIC_STEP = "dreambooth_step"
-METRIC_MAX_STEPS = "dreambooth_max_steps"
-METRIC_LOSS = "dreambooth_loss"
-METRIC_SAMPLES_PER_SECOND = "dreambooth_samples_per_second"
-METRIC_ETA_SECONDS = "dreambooth_eta_seconds"
-METRIC_CHECKPOINT_STEP = "dreambooth_checkpoint_step"
+# Trainer metrics -> status fields.
 SCRAPED = (METRIC_STEP, METRIC_MAX_STEPS, METRIC_LOSS, METRIC_SAMPLES_PER_SECOND,
            METRIC_ETA_SECONDS, METRIC_CHECKPOINT_STEP)
 

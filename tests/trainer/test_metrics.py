@@ -19,6 +19,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_trainer, tiny_config, write_config
+from trainer import contract
 from trainer import metrics as m
 from trainer import progress
 from trainer.config import ConfigError
@@ -59,22 +60,22 @@ def test_constant_labels_come_from_the_operator_env():
 def test_every_design_series_exists_from_the_start_with_the_constant_labels(labels):
     metrics = m.TrainerMetrics(max_steps=30, labels=labels)
     exposed = {sample.name: sample.labels for family in metrics.registry.collect() for sample in family.samples}
-    for name in m.METRIC_NAMES:
-        key = name + "_count" if name in (m.STEP_SECONDS, m.CHECKPOINT_SECONDS) else name
+    for name in contract.METRIC_NAMES:
+        key = name + "_count" if name in (contract.METRIC_STEP_SECONDS, contract.METRIC_CHECKPOINT_SECONDS) else name
         assert key in exposed, name
         assert {k: exposed[key][k] for k in labels} == labels
-    assert value(metrics, m.MAX_STEPS) == 30
-    assert value(metrics, m.STEP) == 0
-    assert value(metrics, m.LOSS_SCALE) == 1.0
-    assert value(metrics, m.SKIPPED_STEPS_TOTAL) == 0
-    assert value(metrics, m.ETA_SECONDS) != value(metrics, m.ETA_SECONDS)  # NaN: not known yet (0 would say done)
+    assert value(metrics, contract.METRIC_MAX_STEPS) == 30
+    assert value(metrics, contract.METRIC_STEP) == 0
+    assert value(metrics, contract.METRIC_LOSS_SCALE) == 1.0
+    assert value(metrics, contract.METRIC_SKIPPED_STEPS_TOTAL) == 0
+    assert value(metrics, contract.METRIC_ETA_SECONDS) != value(metrics, contract.METRIC_ETA_SECONDS)  # NaN: not known yet (0 would say done)
 
 
 def test_one_phase_at_a_time():
     metrics = m.TrainerMetrics(max_steps=3, labels=LABELS)
     assert metrics.phase == m.PHASE_STARTING
     metrics.set_phase(m.PHASE_CHECKPOINTING)
-    assert {phase: value(metrics, m.PHASE, phase=phase) for phase in m.PHASES} == {
+    assert {phase: value(metrics, contract.METRIC_PHASE, phase=phase) for phase in m.PHASES} == {
         phase: 1.0 if phase == m.PHASE_CHECKPOINTING else 0.0 for phase in m.PHASES
     }
     with pytest.raises(ValueError, match="unknown phase 'warming'"):
@@ -85,22 +86,22 @@ def test_logged_values_and_checkpoints_are_recorded():
     metrics = m.TrainerMetrics(max_steps=30, labels=LABELS)
     metrics.record_values(STEP_VALUES)
     metrics.record_checkpoint(step=6, seconds=1.5)
-    assert value(metrics, m.LOSS) == 0.5 and value(metrics, m.INSTANCE_LOSS) == 0.3
-    assert value(metrics, m.PRIOR_LOSS) == 0.2 and value(metrics, m.LEARNING_RATE) == 1e-4
-    assert value(metrics, m.SAMPLES_PER_SECOND) == 12.5 and value(metrics, m.ETA_SECONDS) == 3.0
-    assert value(metrics, m.CHECKPOINT_STEP) == 6
-    assert value(metrics, m.CHECKPOINT_SECONDS + "_count") == 1 and value(metrics, m.CHECKPOINT_SECONDS + "_sum") == 1.5
+    assert value(metrics, contract.METRIC_LOSS) == 0.5 and value(metrics, contract.METRIC_INSTANCE_LOSS) == 0.3
+    assert value(metrics, contract.METRIC_PRIOR_LOSS) == 0.2 and value(metrics, contract.METRIC_LEARNING_RATE) == 1e-4
+    assert value(metrics, contract.METRIC_SAMPLES_PER_SECOND) == 12.5 and value(metrics, contract.METRIC_ETA_SECONDS) == 3.0
+    assert value(metrics, contract.METRIC_CHECKPOINT_STEP) == 6
+    assert value(metrics, contract.METRIC_CHECKPOINT_SECONDS + "_count") == 1 and value(metrics, contract.METRIC_CHECKPOINT_SECONDS + "_sum") == 1.5
     metrics.record_values({**STEP_VALUES, "prior_loss": None})
-    assert value(metrics, m.PRIOR_LOSS) == 0.0
+    assert value(metrics, contract.METRIC_PRIOR_LOSS) == 0.0
 
 
 def test_a_resumed_run_continues_step_and_sample_counts():
     metrics = m.TrainerMetrics(max_steps=30, labels=LABELS)
     metrics.record_resume(step=15, samples=120)
-    assert value(metrics, m.STEP) == 15 and value(metrics, m.SAMPLES_TOTAL) == 120
-    assert value(metrics, m.CHECKPOINT_STEP) == 15
+    assert value(metrics, contract.METRIC_STEP) == 15 and value(metrics, contract.METRIC_SAMPLES_TOTAL) == 120
+    assert value(metrics, contract.METRIC_CHECKPOINT_STEP) == 15
     metrics.record_position(step=16, samples=128)
-    assert value(metrics, m.STEP) == 16 and value(metrics, m.SAMPLES_TOTAL) == 128
+    assert value(metrics, contract.METRIC_STEP) == 16 and value(metrics, contract.METRIC_SAMPLES_TOTAL) == 128
 
 
 def test_endpoint_serves_the_registry_over_http():
@@ -111,7 +112,7 @@ def test_endpoint_serves_the_registry_over_http():
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics.serving_port}/metrics", timeout=5) as response:
             text = response.read().decode()
         families = {family.name: family for family in text_string_to_metric_families(text)}
-        step = families[m.STEP].samples[0]
+        step = families[contract.METRIC_STEP].samples[0]
         assert step.value == 4 and step.labels == LABELS
         assert families["dreambooth_samples"].samples[0].value == 32  # the counter's family drops `_total`
     finally:
@@ -132,7 +133,7 @@ def test_a_finished_run_keeps_serving_its_end_state_until_the_linger_ends_or_a_s
     metrics.close(linger_seconds=1.0)
     scraper.join()
     assert time.monotonic() - started >= 1.0
-    assert f"{m.STEP}{{" in scraped[0] and "30.0" in scraped[0]  # a scrape during the linger sees the last step
+    assert f"{contract.METRIC_STEP}{{" in scraped[0] and "30.0" in scraped[0]  # a scrape during the linger sees the last step
 
     metrics.serve("127.0.0.1", 0)
     sigterm_at = time.monotonic() + 0.3
@@ -263,9 +264,9 @@ def test_counters_start_at_the_restored_totals_so_a_resume_is_no_burst_of_sample
     metrics = m.TrainerMetrics(max_steps=30, labels=LABELS)
     metrics.record_position(step=12, samples=96)  # the hint, before the endpoint serves
     metrics.record_skipped_steps(3)
-    assert value(metrics, m.SAMPLES_TOTAL) == 96 and value(metrics, m.SKIPPED_STEPS_TOTAL) == 3
+    assert value(metrics, contract.METRIC_SAMPLES_TOTAL) == 96 and value(metrics, contract.METRIC_SKIPPED_STEPS_TOTAL) == 3
     metrics.record_resume(step=12, samples=96)  # the checkpoint the hint named: nothing new
     metrics.record_skipped_steps(3)
-    assert value(metrics, m.SAMPLES_TOTAL) == 96 and value(metrics, m.SKIPPED_STEPS_TOTAL) == 3
+    assert value(metrics, contract.METRIC_SAMPLES_TOTAL) == 96 and value(metrics, contract.METRIC_SKIPPED_STEPS_TOTAL) == 3
     metrics.record_skipped_steps(4)
-    assert value(metrics, m.SKIPPED_STEPS_TOTAL) == 4
+    assert value(metrics, contract.METRIC_SKIPPED_STEPS_TOTAL) == 4

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.conftest import run_trainer, tiny_config, write_config
 from tests.trainer.prometheus_server import PrometheusServer, free_port, install_prometheus
+from trainer import contract
 from trainer import metrics as m
 
 JOB = {"job": "sks-robot", "namespace": "team-a"}
@@ -23,7 +24,7 @@ VALIDATION_PROMPTS = ["a photo of sks robot", "a photo of sks robot on the moon"
 
 def exposed_names(name: str) -> list[str]:
     """What Prometheus stores for one of our metrics."""
-    if name in (m.STEP_SECONDS, m.CHECKPOINT_SECONDS):
+    if name in (contract.METRIC_STEP_SECONDS, contract.METRIC_CHECKPOINT_SECONDS):
         return [name + "_bucket", name + "_sum", name + "_count"]
     return [name]
 
@@ -74,12 +75,12 @@ def test_prometheus_sees_a_two_rank_run_and_its_resumption(tiny_root, prometheus
     first_end = time.time()
 
     selector = '{job="%s",namespace="%s"}' % (JOB["job"], JOB["namespace"])
-    steps = values_of(prometheus.query_range(m.STEP + selector, started, first_end))
+    steps = values_of(prometheus.query_range(contract.METRIC_STEP + selector, started, first_end))
     assert steps == sorted(steps), "dreambooth_step went backwards"
     assert steps[-1] == MAX_STEPS and len({step for step in steps if 0 < step < MAX_STEPS}) >= 3, steps
 
     names = {series["__name__"] for series in prometheus.series('{__name__=~"dreambooth_.+"}', started, first_end)}
-    expected = {exposed for name in m.METRIC_NAMES for exposed in exposed_names(name)}
+    expected = {exposed for name in contract.METRIC_NAMES for exposed in exposed_names(name)}
     assert expected <= names, sorted(expected - names)
     for series in prometheus.series('{__name__=~"dreambooth_.+"}', started, first_end):
         assert {series.get("job"), series.get("namespace")} == set(JOB.values()), series
@@ -87,18 +88,18 @@ def test_prometheus_sees_a_two_rank_run_and_its_resumption(tiny_root, prometheus
     def final(name: str) -> float:
         return last(prometheus, name + selector, started, first_end)
 
-    assert final(m.MAX_STEPS) == MAX_STEPS
-    assert final(m.SAMPLES_TOTAL) == MAX_STEPS * SAMPLES_PER_STEP
-    assert final(m.STEP_SECONDS + "_count") == MAX_STEPS
-    assert final(m.CHECKPOINT_SECONDS + "_count") == 2 and final(m.CHECKPOINT_STEP) == MAX_STEPS
-    assert final(m.CLASS_IMAGES_GENERATED) == 4
-    assert final(m.LOSS_SCALE) == 1 and final(m.SKIPPED_STEPS_TOTAL) == 0  # bf16: nothing is scaled
-    assert final(m.GPU_MEMORY_BYTES) == 0  # CPU
-    assert final(m.LOSS) > 0 and final(m.INSTANCE_LOSS) > 0 and final(m.PRIOR_LOSS) > 0
-    assert final(m.LEARNING_RATE) == pytest.approx(1e-3)
-    assert max(values_of(prometheus.query_range(m.SAMPLES_PER_SECOND + selector, started, first_end))) > 0
-    assert last(prometheus, m.PHASE + '{phase="done",job="%s"}' % JOB["job"], started, first_end) == 1
-    assert max(values_of(prometheus.query_range(m.PHASE + '{phase="training"}', started, first_end))) == 1
+    assert final(contract.METRIC_MAX_STEPS) == MAX_STEPS
+    assert final(contract.METRIC_SAMPLES_TOTAL) == MAX_STEPS * SAMPLES_PER_STEP
+    assert final(contract.METRIC_STEP_SECONDS + "_count") == MAX_STEPS
+    assert final(contract.METRIC_CHECKPOINT_SECONDS + "_count") == 2 and final(contract.METRIC_CHECKPOINT_STEP) == MAX_STEPS
+    assert final(contract.METRIC_CLASS_IMAGES_GENERATED) == 4
+    assert final(contract.METRIC_LOSS_SCALE) == 1 and final(contract.METRIC_SKIPPED_STEPS_TOTAL) == 0  # bf16: nothing is scaled
+    assert final(contract.METRIC_GPU_MEMORY_BYTES) == 0  # CPU
+    assert final(contract.METRIC_LOSS) > 0 and final(contract.METRIC_INSTANCE_LOSS) > 0 and final(contract.METRIC_PRIOR_LOSS) > 0
+    assert final(contract.METRIC_LEARNING_RATE) == pytest.approx(1e-3)
+    assert max(values_of(prometheus.query_range(contract.METRIC_SAMPLES_PER_SECOND + selector, started, first_end))) > 0
+    assert last(prometheus, contract.METRIC_PHASE + '{phase="done",job="%s"}' % JOB["job"], started, first_end) == 1
+    assert max(values_of(prometheus.query_range(contract.METRIC_PHASE + '{phase="training"}', started, first_end))) == 1
 
     # Samples: one grid per validation step, one 64 px image per prompt, on rank 0 only.
     samples = tiny_root / "samples"
@@ -116,9 +117,9 @@ def test_prometheus_sees_a_two_rank_run_and_its_resumption(tiny_root, prometheus
     # Resume from the last checkpoint and train on: the step and sample counts go on from there.
     resumed = run_trainer(path, extra=["--set", f"training.max_steps={RESUMED_MAX_STEPS}"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    steps = values_of(prometheus.query_range(m.STEP + selector, first_end, time.time()))
+    steps = values_of(prometheus.query_range(contract.METRIC_STEP + selector, first_end, time.time()))
     assert steps[-1] == RESUMED_MAX_STEPS
     # Never 0 while the restarted run loads: the endpoint starts at the checkpoint's step.
     assert all(step >= MAX_STEPS for step in steps), steps
-    assert last(prometheus, m.SAMPLES_TOTAL + selector, first_end, time.time()) == RESUMED_MAX_STEPS * SAMPLES_PER_STEP
+    assert last(prometheus, contract.METRIC_SAMPLES_TOTAL + selector, first_end, time.time()) == RESUMED_MAX_STEPS * SAMPLES_PER_STEP
     assert (samples / f"step-{RESUMED_MAX_STEPS:08d}.png").is_file()
