@@ -1,5 +1,5 @@
 """Pure builders of a job's children other than the workers: ConfigMap, headless
-Service and (when `storage.size` asks for one) PVC. No API calls here."""
+Service, NetworkPolicy and (when `storage.size` asks for one) PVC. No API calls here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ from .constants import (
     RENDEZVOUS_PORT,
     STORAGE_MOUNT_DIR,
 )
-from .metadata import child_metadata, config_map_name, created_claim_name, job_labels, service_name, storage_claim_name
+from .metadata import (
+    child_metadata,
+    config_map_name,
+    created_claim_name,
+    job_labels,
+    network_policy_name,
+    service_name,
+    storage_claim_name,
+    worker_match_labels,
+)
 from .spec import Job
 from .trainer_config import config_hash, config_yaml, job_output_dir, render_trainer_config
 
@@ -50,6 +59,25 @@ def build_service(job: Job) -> dict[str, Any]:
             # rendezvous happens before the trainer could ever report readiness.
             "publishNotReadyAddresses": True,
         },
+    }
+
+
+def build_network_policy(job: Job) -> dict[str, Any]:
+    """Admits to the job's workers only their own peers (any port: the rendezvous TCPStore,
+    gloo and NCCL pick ports of their own) and, from anywhere, scrapes of the metrics port
+    (the operator and Prometheus run in other namespaces). Another tenant's pod could
+    otherwise join or disturb the job's TCPStore. Egress stays open: workers download
+    models and write to object stores."""
+    workers = {"matchLabels": worker_match_labels(job.name)}
+    # A peer podSelector without a namespaceSelector means pods of the policy's own namespace.
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": workers}]}]
+    if job.spec.metrics.port:
+        ingress.append({"ports": [{"port": job.spec.metrics.port, "protocol": "TCP"}]})  # no `from`: any source
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(job, network_policy_name(job.name)),
+        "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress},
     }
 
 

@@ -49,6 +49,10 @@ def pod_group_name(job_name: str) -> str:
     return job_name
 
 
+def network_policy_name(job_name: str) -> str:
+    return job_name
+
+
 def rendezvous_address(job_name: str) -> str:
     return f"{worker_name(job_name, 0)}.{service_name(job_name)}"
 
@@ -62,14 +66,19 @@ def job_selector(job_name: str) -> str:
     return f"{LABEL_JOB}={job_name}"
 
 
+def worker_match_labels(job_name: str) -> dict[str, str]:
+    """The labels that pick out one job's worker pods (of every gang)."""
+    return {LABEL_JOB: job_name, LABEL_ROLE: ROLE_WORKER}
+
+
 def worker_selector(job_name: str) -> str:
-    return f"{LABEL_JOB}={job_name},{LABEL_ROLE}={ROLE_WORKER}"
+    return ",".join(f"{key}={value}" for key, value in worker_match_labels(job_name).items())
 
 
 def worker_labels(job_name: str, index: int, gang: int) -> dict[str, str]:
     return {
         **job_labels(job_name),
-        LABEL_ROLE: ROLE_WORKER,
+        **worker_match_labels(job_name),
         LABEL_WORKER_INDEX: str(index),
         LABEL_GANG: str(gang),
     }

@@ -16,7 +16,13 @@ import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job_body
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.children import build_claim, build_config_map, build_service, output_status
+from dreambooth_operator.children import (
+    build_claim,
+    build_config_map,
+    build_network_policy,
+    build_service,
+    output_status,
+)
 from dreambooth_operator.kube import KubeApi
 from dreambooth_operator.metadata import owner_reference
 from dreambooth_operator.pods import build_pod_group, build_worker_pod, build_worker_pods
@@ -35,7 +41,8 @@ def job(spec: dict[str, Any] = MINIMAL_SPEC, name: str = "sks-dog") -> Job:
 def all_children(the_job: Job) -> list[dict[str, Any]]:
     config_map = build_config_map(the_job)
     digest = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
-    objects = [config_map, build_service(the_job), *build_worker_pods(the_job, gang=0, config_hash=digest)]
+    objects = [config_map, build_service(the_job), build_network_policy(the_job),
+               *build_worker_pods(the_job, gang=0, config_hash=digest)]
     claim = build_claim(the_job)
     return objects + ([claim] if claim is not None else [])
 
@@ -146,6 +153,37 @@ def test_headless_service_gives_workers_stable_names() -> None:
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"][c.LABEL_JOB] == "sks-dog"
     assert {p["port"] for p in service["spec"]["ports"]} == {c.RENDEZVOUS_PORT, 9090}
+
+
+def test_network_policy_admits_the_jobs_own_workers_and_metrics_scrapes_only() -> None:
+    policy = build_network_policy(job(FULL_SPEC))
+    workers = {"matchLabels": {"dreambooth.io/job": "sks-dog", "dreambooth.io/role": "worker"}}
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["metadata"]["name"] == "sks-dog"
+    assert policy["spec"] == {
+        "podSelector": workers,
+        "policyTypes": ["Ingress"],  # egress open: model downloads, object-store uploads
+        "ingress": [
+            {"from": [{"podSelector": workers}]},  # peers of its own namespace, any port
+            {"ports": [{"port": 9090, "protocol": "TCP"}]},  # no `from`: the operator's and Prometheus' scrapes
+        ],
+    }
+
+
+def test_network_policy_without_metrics_admits_only_the_jobs_own_workers() -> None:
+    no_metrics = copy.deepcopy(MINIMAL_SPEC)
+    no_metrics["metrics"] = {"port": 0}
+    policy = build_network_policy(job(no_metrics))
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": policy["spec"]["podSelector"]}]}]
+
+
+def test_network_policy_selects_every_worker_of_its_job_and_no_other_jobs() -> None:
+    selector = build_network_policy(job(FULL_SPEC))["spec"]["podSelector"]["matchLabels"].items()
+    for gang in (0, 3):
+        for pod in build_worker_pods(job(FULL_SPEC), gang=gang, config_hash="h"):
+            assert selector <= pod["metadata"]["labels"].items(), pod["metadata"]["name"]
+    for pod in build_worker_pods(job(FULL_SPEC, name="sks-dog-2"), gang=0, config_hash="h"):
+        assert not selector <= pod["metadata"]["labels"].items()
 
 
 @pytest.mark.parametrize("nodes,gpus,expected_procs", [(1, 0, "1"), (2, 8, "8"), (3, 1, "1"), (4, 4, "4")])
