@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between scrapes of rank 0's metrics per job")
     parser.add_argument("--resync-seconds", type=float, default=Timing.resync_seconds,
                         help="seconds between checks of a job that nothing woke up")
+    parser.add_argument("--network-policy", action=argparse.BooleanOptionalAction,
+                        default=ReconcilerSettings.network_policy,
+                        help="give each job a NetworkPolicy that admits only its own workers and scrapes of its "
+                             "metrics port (default: on); --no-network-policy where the cluster's admins manage "
+                             "policies themselves")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser.parse_args(argv)
 
@@ -51,7 +56,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     timing = Timing(backoff_base_seconds=args.backoff_seconds, backoff_max_seconds=args.backoff_max_seconds,
                     pending_timeout_seconds=args.pending_timeout, start_timeout_seconds=args.start_timeout,
                     resync_seconds=args.resync_seconds)
-    return OperatorConfig(settings=ReconcilerSettings(timing=timing, scrape_interval_seconds=args.scrape_interval),
+    settings = ReconcilerSettings(timing=timing, scrape_interval_seconds=args.scrape_interval,
+                                  network_policy=args.network_policy)
+    return OperatorConfig(settings=settings,
                           http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
 
 

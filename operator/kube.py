@@ -68,6 +68,7 @@ class KubeApi:
         self._client = kubernetes.client.ApiClient(configuration)
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
+        self._networking = kubernetes.client.NetworkingV1Api(self._client)
         self._pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
 
     def close(self) -> None:
@@ -90,6 +91,7 @@ class KubeApi:
         "Service": "create_namespaced_service",
         "ConfigMap": "create_namespaced_config_map",
         "PersistentVolumeClaim": "create_namespaced_persistent_volume_claim",
+        "NetworkPolicy": "create_namespaced_network_policy",
         "Event": "create_namespaced_event",
     }
     _DELETE = {
@@ -97,6 +99,7 @@ class KubeApi:
         "Service": "delete_namespaced_service",
         "ConfigMap": "delete_namespaced_config_map",
         "PersistentVolumeClaim": "delete_namespaced_persistent_volume_claim",
+        "NetworkPolicy": "delete_namespaced_network_policy",
     }
     # Read by name: the photos' ConfigMap, the claims the workers mount.
     _READ = {
@@ -104,6 +107,7 @@ class KubeApi:
         "Service": "read_namespaced_service",
         "ConfigMap": "read_namespaced_config_map",
         "PersistentVolumeClaim": "read_namespaced_persistent_volume_claim",
+        "NetworkPolicy": "read_namespaced_network_policy",
     }
     _LIST = {
         "Pod": "list_namespaced_pod",
@@ -111,6 +115,12 @@ class KubeApi:
         "ConfigMap": "list_namespaced_config_map",
         "PersistentVolumeClaim": "list_namespaced_persistent_volume_claim",
     }
+
+    # The client of each kind outside the core API group (and not a CRD's: custom_resource).
+    _GROUP_CLIENTS = {"NetworkPolicy": "_networking"}
+
+    def _method(self, table: dict[str, str], kind: str) -> Callable[..., Any]:
+        return getattr(getattr(self, self._GROUP_CLIENTS.get(kind, "_core")), table[kind])
 
     @staticmethod
     def custom_resource(obj: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -128,7 +138,7 @@ class KubeApi:
             group, version, plural = custom
             return await self._call(self._custom.create_namespaced_custom_object, group, version, namespace, plural,
                                     obj, _preload_content=False, **kwargs)
-        return await self._call(getattr(self._core, self._CREATE[obj["kind"]]), namespace, obj,
+        return await self._call(self._method(self._CREATE, obj["kind"]), namespace, obj,
                                 _preload_content=False, **kwargs)
 
     async def create(self, obj: dict[str, Any]) -> bool:
@@ -173,7 +183,7 @@ class KubeApi:
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404)."""
         try:
-            response = await self._call(getattr(self._core, self._READ[kind]), name, namespace,
+            response = await self._call(self._method(self._READ, kind), name, namespace,
                                         _preload_content=False)
         except ApiException as error:
             if error.status == 404:
@@ -194,7 +204,7 @@ class KubeApi:
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with the object's own grace period; False when it was already gone (404)."""
-        return await self._delete(getattr(self._core, self._DELETE[kind]), name, namespace)
+        return await self._delete(self._method(self._DELETE, kind), name, namespace)
 
     async def replace_spec(self, obj: dict[str, Any]) -> None:
         """Set the spec of an existing child a CRD serves (a PodGroup whose gang was resized)."""
@@ -211,7 +221,7 @@ class KubeApi:
                                   plural, meta["name"])
 
     async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        method = getattr(self._core, self._LIST[kind])
+        method = self._method(self._LIST, kind)
         response = await self._call(method, namespace, label_selector=label_selector, _preload_content=False)
         return list((self._json(response) or {}).get("items") or [])
 

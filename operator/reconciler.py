@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import build_claim, build_config_map, build_service, output_status
+from .children import build_claim, build_config_map, build_network_policy, build_service, output_status
 from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
@@ -29,6 +29,7 @@ from .metadata import (
     config_map_name,
     created_claim_name,
     job_selector,
+    network_policy_name,
     owner_uids,
     service_name,
     worker_name,
@@ -115,6 +116,8 @@ class Reconciler:
     _http: aiohttp.ClientSession | None = None
     # When each job's pass in progress began (time.monotonic()).
     _passes: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Jobs whose loop has seen to the NetworkPolicy of a gang that was there before it.
+    _policy_checked: set[tuple[str, str]] = field(default_factory=set)
 
     async def run(self, namespace: str, name: str, stopped: Any) -> None:
         """The job's loop: reconcile, then sleep until woken or the plan's next check."""
@@ -138,6 +141,7 @@ class Reconciler:
         finally:
             self.wakeups.forget(namespace, name)
             self._last_scrape.pop((namespace, name), None)
+            self._policy_checked.discard((namespace, name))
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns seconds until the next one, None when the job is gone."""
@@ -177,6 +181,8 @@ class Reconciler:
             status = {}
 
         pods = await self.api.list("Pod", namespace, worker_selector(name))
+        if pods and self.settings.network_policy and (namespace, name) not in self._policy_checked:
+            await self._protect_existing_gang(job)
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
         inputs = InputCheck()
         if plan.create:
@@ -271,13 +277,12 @@ class Reconciler:
         return None
 
     async def _names_taken(self, job: Job) -> str | None:
-        """A Service or ConfigMap under a name the job's children need that is not this
-        job's: someone else's is refused (taking it over would also delete it with the
-        job); one an earlier job of the same name left behind (its garbage collection
-        may lag) is deleted now, or the new workers would lose it when it is collected."""
-        wanted = {"Service": (service_name(job.name), "its workers' DNS names <job>-worker-N.<job>"),
-                  "ConfigMap": (config_map_name(job.name), "the trainer config it mounts")}
-        for kind, (name, use) in wanted.items():
+        """A Service, ConfigMap or NetworkPolicy under a name the job's children need that
+        is not this job's: someone else's is refused (taking it over would also delete it
+        with the job); one an earlier job of the same name left behind (its garbage
+        collection may lag) is deleted now, or the new workers would lose it when it is
+        collected."""
+        for kind, name, use in self._named_children(job.name):
             existing = await self.api.get(kind, job.namespace, name)
             if existing is None or job.uid in owner_uids(existing):
                 continue
@@ -294,6 +299,26 @@ class Reconciler:
                 return _not_the_jobs("PersistentVolumeClaim", name, job.namespace, "its checkpoints and output")
         return None
 
+    def _named_children(self, job_name: str) -> list[tuple[str, str, str]]:
+        """(kind, name, what the job needs it for) of the children named after the job
+        that it owns, never someone else's of that name."""
+        children = [("Service", service_name(job_name), "its workers' DNS names <job>-worker-N.<job>"),
+                    ("ConfigMap", config_map_name(job_name), "the trainer config it mounts")]
+        if self.settings.network_policy:
+            children.append(("NetworkPolicy", network_policy_name(job_name),
+                             "the policy that keeps other pods off its workers' rendezvous"))
+        return children
+
+    async def _protect_existing_gang(self, job: Job) -> None:
+        """A gang already there when this loop started (an operator upgraded or restarted
+        with the setting on) gets the NetworkPolicy it may lack, once per loop; new gangs
+        get it with their other children."""
+        self._policy_checked.add((job.namespace, job.name))
+        try:
+            await self.api.create(build_network_policy(job))
+        except CreateForbidden as error:  # the gang runs anyway; the next gang start reports it
+            log.warning("DreamboothJob %s/%s: cannot create its NetworkPolicy: %s", job.namespace, job.name, error)
+
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         patch = merge_patch(old, new)
         if patch:
@@ -305,6 +330,8 @@ class Reconciler:
         if not await self.api.create(config_map):
             await self.api.replace_config_map(config_map)
         await self.api.create(build_service(job))
+        if self.settings.network_policy:  # before the workers, which listen from their start
+            await self.api.create(build_network_policy(job))
         claim = build_claim(job)
         if claim is not None:
             await self.api.create(claim)
@@ -337,7 +364,7 @@ class Reconciler:
         for pod in await self.api.list("Pod", namespace, selector):
             await self.api.delete("Pod", namespace, pod_name(pod))
         uid = body["metadata"].get("uid")
-        for kind, child in (("Service", service_name(name)), ("ConfigMap", config_map_name(name))):
+        for kind, child, _ in self._named_children(name):
             existing = await self.api.get(kind, namespace, child)
             if existing is not None and uid in owner_uids(existing):  # never someone else's of that name
                 await self.api.delete(kind, namespace, child)

@@ -37,6 +37,10 @@ class ReconcilerSettings:
     timing: Timing = Timing()
     # Progress is copied into status at most this often per job.
     scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS
+    # Each job gets a NetworkPolicy admitting only its own workers (and metrics scrapes).
+    # Off (a cluster whose admins manage policies themselves): the operator makes no
+    # NetworkPolicy call at all, so it needs no right on them.
+    network_policy: bool = True
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ RESOURCES = [
     ("v1/secrets", "Secret", True, [], []),
     ("v1/resourcequotas", "ResourceQuota", True, ["quota"], ["status"]),
     ("v1/events", "Event", True, ["ev"], []),
+    ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, ["netpol"], []),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, ["crd"], ["status"]),
     ("dreambooth.io/v1alpha1/dreamboothjobs", "DreamboothJob", True, ["dbj"], ["status"]),
     # Volcano's, for gang scheduling; the coscheduling plugin's is not installed here.

@@ -104,6 +104,7 @@ class Cluster:
         client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.networking = kubernetes.client.NetworkingV1Api(client)
         self._raw = client
 
     def create_job(self, name: str, spec: dict[str, Any], namespace: str = "default") -> None:
@@ -154,6 +155,9 @@ class Cluster:
 
     def claims(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
         return self._raw_list(self.core.list_namespaced_persistent_volume_claim, namespace, f"dreambooth.io/job={job}")
+
+    def network_policies(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return self._raw_list(self.networking.list_namespaced_network_policy, namespace, f"dreambooth.io/job={job}")
 
     def events(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
         import json

@@ -21,6 +21,12 @@ def test_flags_reach_the_settings() -> None:
     assert config.settings.scrape_interval_seconds == 5
 
 
+def test_network_policies_are_on_unless_turned_off() -> None:
+    assert config_from_args(parse_args([])).settings.network_policy is True
+    assert config_from_args(parse_args(["--network-policy"])).settings.network_policy is True
+    assert config_from_args(parse_args(["--no-network-policy"])).settings.network_policy is False
+
+
 def test_namespace_and_all_namespaces_exclude_each_other() -> None:
     result = subprocess.run([sys.executable, "-m", "dreambooth_operator", "-n", "a", "--all-namespaces"],
                             capture_output=True, text=True, timeout=60)
