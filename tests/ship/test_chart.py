@@ -39,7 +39,9 @@ from tests.ship.workloads import example_job, worker_pods
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 OPERATOR_SOURCE = REPO / "operator"
-MODES = {"defaults": None, "all-options": ALL_OPTIONS_ON, "namespaced": NAMESPACED}
+NETWORK_POLICY_OFF = {"networkPolicy": {"enabled": False}}
+MODES = {"defaults": None, "all-options": ALL_OPTIONS_ON, "namespaced": NAMESPACED,
+         "network-policy-off": NETWORK_POLICY_OFF}
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +115,22 @@ def listed_kinds() -> set[str]:
     return calls
 
 
+# (API group, resource) of each kind in KubeApi's tables.
+RESOURCES = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", "configmaps"),
+             "PersistentVolumeClaim": ("", "persistentvolumeclaims"), "Event": ("", "events"),
+             "NetworkPolicy": ("networking.k8s.io", "networkpolicies")}
+NETWORK_POLICIES = RESOURCES["NetworkPolicy"]
+
+
 def required_permissions() -> dict[tuple[str, str], set[str]]:
     """What the operator calls, read from its API layer's own tables, plus kopf's needs."""
-    plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps",
-              "PersistentVolumeClaim": "persistentvolumeclaims", "Event": "events"}
     needed: dict[tuple[str, str], set[str]] = {}
     for verb, table in (("create", KubeApi._CREATE), ("delete", KubeApi._DELETE), ("get", KubeApi._READ)):
         for kind in table:
-            needed.setdefault(("", plural[kind]), set()).add(verb)
+            needed.setdefault(RESOURCES[kind], set()).add(verb)
     # KubeApi can list every child kind; grant `list` only on those the operator lists.
     for kind in listed_kinds():
-        needed[("", plural[kind])].add("list")
+        needed[RESOURCES[kind]].add("list")
     needed[("", "configmaps")].add("patch")  # replace_config_map
     needed[("", "pods")].add("watch")  # kopf's pod event handler
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
@@ -175,6 +182,30 @@ def test_namespaced_mode_grants_per_namespace_and_watches_only_those(rendered) -
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={ns}" for ns in watched]
     assert "--all-namespaces" not in args
+
+
+def operator_settings(objects: list[dict[str, Any]]) -> Any:
+    """The operator's settings as its real CLI parses the chart's Deployment args."""
+    from dreambooth_operator.__main__ import config_from_args, parse_args
+    [deployment] = by_kind(objects, "Deployment")
+    return config_from_args(parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])).settings
+
+
+def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(rendered) -> None:
+    policy_verbs = {"get", "create", "delete"}  # exactly: create, and delete only its own
+    assert operator_settings(rendered["defaults"]).network_policy is True
+    cluster_wide = [rules_of(role) for role in by_kind(rendered["defaults"], "ClusterRole")]
+    assert set().union(*(rules.get(NETWORK_POLICIES, set()) for rules in cluster_wide)) == policy_verbs
+    for role in by_kind(rendered["namespaced"], "Role"):
+        assert rules_of(role)[NETWORK_POLICIES] == policy_verbs
+    off = rendered["network-policy-off"]
+    assert operator_settings(off).network_policy is False
+    # An operator that makes no policy gets no right on any: it could open or drop a tenant's.
+    granted = [rules_of(role) for role in by_kind(off, "ClusterRole")]
+    assert not any(NETWORK_POLICIES in rules for rules in granted)
+    needed = required_permissions()
+    del needed[NETWORK_POLICIES]
+    assert_covers({key: verbs for rules in granted for key, verbs in rules.items()}, needed)
 
 
 def test_operator_deployment_shape(rendered) -> None:

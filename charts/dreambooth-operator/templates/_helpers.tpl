@@ -67,6 +67,13 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
   verbs: [create, patch, delete]
+{{- if .Values.networkPolicy.enabled }}
+# Each job's NetworkPolicy (networkPolicy.enabled), created before its workers, read to
+# tell the job's own from someone else's of the name, deleted with the job.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
+{{- end }}
 # The operator's and kopf's Events on jobs; a repeat of one of the operator's bumps its count.
 - apiGroups: [""]
   resources: [events]
