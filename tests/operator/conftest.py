@@ -6,5 +6,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from emulated_cluster import EmulatedCluster  # noqa: E402  (importable only from the line above on)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
+    """One emulated API for a test module (a module may start its own instead)."""
+    cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()

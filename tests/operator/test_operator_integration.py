@@ -24,13 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
-    cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
     yield process

@@ -19,13 +19,6 @@ ON, OFF = "team-a", "team-b"
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
-    cluster = EmulatedCluster(tmp_path_factory.mktemp("netpol-cluster")).start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def operators(emulated: EmulatedCluster,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, OperatorProcess]]:
     processes = {
