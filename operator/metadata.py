@@ -53,6 +53,17 @@ def network_policy_name(job_name: str) -> str:
     return job_name
 
 
+def named_children(job_name: str, *, network_policy: bool) -> list[tuple[str, str, str]]:
+    """(kind, name, what the job needs it for) of the children named after the job that
+    it owns and deletes, never someone else's of that name."""
+    children = [("Service", service_name(job_name), "its workers' DNS names <job>-worker-N.<job>"),
+                ("ConfigMap", config_map_name(job_name), "the trainer config it mounts")]
+    if network_policy:
+        children.append(("NetworkPolicy", network_policy_name(job_name),
+                         "the policy that keeps other pods off its workers' rendezvous"))
+    return children
+
+
 def rendezvous_address(job_name: str) -> str:
     return f"{worker_name(job_name, 0)}.{service_name(job_name)}"
 

@@ -25,16 +25,7 @@ from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
-from .metadata import (
-    config_map_name,
-    created_claim_name,
-    job_selector,
-    network_policy_name,
-    owner_uids,
-    service_name,
-    worker_name,
-    worker_selector,
-)
+from .metadata import created_claim_name, job_selector, named_children, owner_uids, worker_name, worker_selector
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
@@ -282,7 +273,7 @@ class Reconciler:
         with the job); one an earlier job of the same name left behind (its garbage
         collection may lag) is deleted now, or the new workers would lose it when it is
         collected."""
-        for kind, name, use in self._named_children(job.name):
+        for kind, name, use in named_children(job.name, network_policy=self.settings.network_policy):
             existing = await self.api.get(kind, job.namespace, name)
             if existing is None or job.uid in owner_uids(existing):
                 continue
@@ -298,16 +289,6 @@ class Reconciler:
             if existing is not None and (existing["metadata"].get("labels") or {}).get(c.LABEL_JOB) != job.name:
                 return _not_the_jobs("PersistentVolumeClaim", name, job.namespace, "its checkpoints and output")
         return None
-
-    def _named_children(self, job_name: str) -> list[tuple[str, str, str]]:
-        """(kind, name, what the job needs it for) of the children named after the job
-        that it owns, never someone else's of that name."""
-        children = [("Service", service_name(job_name), "its workers' DNS names <job>-worker-N.<job>"),
-                    ("ConfigMap", config_map_name(job_name), "the trainer config it mounts")]
-        if self.settings.network_policy:
-            children.append(("NetworkPolicy", network_policy_name(job_name),
-                             "the policy that keeps other pods off its workers' rendezvous"))
-        return children
 
     async def _protect_existing_gang(self, job: Job) -> None:
         """A gang already there when this loop started (an operator upgraded or restarted
@@ -364,7 +345,7 @@ class Reconciler:
         for pod in await self.api.list("Pod", namespace, selector):
             await self.api.delete("Pod", namespace, pod_name(pod))
         uid = body["metadata"].get("uid")
-        for kind, child, _ in self._named_children(name):
+        for kind, child, _ in named_children(name, network_policy=self.settings.network_policy):
             existing = await self.api.get(kind, namespace, child)
             if existing is not None and uid in owner_uids(existing):  # never someone else's of that name
                 await self.api.delete(kind, namespace, child)

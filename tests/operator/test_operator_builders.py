@@ -24,7 +24,7 @@ from dreambooth_operator.children import (
     output_status,
 )
 from dreambooth_operator.kube import KubeApi
-from dreambooth_operator.metadata import owner_reference
+from dreambooth_operator.metadata import named_children, owner_reference
 from dreambooth_operator.pods import build_pod_group, build_worker_pod, build_worker_pods
 from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
@@ -184,6 +184,15 @@ def test_network_policy_selects_every_worker_of_its_job_and_no_other_jobs() -> N
             assert selector <= pod["metadata"]["labels"].items(), pod["metadata"]["name"]
     for pod in build_worker_pods(job(FULL_SPEC, name="sks-dog-2"), gang=0, config_hash="h"):
         assert not selector <= pod["metadata"]["labels"].items()
+
+
+def test_the_policy_is_among_the_children_named_after_the_job_only_when_the_operator_makes_it() -> None:
+    the_job = job(FULL_SPEC)
+    on = {kind: name for kind, name, _ in named_children("sks-dog", network_policy=True)}
+    assert on == {"Service": build_service(the_job)["metadata"]["name"],
+                  "ConfigMap": build_config_map(the_job)["metadata"]["name"],
+                  "NetworkPolicy": build_network_policy(the_job)["metadata"]["name"]}
+    assert "NetworkPolicy" not in {kind for kind, _, _ in named_children("sks-dog", network_policy=False)}
 
 
 @pytest.mark.parametrize("nodes,gpus,expected_procs", [(1, 0, "1"), (2, 8, "8"), (3, 1, "1"), (4, 4, "4")])
