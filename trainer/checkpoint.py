@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 
-from trainer import atomic
+from trainer import atomic, rng
 from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.contract import STEP_PREFIX, step_folder_name
 from trainer.distributed import Runtime, barrier
@@ -48,21 +45,6 @@ SAMPLES_KEY = "samples"
 RECIPE_KEY = "recipe"  # the config keys that shape what a step computes, as the run that saved it had them
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state: dict[str, Any],
          lora: LoraConfig | None = None) -> Path:
     """Collective: every rank calls it at the same step. A LoRA run saves only the
@@ -72,7 +54,7 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
     config.dir.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(config.dir), tag=tag, client_state=state, save_latest=False,
                            exclude_frozen_parameters=lora is not None and lora.enabled)
-    torch.save(rng_state(), folder / f"rng-rank{runtime.rank:05d}.pt")
+    rng.save(folder / rng.file_name(runtime.rank))
     barrier()
     if runtime.is_main:
         # The totals let a restarted run's metrics start where this one left off (metrics.checkpoint_hint).
@@ -249,10 +231,15 @@ def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None,
          universal: Path | None = None) -> dict[str, Any]:
     """`universal`: `folder` converted by convert_to_universal, to load instead (the
     engine was built with checkpoint.load_universal)."""
-    saved = Manifest.read(folder).shape
+    manifest = Manifest.read(folder)
+    saved = manifest.shape
     check_compatible(folder, saved, TrainingShape.of(engine, runtime, lora),
                      any_world_size=universal is not None or not needs_universal(saved, runtime.world_size))
     source = universal or folder
+    # Another world size has other ranks: their generators start from the step's seeds alone.
+    rng_file = source / rng.file_name(runtime.rank)
+    # Read first: a file that is not generator state skips the checkpoint before any shard loads.
+    generators = rng.read(rng_file, legacy=manifest.format < 2) if rng_file.is_file() else None
     # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
     _, state = engine.load_checkpoint(
         str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -260,10 +247,8 @@ def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None,
     )
     if state is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {source}")
-    # Another world size has other ranks: their generators start from the step's seeds alone.
-    rng_file = source / f"rng-rank{runtime.rank:05d}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=False))
+    if generators is not None:
+        rng.restore(generators)
     return state
 
 

@@ -29,6 +29,11 @@ SKIPPED_STEPS = "skipped_steps"  # fp16 overflow skips (DeepSpeed restores its o
 # with training.text_encoder_learning_rate).
 LEGACY_SETTINGS = {"optimizer.param_groups": 1}
 
+# How the checkpoint's own files are written. 2: the RNG files hold only what
+# torch.load(weights_only=True) builds (rng.py). 1, a manifest without `format`: NumPy's
+# generator key in them is a pickled ndarray.
+FORMAT = 2
+
 
 @dataclass(frozen=True)
 class TrainingShape:
@@ -91,11 +96,12 @@ class Manifest:
     samples: int = 0  # 0 in a manifest from before the totals were kept
     skipped_steps: int = 0
     time: float | None = None  # when it was written (seconds since the epoch); for people, never compared
+    format: int = FORMAT
 
     def write(self, folder: Path) -> None:
         """Last, once every file it lists is written: its presence makes the checkpoint complete."""
         atomic.write_json(folder / MANIFEST, {
-            "step": self.step, "world_size": self.shape.world_size,
+            "format": self.format, "step": self.step, "world_size": self.shape.world_size,
             # zero_stage also at the top: what manifests held before `settings`.
             "zero_stage": self.shape.settings["deepspeed.zero_stage"], "settings": self.shape.settings,
             "trained_parameters": self.shape.parameters, "time": self.time,
@@ -109,7 +115,8 @@ class Manifest:
         settings = {"deepspeed.zero_stage": raw["zero_stage"], "lora.rank": 0, **raw.get("settings", {})}
         shape = TrainingShape(world_size=raw["world_size"], settings=settings, parameters=raw.get("trained_parameters"))
         return cls(step=raw["step"], shape=shape, files=raw["files"], samples=int(raw.get(SAMPLES, 0)),
-                   skipped_steps=int(raw.get(SKIPPED_STEPS, 0)), time=raw.get("time"))
+                   skipped_steps=int(raw.get(SKIPPED_STEPS, 0)), time=raw.get("time"),
+                   format=int(raw.get("format", 1)))
 
     def problems(self, folder: Path) -> list[str]:
         found = []

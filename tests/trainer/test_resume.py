@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import REPO, run_trainer, tiny_config, write_config
-from trainer import checkpoint
+from tests.trainer.test_rng import OpensAFile
+from trainer import checkpoint, rng
 from trainer.config import CheckpointConfig
+from trainer.manifest import MANIFEST, list_files
 
 
 def step_losses(stdout: str) -> dict[int, float]:
@@ -184,6 +187,45 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
             "which DeepSpeed cannot load across; set those keys back") in errors
     assert checkpoint.complete_checkpoints(root / "checkpoints") == kept and kept[0].name == "step-00000009"
     assert sorted(path.name for path in (root / "checkpoints").iterdir() if "universal" in path.name) == []
+
+
+def relist(folder, *, drop=()):
+    """The manifest rewritten for the files as they are now, as anyone who can write the volume can."""
+    raw = json.loads((folder / MANIFEST).read_text())
+    raw = {key: value for key, value in raw.items() if key not in drop} | {"files": list_files(folder)}
+    (folder / MANIFEST).write_text(json.dumps(raw))
+
+
+@pytest.mark.slow
+def test_a_crafted_rng_file_is_never_unpickled_its_checkpoint_is_skipped_and_one_of_format_1_resumes(tmp_path):
+    root = tmp_path / "run"
+    config_path = write_config(root, resume_config(root, training={"max_steps": 4}, checkpoint={"every_steps": 2},
+                                                   data={"class_prompt": None, "class_dir": None}))
+    first = run_trainer(config_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    reference = step_losses(first.stdout)
+
+    # Step 2 as a trainer before format 2 wrote it: NumPy's key a pickled ndarray, no `format` in the manifest.
+    older = root / "checkpoints" / "step-00000002"
+    for rank in (0, 1):
+        state = torch.load(older / rng.file_name(rank), weights_only=True)
+        name, key, *position = state["numpy"]
+        torch.save({**state, "numpy": (name, key.numpy().astype(np.uint32), *position)}, older / rng.file_name(rank))
+    relist(older, drop=["format"])
+    # Step 4: rank 1's file replaced by a payload, its manifest made to match.
+    newest = root / "checkpoints" / "step-00000004"
+    marker = tmp_path / "payload-ran"
+    torch.save({"python": OpensAFile(marker)}, newest / rng.file_name(1))
+    relist(newest)
+
+    resumed = run_trainer(config_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert not marker.exists()
+    assert (f"checkpoint {newest} skipped: it does not load ({newest / rng.file_name(1)} is not generator state as "
+            "this trainer writes it (it names io.open); it was not unpickled") in resumed.stderr
+    run = json.loads((root / "model" / "run.json").read_text())
+    assert (run["resumed_from_step"], run["final_step"]) == (2, 4)
+    assert step_losses(resumed.stdout) == {step: loss for step, loss in reference.items() if step > 2}
 
 
 @pytest.mark.slow
