@@ -208,7 +208,8 @@ class LoraConfig(_Section):
         False,
         description="DoRA (weight-decomposed LoRA, as diffusers' --use_dora): each adapted weight also learns the "
         "length of its rows, which brings a low rank closer to a full fine-tune, at slower steps. The LoRA file then "
-        "holds the magnitudes too; diffusers' load_lora_weights reads them.",
+        "holds the magnitudes too; diffusers' load_lora_weights reads the UNet's, not the text encoders' "
+        "(transformers' load_adapter drops them; see README, LoRA).",
     )
     unet_target_modules: list[str] = Field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],

@@ -1,11 +1,13 @@
 """LoRA: low-rank adapters on the attention projections, trained instead of all weights
 (`lora.rank > 0`), as diffusers' `train_dreambooth_lora.py`.
 
-The adapters are peft's, injected as diffusers' `add_adapter` injects them, so the file
-the export writes (`pytorch_lora_weights.safetensors`) is the one
-`pipeline.load_lora_weights` reads. The exported pipeline itself has the adapters fused
-into the base weights, so that `output.dir` stays a plain diffusers pipeline like a full
-fine-tune's.
+The adapters are peft's, injected as diffusers' `add_adapter` injects them. The file
+the export writes (`pytorch_lora_weights.safetensors`) is the one diffusers' LoRA scripts
+write: peft's weights under diffusers' key names (`to_q.lora.down.weight`, a text
+encoder's `q_proj.lora_linear_layer.up.weight`), with each part's adapter config as
+metadata, so that `pipeline.load_lora_weights`, or a tool made for diffusers-trained
+LoRAs, reads it as one of those. The exported pipeline itself has the adapters fused into the base
+weights, so that `output.dir` stays a plain diffusers pipeline like a full fine-tune's.
 """
 
 from __future__ import annotations
@@ -73,12 +75,16 @@ def has_adapters(module: torch.nn.Module) -> bool:
 
 def adapter_layers(state: dict[str, torch.Tensor], prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights of `module` (a submodule `prefix` of the gathered denoiser state)
-    in peft's saved naming, which diffusers' LoRA files use."""
+    named as diffusers' train_dreambooth_lora*.py save them: peft's state dict through
+    diffusers' conversion (peft's own `lora_A`/`lora_B` names load in diffusers too, but
+    a diffusers-trained LoRA's file holds these)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     from trainer.export import submodule_state
 
-    return get_peft_model_state_dict(module, state_dict=submodule_state(state, prefix), adapter_name=ADAPTER)
+    return convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(module, state_dict=submodule_state(state, prefix), adapter_name=ADAPTER))
 
 
 def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from tests.conftest import run_trainer, tiny_config, write_config
 from tests.trainer.test_resume import launch, resume_config, step_losses
 from trainer.conditioning import encode_prompt, size_ids, unet_conditioning
-from trainer.config import LORA_WEIGHTS_FILE
-from trainer.export import build_pipeline
+from trainer.config import LORA_WEIGHTS_FILE, LoraConfig
+from trainer.export import TRAINABLE_PARTS, build_pipeline
+from trainer.lora import add_adapters, has_adapters, save_adapters
 from trainer.models import build_components
 
 LORA = {"rank": 4, "alpha": 8}
@@ -36,8 +38,99 @@ def changed_weights(module: torch.nn.Module, base: torch.nn.Module) -> set[str]:
     return {name for name, value in module.state_dict().items() if not torch.equal(value, base_state[name])}
 
 
+def as_trained(components, lora: LoraConfig, *, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+    """Adapters added as a run adds them, then moved off their untrained start (B = 0, and
+    DoRA's magnitudes equal to the weights' norms, change nothing); returned as the
+    export gathers them: the trained parameters by denoiser name."""
+    add_adapters(components, lora, train_text_encoder=train_text_encoder)
+    generator = torch.Generator().manual_seed(5)
+    state = {}
+    for name in TRAINABLE_PARTS:
+        module = getattr(components, name, None)
+        for key, parameter in module.named_parameters() if module is not None and has_adapters(module) else []:
+            if parameter.requires_grad:
+                with torch.no_grad():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+                state[f"{name}.{key}"] = parameter.detach().clone()
+    return state
+
+
+def diffusers_recipe_file(folder, source: str, lora: LoraConfig, *, train_text_encoder: bool) -> Path:
+    """What diffusers' train_dreambooth_lora(_sdxl).py saves for the same adapters: the
+    UNet's through diffusers' own add_adapter, the text encoders' through peft's
+    injection (transformers' add_adapter wants a newer peft), each part's peft state dict
+    converted with convert_state_dict_to_diffusers, and its config as the metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    components = build_components(source, None)
+    layers, metadata = {}, {}
+    for name in TRAINABLE_PARTS if train_text_encoder else ["unet"]:
+        module = getattr(components, name, None)
+        if module is None:
+            continue
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scaled_alpha, init_lora_weights="gaussian",
+                                use_dora=lora.use_dora, target_modules=lora.unet_target_modules if name == "unet"
+                                else lora.text_encoder_target_modules)
+        if name == "unet":
+            module.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, module)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    build_pipeline(components).save_lora_weights(folder, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
+    return Path(folder) / LORA_WEIGHTS_FILE
+
+
+def adapter_metadata(path: Path) -> dict[str, dict]:
+    """Per part, what load_lora_weights takes the adapter's shape and scale from."""
+    with safe_open(path, "pt") as saved:
+        flat = json.loads(saved.metadata()["lora_adapter_metadata"])  # "unet.r": 4, ...
+    found: dict[str, dict] = {}
+    for key, value in flat.items():
+        part, field = key.split(".", 1)
+        if field in ("r", "lora_alpha", "target_modules", "use_dora", "init_lora_weights"):
+            found.setdefault(part, {})[field] = sorted(value) if field == "target_modules" else value
+    return found
+
+
+# transformers 5.24's load_adapter, which diffusers' load_lora_weights uses for the text
+# encoders, drops their DoRA magnitudes ("lora_magnitude_vector.default_0: UNEXPECTED"),
+# whichever key names the file uses: the UNet's load, the text encoders' start from the norms again.
+TEXT_ENCODER_DORA_DROPPED = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                              reason="transformers' load_adapter drops text encoders' DoRA magnitudes")
+
+
+@pytest.mark.parametrize("source, use_dora, train_text_encoder", [
+    ("tiny", False, True), ("tiny", True, False), pytest.param("tiny", True, True, marks=TEXT_ENCODER_DORA_DROPPED),
+    ("tiny-sdxl", False, True)], ids=["sd", "sd-dora-unet", "sd-dora-text-encoder", "sdxl"])
+def test_the_lora_file_is_a_diffusers_trained_lora_and_loads_onto_the_base_as_the_trained_model(
+        tmp_path, source, use_dora, train_text_encoder):
+    lora = LoraConfig(rank=4, alpha=8, use_dora=use_dora)  # scale 2: read at the default 1 it would differ
+    trained = build_components(source, None)
+    path = save_adapters(tmp_path / "ours", as_trained(trained, lora, train_text_encoder=train_text_encoder), trained)
+    reference = diffusers_recipe_file(tmp_path / "diffusers", source, lora, train_text_encoder=train_text_encoder)
+
+    with safe_open(path, "pt") as ours, safe_open(reference, "pt") as recipe:
+        assert sorted(ours.keys()) == sorted(recipe.keys())
+        keys = list(ours.keys())
+    assert not [key for key in keys if ".lora_A." in key or ".lora_B." in key]
+    assert any(key.endswith(".to_q.lora.down.weight") for key in keys)
+    assert any(key.endswith(".q_proj.lora_linear_layer.up.weight") for key in keys) is train_text_encoder
+    assert adapter_metadata(path) == adapter_metadata(reference)
+
+    prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    on_base = build_pipeline(build_components(source, None))
+    untrained = denoise(on_base, prompt_ids)
+    on_base.load_lora_weights(path.parent, weight_name=LORA_WEIGHTS_FILE)
+    expected = denoise(build_pipeline(trained), prompt_ids)  # peft's adapters as trained, no file in between
+    assert not torch.allclose(expected, untrained, atol=1e-3)
+    torch.testing.assert_close(denoise(on_base, prompt_ids), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_a_misspelt_target_beside_good_ones_is_refused_before_anything_is_generated():
-    from trainer.config import ConfigError, LoraConfig
+    from trainer.config import ConfigError
     from trainer.lora import check_targets
 
     for source in ("tiny", "tiny-sdxl"):  # the defaults name modules of both models, SDXL's two encoders included
