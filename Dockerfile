@@ -26,10 +26,17 @@ RUN pip install --no-cache-dir -r /tmp/requirements/trainer-requirements.txt
 # DeepSpeed's FusedAdam (the optimizer every GPU job uses) compiled now, for A100, H100
 # and B200 (+PTX for newer), so no pod JIT-compiles it at start, and its CPU Adam
 # (deepspeed.offload_optimizer): the runtime image has no compiler to JIT it with. The
-# other ops are unused and stay JIT-only.
-ENV DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0+PTX" MAX_JOBS=4
-RUN pip install --no-cache-dir --no-build-isolation -r /tmp/requirements/deepspeed-requirements.txt \
- && python -c "import deepspeed.ops.adam as adam; adam.FusedAdam; adam.DeepSpeedCPUAdam"
+# other ops are unused and stay JIT-only. A build has no GPU, so DeepSpeed would take
+# itself for a CPU install and record that: a GPU pod then ignores the prebuilt ops
+# (builder.py loads one only when the recorded accelerator is the running one) and tries
+# to JIT them without a compiler. DS_ACCELERATOR=cuda records the one the pods run, and the
+# check reads what was recorded, not just that the Python classes import.
+ENV DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \
+    TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0+PTX" MAX_JOBS=4
+RUN pip install --no-cache-dir --no-build-isolation --no-binary deepspeed -r /tmp/requirements/deepspeed-requirements.txt \
+ && python -c "from deepspeed import git_version_info as built; \
+assert built.accelerator_name == 'cuda' and built.installed_ops['fused_adam'] and built.installed_ops['cpu_adam'], \
+(built.accelerator_name, built.installed_ops)"
 
 # --- trainer: runtime ---------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS trainer

@@ -48,6 +48,21 @@ def test_the_trainer_image_is_what_the_worker_pods_run() -> None:
         assert re.search(rf"{cache}=/tmp/", env), f"{cache} must be writable by uid {WORKER_UID}"
 
 
+def test_the_trainer_builder_prebuilds_deepspeeds_optimizers_for_cuda() -> None:
+    """The runtime image has no compiler, so the ops the trainer uses (FusedAdam on every
+    GPU job, CPU Adam with deepspeed.offload_optimizer) must be built in the builder, and
+    recorded as built for CUDA: a build has no GPU, and a DeepSpeed that recorded `cpu`
+    ignores its prebuilt ops in a GPU pod and tries to compile them there."""
+    builder = STAGES["trainer-builder"]
+    env = " ".join(builder.all("ENV"))
+    for setting in ("DS_ACCELERATOR=cuda", "DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1"):
+        assert setting in env, f"the trainer builder lacks {setting}"
+    [install] = [run for run in builder.all("RUN") if "deepspeed-requirements.txt" in run]
+    assert "--no-binary deepspeed" in install  # a wheel would bring no ops built for this image
+    # The check after the install reads what DeepSpeed recorded, not only that its classes import.
+    assert "accelerator_name == 'cuda'" in install and "installed_ops['fused_adam']" in install
+
+
 def test_the_operator_image_matches_the_chart() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     uid = values["podSecurityContext"]["runAsUser"]
