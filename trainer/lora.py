@@ -13,7 +13,6 @@ weights, so that `output.dir` stays a plain diffusers pipeline like a full fine-
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -79,12 +78,18 @@ def adapter_layers(state: dict[str, torch.Tensor], prefix: str, module: torch.nn
     diffusers' conversion (peft's own `lora_A`/`lora_B` names load in diffusers too, but
     a diffusers-trained LoRA's file holds these)."""
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(peft_adapter_state(state, prefix, module))
+
+
+def peft_adapter_state(state: dict[str, torch.Tensor], prefix: str,
+                                 module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of `module` in a gathered denoiser state, under peft's names."""
     from peft import get_peft_model_state_dict
 
     from trainer.export import submodule_state
 
-    return convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(module, state_dict=submodule_state(state, prefix), adapter_name=ADAPTER))
+    return get_peft_model_state_dict(module, state_dict=submodule_state(state, prefix), adapter_name=ADAPTER)
 
 
 def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> Path:
@@ -112,15 +117,30 @@ def save_adapters(folder: Path, state: dict[str, torch.Tensor], components) -> P
 def fused_modules(state: dict[str, torch.Tensor], components) -> dict[str, torch.nn.Module]:
     """Fresh fp32 UNet and text encoders (by pipeline part name): the base model's weights,
     reloaded from the model source (the engine's copies were cast to fp16/bf16), with the
-    trained adapters, read back from a LoRA file as a user would, fused into them."""
-    from trainer.export import TRAINABLE_PARTS, build_pipeline
+    trained adapters fused into them. The adapters are put in as trained, not read back
+    from the LoRA file: transformers' load_adapter (diffusers' load_lora_weights for the
+    text encoders) drops DoRA's magnitudes, so a file round trip would export text
+    encoders that lost them."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainer.export import trained_parts
     from trainer.models import reload_base
 
     base = reload_base(components)
-    pipeline = build_pipeline(base)
-    with tempfile.TemporaryDirectory(prefix="lora-") as folder:
-        save_adapters(Path(folder), state, components)
-        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_FILE)
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()
-    return {name: getattr(pipeline, name) for name in TRAINABLE_PARTS if getattr(pipeline, name, None) is not None}
+    fused = {}
+    for name in trained_parts(state):
+        trained, module = getattr(components, name), getattr(base, name)
+        inject_adapter_in_model(trained.peft_config[ADAPTER], module, adapter_name=ADAPTER)
+        # peft's own names; the keys the file uses are diffusers' conversion of these.
+        adapter_state = peft_adapter_state(state, name, trained)
+        result = set_peft_model_state_dict(module, adapter_state, adapter_name=ADAPTER)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{name}: adapter weights that fit no adapter: {result.unexpected_keys[:3]}")
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge(adapter_names=[ADAPTER])
+        fused[name] = recurse_remove_peft_layers(module)
+        del fused[name].peft_config  # what inject_adapter_in_model set: nothing is adapted now
+    return fused

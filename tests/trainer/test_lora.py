@@ -17,7 +17,7 @@ from tests.trainer.test_resume import launch, resume_config, step_losses
 from trainer.conditioning import encode_prompt, size_ids, unet_conditioning
 from trainer.config import LORA_WEIGHTS_FILE, LoraConfig
 from trainer.export import TRAINABLE_PARTS, build_pipeline
-from trainer.lora import add_adapters, has_adapters, save_adapters
+from trainer.lora import add_adapters, fused_modules, has_adapters, save_adapters
 from trainer.models import build_components
 
 LORA = {"rank": 4, "alpha": 8}
@@ -129,6 +129,27 @@ def test_the_lora_file_is_a_diffusers_trained_lora_and_loads_onto_the_base_as_th
     torch.testing.assert_close(denoise(on_base, prompt_ids), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("source, use_dora", [("tiny", False), ("tiny", True), ("tiny-sdxl", True)],
+                         ids=["sd", "sd-dora", "sdxl-dora"])
+def test_the_exported_pipeline_has_the_trained_adapters_fused_text_encoders_dora_included(source, use_dora):
+    """The fused export computes what the trained adapters compute, DoRA's text-encoder
+    magnitudes included (the file's load drops those, see TEXT_ENCODER_DORA_DROPPED)."""
+    lora = LoraConfig(rank=4, alpha=8, use_dora=use_dora)
+    trained = build_components(source, None)
+    state = as_trained(trained, lora, train_text_encoder=True)
+    prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    expected = denoise(build_pipeline(trained), prompt_ids)
+
+    fused = fused_modules(state, trained)
+    assert sorted(fused) == sorted(name for name in TRAINABLE_PARTS if getattr(trained, name, None) is not None)
+    assert not any(has_adapters(module) or "lora" in " ".join(module.state_dict()) for module in fused.values())
+    exported = build_pipeline(build_components(source, None))
+    for name, module in fused.items():
+        setattr(exported, name, module)
+    assert not torch.allclose(denoise(build_pipeline(build_components(source, None)), prompt_ids), expected, atol=1e-3)
+    torch.testing.assert_close(denoise(exported, prompt_ids), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_a_misspelt_target_beside_good_ones_is_refused_before_anything_is_generated():
     from trainer.config import ConfigError
     from trainer.lora import check_targets
@@ -236,5 +257,7 @@ def test_sdxl_lora_under_zero_3_with_recomputed_activations_exports_loadable_ada
         assert {key.split(".")[0] for key in saved.keys()} == {"unet", "text_encoder", "text_encoder_2"}
     on_base = build_pipeline(base)
     on_base.load_lora_weights(tiny_root / "model", weight_name=LORA_WEIGHTS_FILE)
+    if use_dora:  # the file's load drops the text encoders' magnitudes (TEXT_ENCODER_DORA_DROPPED): the UNet's alone
+        on_base.text_encoder, on_base.text_encoder_2 = exported.text_encoder, exported.text_encoder_2
     prompt_ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(denoise(exported, prompt_ids), denoise(on_base, prompt_ids), atol=2e-5, rtol=1e-4)
