@@ -3,7 +3,9 @@
 kmock's KubernetesEmulator is a real stateful API server in memory. This helper adds
 what it lacks and the operator or kubectl rely on (DESIGN.md "Testing without a
 cluster"): metadata.uid / resourceVersion / creationTimestamp on create, label-selector
-filtering of lists, `kind` on list replies and `v1` (not `/v1`) in core discovery,
+filtering of lists and watches (label_selectors.py: an object whose labels come to match or
+stop matching is ADDED to or DELETED from a watch, a malformed selector is a 400),
+`kind` on list replies and `v1` (not `/v1`) in core discovery,
 ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
@@ -20,6 +22,7 @@ the kubelet by patching pod statuses through the API (tests/e2e/kubelet.py runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -28,12 +31,14 @@ import socket
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 import kmock
 import yaml
 from aiohttp import web
 from kmock import ResourceInfo
+from label_selectors import labels_of, matches, parse_selector, selected_event
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
 
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
@@ -54,25 +59,6 @@ RESOURCES = [
     # Volcano's, for gang scheduling; the coscheduling plugin's is not installed here.
     ("scheduling.volcano.sh/v1beta1/podgroups", "PodGroup", True, ["pg"], ["status"]),
 ]
-
-
-def selector_matches(selector: str, labels: dict[str, str]) -> bool:
-    """Equality-based label selectors (`a=b,c!=d,e`), which is all the operator and kubectl -l use here."""
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!=" in term:
-            key, value = term.split("!=", 1)
-            if labels.get(key.strip()) == value.strip():
-                return False
-        elif "=" in term:
-            key, value = term.replace("==", "=").split("=", 1)
-            if labels.get(key.strip()) != value.strip():
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
 
 
 NAMESPACES = ("default", "team-a", "team-b")
@@ -113,11 +99,23 @@ def semantic_refusal(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+class Served(NamedTuple):
+    """One object a list or watch reply carried (`event`: the watch event's type)."""
+    action: str
+    plural: str
+    label_selector: str | None
+    event: str | None
+    namespace: str | None
+    name: str
+
+
 class Emulator(kmock.KubernetesEmulator):
     _counter = itertools.count(1)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        # What lists and watches served, for tests that assert what a client was shown; None: not kept.
+        self.served: list[Served] | None = None
         self._in_flight: set[int] = set()
         self._namespaces = {name: {"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
@@ -194,6 +192,11 @@ class Emulator(kmock.KubernetesEmulator):
             self._in_flight.discard(id(request))
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
+        if request.action in (kmock.action.LIST, kmock.action.WATCH):
+            try:
+                parse_selector(request.params.get("labelSelector") or "")
+            except ValueError as error:
+                return web.json_response(failure_status(400, "BadRequest", str(error)), status=400)
         if request.action == kmock.action.DELETE and request.resource == PODS and request.name:
             response = await self._delete_pod(request)
             if response is not None:
@@ -269,16 +272,35 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_plain_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)
-        selector = request.params.get("labelSelector")
-        if selector:
-            result["items"] = [item for item in result["items"]
-                               if selector_matches(selector, (item.get("metadata") or {}).get("labels") or {})]
+        requirements = parse_selector(request.params.get("labelSelector") or "")
+        result["items"] = [item for item in result["items"] if matches(requirements, labels_of(item))]
+        for item in result["items"]:
+            self._record(request, None, item)
         info = self.resources[request.resource]
         result["kind"] = f"{info.kind}List"
         group = request.resource.group
         result["apiVersion"] = f"{group}/{request.resource.version}" if group else request.resource.version
         result["metadata"] = {"resourceVersion": str(next(self._counter))}
         return result
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        requirements = parse_selector(request.params.get("labelSelector") or "")
+        visible: dict[tuple[str | None, str], dict[str, Any]] = {}
+        async with contextlib.aclosing(super()._serve_watch(request)) as stream:
+            async for item in stream:
+                if isinstance(item, dict):  # an event (the bytes before them start the stream)
+                    item = selected_event(requirements, item, visible)
+                    if item is None:
+                        continue
+                    self._record(request, item["type"], item["object"])
+                yield item
+
+    def _record(self, request: kmock.Request, event: str | None, obj: dict[str, Any]) -> None:
+        if self.served is not None and request.resource is not None:
+            meta = obj.get("metadata") or {}
+            self.served.append(Served(request.action.value.lower(), request.resource.plural,
+                                      request.params.get("labelSelector"), event, meta.get("namespace"),
+                                      meta.get("name")))
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         result = await super()._serve_version(request)
@@ -358,7 +380,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmulatedCluster:
     """The emulator on 127.0.0.1 in a background thread, plus a kubeconfig for it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, record_served: bool = False) -> None:
+        self.record_served = record_served
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "kubeconfig.yaml"
@@ -367,6 +390,7 @@ class EmulatedCluster:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._serve, name="emulated-cluster", daemon=True)
         self._error: BaseException | None = None
+        self._emulator: Emulator | None = None
 
     def start(self) -> "EmulatedCluster":
         self.kubeconfig.write_text(yaml.safe_dump({
@@ -391,13 +415,19 @@ class EmulatedCluster:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        emulator = Emulator()
+        emulator = self._emulator = Emulator()
+        emulator.served = [] if self.record_served else None
         for key, kind, namespaced, short, subresources in RESOURCES:
             emulator.resources[key] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced,
                                                    verbs=ALL_VERBS, shortnames=short, subresources=subresources)
         async with emulator, kmock.Server(emulator, host="127.0.0.1", port=self.port):
             self._ready.set()
             await self._stop.wait()
+
+    def served(self) -> list[Served]:
+        """What lists and watches have served so far (needs record_served=True)."""
+        assert self._emulator is not None and self._emulator.served is not None, "start(), with record_served=True"
+        return list(self._emulator.served)
 
     def stop(self) -> None:
         if self._stop is not None:
