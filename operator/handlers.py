@@ -49,6 +49,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # Only worker pods, filtered by the API server: the handler's own label filter runs
+    # in the operator, after every pod of the cluster was listed and streamed to it.
+    settings.watching.label_selectors["v1", "pods"] = LABEL_JOB
     settings.networking.request_timeout = 30
 
 
