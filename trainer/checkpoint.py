@@ -54,7 +54,7 @@ def save(engine, config: CheckpointConfig, runtime: Runtime, *, step: int, state
     config.dir.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(config.dir), tag=tag, client_state=state, save_latest=False,
                            exclude_frozen_parameters=lora is not None and lora.enabled)
-    rng.save(folder / rng.file_name(runtime.rank))
+    rng.save(folder / rng.file_name(runtime.rank), runtime.device)
     barrier()
     if runtime.is_main:
         # The totals let a restarted run's metrics start where this one left off (metrics.checkpoint_hint).
@@ -248,7 +248,7 @@ def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None,
     if state is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {source}")
     if generators is not None:
-        rng.restore(generators)
+        rng.restore(generators, runtime.device)
     return state
 
 

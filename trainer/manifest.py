@@ -30,8 +30,9 @@ SKIPPED_STEPS = "skipped_steps"  # fp16 overflow skips (DeepSpeed restores its o
 LEGACY_SETTINGS = {"optimizer.param_groups": 1}
 
 # How the checkpoint's own files are written. 2: the RNG files hold only what
-# torch.load(weights_only=True) builds (rng.py). 1, a manifest without `format`: NumPy's
-# generator key in them is a pickled ndarray.
+# torch.load(weights_only=True) builds (rng.py), and CUDA's state of the rank's own device
+# alone. 1, a manifest without `format`: NumPy's generator key in them is a pickled
+# ndarray, and CUDA's a list with one state per device the pod saw.
 FORMAT = 2
 
 
