@@ -8,7 +8,7 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
-from trainer.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, POD_IP_ENV
+from trainer.contract import GPUS_PER_NODE_ENV, JOB_NAME_ENV, JOB_NAMESPACE_ENV, POD_IP_ENV
 
 from .constants import (
     ANNOTATION_CONFIG_HASH,
@@ -77,6 +77,9 @@ def worker_env(job: Job, index: int) -> list[dict[str, Any]]:
         {"name": JOB_NAMESPACE_ENV, "value": job.namespace},
         {"name": "WORKER_INDEX", "value": str(index)},
     ]
+    if job.spec.workers.gpus_per_node > 0:
+        # The trainer fails at once (exit 2) when the container sees fewer, instead of training on CPU.
+        env.append({"name": GPUS_PER_NODE_ENV, "value": str(job.spec.workers.gpus_per_node)})
     secret = job.spec.model.hf_token_secret
     if secret is not None:
         env.append({"name": HF_TOKEN_ENV,

@@ -30,6 +30,10 @@ def step_folder_name(step: int) -> str:
 POD_IP_ENV = "POD_IP"  # from the downward API: rank 0 binds its metrics endpoint there
 JOB_NAME_ENV = "JOB_NAME"  # with JOB_NAMESPACE_ENV: the `job` and `namespace` labels of every metric
 JOB_NAMESPACE_ENV = "JOB_NAMESPACE"
+# Only on a job that asks for GPUs (spec.workers.gpusPerNode > 0): the CUDA devices each
+# node's processes expect to see. Without it a pod that sees none (no device plugin or
+# runtimeClass, an old driver) would train on CPU for days instead of failing at once.
+GPUS_PER_NODE_ENV = "DREAMBOOTH_GPUS_PER_NODE"
 
 
 # Rank 0's Prometheus series (DESIGN.md "Metrics"): trainer/metrics.py exports them, the

@@ -13,6 +13,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+from trainer.contract import GPUS_PER_NODE_ENV
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -35,6 +38,44 @@ def read_runtime() -> Runtime:
     else:
         device = torch.device("cpu")
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def check_devices() -> None:
+    """Before anything else starts: the CUDA devices this process sees are the ones it
+    needs (devices_problem). Raises ConfigError (exit 2) naming what is missing."""
+    raw = os.environ.get(GPUS_PER_NODE_ENV, "").strip()
+    try:
+        expected = int(raw) if raw else 0
+    except ValueError:
+        raise ConfigError(f"environment variable {GPUS_PER_NODE_ENV} = {raw!r}: not a whole number of GPUs; "
+                          "the operator sets it from spec.workers.gpusPerNode (unset it for a CPU run)") from None
+    problem = devices_problem(expected=expected, found=torch.cuda.device_count(),
+                              local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                              local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if problem:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(problem + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+
+
+def devices_problem(*, expected: int, found: int, local_rank: int, local_world_size: int) -> str | None:
+    """What is wrong with `found` CUDA devices for a process of local rank `local_rank`
+    among `local_world_size` on its node, `expected` (GPUS_PER_NODE_ENV, 0 when unset)
+    being what the job asked for; None when nothing is. With no devices and none asked
+    for, this is a CPU run. Checked so that a pod without its GPUs fails at once (exit 2)
+    instead of training on CPU, and a lower nvidia.com/gpu limit by name instead of
+    "invalid device ordinal"."""
+    if not expected and not found:
+        return None  # a CPU run
+    needed = max(expected, local_world_size, local_rank + 1)
+    if found >= needed:
+        return None
+    asked = (f"the job asks for {expected} GPU(s) per node ({GPUS_PER_NODE_ENV}, from spec.workers.gpusPerNode)"
+             if expected else f"{local_world_size} process(es) on this node each need their own GPU")
+    return (f"{asked}, but this process (local rank {local_rank} of {local_world_size}) sees {found} CUDA device(s). "
+            "Likely fixes: the node's NVIDIA device plugin and container runtime (the pod's runtimeClassName, "
+            f"e.g. nvidia); a pod limit nvidia.com/gpu of at least {needed} (spec.workers.resources.limits); an NVIDIA "
+            f"driver that supports this image's CUDA {torch.version.cuda or '(none: a CPU-only torch)'}; "
+            "or, for a CPU-only job, spec.workers.gpusPerNode: 0")
 
 
 def init_process_group(runtime: Runtime, timeout_seconds: int = 1800) -> None:

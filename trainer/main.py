@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.set)
+        from trainer.distributed import check_devices
+
+        # Before the model download: a pod without its GPUs would otherwise go on, on CPU.
+        check_devices()
         model_dir = fetch_inputs(config)
         check_inputs(config)
         return run(config, model_dir)

@@ -28,6 +28,7 @@ from dreambooth_operator.metadata import named_children, owner_reference
 from dreambooth_operator.pods import build_pod_group, build_worker_pod, build_worker_pods
 from dreambooth_operator.spec import InvalidSpecError, Job, parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
+from trainer.contract import GPUS_PER_NODE_ENV
 from trainer.config_file import validate_config
 from trainer.validation import samples_dir
 
@@ -214,6 +215,9 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
         assert pod["metadata"]["labels"][c.LABEL_WORKER_INDEX] == str(index)
         limits = container["resources"].get("limits", {})
         assert limits.get(c.GPU_RESOURCE) == (str(gpus) if gpus else None)
+        # The GPUs the trainer must see, or fail at once; a CPU job sets none and trains on CPU.
+        gpus_env = [e for e in container["env"] if e["name"] == GPUS_PER_NODE_ENV]
+        assert gpus_env == ([{"name": GPUS_PER_NODE_ENV, "value": str(gpus)}] if gpus else [])
 
 
 @pytest.mark.parametrize("grace", [10, 30, 120, 600])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import INSTANCE_IMAGES, run_trainer, tiny_config, write_config
 from trainer.config import LORA_LEARNING_RATE, ConfigError, TrainerConfig, TrainingConfig
 from trainer.config_file import apply_overrides, load_config, validate_config
+from trainer.contract import GPUS_PER_NODE_ENV
+from trainer.distributed import devices_problem
 
 
 def test_contract_keys_exist_with_their_names(tmp_path):
@@ -141,6 +144,43 @@ def test_cli_rejects_bad_input_with_exit_2_and_writes_no_output(tmp_path, case):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "model").exists()
+
+
+def test_a_gpu_job_that_sees_no_gpu_stops_before_training_on_cpu(tmp_path, monkeypatch):
+    """What the operator sets on a GPU job's workers, on this CPU-only machine: exit 2 at
+    once, naming what was expected, what was found and what to fix. Without it the same
+    command trains on CPU (every CPU training test here)."""
+    assert not torch.cuda.is_available()
+    monkeypatch.setenv(GPUS_PER_NODE_ENV, "1")
+    result = run_trainer(write_config(tmp_path, tiny_config(tmp_path)), nproc=0, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert (f"error: the job asks for 1 GPU(s) per node ({GPUS_PER_NODE_ENV}, from spec.workers.gpusPerNode), but "
+            "this process (local rank 0 of 1) sees 0 CUDA device(s). Likely fixes: the node's NVIDIA device plugin "
+            "and container runtime (the pod's runtimeClassName, e.g. nvidia); a pod limit nvidia.com/gpu of at "
+            "least 1 (spec.workers.resources.limits)") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("expected, found, local_rank, local_world_size, needed", [
+    (8, 4, 0, 8, 8),  # nvidia.com/gpu limit below gpusPerNode
+    (0, 1, 1, 2, 2),  # a plain torchrun with more processes than GPUs: not "invalid device ordinal"
+    (0, 2, 2, 4, 4),
+])
+def test_too_few_gpus_for_the_node_s_processes_are_named(expected, found, local_rank, local_world_size, needed):
+    problem = devices_problem(expected=expected, found=found, local_rank=local_rank, local_world_size=local_world_size)
+    assert f"local rank {local_rank} of {local_world_size}) sees {found} CUDA device(s)" in problem
+    assert f"nvidia.com/gpu of at least {needed} " in problem
+
+
+@pytest.mark.parametrize("expected, found, local_rank, local_world_size", [
+    (0, 0, 1, 2),  # a CPU run, as many processes as asked for
+    (8, 8, 7, 8),
+    (4, 8, 3, 4),  # more devices than needed
+    (0, 2, 1, 2),  # a plain torchrun on a GPU machine
+])
+def test_enough_gpus_or_a_cpu_run_pass(expected, found, local_rank, local_world_size):
+    assert devices_problem(expected=expected, found=found, local_rank=local_rank, local_world_size=local_world_size) is None
 
 
 def test_cli_reports_a_missing_config_file(tmp_path):
