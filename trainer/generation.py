@@ -5,6 +5,12 @@ decodes outside it, in fp32. SDXL's VAE overflows in fp16 (NaN latents, black im
 Its pipeline upcasts the VAE itself, but only when the VAE's weights are fp16; ours
 stay fp32, and an autocast around the whole pipeline would still run its convolutions
 in fp16. So the pipeline stops at the latents, and they are decoded here, as it would.
+
+Class images are drawn before the models are frozen, and samples while they train: their
+weights require grad, and autocast's cast cache would keep an fp16 copy of each such
+weight for the whole pipeline call (about 20 GB more for SDXL). So it runs without that
+cache: a weight is cast again at each use, which computes the same values. The VAE
+decodes one image at a time: a batch at 1024 px needs several GB of activations per image.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ def generate_images(pipeline, prompts: list[str], *, num_inference_steps: int, r
                     generators: list[torch.Generator], device: torch.device) -> list:
     """PIL images, one per prompt."""
     with torch.no_grad():
-        with torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.float16, enabled=device.type == "cuda", cache_enabled=False):
             latents = pipeline(prompts, num_inference_steps=num_inference_steps, height=resolution, width=resolution,
                                generator=generators, output_type="latent").images
-        pixels = decode_latents(pipeline.vae, latents)
+        pixels = torch.cat([decode_latents(pipeline.vae, latent[None]) for latent in latents])
     return pipeline.image_processor.postprocess(pixels, output_type="pil")
 
 

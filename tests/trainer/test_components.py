@@ -378,8 +378,17 @@ def test_images_decoded_apart_from_the_denoising_are_the_pipelines_own(source, l
     def seeds():
         return [torch.Generator().manual_seed(seed) for seed in (3, 4)]
 
+    # Drawn before the models are frozen: the weights require grad, and must again after.
+    for model in (pipeline.unet, pipeline.text_encoder):
+        model.requires_grad_(True)
+    cast_cache_on = []
+    pipeline.unet.register_forward_pre_hook(lambda module, args: cast_cache_on.append(torch.is_autocast_cache_enabled()))
     ours = generate_images(pipeline, prompts, num_inference_steps=2, resolution=64, generators=seeds(),
                            device=torch.device("cpu"))
+    # Without autocast's cast cache, which would hold an fp16 copy of every such weight on CUDA.
+    assert cast_cache_on and not any(cast_cache_on)
+    assert all(weight.requires_grad for model in (pipeline.unet, pipeline.text_encoder) for weight in model.parameters())
+    # Decoded one by one, the same bytes as the pipeline's own batch decode.
     theirs = pipeline(prompts, num_inference_steps=2, height=64, width=64, generator=seeds()).images
     assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
     assert ours[0].tobytes() != ours[1].tobytes()
