@@ -142,16 +142,27 @@ class DenoisingStep:
     @torch.no_grad()
     def instance_eval_loss(self, batch: Batch) -> float:
         """Denoising loss on every instance image at fixed noise and timesteps: falls
-        as the model learns its subject. Collective under ZeRO-3 (all ranks call it)."""
+        as the model learns its subject. Collective under ZeRO-3 (all ranks call it).
+        Eager with training.compile: it runs before the first step, under no_grad and at
+        another batch size, and compiled it would cost a graph of its own and make dynamo
+        recompile the training step with a dynamic batch dimension."""
         generator = torch.Generator().manual_seed(EVAL_SEED)
         latents = self.latents(batch, generator)
         total = 0.0
-        for timestep in EVAL_TIMESTEPS:
-            timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
-            noised = add_noise(latents, self.components.noise_scheduler, generator, timesteps=timesteps)
-            prediction = self.predict(noised.noisy, noised.timesteps, batch)
-            total += dreambooth_loss(prediction, noised.target, batch.num_instance, 0.0).instance_loss.item()
+        with eager():
+            for timestep in EVAL_TIMESTEPS:
+                timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
+                noised = add_noise(latents, self.components.noise_scheduler, generator, timesteps=timesteps)
+                prediction = self.predict(noised.noisy, noised.timesteps, batch)
+                total += dreambooth_loss(prediction, noised.target, batch.num_instance, 0.0).instance_loss.item()
         return total / len(EVAL_TIMESTEPS)
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Compiled modules run as plain ones inside it. torch.compiler.set_stance is torch
+    2.6+ (pyproject allows 2.4); before it the evaluation stays compiled, as it was."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def train_micro_step(engine, denoising_step: DenoisingStep, prepared: PreparedBatch, micro_step: int) -> LossTerms:

@@ -120,7 +120,7 @@ def test_bucket_size_follows_the_model_size_within_bounds(tmp_path):
 def test_a_compiled_unet_trains_to_the_same_losses_and_checkpoints_under_the_same_names(tmp_path):
     """training.compile through the real dynamo and AOTAutograd, backend aot_eager (no code
     generation: inductor on CPU takes minutes for the tiny UNet), against the eager run."""
-    runs = {}
+    runs, evaluations = {}, {}
     for name, compiled in (("eager", {}), ("compiled", {"compile": True, "compile_backend": "aot_eager"})):
         root = tmp_path / name
         config = tiny_config(root, data={"class_prompt": None, "class_dir": None},
@@ -129,11 +129,16 @@ def test_a_compiled_unet_trains_to_the_same_losses_and_checkpoints_under_the_sam
         result = run_trainer(write_config(root, config))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         module = torch.load(root / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+        run = json.loads((root / "model" / "run.json").read_text())
         runs[name] = step_losses(result.stdout), sorted(module["module"])
-        compile_info = json.loads((root / "model" / "run.json").read_text())["compile"]
-    # Dynamo captured the whole UNet as one graph per mode (training, and no_grad for the
-    # eval loss), with nothing left to run eagerly.
-    assert compile_info == {"backend": "aot_eager", "mode": "default", "graphs": 2, "graph_breaks": 0}
+        evaluations[name] = run["instance_eval_loss_before"], run["instance_eval_loss_after"]
+        compile_info = run["compile"]
+    # Dynamo captured the whole UNet as one graph, the training step's, with nothing left
+    # to run eagerly: the eval loss (no_grad, another batch size) runs eagerly, no graph of its own.
+    assert compile_info == {"backend": "aot_eager", "mode": "default", "graphs": 1, "graph_breaks": 0}
+    # The same weights before training: the same value, bit for bit; after it, as close as the losses.
+    assert evaluations["compiled"][0] == evaluations["eager"][0]
+    assert evaluations["compiled"][1] == pytest.approx(evaluations["eager"][1], rel=1e-6)
     (eager_losses, eager_names), (compiled_losses, compiled_names) = runs["eager"], runs["compiled"]
     assert len(eager_losses) == 3
     assert [loss for loss, _ in compiled_losses] == pytest.approx([loss for loss, _ in eager_losses], rel=1e-6)
