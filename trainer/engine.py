@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.config import ConfigError, TrainerConfig
+from trainer.config import BUILT_IN_MODELS, ConfigError, TrainerConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -81,6 +81,13 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
             "overlap_comm": config.deepspeed.zero_stage > 0,
             "contiguous_gradients": True,
         },
+        # Dynamic loss scaling from 2**16: halved after overflows (hysteresis 2: the second in
+        # a row), doubled after loss_scale_window clean steps. 1000 (DeepSpeed's default) is
+        # longer than most of an ~800-step DreamBooth run: the scale settles in the first
+        # steps and then mostly stays, as in diffusers' script (GradScaler, growth_interval
+        # 2000). A growth costs an overflow and a skipped step when it overshoots; a shorter
+        # window would buy little against underflow, since the fp32 master weights take the
+        # unscaled update. At min_loss_scale 1 an overflow ends the run as diverged (loop.py).
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
         "bf16": {"enabled": precision == "bf16"},
@@ -96,8 +103,13 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if config.deepspeed.zero_stage == 3:
-        # Small models (and the tiny one) would otherwise keep everything unpartitioned.
-        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+        if config.model.source in BUILT_IN_MODELS:
+            # Every tensor of the built-in tiny models is under DeepSpeed's default threshold
+            # (1e5 elements): they would stay whole on every rank and the tests would not
+            # partition anything. A real model keeps the default: partitioning its biases
+            # and norms too would cost hundreds of tiny all-gathers per step.
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return deep_merge(ds, config.deepspeed.overrides)
 
 

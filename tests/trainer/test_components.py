@@ -126,6 +126,17 @@ def test_deepspeed_config_reflects_the_trainer_config(tmp_path, stage):
     assert build_deepspeed_config(validate_config(raw), precision="bf16", world_size=1, device_type="cpu")["optimizer"]["params"]["torch_adam"]
 
 
+@pytest.mark.parametrize("source, threshold", [("tiny", 0), ("tiny-sdxl", 0),
+                                               ("stable-diffusion-v1-5/stable-diffusion-v1-5", None)])
+def test_zero_3_partitions_every_tensor_only_of_the_built_in_tiny_models(tmp_path, source, threshold):
+    """A real model keeps DeepSpeed's persistence threshold: its small biases and norms
+    stay whole instead of costing an all-gather each per step."""
+    raw = tiny_config(tmp_path, model={"source": source}, deepspeed={"zero_stage": 3})
+    zero = build_deepspeed_config(validate_config(raw), precision="bf16", world_size=2, device_type="cpu")["zero_optimization"]
+    assert zero.get("stage3_param_persistence_threshold") == threshold
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is False
+
+
 def test_precision_auto_is_fp16_on_cuda_and_bf16_on_cpu():
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
