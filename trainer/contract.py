@@ -14,7 +14,7 @@ from __future__ import annotations
 # runPolicy.backoffLimit.
 EXIT_CONFIG_ERROR = 2  # the config or the inputs were rejected; nothing written to output.dir
 EXIT_UPLOAD_FAILED = 3  # trained and exported, but the upload to output.uri failed
-EXIT_DIVERGED = 4  # the loss stayed NaN or infinite (training.max_nonfinite_steps)
+EXIT_DIVERGED = 4  # the loss stayed NaN or infinite (training.max_nonfinite_steps), or fp16 overflowed at the minimum loss scale
 EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped (preempted, suspended, deleted) after saving a checkpoint
 
 # Checkpoints are `<checkpoint.dir>/step-00000500/`; the operator reports that path in

@@ -28,19 +28,45 @@ RUN_FILE = "run.json"
 TRAINABLE_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def gather_fp32_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
-    """Collective over all ranks, in the same parameter order; the result is filled
-    only where `keep` is true (rank 0), so other ranks hold no full copy. Only trained
-    parameters: frozen ones (a LoRA run's base weights) hold a cast working copy and
-    are taken from the model source instead."""
+def fp16_master_weights(optimizer) -> dict[int, torch.Tensor]:
+    """{id(fp16 parameter): its fp32 master copy} for DeepSpeed's ZeRO-0 fp16 optimizers,
+    whose parameters safe_get_full_fp32_param does not know (they have no hp mapping: it
+    returns None, and the fp16-rounded working copy would be exported instead). Empty for
+    any other optimizer. Read from DeepSpeed 0.19's attributes: FP16_UnfusedOptimizer
+    (torch's Adam, CPU) keeps fp32_groups[g][i] beside fp16_groups[g][i]; FP16_Optimizer
+    (fused Adam, CUDA) one flat fp32_groups_flat[g] laid out as _flatten_dense_tensors
+    laid out fp16_groups[g]."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from torch._utils import _unflatten_dense_tensors
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        masters = optimizer.fp32_groups
+    elif isinstance(optimizer, FP16_Optimizer):
+        masters = [_unflatten_dense_tensors(flat, group) for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
+    else:
+        return {}
+    return {id(parameter): master for group, master_group in zip(optimizer.fp16_groups, masters)
+            for parameter, master in zip(group, master_group, strict=True)}
+
+
+def gather_fp32_state_dict(engine, *, keep: bool) -> dict[str, torch.Tensor]:
+    """The engine's module's weights: collective over all ranks, in the same parameter
+    order; the result is filled only where `keep` is true (rank 0), so other ranks hold
+    no full copy. Only trained parameters: frozen ones (a LoRA run's base weights) hold a
+    cast working copy and are taken from the model source instead."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    module = engine.module
+    fp16_masters = fp16_master_weights(engine.optimizer)
     state: dict[str, torch.Tensor] = {}
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
-        full = safe_get_full_fp32_param(parameter)
+        full = fp16_masters.get(id(parameter))
+        if full is None:
+            full = safe_get_full_fp32_param(parameter)
         if full is None:
             # No fp32 master copy (ZeRO-0 in fp32): gather the working copy (a no-op outside ZeRO-3).
             with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
@@ -142,7 +168,7 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     The engine's own modules are cast and (under ZeRO-3) partitioned, so the exported
     ones are fresh modules loaded with the gathered fp32 weights; the frozen parts
     (VAE, an untrained text encoder) were never cast and are saved as they are."""
-    state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
+    state = gather_fp32_state_dict(engine, keep=runtime.is_main)
     if runtime.is_main:
         pipeline = build_pipeline(components, **trained_modules(state, components))
         pipeline.to("cpu")

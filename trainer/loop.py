@@ -165,11 +165,40 @@ def eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+class LossScaleExhausted(Exception):
+    """fp16 gradients overflowed although the loss scale was already at its minimum."""
+
+
+# What DeepSpeed's DynamicLossScaler (ZeRO 1-3, DeepSpeed 0.19) raises, as a bare
+# Exception, when fp16 gradients overflow at min_loss_scale. Every rank raises it in the
+# same step: the overflow flag is reduced over the ranks first.
+DEEPSPEED_SCALE_AT_MINIMUM = "Current loss scale already at minimum"
+
+
+def step_optimizer(engine) -> None:
+    """engine.step(), raising LossScaleExhausted for an fp16 overflow at the minimum loss
+    scale: under ZeRO 1-3 DeepSpeed's own exception (else a traceback, exit 1, and gang
+    restarts that fail the same way), under ZeRO 0 a step skipped at the minimum (its
+    FP16 optimizers do not raise: they would skip every step to the end and export the
+    weights unchanged)."""
+    scaler = getattr(engine.optimizer, "loss_scale_config", None)  # ZeRO 0's FP16 optimizers only
+    at_minimum = (scaler is not None and scaler.dynamic_loss_scale and engine.is_gradient_accumulation_boundary()
+                  and scaler.cur_scale <= scaler.min_loss_scale)
+    try:
+        engine.step()
+    except Exception as error:
+        if type(error) is Exception and str(error).startswith(DEEPSPEED_SCALE_AT_MINIMUM):
+            raise LossScaleExhausted() from error
+        raise
+    if at_minimum and not engine.was_step_applied():
+        raise LossScaleExhausted()
+
+
 def train_micro_step(engine, denoising_step: DenoisingStep, prepared: PreparedBatch, micro_step: int) -> LossTerms:
     """Forward, backward and (at an accumulation boundary, DeepSpeed decides) the update."""
     terms = denoising_step.losses(prepared, micro_step)
     engine.backward(terms.loss)
-    engine.step()
+    step_optimizer(engine)
     return terms
 
 
@@ -219,6 +248,21 @@ def stop_diverged(config: TrainerConfig, runtime: Runtime, first: int, last: int
                            f"{clipping}, and run again")
 
 
+def stop_scale_exhausted(config: TrainerConfig, step: int) -> None:
+    """The fp16 loss scale cannot go lower: the gradients overflow fp16 even unscaled.
+    The checkpoints stay: an overflowing step is skipped, not applied, so no checkpoint
+    holds weights that the overflow broke (a NaN loss's do: stop_diverged retracts them)."""
+    training = config.training
+    kept = checkpoint.complete_checkpoints(config.checkpoint.dir)
+    resume = (f"the checkpoints are kept and the next run resumes from {kept[0].name}" if kept
+              else "no checkpoint was written, so the next run starts at step 0")
+    raise TrainingDiverged(
+        f"training diverged: at step {step} the fp16 gradients overflowed although the loss scale was already at its "
+        f"minimum, so no step could be applied; {resume}. Lower training.learning_rate (now {training.learning_rate:g}), "
+        f"or set training.precision: bf16 where the GPU supports it (A100, H100 and newer; bf16 needs no loss "
+        f"scale), and run again")
+
+
 def train(
     config: TrainerConfig,
     engine,
@@ -249,7 +293,11 @@ def train(
         step_started = time.monotonic()
         sums = None
         for _ in range(training.gradient_accumulation):
-            terms = train_micro_step(engine, denoising_step, batches.get(state.micro_step), state.micro_step)
+            try:
+                terms = train_micro_step(engine, denoising_step, batches.get(state.micro_step), state.micro_step)
+            except LossScaleExhausted:
+                batches.close()
+                stop_scale_exhausted(config, state.step + 1)
             state.micro_step += 1
             state.samples += samples_per_micro_step
             # Summed where the losses are: an .item() per term and micro-step would make the
@@ -273,6 +321,9 @@ def train(
                 report_step(values, json_format=config.logging.format == "json")
             if on_step is not None:
                 on_step(values)
+        # A NaN loss, not an fp16 overflow DeepSpeed skipped: those are routine while the loss
+        # scale settles (from 2**16 over the first steps, and after each growth) and apply no
+        # update, so their checkpoint is sound; the scale's minimum is their limit (step_optimizer).
         stopping, nonfinite = any_ranks(stop_requested(), not math.isfinite(sums[0].item()))
         if not nonfinite:
             first_nonfinite = None

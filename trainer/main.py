@@ -3,7 +3,8 @@
 Exit codes: 0 done, 2 bad config or input (nothing written to output.dir),
 3 trained and exported but the upload to output.uri failed (the model is in output.dir;
 a retry resumes from the final checkpoint and uploads again),
-4 diverged: the loss stayed NaN or infinite (training.max_nonfinite_steps); nothing
+4 diverged: the loss stayed NaN or infinite (training.max_nonfinite_steps), or fp16
+gradients overflowed at the minimum loss scale; nothing
 exported, the checkpoints from before the divergence kept,
 143 stopped by SIGTERM (or Ctrl-C) after saving a checkpoint.
 """

@@ -62,7 +62,7 @@ def image_grid(images: list, columns: int = GRID_COLUMNS):
 def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime):
     """Collective (every rank calls it at the same step). Returns the grid on rank 0,
     None elsewhere."""
-    state = gather_fp32_state_dict(engine.module, keep=runtime.is_main)
+    state = gather_fp32_state_dict(engine, keep=runtime.is_main)
     grid = None
     if runtime.is_main:
         grid = _generate_on_main(state, components, config, runtime)
