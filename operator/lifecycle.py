@@ -285,7 +285,7 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
 _NOT_RETRIED = {
     EXIT_CONFIG_ERROR: (c.REASON_INVALID_TRAINER_INPUT, "rejected its config or inputs",
                         "fix the spec (the pod's log names the field) and recreate the job"),
-    EXIT_DIVERGED: (c.REASON_TRAINING_DIVERGED, "stopped training: the loss stayed NaN or infinite",
+    EXIT_DIVERGED: (c.REASON_TRAINING_DIVERGED, "stopped training: the loss stayed NaN or infinite, or fp16 gradients overflowed at the minimum loss scale",
                     "lower spec.training.learningRate and recreate the job; it resumes from the last "
                     "checkpoint before the divergence (the pod's log names it)"),
 }
