@@ -279,4 +279,12 @@ def load_latest(engine, config: CheckpointConfig, runtime: Runtime, lora: LoraCo
             raise ConfigError(f"checkpoint.resume = {config.resume!r} does not load ({error or 'failed on another rank'}); "
                               "name another checkpoint folder, or set auto (the latest complete one that loads)")
         log.warning("checkpoint %s skipped: it does not load (%s)", folder, error or "failed on another rank")
+    if candidates:
+        # A failed load may have put part of a checkpoint into the engine (DeepSpeed loads
+        # the weights before the optimizer state): training on from step 0 would start
+        # from those, and retention would then delete the checkpoints themselves.
+        raise ConfigError(
+            f"none of the {len(candidates)} complete checkpoint(s) in checkpoint.dir = {str(config.dir)!r} loads "
+            f"({', '.join(folder.name for folder in candidates)}; each skipped above with its error). Move them "
+            "away to keep them, or set checkpoint.resume=never to start over from the base model")
     return None, None

@@ -189,6 +189,25 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
     assert sorted(path.name for path in (root / "checkpoints").iterdir() if "universal" in path.name) == []
 
 
+@pytest.mark.slow
+def test_when_no_checkpoint_loads_the_run_stops_instead_of_training_on_partly_loaded_weights(tmp_path):
+    root = tmp_path / "run"
+    config_path = write_config(root, resume_config(root, training={"max_steps": 3}, checkpoint={"every_steps": 3}))
+    assert run_trainer(config_path).returncode == 0
+    [only] = checkpoint.complete_checkpoints(root / "checkpoints")
+    optimizer_states = sorted(only.glob("*optim_states.pt"))[0]  # the module's weights load, then this fails
+    optimizer_states.write_bytes(b"\0" * optimizer_states.stat().st_size)
+
+    resumed = launch(config_path, "--set", "training.max_steps=5")
+    _, errors = resumed.communicate(timeout=300)
+    assert resumed.returncode == 2, errors[-4000:]
+    assert f"checkpoint {only} skipped: it does not load" in errors
+    assert (f"none of the 1 complete checkpoint(s) in checkpoint.dir = '{root / 'checkpoints'}' loads "
+            "(step-00000003; each skipped above with its error)") in errors
+    assert checkpoint.complete_checkpoints(root / "checkpoints") == [only]
+    assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 3  # the first run's, untouched
+
+
 def relist(folder, *, drop=()):
     """The manifest rewritten for the files as they are now, as anyone who can write the volume can."""
     raw = json.loads((folder / MANIFEST).read_text())
