@@ -49,6 +49,12 @@ ANNOTATION_GANG_NODES = f"{GROUP}/nodes"
 # Worker pods.
 WORKER_CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
+# How long worker-0's TCPStore waits for the other workers to join (torchrun's static
+# rendezvous waits 600 s by default). On a real cluster a gang seldom starts at once: a
+# worker may wait for the cluster autoscaler to add a GPU node and then pull a 10-15 GB
+# image. At 600 s the ones already running failed (exit 1, a counted restart) and the
+# restart deleted the worker that was nearly there.
+RENDEZVOUS_TIMEOUT_SECONDS = 1800
 CONFIG_MOUNT_DIR = "/etc/dreambooth"
 CONFIG_FILE_NAME = "config.yaml"
 CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"

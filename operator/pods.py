@@ -27,6 +27,7 @@ from .constants import (
     POD_GROUP_APIS,
     POD_GROUP_KIND,
     RENDEZVOUS_PORT,
+    RENDEZVOUS_TIMEOUT_SECONDS,
     SHM_MOUNT_DIR,
     SHM_VOLUME,
     STORAGE_MOUNT_DIR,
@@ -64,6 +65,7 @@ def torchrun_command(job: Job, index: int) -> list[str]:
         "--shutdown-timeout", str(launcher_shutdown_seconds(workers.termination_grace_period_seconds)),
         "--master_addr", rendezvous_address(job.name),
         "--master_port", str(RENDEZVOUS_PORT),
+        "--rdzv_conf", f"timeout={RENDEZVOUS_TIMEOUT_SECONDS}",
         TRAINER_ENTRY,
         "--config", CONFIG_PATH,
     ]

@@ -81,7 +81,11 @@ def metrics_url(worker0: dict[str, Any] | None, port: int) -> str | None:
     pod has, is used rather than its DNS name `<job>-worker-0.<job>`: that name only
     resolves inside the cluster, and a lookup that cannot succeed would stall."""
     host = ((worker0 or {}).get("status") or {}).get("podIP")
-    return f"http://{host}:{port}/metrics" if host else None
+    if not host:
+        return None
+    if ":" in host:  # an IPv6 pod IP (IPv6-only and IPv6-first dual-stack clusters) goes in brackets
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
 
 
 def scrape_session() -> aiohttp.ClientSession:

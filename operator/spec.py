@@ -26,6 +26,7 @@ from .constants import (
     LABEL_MANAGED_BY,
     LABEL_NAME,
     OPERATOR_MOUNT_DIRS,
+    RENDEZVOUS_PORT,
     SHM_VOLUME,
     STORAGE_VOLUME,
     VOLCANO_SCHEDULER,
@@ -294,6 +295,18 @@ class RunPolicySpec(_Spec):
 
 class MetricsSpec(_Spec):
     port: int = Field(9090, ge=0, le=65535)
+
+    @field_validator("port")
+    @classmethod
+    def _free_for_the_worker(cls, port: int) -> int:
+        # The API server refuses a Service with the rendezvous port twice (and both would
+        # bind it); a worker without capabilities cannot bind a port below 1024.
+        if port == RENDEZVOUS_PORT:
+            raise ValueError("taken by the workers' rendezvous (torchrun's TCPStore); pick another, e.g. 9090")
+        if 0 < port < 1024:
+            raise ValueError("the workers run as a non-root user without capabilities and cannot bind a port "
+                             "below 1024; pick one from 1024 up, e.g. 9090 (0 turns the endpoint off)")
+        return port
 
 
 class ValidationSpec(_Spec):

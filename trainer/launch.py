@@ -8,6 +8,7 @@ to stop. This launcher runs the same torchrun in-process and exits with:
   3     trained and exported, but the upload to output.uri failed;
   4     training diverged: the loss stayed NaN or infinite (retrying the same config cannot help);
   143   stopped by SIGTERM (preemption, suspend, delete), after the workers saved a checkpoint;
+  1     the nodes did not all join the rendezvous in time (--rdzv_conf timeout=...);
   N     otherwise the first failed worker's exit code (or 128 + signal when it was killed).
 """
 
@@ -22,6 +23,7 @@ def exit_code_for_failure(exitcode: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -31,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as stop:
         print(f"launcher: stopped by signal {int(stop.sigval)}", file=sys.stderr, flush=True)
         return 128 + int(stop.sigval)
+    except DistStoreError as error:
+        # Raised by the static rendezvous itself, before any worker started: no traceback
+        # of torchrun's internals, but what to look at.
+        print(f"launcher: the nodes did not all reach the rendezvous ({error}); look for workers still pending "
+              "or failing to start, the rendezvous address not resolving (its headless Service), or a network "
+              "policy between the nodes", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as failure:
         rank, first = failure.get_first_failure()
         code = exit_code_for_failure(first.exitcode)

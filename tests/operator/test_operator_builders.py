@@ -207,7 +207,7 @@ def test_worker_pods_run_torchrun_with_static_rendezvous(nodes: int, gpus: int, 
         assert container["command"] == [
             "python", "-m", "trainer.launch", "--nnodes", str(nodes), "--node_rank", str(index), "--nproc_per_node", expected_procs,
             "--shutdown-timeout", "112", "--master_addr", "sks-dog-worker-0.sks-dog", "--master_port", "29500",
-            "trainer/main.py", "--config", "/etc/dreambooth/config.yaml",
+            "--rdzv_conf", "timeout=1800", "trainer/main.py", "--config", "/etc/dreambooth/config.yaml",
         ]
         assert pod["spec"]["hostname"] == f"sks-dog-worker-{index}"
         assert pod["spec"]["subdomain"] == "sks-dog"
@@ -453,6 +453,9 @@ _DELETE = object()
     ("model", {"source": "https://bob:hunter2@models.example/sd15/"}, "spec.model.source: holds a password"),
     ("output", {"dtype": "fp8"}, "spec.output.dtype = 'fp8'"),
     ("runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit = -1"),
+    # A real API server refuses the Service with 29500 twice (kmock would not): caught first.
+    ("metrics.port", 29500, "spec.metrics.port = 29500: taken by the workers' rendezvous"),
+    ("metrics.port", 80, "spec.metrics.port = 80: the workers run as a non-root user"),
     ("workers.labels", {"dreambooth.io/job": "other"}, "'dreambooth.io/job' is set by the operator"),
     ("workers.labels", {"team": "computer vision"}, "'computer vision' of 'team' is not a valid label value"),
     ("workers.annotations", {"bad key!": "x"}, "'bad key!' is not a valid key"),

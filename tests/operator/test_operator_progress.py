@@ -9,7 +9,7 @@ import math
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from prometheus_client import generate_latest
+from prometheus_client import generate_latest, start_http_server
 
 from dreambooth_operator.scrape import (
     MAX_SCRAPE_BYTES,
@@ -74,6 +74,24 @@ def test_rank0_is_scraped_at_worker0s_pod_ip() -> None:
     assert metrics_url({"status": {"podIP": "10.0.0.7"}}, 9090) == "http://10.0.0.7:9090/metrics"
     assert metrics_url({"status": {}}, 9090) is None
     assert metrics_url(None, 9090) is None
+
+
+def test_an_ipv6_pod_ip_is_scraped_in_brackets() -> None:
+    # IPv6-only and IPv6-first dual-stack clusters give pods IPv6 addresses: without the
+    # brackets the URL does not parse, and no progress ever reached status.
+    assert metrics_url({"status": {"podIP": "fd00:10:244::5"}}, 9090) == "http://[fd00:10:244::5]:9090/metrics"
+    metrics = TrainerMetrics(max_steps=100, labels={})
+    metrics.record_position(step=42, samples=84)
+    server, thread = start_http_server(0, addr="::1", registry=metrics.registry)
+    try:
+        async def scraped() -> dict[str, float] | None:
+            async with scrape_session() as session:
+                return await scrape(session, metrics_url({"status": {"podIP": "::1"}}, server.server_port))
+
+        assert asyncio.run(scraped())["dreambooth_step"] == 42
+    finally:
+        server.shutdown()
+        thread.join()
 
 
 def test_a_new_checkpoint_ends_a_run_of_preemptions() -> None:

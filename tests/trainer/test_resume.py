@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_trainer, tiny_config, write_config
+from tests.trainer.prometheus_server import free_port
 from tests.trainer.test_rng import OpensAFile
 from trainer import checkpoint, rng
 from trainer.config import CheckpointConfig
@@ -31,6 +32,20 @@ def launch(config_path, *extra) -> subprocess.Popen:
                str(REPO / "trainer" / "main.py"), "--config", str(config_path), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_node_missing_from_the_rendezvous_ends_the_launcher_with_what_to_look_at_after_rdzv_conf_timeout():
+    """The operator's worker command: static rendezvous of 2 nodes, of which only this one
+    comes. The wait is the --rdzv_conf timeout (the operator passes 1800 s), then exit 1."""
+    command = [sys.executable, "-m", "trainer.launch", "--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--rdzv_conf", "timeout=3",
+               str(REPO / "trainer" / "main.py"), "--config", "unused.yaml"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 3 <= time.monotonic() - started < 60
+    assert "launcher: the nodes did not all reach the rendezvous (Timed out after" in result.stderr
+    assert "1/2 clients joined" in result.stderr and "Traceback" not in result.stderr
 
 
 def read_until(process: subprocess.Popen, predicate, timeout: float) -> list[str]:
