@@ -249,8 +249,9 @@ class Reconciler:
                                  created_status(status, job.spec.workers.nodes, utc_now()))
 
     async def _refused_children(self, job: Job, index: int) -> str | None:
-        """What the API server says against the claim and a worker pod this pass would
-        create, asked in a dry run before anything is written: spec.workers passes
+        """What the API server says against the children this pass would create (Service,
+        NetworkPolicy, claim, PodGroup, a worker pod), asked in a dry run before anything
+        is written: spec.workers passes
         volumes, tolerations, env and resources through as they are, and a malformed one
         must fail the job with the server's words, not fail every pass in the log."""
         taken = await self._names_taken(job)
@@ -258,8 +259,10 @@ class Reconciler:
             return taken
         fixes = {"Pod": "fix the spec field it comes from (a pod's spec.* from spec.workers)",
                  "PersistentVolumeClaim": "fix spec.storage",
-                 "PodGroup": "install that scheduler, or remove spec.runPolicy.gangScheduling"}
-        children = [build_claim(job), build_pod_group(job), build_worker_pod(job, index, 0, "dry-run")]
+                 "PodGroup": "install that scheduler, or remove spec.runPolicy.gangScheduling",
+                 "Service": "fix spec.metrics.port", "NetworkPolicy": "fix spec.metrics.port"}
+        children = [build_service(job), build_network_policy(job) if self.settings.network_policy else None,
+                    build_claim(job), build_pod_group(job), build_worker_pod(job, index, 0, "dry-run")]
         for child in filter(None, children):
             message = await self.api.refusal(child)
             if message is not None:
