@@ -102,6 +102,19 @@ def build_claim(job: Job) -> dict[str, Any] | None:
     }
 
 
+def differs_where_built(built: Any, live: Any) -> bool:
+    """Whether a child's `live` spec, as the API server holds it, differs from the `built`
+    one in anything the builder sets. What only the live one has is the API server's
+    (a Service's clusterIPs, ipFamilies, sessionAffinity, type): counting it would have
+    the operator rewrite the child at every gang start."""
+    if isinstance(built, dict):
+        return not isinstance(live, dict) or any(differs_where_built(value, live.get(key))
+                                                 for key, value in built.items())
+    if isinstance(built, list):
+        return not isinstance(live, list) or len(built) != len(live) or any(map(differs_where_built, built, live))
+    return bool(built != live)
+
+
 def output_status(job: Job) -> dict[str, Any]:
     """status.output of a succeeded job: where its model is, so nobody has to know the
     layout of the claim (and the URI it was uploaded to, if any)."""

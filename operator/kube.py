@@ -109,6 +109,11 @@ class KubeApi:
         "PersistentVolumeClaim": "read_namespaced_persistent_volume_claim",
         "NetworkPolicy": "read_namespaced_network_policy",
     }
+    # Merge-patched: the spec of a child of the job's own that the builder now makes otherwise.
+    _PATCH = {
+        "Service": "patch_namespaced_service",
+        "NetworkPolicy": "patch_namespaced_network_policy",
+    }
     _LIST = {
         "Pod": "list_namespaced_pod",
         "Service": "list_namespaced_service",
@@ -207,11 +212,20 @@ class KubeApi:
         return await self._delete(self._method(self._DELETE, kind), name, namespace)
 
     async def replace_spec(self, obj: dict[str, Any]) -> None:
-        """Set the spec of an existing child a CRD serves (a PodGroup whose gang was resized)."""
-        group, version, plural = self.custom_resource(obj)
+        """Set the spec of an existing child to `obj`'s (a PodGroup whose gang was resized, a
+        Service and NetworkPolicy whose metrics port was edited). A merge patch: the keys
+        `obj` names are set, a list it names is replaced whole, and the keys the API server
+        filled in (a Service's clusterIPs, ipFamilies, ...) are kept."""
         meta = obj["metadata"]
-        await self._call(self._custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural,
-                         meta["name"], {"spec": obj["spec"]}, _content_type=MERGE_PATCH, _preload_content=False)
+        body = {"spec": obj["spec"]}
+        custom = self.custom_resource(obj)
+        if custom is not None:
+            group, version, plural = custom
+            await self._call(self._custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural,
+                             meta["name"], body, _content_type=MERGE_PATCH, _preload_content=False)
+            return
+        await self._call(self._method(self._PATCH, obj["kind"]), meta["name"], meta["namespace"], body,
+                         _content_type=MERGE_PATCH, _preload_content=False)
 
     async def delete_custom(self, obj: dict[str, Any]) -> bool:
         """Delete a child a CRD serves; False when it (or its CRD) is gone (404)."""

@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import build_claim, build_config_map, build_network_policy, build_service, output_status
+from .children import (build_claim, build_config_map, build_network_policy, build_service, differs_where_built,
+                       output_status)
 from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
 from .kube import CreateForbidden, KubeApi
@@ -309,19 +310,29 @@ class Reconciler:
             await self.api.patch_job_status(namespace, name, patch)
 
     async def _create_children(self, job: Job, config_map: dict[str, Any]) -> None:
-        """Everything the workers need, created if absent; the config is refreshed so a
-        new gang runs the job's current spec."""
+        """Everything the workers need, created if absent; the config, Service, NetworkPolicy
+        and PodGroup are brought up to the job's current spec, so a new gang runs it."""
         if not await self.api.create(config_map):
             await self.api.replace_config_map(config_map)
-        await self.api.create(build_service(job))
+        await self._create_or_update(job, build_service(job))
         if self.settings.network_policy:  # before the workers, which listen from their start
-            await self.api.create(build_network_policy(job))
+            await self._create_or_update(job, build_network_policy(job))
         claim = build_claim(job)
         if claim is not None:
             await self.api.create(claim)
         pod_group = build_pod_group(job)
         if pod_group is not None and not await self.api.create(pod_group):
             await self.api.replace_spec(pod_group)  # minMember follows workers.nodes
+
+    async def _create_or_update(self, job: Job, child: dict[str, Any]) -> None:
+        """Create `child`; the job's own one of its name gets the spec built now where that
+        differs (the Service and NetworkPolicy name the metrics port the new gang listens
+        on). Someone else's is never touched: `_names_taken` has refused the job for it."""
+        if await self.api.create(child):
+            return
+        live = await self.api.get(child["kind"], job.namespace, child["metadata"]["name"])
+        if live is not None and job.uid in owner_uids(live) and differs_where_built(child["spec"], live.get("spec")):
+            await self.api.replace_spec(child)
 
     async def _maybe_scrape(self, job: Job, status: dict[str, Any], pods: list[dict[str, Any]]) -> float:
         key = (job.namespace, job.name)

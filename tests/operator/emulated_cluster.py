@@ -10,8 +10,9 @@ ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
 (`kubectl get` columns from the stored CRD's additionalPrinterColumns), server-side
-dry runs of Pod and PersistentVolumeClaim creation, one of the API server's semantic
-Pod checks (see semantic_refusal) and a ResourceQuota's `pods` count.
+dry runs of creation (answered, never stored; Pods and PersistentVolumeClaims checked),
+one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQuota's
+`pods` count and the fields an API server fills into a Service (server_defaults.py).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -40,6 +41,7 @@ from aiohttp import web
 from kmock import ResourceInfo
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
+from server_defaults import default_service
 
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
 
@@ -77,6 +79,8 @@ def failure_status(code: int, reason: str, message: str = "") -> dict[str, Any]:
 # Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
 DRY_RUN_KINDS = {"pods": "Pod", "persistentvolumeclaims": "PersistentVolumeClaim"}
 CREATE_URL = re.compile(rf"/api/v1/namespaces/([^/]+)/({'|'.join(DRY_RUN_KINDS)})/?")
+# Any other core kind's create (a Service, a ConfigMap): a dry run of it is answered, not stored.
+CORE_CREATE_URL = re.compile(r"/api/v1/namespaces/[^/]+/[^/]+/?")
 # Namespaced objects of an API group: those of RESOURCES are dry-run as well; those of a CRD
 # this cluster lacks get the 404 of an API server that does not know them (kmock itself
 # would accept anything).
@@ -145,7 +149,8 @@ class Emulator(kmock.KubernetesEmulator):
         if resource in NOT_INSTALLED:
             return web.json_response(failure_status(404, "NotFound", "the server could not find the requested resource"),
                                      status=404)
-        if resource in SERVED and raw_request.method == "POST" and raw_request.query.get("dryRun") == "All":
+        dry_run = raw_request.method == "POST" and raw_request.query.get("dryRun") == "All"
+        if dry_run and (resource in SERVED or CORE_CREATE_URL.fullmatch(raw_request.path)):
             return web.json_response(json.loads(await raw_request.read()), status=201)
         match = NAMESPACES_URL.fullmatch(raw_request.path)
         if match is None or raw_request.method != "GET":
@@ -210,6 +215,8 @@ class Emulator(kmock.KubernetesEmulator):
                 meta.setdefault("namespace", request.namespace) if request.namespace else None
                 if request.resource.plural == "pods":
                     request.data.setdefault("status", {"phase": "Pending"})
+                if request.resource.plural == "services":
+                    default_service(request.data)
             if request.action == kmock.action.UPDATE and request.subresource is None and "spec" in request.data:
                 # Like an API server: a spec change (not a status or metadata one) bumps the generation.
                 key = (request.resource, request.namespace, request.name)

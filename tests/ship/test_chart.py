@@ -131,6 +131,8 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     # KubeApi can list every child kind; grant `list` only on those the operator lists.
     for kind in listed_kinds():
         needed[RESOURCES[kind]].add("list")
+    for kind in KubeApi._PATCH:  # replace_spec
+        needed[RESOURCES[kind]].add("patch")
     needed[("", "configmaps")].add("patch")  # replace_config_map
     needed[("", "pods")].add("watch")  # kopf's pod event handler
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
@@ -192,7 +194,7 @@ def operator_settings(objects: list[dict[str, Any]]) -> Any:
 
 
 def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(rendered) -> None:
-    policy_verbs = {"get", "create", "delete"}  # exactly: create, and delete only its own
+    policy_verbs = {"get", "create", "delete", "patch"}  # exactly: create, and patch and delete only its own
     assert operator_settings(rendered["defaults"]).network_policy is True
     cluster_wide = [rules_of(role) for role in by_kind(rendered["defaults"], "ClusterRole")]
     assert set().union(*(rules.get(NETWORK_POLICIES, set()) for rules in cluster_wide)) == policy_verbs

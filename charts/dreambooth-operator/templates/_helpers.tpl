@@ -55,12 +55,12 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
   resources: [pods]
   verbs: [get, list, watch, create, delete]
 # Each job's headless Service, trainer ConfigMap and (optional) checkpoint claim;
-# the ConfigMap is patched when the spec changes.
+# the ConfigMap and the Service are patched when a new gang starts after a spec edit.
 - apiGroups: [""]
-  resources: [services, persistentvolumeclaims]
+  resources: [persistentvolumeclaims]
   verbs: [get, create, delete]
 - apiGroups: [""]
-  resources: [configmaps]
+  resources: [services, configmaps]
   verbs: [get, create, delete, patch]
 # Gang scheduling (spec.runPolicy.gangScheduling): a job's PodGroup, Volcano's or the
 # coscheduling plugin's, created, resized with its gang and deleted with the job.
@@ -69,10 +69,11 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
   verbs: [create, patch, delete]
 {{- if .Values.networkPolicy.enabled }}
 # Each job's NetworkPolicy (networkPolicy.enabled), created before its workers, read to
-# tell the job's own from someone else's of the name, deleted with the job.
+# tell the job's own from someone else's of the name, patched when a new gang starts
+# after a spec edit, deleted with the job.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, delete]
+  verbs: [get, create, delete, patch]
 {{- end }}
 # The operator's and kopf's Events on jobs; a repeat of one of the operator's bumps its count.
 - apiGroups: [""]

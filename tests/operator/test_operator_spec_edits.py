@@ -1,0 +1,125 @@
+"""A spec edit reaches every child the next gang depends on, by the real operator against
+the emulated API: the Service and the NetworkPolicy name the metrics port the new gang
+listens on from the moment its workers exist, while a running gang keeps the children
+it was started with; a gang start without an edit rewrites nothing (the emulated API
+fills a Service with defaults, as a real one does, that the operator must not fight)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import kubernetes_validate
+import pytest
+from dbj_examples import KUBERNETES_VERSION, MINIMAL_SPEC, job_body
+from emulated_cluster import EmulatedCluster
+from operator_harness import Cluster, OperatorProcess, terminated, wait_for
+from server_defaults import default_service
+
+from dreambooth_operator.children import build_network_policy, build_service, differs_where_built
+from dreambooth_operator.spec import Job
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def cluster(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    yield Cluster(emulated)
+    process.stop()
+
+
+def with_metrics_port(port: int) -> dict[str, Any]:
+    return {**copy.deepcopy(MINIMAL_SPEC), "metrics": {"port": port}}
+
+
+def service_metrics_ports(cluster: Cluster, job: str) -> list[int]:
+    [service] = cluster.services(job)
+    return [p["port"] for p in service["spec"]["ports"] if p["name"] == "metrics"]
+
+
+def policy_ports(cluster: Cluster, job: str) -> list[int]:
+    [policy] = cluster.network_policies(job)
+    return [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports") or []]
+
+
+def pod_metrics_ports(pod: dict[str, Any]) -> list[int]:
+    return [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p["name"] == "metrics"]
+
+
+def versions(cluster: Cluster, job: str) -> dict[str, str]:
+    """resourceVersion of the Service and the NetworkPolicy: every write changes it."""
+    [service], [policy] = cluster.services(job), cluster.network_policies(job)
+    return {kind: obj["metadata"]["resourceVersion"] for kind, obj in (("Service", service), ("NetworkPolicy", policy))}
+
+
+def next_gang(cluster: Cluster, job: str, gang: str) -> list[dict[str, Any]]:
+    """Fail the running gang's worker-0 and return the next gang's workers as soon as they exist."""
+    cluster.set_pod_status(f"{job}-worker-0", terminated(1, "Error"))
+    return wait_for(lambda: (p := cluster.pods(job)) and all(x["metadata"]["labels"]["dreambooth.io/gang"] == gang
+                                                              for x in p) and p, what=f"gang {gang}'s workers")
+
+
+@pytest.mark.parametrize("build", [build_service, build_network_policy])
+def test_only_what_the_builder_sets_counts_as_a_difference(build: Any) -> None:
+    def built(port: int) -> dict[str, Any]:
+        return build(Job.from_body(job_body("sks-dog", with_metrics_port(port))))["spec"]
+
+    stored = copy.deepcopy(built(9100))
+    if build is build_service:
+        default_service({"spec": stored})
+        stored["ports"][0]["appProtocol"] = "tcp"  # a key someone added beside the builder's
+        assert stored != built(9100)
+    assert not differs_where_built(built(9100), stored)
+    assert differs_where_built(built(9200), stored)  # the port changed
+    assert differs_where_built(built(0), stored)  # the metrics port is gone: a list got shorter
+    assert differs_where_built(built(9100), {})
+
+
+def test_an_edited_metrics_port_is_in_the_service_and_policy_when_the_next_gang_starts(cluster: Cluster) -> None:
+    cluster.create_job("porty", with_metrics_port(9100))
+    [pod] = wait_for(lambda: cluster.pods("porty"), what="the worker")
+    cluster.run_pods("porty")
+    wait_for(lambda: cluster.status("porty").get("phase") == "Running", what="Running")
+
+    # The running gang keeps the port it listens on: it is not restarted for the edit, and
+    # its Service and policy stay as they were through the passes that read the new spec.
+    cluster.patch_spec("porty", {"metrics": {"port": 9200}})
+    wait_for(lambda: cluster.status("porty").get("observedGeneration") == 2, what="a pass over the edit")
+    assert [p["metadata"]["uid"] for p in cluster.pods("porty")] == [pod["metadata"]["uid"]]
+    assert service_metrics_ports(cluster, "porty") == [9100]
+    assert policy_ports(cluster, "porty") == [9100]
+
+    # Read the moment the new worker exists: the children were brought up to date before it.
+    [pod] = next_gang(cluster, "porty", "1")
+    assert pod_metrics_ports(pod) == [9200]
+    assert service_metrics_ports(cluster, "porty") == [9200]
+    assert policy_ports(cluster, "porty") == [9200]
+    [service] = cluster.services("porty")
+    assert service["spec"]["clusterIP"] == "None"  # still headless; what the server filled in is kept
+    assert service["spec"]["clusterIPs"] == ["None"] and service["spec"]["ipFamilies"] == ["IPv4"]
+    kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
+    kubernetes_validate.validate(cluster.network_policies("porty")[0], KUBERNETES_VERSION, strict=True)
+
+    # Turning the endpoint off takes the port out of both, too.
+    cluster.patch_spec("porty", {"metrics": {"port": 0}})
+    wait_for(lambda: cluster.status("porty").get("observedGeneration") == 3, what="a pass over the edit")
+    [pod] = next_gang(cluster, "porty", "2")
+    assert pod_metrics_ports(pod) == []
+    assert service_metrics_ports(cluster, "porty") == []
+    assert policy_ports(cluster, "porty") == []
+
+
+def test_a_gang_start_without_an_edit_writes_neither_service_nor_policy(cluster: Cluster) -> None:
+    cluster.create_job("steady", with_metrics_port(9100))
+    wait_for(lambda: cluster.pods("steady"), what="the worker")
+    cluster.run_pods("steady")
+    wait_for(lambda: cluster.status("steady").get("phase") == "Running", what="Running")
+    before = versions(cluster, "steady")
+    [service] = cluster.services("steady")
+    assert service["spec"]["sessionAffinity"] == "None"  # the server's defaults are there to ignore
+
+    next_gang(cluster, "steady", "1")
+    cluster.run_pods("steady")
+    wait_for(lambda: cluster.status("steady").get("phase") == "Running", what="Running again")
+    assert versions(cluster, "steady") == before
