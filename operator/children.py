@@ -12,6 +12,7 @@ from .constants import (
     ANNOTATION_CONFIG_HASH,
     CONFIG_FILE_NAME,
     DEFAULT_SCRAPE_INTERVAL_SECONDS,
+    METRICS_PORT_NAME,
     RENDEZVOUS_PORT,
     STORAGE_MOUNT_DIR,
 )
@@ -45,7 +46,7 @@ def build_service(job: Job) -> dict[str, Any]:
     """Headless Service that gives each worker a stable DNS name (`<pod>.<job>`)."""
     ports = [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     if job.spec.metrics.port:
-        ports.append({"name": "metrics", "port": job.spec.metrics.port,
+        ports.append({"name": METRICS_PORT_NAME, "port": job.spec.metrics.port,
                       "targetPort": job.spec.metrics.port, "protocol": "TCP"})
     return {
         "apiVersion": "v1",

@@ -49,6 +49,8 @@ ANNOTATION_GANG_NODES = f"{GROUP}/nodes"
 # Worker pods.
 WORKER_CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
+# The name of the worker's port (and the Service's) that rank 0's metrics endpoint listens on.
+METRICS_PORT_NAME = "metrics"
 # How long worker-0's TCPStore waits for the other workers to join (torchrun's static
 # rendezvous waits 600 s by default). On a real cluster a gang seldom starts at once: a
 # worker may wait for the cluster autoscaler to add a GPU node and then pull a 10-15 GB

@@ -24,6 +24,7 @@ from .constants import (
     INSTANCE_IMAGES_MOUNT_DIR,
     INSTANCE_IMAGES_VOLUME,
     LAUNCHER,
+    METRICS_PORT_NAME,
     POD_GROUP_APIS,
     POD_GROUP_KIND,
     RENDEZVOUS_PORT,
@@ -178,7 +179,7 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
     volumes, mounts = worker_volumes(job)
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     if job.spec.metrics.port:
-        ports.append({"name": "metrics", "containerPort": job.spec.metrics.port, "protocol": "TCP"})
+        ports.append({"name": METRICS_PORT_NAME, "containerPort": job.spec.metrics.port, "protocol": "TCP"})
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": workers.image,

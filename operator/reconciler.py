@@ -344,7 +344,7 @@ class Reconciler:
         worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
         if self._http is None:
             self._http = scrape_session()
-        url = metrics_url(worker0, job.spec.metrics.port)
+        url = metrics_url(worker0)
         values = await scrape(self._http, url) if url is not None else None
         if values:
             fields = progress_status(values, status, job_checkpoint_dir(job.name), timestamp(utc_now()))

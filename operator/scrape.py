@@ -23,6 +23,8 @@ from trainer.contract import (
     step_folder_name,
 )
 
+from .constants import METRICS_PORT_NAME
+
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Rank 0's exposition is a few KiB. The endpoint runs the job author's image, and one
 # shared operator reads it: a larger answer (a compressed one inflating to gigabytes)
@@ -76,13 +78,18 @@ def progress_status(values: dict[str, float], status: dict[str, Any], checkpoint
     return {key: value for key, value in fields.items() if status.get(key) != value}
 
 
-def metrics_url(worker0: dict[str, Any] | None, port: int) -> str | None:
+def metrics_url(worker0: dict[str, Any] | None) -> str | None:
     """Rank 0 lives on worker-0 (static rendezvous). Its pod IP, which every running
     pod has, is used rather than its DNS name `<job>-worker-0.<job>`: that name only
-    resolves inside the cluster, and a lookup that cannot succeed would stall."""
+    resolves inside the cluster, and a lookup that cannot succeed would stall. The port
+    is the one the pod was made with, not the spec's: an edit of spec.metrics.port
+    reaches the next gang, and the running one goes on serving where it started."""
     host = ((worker0 or {}).get("status") or {}).get("podIP")
-    if not host:
+    ports = [port for container in ((worker0 or {}).get("spec") or {}).get("containers") or []
+             for port in container.get("ports") or [] if port.get("name") == METRICS_PORT_NAME]
+    if not host or not ports:
         return None
+    port = ports[0]["containerPort"]
     if ":" in host:  # an IPv6 pod IP (IPv6-only and IPv6-first dual-stack clusters) goes in brackets
         host = f"[{host}]"
     return f"http://{host}:{port}/metrics"

@@ -4,13 +4,17 @@ metrics module (the contract of DESIGN.md "Metrics"), and the status fields it y
 from __future__ import annotations
 
 import asyncio
+import copy
 import gzip
 import math
+from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from dbj_examples import MINIMAL_SPEC, job_body
 from prometheus_client import generate_latest, start_http_server
 
+from dreambooth_operator.pods import build_worker_pod
 from dreambooth_operator.scrape import (
     MAX_SCRAPE_BYTES,
     metrics_url,
@@ -19,6 +23,7 @@ from dreambooth_operator.scrape import (
     scrape,
     scrape_session,
 )
+from dreambooth_operator.spec import Job
 from trainer.metrics import TrainerMetrics
 
 NOW = "2026-06-01T12:00:00Z"
@@ -70,23 +75,33 @@ def test_checkpoint_time_is_kept_while_the_checkpoint_is_the_same() -> None:
     assert "latestCheckpoint" not in progress_status(values, status, "/c", NOW)
 
 
-def test_rank0_is_scraped_at_worker0s_pod_ip() -> None:
-    assert metrics_url({"status": {"podIP": "10.0.0.7"}}, 9090) == "http://10.0.0.7:9090/metrics"
-    assert metrics_url({"status": {}}, 9090) is None
-    assert metrics_url(None, 9090) is None
+def worker0(pod_ip: str | None, port: int = 9090) -> dict[str, Any]:
+    """Worker-0 as the operator builds it for a spec with this metrics port, and its pod IP."""
+    spec = {**copy.deepcopy(MINIMAL_SPEC), "metrics": {"port": port}}
+    pod = build_worker_pod(Job.from_body(job_body("sks-dog", spec)), 0, 0, "h")
+    pod["status"] = {"podIP": pod_ip} if pod_ip else {}
+    return pod
+
+
+def test_rank0_is_scraped_at_worker0s_pod_ip_on_the_port_worker0_was_made_with() -> None:
+    assert metrics_url(worker0("10.0.0.7")) == "http://10.0.0.7:9090/metrics"
+    assert metrics_url(worker0("10.0.0.7", port=9100)) == "http://10.0.0.7:9100/metrics"
+    assert metrics_url(worker0("10.0.0.7", port=0)) is None  # a gang started without the endpoint
+    assert metrics_url(worker0(None)) is None
+    assert metrics_url(None) is None
 
 
 def test_an_ipv6_pod_ip_is_scraped_in_brackets() -> None:
     # IPv6-only and IPv6-first dual-stack clusters give pods IPv6 addresses: without the
     # brackets the URL does not parse, and no progress ever reached status.
-    assert metrics_url({"status": {"podIP": "fd00:10:244::5"}}, 9090) == "http://[fd00:10:244::5]:9090/metrics"
+    assert metrics_url(worker0("fd00:10:244::5")) == "http://[fd00:10:244::5]:9090/metrics"
     metrics = TrainerMetrics(max_steps=100, labels={})
     metrics.record_position(step=42, samples=84)
     server, thread = start_http_server(0, addr="::1", registry=metrics.registry)
     try:
         async def scraped() -> dict[str, float] | None:
             async with scrape_session() as session:
-                return await scrape(session, metrics_url({"status": {"podIP": "::1"}}, server.server_port))
+                return await scrape(session, metrics_url(worker0("::1", port=server.server_port)))
 
         assert asyncio.run(scraped())["dreambooth_step"] == 42
     finally:

@@ -1,8 +1,9 @@
 """A spec edit reaches every child the next gang depends on, by the real operator against
 the emulated API: the Service and the NetworkPolicy name the metrics port the new gang
 listens on from the moment its workers exist, while a running gang keeps the children
-it was started with; a gang start without an edit rewrites nothing (the emulated API
-fills a Service with defaults, as a real one does, that the operator must not fight)."""
+it was started with and is scraped where it listens; a gang start without an edit
+rewrites nothing (the emulated API fills a Service with defaults, as a real one does,
+that the operator must not fight)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Any, Iterator
 import kubernetes_validate
 import pytest
 from dbj_examples import KUBERNETES_VERSION, MINIMAL_SPEC, job_body
-from emulated_cluster import EmulatedCluster
+from emulated_cluster import EmulatedCluster, free_port
 from operator_harness import Cluster, OperatorProcess, terminated, wait_for
 from server_defaults import default_service
 
 from dreambooth_operator.children import build_network_policy, build_service, differs_where_built
 from dreambooth_operator.spec import Job
+from trainer.metrics import TrainerMetrics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,3 +125,23 @@ def test_a_gang_start_without_an_edit_writes_neither_service_nor_policy(cluster:
     cluster.run_pods("steady")
     wait_for(lambda: cluster.status("steady").get("phase") == "Running", what="Running again")
     assert versions(cluster, "steady") == before
+
+
+def test_a_running_gang_is_still_scraped_on_its_own_port_after_an_edit(cluster: Cluster) -> None:
+    # Rank 0's endpoint is the trainer's own metrics module, served on loopback.
+    rank0 = TrainerMetrics(max_steps=100, labels={"job": "watched", "namespace": "default"})
+    rank0.serve("127.0.0.1", 0)
+    rank0.record_position(step=42, samples=84)
+    try:
+        cluster.create_job("watched", with_metrics_port(rank0.serving_port))
+        wait_for(lambda: cluster.pods("watched"), what="the worker")
+        cluster.run_pods("watched", pod_ip="127.0.0.1")
+        wait_for(lambda: cluster.status("watched").get("step") == 42, what="step 42")
+        # The gang goes on serving where it was started (the edit reaches the next gang):
+        # its progress must go on reaching status, not be asked of a port nobody listens on.
+        cluster.patch_spec("watched", {"metrics": {"port": free_port()}})
+        wait_for(lambda: cluster.status("watched").get("observedGeneration") == 2, what="a pass over the edit")
+        rank0.record_position(step=50, samples=100)
+        wait_for(lambda: cluster.status("watched").get("step") == 50, what="step 50 from the running gang")
+    finally:
+        rank0.close()
