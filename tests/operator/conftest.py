@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from emulated_cluster import EmulatedCluster  # noqa: E402  (importable only from the line above on)
+from operator_harness import Cluster, OperatorProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +22,17 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedClust
     cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The real operator process against that API, for a test module."""
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(emulated: EmulatedCluster, operator: OperatorProcess) -> Cluster:
+    """The test's side of the API, with the operator running: the test plays the kubelet."""
+    return Cluster(emulated)

@@ -9,30 +9,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
-from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, evicted, terminated, wait_for
 
 from trainer.metrics import TrainerMetrics
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(emulated: EmulatedCluster, operator: OperatorProcess) -> Cluster:
-    return Cluster(emulated)
 
 
 def spec(**changes: Any) -> dict[str, Any]:

@@ -2,70 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from typing import Any
 
 import pytest
-from dbj_examples import MINIMAL_SPEC
+from pod_statuses import NOW, RUNNING, TIMING, condition, job_spec, pod, scheduled, unscheduled
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.clock import timestamp
 from dreambooth_operator.lifecycle import created_status, decide, failed_create_status
 from dreambooth_operator.podstates import describe_failure, is_preemption
-from dreambooth_operator.settings import Timing
-from dreambooth_operator.spec import JobSpec
 from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED
 
-NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-TIMING = Timing(backoff_base_seconds=10, backoff_max_seconds=60, pending_timeout_seconds=300)
-
-
-def job_spec(nodes: int = 2, backoff_limit: int = 3, **run_policy: Any) -> JobSpec:
-    spec = copy.deepcopy(MINIMAL_SPEC)
-    spec["workers"]["nodes"] = nodes
-    spec["runPolicy"] = {"backoffLimit": backoff_limit, **run_policy}
-    return JobSpec.model_validate(spec)
-
-
-def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, reason: str | None = None,
-        conditions: list[dict[str, Any]] | None = None, pod_reason: str | None = None,
-        created: dt.datetime = NOW, deleting: bool = False, nodes: int | None = None,
-        message: str | None = None) -> dict[str, Any]:
-    status: dict[str, Any] = {"phase": phase}
-    if exit_code is not None:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
-            "exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error")}}}]
-    if conditions is not None:
-        status["conditions"] = conditions
-    if pod_reason is not None:
-        status["reason"] = pod_reason
-    if message is not None:
-        status["message"] = message
-    metadata: dict[str, Any] = {"name": f"j-worker-{index}", "creationTimestamp": timestamp(created),
-                                "labels": {c.LABEL_GANG: str(gang), c.LABEL_WORKER_INDEX: str(index)}}
-    if deleting:
-        metadata["deletionTimestamp"] = timestamp(NOW)
-    if nodes is not None:  # the gang size the worker was started for
-        metadata["annotations"] = {c.ANNOTATION_GANG_NODES: str(nodes)}
-    return {"metadata": metadata, "status": status}
-
-
-def scheduled(index: int, **kwargs: Any) -> dict[str, Any]:
-    return pod(index, "Pending", conditions=[{"type": "PodScheduled", "status": "True"}], **kwargs)
-
-
-def unscheduled(index: int, **kwargs: Any) -> dict[str, Any]:
-    return pod(index, "Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                              "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}],
-               **kwargs)
-
-
-def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    return next((x for x in status.get("conditions") or [] if x["type"] == kind), None)
-
-
-RUNNING = {"phase": c.PHASE_RUNNING, "restarts": 0, "preemptions": 0, "startTime": timestamp(NOW)}
 
 
 @pytest.mark.parametrize("status,pods,phase,create,delete", [
@@ -346,89 +294,6 @@ def test_a_finished_job_is_deleted_once_its_ttl_has_passed() -> None:
     assert plan.status["completionTime"] == timestamp(NOW) and plan.requeue_after == pytest.approx(120)
     # A running job is never deleted for its TTL.
     assert not decide(job_spec(ttlSecondsAfterFinished=0), RUNNING, [pod(0), pod(1)], NOW, TIMING).delete_job
-
-
-def test_pods_pending_past_the_timeout_get_an_unschedulable_condition() -> None:
-    young = decide(job_spec(nodes=1), {"phase": c.PHASE_PENDING}, [unscheduled(0)], NOW, TIMING)
-    assert condition(young.status, c.CONDITION_UNSCHEDULABLE) is None
-    assert young.requeue_after == pytest.approx(300)
-
-    old = unscheduled(0, created=NOW - dt.timedelta(seconds=301))
-    plan = decide(job_spec(nodes=1), {"phase": c.PHASE_PENDING}, [old], NOW, TIMING)
-    stuck = condition(plan.status, c.CONDITION_UNSCHEDULABLE)
-    assert stuck["status"] == "True" and "Insufficient nvidia.com/gpu" in stuck["message"]
-
-    plan = decide(job_spec(nodes=1), plan.status, [pod(0)], NOW, TIMING)
-    assert condition(plan.status, c.CONDITION_UNSCHEDULABLE)["status"] == "False"
-
-
-def waiting(index: int, reason: str, message: str = "") -> dict[str, Any]:
-    """A scheduled worker whose trainer container waits for `reason`."""
-    worker = scheduled(index)
-    worker["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]
-    return worker
-
-
-PULL_MESSAGE = 'Back-off pulling image "registry.example/dreambooth-trainer:0.1.0x"'
-
-
-def test_a_container_that_cannot_start_is_named_then_fails_the_job_at_the_start_timeout() -> None:
-    timing = Timing(start_timeout_seconds=600)
-    initializing = {"phase": c.PHASE_INITIALIZING, "restarts": 0, "preemptions": 0}
-    pods = [pod(0), waiting(1, "ImagePullBackOff", PULL_MESSAGE)]
-    first = decide(job_spec(), initializing, pods, NOW, timing)
-    stuck = condition(first.status, c.CONDITION_CANNOT_START)
-    assert (stuck["status"], stuck["reason"]) == ("True", "ImagePullBackOff")
-    assert stuck["message"] == f"j-worker-1: ImagePullBackOff: {PULL_MESSAGE}"
-    assert first.status["phase"] == c.PHASE_INITIALIZING and not first.delete
-    assert first.events == [("Warning", "ImagePullBackOff", f"{stuck['message']} (the job fails if this lasts 600s)")]
-    assert first.requeue_after == pytest.approx(600)
-
-    # The kubelet flips between ErrImagePull and ImagePullBackOff: one Event, and the clock keeps running.
-    later = decide(job_spec(), first.status, [pod(0), waiting(1, "ErrImagePull", "pull access denied")],
-                   NOW + dt.timedelta(seconds=500), timing)
-    assert later.events == [] and later.requeue_after == pytest.approx(100)
-    assert condition(later.status, c.CONDITION_CANNOT_START)["lastTransitionTime"] == timestamp(NOW)
-
-    failed = decide(job_spec(), later.status, pods, NOW + dt.timedelta(seconds=600), timing)
-    assert failed.status["phase"] == c.PHASE_FAILED and sorted(failed.delete) == ["j-worker-0", "j-worker-1"]
-    assert condition(failed.status, c.CONDITION_FAILED)["reason"] == "ImagePullBackOff"
-    message = condition(failed.status, c.CONDITION_FAILED)["message"]
-    assert message == (f"worker j-worker-1: ImagePullBackOff: {PULL_MESSAGE} (its container could not start for 600s); "
-                       "fix spec.workers.image (or spec.workers.imagePullSecrets) and recreate the job")
-    assert failed.status["lastFailure"] == {"pod": "j-worker-1", "reason": "ImagePullBackOff", "message": PULL_MESSAGE,
-                                            "time": timestamp(NOW + dt.timedelta(seconds=600))}
-
-
-def test_a_container_that_starts_after_all_clears_the_condition() -> None:
-    timing = Timing(start_timeout_seconds=600)
-    missing = 'secret "hf" not found'
-    stuck = decide(job_spec(nodes=1), {"phase": c.PHASE_INITIALIZING}, [waiting(0, "CreateContainerConfigError", missing)],
-                   NOW, timing)
-    assert condition(stuck.status, c.CONDITION_CANNOT_START)["message"] == f"j-worker-0: CreateContainerConfigError: {missing}"
-    # The Secret was created: the container starts.
-    started = decide(job_spec(nodes=1), stuck.status, [pod(0)], NOW + dt.timedelta(seconds=30), timing)
-    assert started.status["phase"] == c.PHASE_RUNNING
-    assert condition(started.status, c.CONDITION_CANNOT_START)["status"] == "False"
-    # Had it not, the fix names the Secret, not the image.
-    failed = decide(job_spec(nodes=1), stuck.status, [waiting(0, "CreateContainerConfigError", missing)],
-                    NOW + dt.timedelta(seconds=601), timing)
-    assert "fix the Secret or ConfigMap the message names" in condition(failed.status, c.CONDITION_FAILED)["message"]
-
-
-@pytest.mark.parametrize("reason,fails_at_once", [
-    ("InvalidImageName", True),  # nothing will ever fix a malformed reference
-    ("ErrImagePull", False), ("ErrImageNeverPull", False), ("CreateContainerError", False),
-    ("ContainerCreating", None),  # a big image still downloading: no problem at all
-])
-def test_which_waiting_reasons_count(reason: str, fails_at_once: bool | None) -> None:
-    plan = decide(job_spec(nodes=1), {"phase": c.PHASE_INITIALIZING}, [waiting(0, reason)], NOW, Timing())
-    cannot_start = condition(plan.status, c.CONDITION_CANNOT_START)
-    if fails_at_once is None:
-        assert cannot_start is None and plan.status["phase"] == c.PHASE_INITIALIZING
-    else:
-        assert cannot_start["status"] == "True"
-        assert (plan.status["phase"] == c.PHASE_FAILED) is fails_at_once
 
 
 def test_condition_transition_time_moves_only_when_its_status_flips() -> None:
