@@ -119,6 +119,9 @@ REASON_WORKER_FAILED = "WorkerFailed"
 REASON_INVALID_TRAINER_INPUT = "InvalidTrainerInput"
 REASON_TRAINING_DIVERGED = "TrainingDiverged"
 REASON_PREEMPTED = "Preempted"
+# A node's kubelet refused a worker it was bound to (OutOfnvidia.com/gpu, UnexpectedAdmissionError):
+# restarted like a preemption.
+REASON_REFUSED_BY_NODE = "RefusedByNode"
 REASON_ALL_WORKERS_SUCCEEDED = "AllWorkersSucceeded"
 REASON_ALL_WORKERS_RUNNING = "AllWorkersRunning"
 REASON_WORKERS_CREATED = "WorkersCreated"

@@ -32,6 +32,7 @@ from .podstates import (
     is_deleting,
     is_preemption,
     is_scheduled,
+    node_refusal,
     pod_gang,
     pod_gang_nodes,
     pod_index,
@@ -235,8 +236,6 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
     # a gang with any preemption in it counts as preempted.
     preempted = not failed or any(is_preemption(p) for p in failed)
     if preempted:
-        who = ", ".join(pod_name(p) for p in failed) or (
-            "a worker vanished or is stuck terminating" if disrupted else "workers.nodes was edited")
         preempted_pods = [p for p in failed if is_preemption(p)]
         if preempted_pods:  # recorded for people; it does not count against backoffLimit
             status["lastFailure"] = describe_failure(preempted_pods[0]).as_status(timestamp(now))
@@ -245,16 +244,20 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
         # presses its own node (memory, disk) into evicting it, or a spot pool reclaimed
         # again and again, would loop at full speed. A run of them with no newer
         # checkpoint in between (scraping one resets the run) backs off like failures do.
+        # A node whose kubelet refuses every worker (a device plugin that never recovers)
+        # joins that run too, and is not capped further: the fix is the node's (the message
+        # names it), a new gang may land elsewhere, and activeDeadlineSeconds bounds the job.
         in_a_row = int(status.get("consecutivePreemptions") or 0) + (1 if disrupted else 0)
         status["consecutivePreemptions"] = in_a_row
         delay = timing.backoff(in_a_row - 1) if in_a_row > 1 else 0.0
-        message = f"gang preempted ({who}); restarting from the latest checkpoint, not counted against backoffLimit"
+        kind, reason, what, advice = _disruption(failed, preempted_pods, disrupted)
+        message = f"{what}; restarting from the latest checkpoint, not counted against backoffLimit{advice}"
         if delay:
-            message = (f"gang preempted ({who}), {in_a_row} times in a row with no new checkpoint in between; "
-                       f"restarting from the latest checkpoint in {delay:g}s, not counted against backoffLimit")
-        enter_phase(status, c.PHASE_RESTARTING, c.REASON_PREEMPTED, message, now)
+            message = (f"{what}, {in_a_row} times in a row with no new checkpoint in between; "
+                       f"restarting from the latest checkpoint in {delay:g}s, not counted against backoffLimit{advice}")
+        enter_phase(status, c.PHASE_RESTARTING, reason, message, now)
         status["nextRestartTime"] = timestamp(now + dt.timedelta(seconds=delay))
-        plan.events.append(("Normal", c.REASON_PREEMPTED, message))
+        plan.events.append((kind, reason, message))
     else:
         failure = describe_failure(failed[0])
         status["lastFailure"] = failure.as_status(timestamp(now))
@@ -279,6 +282,22 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
     plan.delete = [pod_name(p) for p in current if not is_deleting(p)]
     requeue(plan, 0.5)
     return plan
+
+
+def _disruption(failed: list[dict[str, Any]], preempted: list[dict[str, Any]],
+                disrupted: bool) -> tuple[str, str, str, str]:
+    """(Event type, reason, what happened, advice) for a gang restarted without counting."""
+    refused = next((p for p in preempted if node_refusal(p) is not None), None)
+    if refused is None:
+        who = ", ".join(pod_name(p) for p in failed) or (
+            "a worker vanished or is stuck terminating" if disrupted else "workers.nodes was edited")
+        return "Normal", c.REASON_PREEMPTED, f"gang preempted ({who})", ""
+    # A Warning: unlike a preemption, it is a node at fault, which someone may have to cordon.
+    node = (refused.get("spec") or {}).get("nodeName") or "its node"
+    failure = describe_failure(refused)
+    said = f"{failure.reason}: {failure.message}" if failure.message else failure.reason
+    what = f"worker {failure.pod} refused by the kubelet of {node} ({said})"
+    return "Warning", c.REASON_REFUSED_BY_NODE, what, f"; if {node} keeps refusing workers, cordon it"
 
 
 # Trainer exit codes a restart of the same spec cannot cure: (reason, what happened, the fix).

@@ -74,10 +74,50 @@ def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
 _OWN_LIMIT_EXCEEDED = re.compile(r"exceeds the (total )?limit|exceeded its local ephemeral storage limit")
 
 
+# Why a kubelet refuses to admit a pod the scheduler bound to its node (the kubelet's
+# pkg/kubelet/lifecycle/predicate.go and pkg/kubelet/cm/admission): the node ran short of a
+# resource between scheduling and admission (OutOfcpu, OutOfmemory, OutOfpods,
+# OutOfephemeral-storage, OutOf<extended resource> such as OutOfnvidia.com/gpu), a device
+# plugin could not allocate or had not registered yet (UnexpectedAdmissionError, e.g.
+# "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu", and
+# DeviceNotReady: common while the NVIDIA device plugin restarts), the kubelet could not
+# read its node (InvalidNodeInfo), or the node's labels or NoExecute taints changed since
+# scheduling (NodeAffinity, TaintToleration); plus the node controller's NodeLost. None is
+# the job's doing. Left out on purpose, so that they count like crashes: the refusals that
+# follow from the pod's own request and would refuse the next gang alike
+# (TopologyAffinityError, SMTAlignmentError: alignment the node's policy cannot give).
+NODE_REFUSALS = frozenset({"UnexpectedAdmissionError", "DeviceNotReady", "InvalidNodeInfo", "NodeAffinity",
+                           "TaintToleration", "NodeLost"})
+# "OutOf" and a resource name, as the kubelet joins them: not "OutOfSync" or a container's
+# own reason (OOMKilled), since only the pod-level reason is read.
+_OUT_OF_RESOURCE = re.compile(
+    r"OutOf(cpu|memory|pods|ephemeral-storage|hugepages-[0-9A-Za-z]+|[a-z0-9.-]+/[A-Za-z0-9._-]+)")
+# The kubelet's stand-in state for a container it never saw end: not an exit of the trainer.
+_NEVER_SEEN_ENDING = "ContainerStatusUnknown"
+
+
+def node_refusal(pod: dict[str, Any]) -> str | None:
+    """The kubelet's (or node controller's) reason when a failed worker was refused by its
+    node before its trainer ran, else None."""
+    status = pod.get("status") or {}
+    reason = status.get("reason") or ""
+    if pod_phase(pod) != POD_FAILED or not (reason in NODE_REFUSALS or _OUT_OF_RESOURCE.fullmatch(reason)):
+        return None
+    # A trainer that ran and exited is judged by its exit code whatever the pod's reason
+    # says: a crash must not pass for a refusal, which costs nothing.
+    terminated = terminated_state(pod)
+    if terminated is not None and terminated.get("reason") != _NEVER_SEEN_ENDING:
+        return None
+    return reason
+
+
 def is_preemption(pod: dict[str, Any]) -> bool:
     """A failure that is not the job's fault: it restarts the gang without counting
-    against runPolicy.backoffLimit (the trainer checkpoints on SIGTERM and exits 143)."""
+    against runPolicy.backoffLimit (the trainer checkpoints on SIGTERM and exits 143;
+    a worker its node refused never ran)."""
     status = pod.get("status") or {}
+    if node_refusal(pod) is not None:
+        return True
     if status.get("reason") == "Evicted" and _OWN_LIMIT_EXCEEDED.search(status.get("message") or ""):
         # The kubelet evicts a pod that outgrew its own ephemeral-storage (or emptyDir)
         # limit: the next gang would outgrow it again, so it counts like a crash.
@@ -110,6 +150,8 @@ class Failure:
 def describe_failure(pod: dict[str, Any]) -> Failure:
     status = pod.get("status") or {}
     terminated = terminated_state(pod) or {}
+    if node_refusal(pod) is not None:  # the trainer never ran: the kubelet's words are the whole story
+        terminated = {}
     if status.get("reason") == "Evicted":  # the kubelet's reason outranks the killed container's "Error"
         terminated = {"exitCode": terminated.get("exitCode")}
     reason = terminated.get("reason") or status.get("reason") or "Error"

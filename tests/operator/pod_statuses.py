@@ -28,7 +28,7 @@ def job_spec(nodes: int = 2, backoff_limit: int = 3, **run_policy: Any) -> JobSp
 def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, reason: str | None = None,
         conditions: list[dict[str, Any]] | None = None, pod_reason: str | None = None,
         created: dt.datetime = NOW, deleting: bool = False, nodes: int | None = None,
-        message: str | None = None) -> dict[str, Any]:
+        message: str | None = None, node: str | None = None) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if exit_code is not None:
         status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
@@ -45,7 +45,10 @@ def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None
         metadata["deletionTimestamp"] = timestamp(NOW)
     if nodes is not None:  # the gang size the worker was started for
         metadata["annotations"] = {c.ANNOTATION_GANG_NODES: str(nodes)}
-    return {"metadata": metadata, "status": status}
+    worker = {"metadata": metadata, "status": status}
+    if node is not None:  # the node the scheduler bound it to
+        worker["spec"] = {"nodeName": node}
+    return worker
 
 
 def scheduled(index: int, **kwargs: Any) -> dict[str, Any]:
