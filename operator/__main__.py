@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
     parser.add_argument("--start-timeout", type=float, default=Timing.start_timeout_seconds,
                         help="seconds a scheduled worker's container may fail to start (image pull, missing Secret) "
-                             "before the job fails and its pods free their nodes")
+                             "before the job fails and its pods free their nodes; a worker still creating its "
+                             "containers (a volume that cannot mount) is reported this long after it was scheduled "
+                             "and fails the job this long after that")
     parser.add_argument("--scrape-interval", type=float, default=ReconcilerSettings.scrape_interval_seconds,
                         help="seconds between scrapes of rank 0's metrics per job")
     parser.add_argument("--resync-seconds", type=float, default=Timing.resync_seconds,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from trainer.contract import EXIT_TERMINATED
 
+from .clock import parse_timestamp
 from .constants import ANNOTATION_GANG_NODES, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
 
 POD_PENDING = "Pending"
@@ -176,6 +178,12 @@ IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageNam
 CONFIG_PROBLEMS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 # These never clear by themselves: nothing to wait for.
 HOPELESS_START_PROBLEMS = frozenset({"InvalidImageName"})
+# A container still being set up on its node: its volumes attaching and mounting (a
+# ReadWriteOnce claim attached to another node, a failing CSI driver, a Secret volume that
+# does not exist: the pod's FailedMount and FailedAttachVolume Events say which), its init
+# containers running (PodInitializing) or, in some runtimes, its image still downloading.
+# Normal for a while: a problem only when it lasts (troubles.check_start_problems).
+STILL_CREATING = frozenset({"ContainerCreating", "PodInitializing"})
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,7 @@ class StartProblem:
     pod: str
     reason: str  # the kubelet's waiting reason, e.g. ImagePullBackOff
     message: str
+    since: dt.datetime | None = None  # when a worker still creating its containers was scheduled
 
     def __str__(self) -> str:
         return f"{self.pod}: {self.reason}" + (f": {self.message}" if self.message else "")
@@ -196,6 +205,23 @@ def start_problem(pod: dict[str, Any]) -> StartProblem | None:
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in IMAGE_PROBLEMS | CONFIG_PROBLEMS:
             return StartProblem(pod=pod_name(pod), reason=waiting["reason"], message=waiting.get("message") or "")
+    return None
+
+
+def still_creating(pod: dict[str, Any]) -> tuple[str, dt.datetime] | None:
+    """(waiting reason, when it was scheduled) for a scheduled worker whose containers are
+    still being created, else None."""
+    scheduled = pod_condition(pod, "PodScheduled")
+    if pod_phase(pod) != POD_PENDING or scheduled is None or scheduled.get("status") != "True":
+        return None
+    # The scheduler stamps the condition when it binds the pod; a pod written without one
+    # (by hand, an old API server) counts from its creation, the earlier instant.
+    since = parse_timestamp(scheduled.get("lastTransitionTime") or pod["metadata"].get("creationTimestamp"))
+    status = pod.get("status") or {}
+    for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        reason = ((container.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason in STILL_CREATING and since is not None:
+            return reason, since
     return None
 
 

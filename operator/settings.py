@@ -20,7 +20,9 @@ class Timing:
     backoff_max_seconds: float = 300.0
     pending_timeout_seconds: float = 300.0
     # How long a scheduled worker's container may be unable to start (image pull, missing
-    # Secret) before the job fails: its pods hold their nodes' GPUs all that time.
+    # Secret) before the job fails: its pods hold their nodes' GPUs all that time. A worker
+    # still creating its containers is reported this long after it was scheduled, and fails
+    # the job this long after that (a large image's download looks the same).
     start_timeout_seconds: float = 600.0
     # How often a job with nothing to wait for is looked at again anyway.
     resync_seconds: float = 30.0

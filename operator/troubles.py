@@ -13,10 +13,13 @@ from .plan import PHASE_CONDITIONS, Plan, fail, requeue, set_condition
 from .podstates import (
     CONFIG_PROBLEMS,
     HOPELESS_START_PROBLEMS,
+    STILL_CREATING,
     Failure,
+    StartProblem,
     pod_name,
     scheduling_problem,
     start_problem,
+    still_creating,
 )
 
 
@@ -47,37 +50,85 @@ def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.dateti
 
 def check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
     """Scheduled workers whose container cannot start get condition CannotStart (and one
-    Warning Event) carrying the kubelet's reason and message. The job fails when the
-    problem cannot clear (InvalidImageName) or has lasted past the start timeout,
-    counted from the condition's lastTransitionTime: the pods are deleted, their nodes'
-    GPUs freed. A restart would not help: the next gang would wait for the same image."""
+    Warning Event) carrying the kubelet's reason and message; so do workers still being
+    created (a volume that cannot mount) a start timeout after they were scheduled. The
+    job fails when the problem cannot clear (InvalidImageName) or has lasted past the start
+    timeout, counted from the condition's lastTransitionTime: the pods are deleted, their
+    nodes' GPUs freed. A restart would not help: the next gang would wait for the same
+    image, Secret or volume."""
     status = plan.status
-    problems = [problem for problem in map(start_problem, current) if problem is not None]
     conditions = status.get("conditions") or []
     known = next((cond for cond in conditions if cond.get("type") == c.CONDITION_CANNOT_START), None)
     stuck_since = parse_timestamp(known.get("lastTransitionTime")) if known and known.get("status") == "True" else None
+    limit = timing.start_timeout_seconds
+    problems = _start_problems(plan, current, now, limit)
     if not problems:
         if stuck_since is not None:
             status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, False,
                                                  c.REASON_CONTAINERS_STARTED, "every worker's container started", now)
         return
     first = problems[0]
-    limit = timing.start_timeout_seconds
     message = "; ".join(map(str, problems))
+    notice = f" (the job fails if this lasts {limit:g}s)"
+    if any(problem.reason in STILL_CREATING for problem in problems):
+        # Said in the condition too: a slow download looks the same, and may still end in time.
+        fails_at = (stuck_since or now) + dt.timedelta(seconds=limit)
+        message, notice = f"{message}; the job fails at {timestamp(fails_at)} if a worker is still creating then", ""
     status["conditions"] = set_condition(conditions, c.CONDITION_CANNOT_START, True, first.reason, message, now)
     if stuck_since is None:
-        plan.events.append(("Warning", first.reason, f"{message} (the job fails if this lasts {limit:g}s)"))
+        plan.events.append(("Warning", first.reason, message + notice))
     waited = (now - (stuck_since or now)).total_seconds()
     hopeless = first.reason in HOPELESS_START_PROBLEMS
     if not hopeless and waited < limit:
         requeue(plan, limit - waited)
         return
-    fix = ("the Secret or ConfigMap the message names (e.g. spec.model.hfTokenSecret)" if first.reason in CONFIG_PROBLEMS
-           else "spec.workers.image (or spec.workers.imagePullSecrets)")
-    how_long = "it cannot start" if hopeless else f"its container could not start for {waited:.0f}s"
+    _fail_to_start(plan, current, first, None if hopeless else waited, now)
+
+
+def _start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, limit: float) -> list[StartProblem]:
+    """The kubelet's start problems, and the workers still being created `limit` seconds
+    after they were scheduled; the others still creating are looked at again when theirs
+    is up. A large image's download shows ContainerCreating too, so a slow creation gets
+    the condition only then, and fails the job only another `limit` later."""
+    problems = []
+    for pod in current:
+        problem = start_problem(pod)
+        creating = still_creating(pod) if problem is None else None
+        if creating is not None:
+            reason, scheduled_at = creating
+            waited = (now - scheduled_at).total_seconds()
+            if waited < limit:
+                requeue(plan, limit - waited)
+                continue
+            problem = StartProblem(pod=pod_name(pod), reason=reason, since=scheduled_at, message=(
+                f"still creating its containers, over {limit:g}s since it was scheduled at {timestamp(scheduled_at)}; "
+                f"kubectl describe pod {pod_name(pod)} shows why: FailedMount or FailedAttachVolume Events for a "
+                "volume that cannot mount (spec.storage, spec.workers.volumes), else a very large image still "
+                "downloading"))
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _fail_to_start(plan: Plan, current: list[dict[str, Any]], first: StartProblem, waited: float | None,
+                   now: dt.datetime) -> None:
+    """Fail the job for `first`, reported `waited` seconds ago (None: it can never clear)."""
+    if waited is None:
+        how_long = "it cannot start"
+    elif first.since is not None:
+        how_long = f"still creating its containers {(now - first.since).total_seconds():.0f}s after it was scheduled"
+    else:
+        how_long = f"its container could not start for {waited:.0f}s"
+    if first.reason in CONFIG_PROBLEMS:
+        fix = "fix the Secret or ConfigMap the message names (e.g. spec.model.hfTokenSecret) and recreate the job"
+    elif first.reason in STILL_CREATING:
+        fix = ("fix the volume the pod's Events name (spec.storage, spec.workers.volumes) and recreate the job; "
+               "an image that takes this long to download needs a longer --start-timeout")
+    else:
+        fix = "fix spec.workers.image (or spec.workers.imagePullSecrets) and recreate the job"
     failure = Failure(pod=first.pod, reason=first.reason, exit_code=None, message=first.message)
-    status["lastFailure"] = failure.as_status(timestamp(now))
-    fail(plan, current, first.reason, f"worker {first} ({how_long}); fix {fix} and recreate the job", now)
+    plan.status["lastFailure"] = failure.as_status(timestamp(now))
+    fail(plan, current, first.reason, f"worker {first} ({how_long}); {fix}", now)
 
 
 # Past its deletionTimestamp (the end of its grace period) a pod's kubelet has had time to

@@ -51,8 +51,12 @@ def pod(index: int, phase: str = "Running", gang: int = 0, exit_code: int | None
     return worker
 
 
-def scheduled(index: int, **kwargs: Any) -> dict[str, Any]:
-    return pod(index, "Pending", conditions=[{"type": "PodScheduled", "status": "True"}], **kwargs)
+def scheduled(index: int, since: dt.datetime | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Bound to a node (at `since`: the condition's lastTransitionTime), containers not started."""
+    bound = {"type": "PodScheduled", "status": "True"}
+    if since is not None:
+        bound["lastTransitionTime"] = timestamp(since)
+    return pod(index, "Pending", conditions=[bound], **kwargs)
 
 
 def unscheduled(index: int, **kwargs: Any) -> dict[str, Any]:
@@ -68,8 +72,14 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
 RUNNING = {"phase": c.PHASE_RUNNING, "restarts": 0, "preemptions": 0, "startTime": timestamp(NOW)}
 
 
-def waiting(index: int, reason: str, message: str = "") -> dict[str, Any]:
-    """A scheduled worker whose trainer container waits for `reason`."""
-    worker = scheduled(index)
-    worker["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]
+def waiting(index: int, reason: str, message: str = "", since: dt.datetime | None = None,
+            init: bool = False) -> dict[str, Any]:
+    """A scheduled worker whose trainer container (or, with `init`, an init container a
+    platform injected) waits for `reason`."""
+    worker = scheduled(index, since=since)
+    if init:  # then the trainer waits for the init container
+        worker["status"]["initContainerStatuses"] = [{"name": "istio-init", "state": {"waiting": {"reason": reason}}}]
+        reason, message = "PodInitializing", ""
+    worker["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": reason,
+                                                                                      "message": message}}}]
     return worker

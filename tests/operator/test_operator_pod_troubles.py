@@ -12,7 +12,7 @@ from operator_harness import Cluster, wait_for
 from pod_statuses import NOW, RUNNING, TIMING, condition, job_spec, pod, unscheduled, waiting
 
 from dreambooth_operator import constants as c
-from dreambooth_operator.clock import parse_timestamp, timestamp
+from dreambooth_operator.clock import parse_timestamp, timestamp, utc_now
 from dreambooth_operator.lifecycle import decide
 from dreambooth_operator.podstates import describe_failure, is_preemption, node_refusal
 from dreambooth_operator.settings import Timing
@@ -82,7 +82,8 @@ def test_a_container_that_starts_after_all_clears_the_condition() -> None:
 @pytest.mark.parametrize("reason,fails_at_once", [
     ("InvalidImageName", True),  # nothing will ever fix a malformed reference
     ("ErrImagePull", False), ("ErrImageNeverPull", False), ("CreateContainerError", False),
-    ("ContainerCreating", None),  # a big image still downloading: no problem at all
+    # a big image still downloading, a volume still attaching: no problem before the start timeout
+    ("ContainerCreating", None), ("PodInitializing", None),
 ])
 def test_which_waiting_reasons_count(reason: str, fails_at_once: bool | None) -> None:
     plan = decide(job_spec(nodes=1), {"phase": c.PHASE_INITIALIZING}, [waiting(0, reason)], NOW, Timing())
@@ -118,7 +119,8 @@ def with_statuses(worker: dict[str, Any], *statuses: dict[str, Any]) -> dict[str
     (refused("OutOfnvidia.com/gpu", "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu, "
                                     "requested: 8, used: 8, capacity: 8"), "OutOfnvidia.com/gpu"),
     (refused("OutOfcpu"), "OutOfcpu"), (refused("OutOfmemory"), "OutOfmemory"), (refused("OutOfpods"), "OutOfpods"),
-    (refused("OutOfephemeral-storage"), "OutOfephemeral-storage"), (refused("OutOfhugepages-2Mi"), "OutOfhugepages-2Mi"),
+    (refused("OutOfephemeral-storage"), "OutOfephemeral-storage"),
+    (refused("OutOfhugepages-2Mi"), "OutOfhugepages-2Mi"),
     (refused("NodeAffinity", "Pod was rejected: Predicate NodeAffinity failed"), "NodeAffinity"),
     (refused("TaintToleration"), "TaintToleration"), (refused("NodeLost"), "NodeLost"),
     (refused("InvalidNodeInfo"), "InvalidNodeInfo"),
@@ -184,6 +186,59 @@ def test_a_refused_worker_is_described_by_the_kubelet_not_by_its_never_started_c
     assert node_refusal(pod(1, "Pending", pod_reason="OutOfcpu")) is None  # not failed: nothing to restart
 
 
+SCHEDULED = NOW - dt.timedelta(seconds=600)  # a start timeout ago
+
+
+@pytest.mark.parametrize("worker", [waiting(1, "ContainerCreating", since=SCHEDULED),
+                                    waiting(1, "PodInitializing", since=SCHEDULED, init=True)])
+def test_a_worker_still_creating_past_the_start_timeout_is_named_then_fails_the_job_a_timeout_later(
+        worker: dict[str, Any]) -> None:
+    timing = Timing(start_timeout_seconds=600)
+    reason = worker["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+    initializing = {"phase": c.PHASE_INITIALIZING, "restarts": 0, "preemptions": 0}
+    # A volume attaching, a large image downloading: normal for a while, looked at again when it is not.
+    early = decide(job_spec(), initializing, [pod(0), worker], NOW - dt.timedelta(seconds=1), timing)
+    assert condition(early.status, c.CONDITION_CANNOT_START) is None and not early.events
+    assert early.requeue_after == pytest.approx(1)
+
+    first = decide(job_spec(), early.status, [pod(0), worker], NOW, timing)
+    stuck = condition(first.status, c.CONDITION_CANNOT_START)
+    assert (stuck["status"], stuck["reason"]) == ("True", reason)
+    assert stuck["message"] == (
+        f"j-worker-1: {reason}: still creating its containers, over 600s since it was scheduled at "
+        f"{timestamp(SCHEDULED)}; kubectl describe pod j-worker-1 shows why: FailedMount or FailedAttachVolume "
+        "Events for a volume that cannot mount (spec.storage, spec.workers.volumes), else a very large image "
+        f"still downloading; the job fails at {timestamp(NOW + dt.timedelta(seconds=600))} if a worker is still "
+        "creating then")
+    assert first.events == [("Warning", reason, stuck["message"])]
+    assert first.status["phase"] == c.PHASE_INITIALIZING and not first.delete
+    assert first.requeue_after == pytest.approx(600)
+
+    # Unchanged while it lasts: nothing to patch, no second Event.
+    later = decide(job_spec(), first.status, [pod(0), worker], NOW + dt.timedelta(seconds=599), timing)
+    assert later.status == first.status and not later.events
+
+    failed = decide(job_spec(), later.status, [pod(0), worker], NOW + dt.timedelta(seconds=600), timing)
+    assert failed.status["phase"] == c.PHASE_FAILED and sorted(failed.delete) == ["j-worker-0", "j-worker-1"]
+    assert condition(failed.status, c.CONDITION_FAILED)["reason"] == reason
+    message = condition(failed.status, c.CONDITION_FAILED)["message"]
+    assert "(still creating its containers 1200s after it was scheduled); fix the volume the pod's Events name " \
+           "(spec.storage, spec.workers.volumes) and recreate the job; an image that takes this long to download " \
+           "needs a longer --start-timeout" in message
+    assert failed.status["lastFailure"]["reason"] == reason and "kubectl describe pod j-worker-1" in \
+        failed.status["lastFailure"]["message"]
+
+
+def test_a_worker_that_finishes_creating_in_time_clears_the_condition() -> None:
+    timing = Timing(start_timeout_seconds=600)
+    stuck = decide(job_spec(nodes=1), {"phase": c.PHASE_INITIALIZING},
+                   [waiting(0, "ContainerCreating", since=SCHEDULED)], NOW, timing)
+    assert condition(stuck.status, c.CONDITION_CANNOT_START)["status"] == "True"
+    started = decide(job_spec(nodes=1), stuck.status, [pod(0)], NOW + dt.timedelta(seconds=300), timing)
+    assert started.status["phase"] == c.PHASE_RUNNING
+    assert condition(started.status, c.CONDITION_CANNOT_START)["status"] == "False"
+
+
 # --- through the real operator against the emulated API, the test playing the kubelet ---
 
 @pytest.mark.timeout(120)
@@ -209,3 +264,28 @@ def test_a_worker_its_kubelet_refuses_is_replaced_by_a_new_gang_without_counting
     cluster.run_pods("refused")
     wait_for(lambda: cluster.status("refused").get("phase") == "Running", what="Running")
     assert cluster.status("refused")["restarts"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_stuck_creating_gets_cannot_start_then_fails_the_job(cluster: Cluster) -> None:
+    # --start-timeout is 3 s here: the condition 3 s after scheduling, the failure 3 s later.
+    cluster.create_job("mount", MINIMAL_SPEC)
+    wait_for(lambda: len(cluster.pods("mount")) == 1, what="the worker")
+    scheduled_at = utc_now().replace(microsecond=0)  # as status timestamps are written
+    cluster.set_pod_status("mount-worker-0", {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": timestamp(scheduled_at)}],
+        "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                               "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+    wait_for(lambda: cluster.status("mount").get("phase") == "Initializing", what="Initializing")
+    cannot_start = wait_for(lambda: condition(cluster.status("mount"), c.CONDITION_CANNOT_START), what="CannotStart")
+    assert (utc_now() - scheduled_at).total_seconds() >= 3
+    assert cannot_start["status"] == "True" and cannot_start["reason"] == "ContainerCreating"
+    assert "kubectl describe pod mount-worker-0" in cannot_start["message"]
+    assert "the job fails at" in cannot_start["message"]
+    wait_for(lambda: cluster.status("mount").get("phase") == "Failed", what="Failed a start timeout later")
+    failed = condition(cluster.status("mount"), c.CONDITION_FAILED)
+    assert failed["reason"] == "ContainerCreating" and "fix the volume the pod's Events name" in failed["message"]
+    wait_for(lambda: cluster.pods("mount") == [], what="the worker deleted, its node freed")
+    warnings = [e for e in cluster.events("mount") if e["type"] == "Warning" and e["reason"] == "ContainerCreating"]
+    assert len(warnings) == 2  # the problem once when seen, the failure once
