@@ -21,6 +21,7 @@ from .podstates import (
     start_problem,
     still_creating,
 )
+from .settings import Timing
 
 
 def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
