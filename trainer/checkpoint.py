@@ -192,7 +192,7 @@ def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
     import contextlib
     import io
 
-    from trainer.distributed import any_rank
+    from trainer.distributed import wait_for_main_rank
 
     target = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
     error = None
@@ -211,7 +211,8 @@ def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
         except Exception as caught:  # whatever DeepSpeed's converter raises, it is this run's end
             error = caught
             shutil.rmtree(target, ignore_errors=True)
-    if any_rank(error is not None):
+    # Minutes to hours for a real model: longer than the default group lets anyone wait.
+    if wait_for_main_rank(f"the universal conversion of {folder}", failed=error is not None):
         saved = Manifest.read(folder).shape.world_size
         raise ConfigError(
             f"checkpoint {folder} was written by {saved} processes, this run has {runtime.world_size}, and DeepSpeed "

@@ -7,6 +7,7 @@ Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK from its env) and as a plain
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,9 +79,22 @@ def devices_problem(*, expected: int, found: int, local_rank: int, local_world_s
             "or, for a CPU-only job, spec.workers.gpusPerNode: 0")
 
 
+# How long the other ranks wait for rank 0's long work of its own (wait_for_main_rank):
+# a universal conversion of an SDXL ZeRO checkpoint reads, merges and rewrites 12-40 GB
+# in one process, an hour or more on a slow network volume. Generous: a rank 0 that
+# dies ends the wait at once (see init_process_group); only a hung rank 0, or a node
+# gone without a word, is waited for this long (the operator restarts a gang whose pod
+# it loses).
+LONG_WAIT_TIMEOUT = timedelta(hours=6)
+
+# The gloo group of init_process_group for wait_for_main_rank; None before and after.
+_long_waits: dist.ProcessGroup | None = None
+
+
 def init_process_group(runtime: Runtime, timeout_seconds: int = 1800) -> None:
     """DeepSpeed's initializer picks nccl on CUDA and gloo on CPU; a lone process
-    still gets a (one-member) group so that every code path is the same."""
+    still gets a (one-member) group so that every code path is the same.
+    `timeout_seconds`: the limit of each collective on that default group."""
     import deepspeed
 
     if runtime.device.type == "cuda":
@@ -91,11 +105,46 @@ def init_process_group(runtime: Runtime, timeout_seconds: int = 1800) -> None:
     os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(runtime.world_size))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_seconds), verbose=False)
+    # Ranks waiting on the default group for rank 0's long work abort when it takes
+    # longer than the group's timeout (NCCL's watchdog kills the process; gloo raises),
+    # and raising that timeout would let a real hang of the training loop go unnoticed
+    # as long. So those waits have a group of their own, with its own limit: gloo, on
+    # CPU tensors (it needs no GPU, and no NCCL watchdog watches it), over the default
+    # group's rendezvous. Its ranks talk over TCP, so when rank 0's process ends its
+    # sockets close and the waiting ranks fail at once. (A file on the shared volume would
+    # need a heartbeat to tell a dead rank 0 from a slow one; monitored_barrier needs a
+    # gloo group all the same.) Created here, since every rank must create it, in step.
+    global _long_waits
+    _long_waits = dist.new_group(backend="gloo", timeout=LONG_WAIT_TIMEOUT)
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_main_rank(what: str, *, failed: bool = False) -> bool:
+    """Collective, after work that rank 0 does alone and the others wait for (`what`,
+    e.g. "the export to output.dir"), for up to LONG_WAIT_TIMEOUT instead of the default
+    group's timeout. True on every rank when `failed` is true on any. Raises, naming
+    `what`, when a rank ended or stopped answering meanwhile."""
+    if not dist.is_initialized():
+        return failed
+    if _long_waits is None:
+        raise RuntimeError("wait_for_main_rank needs the long-wait group that trainer.distributed."
+                           "init_process_group creates; start the process group with it")
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+    started = time.monotonic()
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_long_waits)
+    except RuntimeError as caught:  # gloo's "Connection closed by peer", or its timeout
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: the wait for rank 0 to finish {what} failed after "
+            f"{time.monotonic() - started:.0f} s (the limit is {LONG_WAIT_TIMEOUT.total_seconds():.0f} s): a rank "
+            f"ended or stopped answering meanwhile, and the log of rank 0 (or of the rank that failed first) says "
+            f"why ({caught})"
+        ) from caught
+    return bool(flag.item())
 
 
 def any_rank(flag: bool) -> bool:
@@ -134,5 +183,7 @@ def _all_reduce(values: list, dtype: torch.dtype, op) -> list:
 
 
 def shutdown() -> None:
+    global _long_waits
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the long-wait one too
+    _long_waits = None

@@ -18,7 +18,7 @@ import torch
 
 from trainer import atomic
 from trainer.config import TrainerConfig
-from trainer.distributed import Runtime, barrier
+from trainer.distributed import Runtime, wait_for_main_rank
 from trainer.model_card import SDXL_PIPELINE
 from trainer.objective import compile_report
 from trainer.progress import json_safe
@@ -173,7 +173,8 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
         pipeline = build_pipeline(components, **trained_modules(state, components))
         pipeline.to("cpu")
         publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components, card))
-    barrier()
+    # Several GB written by one process, to a network volume: it may outlast the default group's timeout.
+    wait_for_main_rank(f"the export to {output_dir}")
     return output_dir if runtime.is_main else None
 
 

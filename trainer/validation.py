@@ -5,7 +5,8 @@ prompt, each from a fixed seed, saved by rank 0 as one PNG grid per step
 Under ZeRO-3 every rank holds only a shard of each weight, so a forward pass on rank 0
 alone would wait forever for the others. Instead all ranks gather the fp32 master
 weights collectively, in the same order (as the export does), rank 0 rebuilds the
-pipeline from them and generates, and the other ranks wait at a barrier. One code path
+pipeline from them and generates, and the other ranks wait for it (on the long-wait
+group of distributed.py: as long as the samples asked for take). One code path
 for every ZeRO stage, and the samples show the same weights the export would write.
 """
 
@@ -19,7 +20,7 @@ import torch
 from trainer import atomic
 from trainer.config import TrainerConfig
 from trainer.contract import STEP_PREFIX
-from trainer.distributed import Runtime, barrier
+from trainer.distributed import Runtime, wait_for_main_rank
 from trainer.export import build_pipeline, gather_fp32_state_dict, trained_modules
 from trainer.generation import generate_images
 
@@ -67,7 +68,8 @@ def generate_samples(engine, components, config: TrainerConfig, runtime: Runtime
     if runtime.is_main:
         grid = _generate_on_main(state, components, config, runtime)
     del state
-    barrier()
+    # validation.prompts x images_per_prompt images, each many denoising steps: as many as a user asks for.
+    wait_for_main_rank("the validation samples")
     return grid
 
 
