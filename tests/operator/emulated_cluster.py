@@ -12,7 +12,9 @@ its kubelet deletes it with grace 0) and server-side tables for custom resources
 (`kubectl get` columns from the stored CRD's additionalPrinterColumns), server-side
 dry runs of creation (answered, never stored; Pods and PersistentVolumeClaims checked),
 one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQuota's
-`pods` count and the fields an API server fills into a Service (server_defaults.py).
+`pods` count, the fields an API server fills into a Service (server_defaults.py) and
+replace (PUT) with optimistic concurrency: a body whose resourceVersion is not the stored
+one gets 409 Conflict (the operators' Lease election relies on it).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -41,6 +43,7 @@ from aiohttp import web
 from kmock import ResourceInfo
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
+from replace_semantics import failure_status, replaced
 from server_defaults import default_service
 
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
@@ -60,6 +63,8 @@ RESOURCES = [
     ("dreambooth.io/v1alpha1/dreamboothjobs", "DreamboothJob", True, ["dbj"], ["status"]),
     # Volcano's, for gang scheduling; the coscheduling plugin's is not installed here.
     ("scheduling.volcano.sh/v1beta1/podgroups", "PodGroup", True, ["pg"], ["status"]),
+    # The operators' leader election (operator/leader.py).
+    ("coordination.k8s.io/v1/leases", "Lease", True, [], []),
 ]
 
 
@@ -68,12 +73,6 @@ NAMESPACES = ("default", "team-a", "team-b")
 # resource (and fails), so it cannot serve Namespace objects; kopf lists and watches
 # them when given --namespace. The emulator answers those URLs itself.
 NAMESPACES_URL = re.compile(r"/api/v1/namespaces(?:/([^/]+))?/?")
-
-
-def failure_status(code: int, reason: str, message: str = "") -> dict[str, Any]:
-    """An API server's error reply (a `Status`), as clients parse it."""
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
 
 
 # Creates the emulator can dry-run (?dryRun=All: checked, answered, not stored).
@@ -202,6 +201,8 @@ class Emulator(kmock.KubernetesEmulator):
                 parse_selector(request.params.get("labelSelector") or "")
             except ValueError as error:
                 return web.json_response(failure_status(400, "BadRequest", str(error)), status=400)
+        if request.method == kmock.method.PUT and request.resource is not None and request.name:
+            return await self._replace(request)
         if request.action == kmock.action.DELETE and request.resource == PODS and request.name:
             response = await self._delete_pod(request)
             if response is not None:
@@ -226,6 +227,17 @@ class Emulator(kmock.KubernetesEmulator):
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._counter))
         return await super()._handle(request)
+
+    async def _replace(self, request: kmock.Request) -> web.StreamResponse:
+        """PUT (kmock serves none): see replace_semantics.replaced."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            stored = self._objects[key].raw if key in self._objects and not self._objects[key].deleted else None
+            status, reply = replaced(stored, request.data, request.resource, request.name, str(next(self._counter)))
+            if status == 200:
+                self._objects[key].create(reply)
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": reply})
+        return web.json_response(reply, status=status)
 
     async def _delete_pod(self, request: kmock.Request) -> web.StreamResponse | None:
         """A real API server's graceful pod delete: a pod bound to a node and not yet
