@@ -1,6 +1,8 @@
 """`python -m dreambooth_operator`: run the DreamboothJob controller.
 
 Connects with the in-cluster service account, else KUBECONFIG (or ~/.kube/config).
+With --leader-elect (the chart passes it), it acts only while it holds the Lease
+`dreambooth-operator-leader` in its own namespace; other replicas stand by.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import kubernetes
 
 from . import handlers  # noqa: F401  (registers the handlers)
 from .kube import load_client_config
+from .leader import ElectionConfig, default_identity, default_namespace
+from .running import run
 from .settings import OperatorConfig, ReconcilerSettings, Timing
+
+ELECTION_DEFAULTS = ElectionConfig(namespace="", identity="")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give each job a NetworkPolicy that admits only its own workers and scrapes of its "
                              "metrics port (default: on); --no-network-policy where the cluster's admins manage "
                              "policies themselves")
+    election = parser.add_argument_group("leader election (for 2+ replicas; see operator/README.md)")
+    election.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=False,
+                          help="act only while holding the Lease dreambooth-operator-leader, so that of several "
+                               "operators one acts and the others stand by (default: off for a run by hand; "
+                               "the chart turns it on)")
+    election.add_argument("--leader-election-namespace", default=None,
+                          help="namespace of the Lease (default: the pod's own, from $POD_NAMESPACE or the "
+                               "service account)")
+    election.add_argument("--leader-election-lease-duration", type=int,
+                          default=ELECTION_DEFAULTS.lease_duration_seconds,
+                          help="whole seconds after which a standby takes over a Lease its holder stopped renewing")
+    election.add_argument("--leader-election-renew-deadline", type=float,
+                          default=ELECTION_DEFAULTS.renew_deadline_seconds,
+                          help="seconds the leader may fail to renew before it exits (shorter than the lease duration)")
+    election.add_argument("--leader-election-retry-period", type=float,
+                          default=ELECTION_DEFAULTS.retry_period_seconds,
+                          help="seconds between the leader's renewals and a standby's looks")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser.parse_args(argv)
 
@@ -64,8 +87,27 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
                           http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
 
 
+def election_from_args(args: argparse.Namespace) -> ElectionConfig | None:
+    """The election's settings (None without --leader-elect); ValueError names the flag to fix."""
+    if not args.leader_elect:
+        return None
+    namespace = args.leader_election_namespace or default_namespace()
+    if not namespace:
+        raise ValueError("--leader-elect needs the Lease's namespace: not in a pod (no $POD_NAMESPACE, no service "
+                         "account), so pass --leader-election-namespace NAMESPACE, e.g. the installed "
+                         "operator's dreambooth-system to stand by behind it")
+    return ElectionConfig(namespace=namespace, identity=default_identity(),
+                          lease_duration_seconds=args.leader_election_lease_duration,
+                          renew_deadline_seconds=args.leader_election_renew_deadline,
+                          retry_period_seconds=args.leader_election_retry_period)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        election = election_from_args(args)
+    except ValueError as error:
+        sys.exit(f"dreambooth-operator: {error}")
     if args.kubeconfig:
         # kopf's own login reads $KUBECONFIG; the operator's client gets the path directly.
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -77,12 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                  "service account), or pass --kubeconfig FILE / set KUBECONFIG.")
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    asyncio.run(kopf.operator(
-        standalone=True,  # one replica; no KopfPeering resource needed
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        memo=kopf.Memo(config=config_from_args(args)),
-    ))
+    asyncio.run(run(config_from_args(args), namespaces=args.namespace, election=election))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """kopf handlers: each only wires an event to the reconciler.
 
-The operator-wide objects (API client, metrics, reconciler) are built in the startup
-handler from the `OperatorConfig` the entry point puts into kopf's memo.
+The operator-wide objects (API client, reconciler) are built in the startup handler from
+the `OperatorConfig` and the metrics that running.py puts into kopf's memo; kopf, and so
+every handler here, runs only while this process leads (running.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 import kopf
 
 from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
-from .health import start_http
 from .kube import KubeApi, connection_info, load_client_config
 from .opmetrics import OperatorMetrics
 from .reconciler import Reconciler
@@ -34,11 +34,9 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
     config: OperatorConfig = memo.get("config") or OperatorConfig()
     configure_kopf(settings)
-    memo.metrics = OperatorMetrics()
+    memo.metrics = memo.get("metrics") or OperatorMetrics()
     memo.api = KubeApi(load_client_config(config.kubeconfig))
     memo.reconciler = Reconciler(memo.api, memo.metrics, config.settings)
-    memo.http = (await start_http(memo.metrics, config.http_host, config.http_port, memo.reconciler.stuck_jobs)
-                 if config.http_port else None)
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
@@ -57,8 +55,6 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    if memo.get("http") is not None:
-        await memo.http.cleanup()
     if memo.get("reconciler") is not None:
         await memo.reconciler.close()
         memo.api.close()

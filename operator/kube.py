@@ -69,6 +69,7 @@ class KubeApi:
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
         self._networking = kubernetes.client.NetworkingV1Api(self._client)
+        self._coordination = kubernetes.client.CoordinationV1Api(self._client)
         self._pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
 
     def close(self) -> None:
@@ -297,6 +298,43 @@ class KubeApi:
         await self._call(self._core.patch_namespaced_event, name, meta["namespace"],
                          {"count": int(existing.get("count") or 1) + 1, "lastTimestamp": now},
                          _content_type=MERGE_PATCH, _preload_content=False)
+
+    # --- the leader election's Lease (leader.py) ---------------------------------------
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Lease, or None when there is none yet (404)."""
+        try:
+            response = await self._call(self._coordination.read_namespaced_lease, name, namespace,
+                                        _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self._json(response)
+
+    async def create_lease(self, lease: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Lease; None when another candidate created it first (409)."""
+        try:
+            response = await self._call(self._coordination.create_namespaced_lease,
+                                        lease["metadata"]["namespace"], lease, _preload_content=False)
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+        return self._json(response)
+
+    async def replace_lease(self, lease: dict[str, Any]) -> dict[str, Any] | None:
+        """Replace the Lease if its resourceVersion is still `lease`'s (the API server checks):
+        the written Lease; None when another candidate wrote it since (409)."""
+        meta = lease["metadata"]
+        try:
+            response = await self._call(self._coordination.replace_namespaced_lease, meta["name"],
+                                        meta["namespace"], lease, _preload_content=False)
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+        return self._json(response)
 
 
 class CreateForbidden(Exception):

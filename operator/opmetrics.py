@@ -10,6 +10,7 @@ METRIC_JOBS = "dreambooth_operator_jobs"
 METRIC_RECONCILE_SECONDS = "dreambooth_operator_reconcile_seconds"
 METRIC_RESTARTS = "dreambooth_operator_restarts_total"
 METRIC_PODS_CREATED = "dreambooth_operator_pods_created_total"
+METRIC_LEADER = "dreambooth_operator_leader"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
@@ -33,6 +34,10 @@ class OperatorMetrics:
             self.restarts.labels(reason=reason)
         self.pods_created = Counter(METRIC_PODS_CREATED.removesuffix("_total"), "Worker pods created",
                                     registry=self.registry)
+        # 1 on the replica that holds the leader-election Lease (or runs without election),
+        # 0 on a standby: which replica acts, and a sum that must never exceed 1.
+        self.leader = Gauge(METRIC_LEADER, "1 when this operator process leads and acts on jobs, 0 on a standby",
+                            registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)

@@ -48,10 +48,12 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condi
 
 
 class OperatorProcess:
-    def __init__(self, cluster: EmulatedCluster, workdir: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, cluster: EmulatedCluster, workdir: Path, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.cluster = cluster
         self.workdir = workdir
         self.extra_args = extra_args or []
+        self.env = env or {}
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -61,13 +63,21 @@ class OperatorProcess:
         return self.workdir / f"operator-{self.starts}.log"
 
     def start(self) -> "OperatorProcess":
+        self.launch()
+        return self.wait_healthy()
+
+    def launch(self) -> "OperatorProcess":
+        """Start the process without waiting for it (start several, then wait for each)."""
         self.starts += 1
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dreambooth_operator", "--kubeconfig", str(self.cluster.kubeconfig),
                  "--http-host", "127.0.0.1", "--http-port", str(self.http_port), *FAST_FLAGS, *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        return self
+
+    def wait_healthy(self) -> "OperatorProcess":
         # Importing kopf and the kubernetes client takes seconds; far more on a loaded machine.
         wait_for(self.healthy, timeout=60, what=f"operator /healthz (log: {self.log_path})")
         return self
@@ -83,6 +93,14 @@ class OperatorProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as response:
             return response.read().decode()
+
+    def metric(self, sample: str) -> float:
+        """One sample's value, named as /metrics shows it: `name` or `name{label="value"}`."""
+        for line in self.metrics().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == sample:
+                return float(value)
+        raise KeyError(f"no sample {sample} in /metrics")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -105,6 +123,7 @@ class Cluster:
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.networking = kubernetes.client.NetworkingV1Api(client)
+        self.coordination = kubernetes.client.CoordinationV1Api(client)
         self._raw = client
 
     def create_job(self, name: str, spec: dict[str, Any], namespace: str = "default") -> None:
@@ -158,6 +177,17 @@ class Cluster:
 
     def network_policies(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
         return self._raw_list(self.networking.list_namespaced_network_policy, namespace, f"dreambooth.io/job={job}")
+
+    def lease(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """A Lease as stored (None: there is none)."""
+        import json
+        try:
+            response = self.coordination.read_namespaced_lease(name, namespace, _preload_content=False)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
 
     def events(self, job: str, namespace: str = "default") -> list[dict[str, Any]]:
         import json

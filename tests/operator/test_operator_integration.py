@@ -39,9 +39,7 @@ def pod_names(cluster: Cluster, job: str) -> list[str]:
 
 
 def pods_created(operator: OperatorProcess) -> float:
-    lines = [line for line in operator.metrics().splitlines()
-             if line.startswith("dreambooth_operator_pods_created_total")]
-    return float(lines[0].split()[-1])
+    return operator.metric("dreambooth_operator_pods_created_total")
 
 
 def gang_of(pod: dict[str, Any]) -> str:
