@@ -14,6 +14,7 @@ import yaml
 
 from dreambooth_operator.constants import POD_GROUP_APIS, POD_GROUP_PLURAL
 from dreambooth_operator.kube import KubeApi
+from dreambooth_operator.leader import LEASE_NAME
 from tests.ship.chart import (
     ALERTS,
     ALL_OPTIONS_ON,
@@ -23,7 +24,9 @@ from tests.ship.chart import (
     DASHBOARD,
     INSTALL_MANIFEST,
     KUBERNETES_VERSION,
+    NAMESPACE,
     NAMESPACED,
+    RELEASE,
     REPO,
     by_kind,
     helm,
@@ -39,6 +42,7 @@ from tests.ship.workloads import example_job, worker_pods
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 OPERATOR_SOURCE = REPO / "operator"
+LEADER_ELECTION_ROLE = f"{RELEASE}-leader-election"
 NETWORK_POLICY_OFF = {"networkPolicy": {"enabled": False}}
 MODES = {"defaults": None, "all-options": ALL_OPTIONS_ON, "namespaced": NAMESPACED,
          "network-policy-off": NETWORK_POLICY_OFF}
@@ -96,6 +100,11 @@ def test_monitors_select_what_exists(rendered) -> None:
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     [namespaced] = by_kind(rendered["namespaced"], "PodMonitor")
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": NAMESPACED["watchNamespaces"]}
+
+
+def job_rbac(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The Roles or RoleBindings that grant the jobs' rights: all but the leader election's."""
+    return [obj for obj in by_kind(objects, kind) if obj["metadata"]["name"] != LEADER_ELECTION_ROLE]
 
 
 def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -164,7 +173,7 @@ def test_cluster_wide_rbac_covers_every_call_and_grants_nothing_more(rendered) -
     for key, verbs in granted.items():
         assert "*" not in verbs and key[1] != "*" and key[1] != "secrets", key
         assert verbs <= {"get", "list", "watch", "create", "delete", "patch", "update"}, key
-    assert not by_kind(objects, "Role")
+    assert [role["metadata"]["name"] for role in by_kind(objects, "Role")] == [LEADER_ELECTION_ROLE]
     [deployment] = by_kind(objects, "Deployment")
     assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -172,11 +181,11 @@ def test_cluster_wide_rbac_covers_every_call_and_grants_nothing_more(rendered) -
 def test_namespaced_mode_grants_per_namespace_and_watches_only_those(rendered) -> None:
     objects = rendered["namespaced"]
     watched = NAMESPACED["watchNamespaces"]
-    roles = by_kind(objects, "Role")
+    roles = job_rbac(objects, "Role")
     assert sorted(role["metadata"]["namespace"] for role in roles) == sorted(watched)
     for role in roles:
         assert_covers(rules_of(role), required_permissions())
-    bindings = by_kind(objects, "RoleBinding")
+    bindings = job_rbac(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
     [cluster_role] = by_kind(objects, "ClusterRole")
     assert set(rules_of(cluster_role)) == {("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -198,7 +207,7 @@ def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(render
     assert operator_settings(rendered["defaults"]).network_policy is True
     cluster_wide = [rules_of(role) for role in by_kind(rendered["defaults"], "ClusterRole")]
     assert set().union(*(rules.get(NETWORK_POLICIES, set()) for rules in cluster_wide)) == policy_verbs
-    for role in by_kind(rendered["namespaced"], "Role"):
+    for role in job_rbac(rendered["namespaced"], "Role"):
         assert rules_of(role)[NETWORK_POLICIES] == policy_verbs
     off = rendered["network-policy-off"]
     assert operator_settings(off).network_policy is False
@@ -213,14 +222,62 @@ def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(render
 def test_operator_deployment_shape(rendered) -> None:
     [deployment] = by_kind(rendered["defaults"], "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas under leader election, rolled with a standby always there.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    [spread] = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
     [container] = spec["template"]["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     # The args are the operator's real CLI: it accepts them.
     from dreambooth_operator.__main__ import parse_args
     parsed = parse_args(container["args"])
     assert parsed.all_namespaces and parsed.http_port == 8080 and parsed.http_host == "0.0.0.0"
+
+
+def test_leader_election_is_on_with_a_lease_in_the_release_namespace_only(rendered, monkeypatch) -> None:
+    from dreambooth_operator.__main__ import election_from_args, parse_args
+    for mode in ("defaults", "namespaced"):
+        objects = rendered[mode]
+        [deployment] = by_kind(objects, "Deployment")
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        env = {var["name"]: var.get("valueFrom") for var in container["env"]}
+        assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        # The real CLI, in the pod the downward API describes, elects on the Lease the Role names.
+        monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+        monkeypatch.setenv("POD_NAME", "dreambooth-operator-5d4f-abcde")
+        election = election_from_args(parse_args(container["args"]))
+        assert (election.namespace, election.name) == (NAMESPACE, LEASE_NAME)
+        assert (election.lease_duration_seconds, election.renew_deadline_seconds, election.retry_period_seconds) == (
+            15, 10, 2)
+        [role] = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == LEADER_ELECTION_ROLE]
+        assert role["metadata"]["namespace"] == NAMESPACE
+        # Exactly what leader.py calls (get_lease, create_lease, replace_lease), reading and
+        # renewing only its own Lease: create cannot be limited to a name.
+        assert sorted((tuple(rule["verbs"]), tuple(rule.get("resourceNames", []))) for rule in role["rules"]) == [
+            (("create",), ()), (("get", "update"), (LEASE_NAME,))]
+        assert all(rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
+                   for rule in role["rules"])
+        [binding] = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"] == LEADER_ELECTION_ROLE]
+        assert binding["metadata"]["namespace"] == NAMESPACE and binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
+        assert binding["subjects"][0]["name"] == deployment["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def test_one_replica_without_leader_election_is_replaced_not_rolled() -> None:
+    objects = render({"replicaCount": 1, "leaderElection": {"enabled": False}})
+    [deployment] = by_kind(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--no-leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "topologySpreadConstraints" not in deployment["spec"]["template"]["spec"]
+    assert not by_kind(objects, "Role")
+    # Two replicas that would both act on every job: refused, naming both values.
+    result = helm("template", str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert result.returncode != 0, result.stdout
+    assert "replicaCount 2 needs leaderElection.enabled=true" in result.stderr, result.stderr
 
 
 def test_values_schema_rejects_bad_values_naming_the_field() -> None:
