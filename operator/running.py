@@ -14,6 +14,7 @@ and stands by.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -64,28 +65,34 @@ async def run(config: OperatorConfig, *, namespaces: list[str], election: Electi
 
 
 async def lead(memo: kopf.Memo, namespaces: list[str], stop: asyncio.Event, elector: LeaderElector | None) -> None:
-    # Created before kopf: when kopf stops, it cancels every task created after it started.
+    # Both created before kopf, which cancels, at its end, every task created after its start.
     renewing = asyncio.create_task(elector.keep_renewing()) if elector is not None else None
+    # kopf takes SIGTERM and SIGINT over once it runs; a signal before that sets `stop`.
+    # (Not passed as kopf's stop_flag: kopf then leaves its waiter on it pending at a
+    # signal and waits 5 s for that "hung" task before it returns.)
+    stopped = asyncio.create_task(stop.wait())
     operator = asyncio.create_task(kopf.operator(
         # No kopf peering: the Lease decides who runs (leader.py says why).
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
         memo=memo,
-        stop_flag=stop,
     ))
-    if renewing is None:
-        await operator
-        return
-    await asyncio.wait({operator, renewing}, return_when=asyncio.FIRST_COMPLETED)
-    if renewing.done():
-        exit_lost(renewing.exception())
     try:
-        await operator
+        await asyncio.wait({task for task in (operator, renewing, stopped) if task is not None},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if renewing is not None and renewing.done():
+            exit_lost(renewing.exception())
+        if not operator.done():  # the signal came before kopf took the handlers
+            operator.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await operator
     finally:
-        renewing.cancel()
-        stop_on_signals(stop)  # kopf's handlers outlive it, pointing at its finished flag
-        await elector.release()
+        stopped.cancel()
+        if renewing is not None:
+            renewing.cancel()
+            stop_on_signals(stop)  # kopf's handlers outlive it, pointing at its finished flag
+            await elector.release()
 
 
 def exit_lost(error: BaseException | None) -> None:
