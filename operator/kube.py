@@ -188,11 +188,18 @@ class KubeApi:
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404)."""
+        return await self._read(self._method(self._READ, kind), name, namespace)
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        """One read call's object; None when it does not exist (404)."""
+        return await self._or_none(404, fn, *args)
+
+    async def _or_none(self, status: int, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        """The object a call returns; None when the API server answers `status`."""
         try:
-            response = await self._call(self._method(self._READ, kind), name, namespace,
-                                        _preload_content=False)
+            response = await self._call(fn, *args, _preload_content=False)
         except ApiException as error:
-            if error.status == 404:
+            if error.status == status:
                 return None
             raise
         return self._json(response)
@@ -243,14 +250,7 @@ class KubeApi:
     # --- the DreamboothJob itself ----------------------------------------------------
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            response = await self._call(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
-                                        PLURAL, name, _preload_content=False)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return self._json(response)
+        return await self._read(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
     async def delete_job(self, namespace: str, name: str) -> bool:
         """Delete the DreamboothJob; its finalizer runs the operator's clean-up first.
@@ -303,38 +303,19 @@ class KubeApi:
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Lease, or None when there is none yet (404)."""
-        try:
-            response = await self._call(self._coordination.read_namespaced_lease, name, namespace,
-                                        _preload_content=False)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return self._json(response)
+        return await self._read(self._coordination.read_namespaced_lease, name, namespace)
 
     async def create_lease(self, lease: dict[str, Any]) -> dict[str, Any] | None:
         """The created Lease; None when another candidate created it first (409)."""
-        try:
-            response = await self._call(self._coordination.create_namespaced_lease,
-                                        lease["metadata"]["namespace"], lease, _preload_content=False)
-        except ApiException as error:
-            if error.status == 409:
-                return None
-            raise
-        return self._json(response)
+        return await self._or_none(409, self._coordination.create_namespaced_lease, lease["metadata"]["namespace"],
+                                   lease)
 
     async def replace_lease(self, lease: dict[str, Any]) -> dict[str, Any] | None:
         """Replace the Lease if its resourceVersion is still `lease`'s (the API server checks):
         the written Lease; None when another candidate wrote it since (409)."""
         meta = lease["metadata"]
-        try:
-            response = await self._call(self._coordination.replace_namespaced_lease, meta["name"],
-                                        meta["namespace"], lease, _preload_content=False)
-        except ApiException as error:
-            if error.status == 409:
-                return None
-            raise
-        return self._json(response)
+        return await self._or_none(409, self._coordination.replace_namespaced_lease, meta["name"],
+                                   meta["namespace"], lease)
 
 
 class CreateForbidden(Exception):

@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import kubernetes
 import pytest
@@ -228,21 +228,33 @@ def leading(cluster: Cluster, processes: dict[str, OperatorProcess]) -> str:
     return wait_for(check, timeout=20, what="a leader")
 
 
-def two_workers() -> dict[str, Any]:
-    spec = copy.deepcopy(MINIMAL_SPEC)
-    spec["workers"]["nodes"] = 2
-    return spec
+class Race(NamedTuple):
+    """Two operators after one of them took the Lease and made a job's two workers."""
+    cluster: Cluster
+    leader: OperatorProcess
+    standby: OperatorProcess
+    standby_name: str
+    pods: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def two_operators_and_a_job(emulated: EmulatedCluster, workdir: Path, flags: list[str], job: str) -> Iterator[Race]:
+    cluster = Cluster(emulated)
+    with operators(emulated, workdir, flags) as processes:
+        first = leading(cluster, processes)
+        [standby] = [name for name in processes if name != first]
+        spec = copy.deepcopy(MINIMAL_SPEC)
+        spec["workers"]["nodes"] = 2
+        cluster.create_job(job, spec)
+        pods = wait_for(lambda: len(p := cluster.pods(job)) == 2 and p, what="2 worker pods")
+        yield Race(cluster, processes[first], processes[standby], standby, pods)
 
 
 def test_one_of_two_operators_acts_and_a_sigterm_hands_over_at_once(emulated: EmulatedCluster,
                                                                       tmp_path: Path) -> None:
-    cluster = Cluster(emulated)
     # The default lease duration: only a release lets the standby take over within seconds.
-    with operators(emulated, tmp_path, election_flags(15, 10)) as processes:
-        first = leading(cluster, processes)
-        [standby] = [name for name in processes if name != first]
-        cluster.create_job("shared", two_workers())
-        before = wait_for(lambda: len(p := cluster.pods("shared")) == 2 and p, what="2 worker pods")
+    with two_operators_and_a_job(emulated, tmp_path, election_flags(15, 10), "shared") as race:
+        cluster, leader, standby = race.cluster, race.leader, race.standby
         cluster.run_pods("shared")
         cluster.set_pod_status("shared-worker-1", terminated(1))
         wait_for(lambda: {p["metadata"]["labels"]["dreambooth.io/gang"] for p in cluster.pods("shared")} == {"1"},
@@ -251,44 +263,41 @@ def test_one_of_two_operators_acts_and_a_sigterm_hands_over_at_once(emulated: Em
         # without election both reconciled the job: each counted the restart, the
         # WorkerFailed Event got count 2.
         restarts = 'dreambooth_operator_restarts_total{reason="failure"}'
-        assert processes[first].metric(restarts) == 1 and processes[standby].metric(restarts) == 0
-        assert processes[first].metric("dreambooth_operator_pods_created_total") == 4
+        assert leader.metric(restarts) == 1 and standby.metric(restarts) == 0
+        assert leader.metric("dreambooth_operator_pods_created_total") == 4
         assert [e.get("count") for e in cluster.events("shared") if e["reason"] == "WorkerFailed"] == [1]
-        assert processes[standby].metric("dreambooth_operator_reconcile_seconds_count") == 0
-        assert processes[standby].metric("dreambooth_operator_pods_created_total") == 0
-        assert processes[standby].metric("dreambooth_operator_leader") == 0
-        assert processes[standby].healthy()  # a standby is alive and ready
-        assert all(p["metadata"]["uid"] not in {b["metadata"]["uid"] for b in before} for p in cluster.pods("shared"))
+        assert standby.metric("dreambooth_operator_reconcile_seconds_count") == 0
+        assert standby.metric("dreambooth_operator_pods_created_total") == 0
+        assert standby.metric("dreambooth_operator_leader") == 0
+        assert standby.healthy()  # a standby is alive and ready
+        old_uids = {pod["metadata"]["uid"] for pod in race.pods}
+        assert not old_uids & {pod["metadata"]["uid"] for pod in cluster.pods("shared")}
 
-        processes[first].process.send_signal(signal.SIGTERM)
+        leader.process.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
-        assert processes[first].process.wait(15) == 0
-        wait_for(lambda: holder(cluster).startswith(f"{standby}_"), timeout=15, what="the standby leads")
+        assert leader.process.wait(15) == 0
+        wait_for(lambda: holder(cluster).startswith(f"{race.standby_name}_"), timeout=15, what="the standby leads")
         assert time.monotonic() - stopped < 3, "took over only as the 15 s lease ran out: not released"
         # The new leader carries the job on: the workers run, and it says so in status.
         cluster.run_pods("shared")
         wait_for(lambda: cluster.status("shared").get("phase") == "Running", what="Running, from the new leader")
-        assert processes[standby].metric("dreambooth_operator_leader") == 1
-        assert "released Lease" in processes[first].log()
+        assert standby.metric("dreambooth_operator_leader") == 1
+        assert "released Lease" in leader.log()
 
 
 def test_a_killed_leaders_lease_is_taken_over_once_it_expires(emulated: EmulatedCluster, tmp_path: Path) -> None:
-    cluster = Cluster(emulated)
-    with operators(emulated, tmp_path, election_flags(3, 2)) as processes:
-        first = leading(cluster, processes)
-        [standby] = [name for name in processes if name != first]
-        cluster.create_job("orphaned", two_workers())
-        pods = wait_for(lambda: len(p := cluster.pods("orphaned")) == 2 and p, what="2 worker pods")
-        processes[first].process.kill()
+    with two_operators_and_a_job(emulated, tmp_path, election_flags(3, 2), "orphaned") as race:
+        cluster = race.cluster
+        race.leader.process.kill()
         killed = time.monotonic()
-        wait_for(lambda: holder(cluster).startswith(f"{standby}_"), timeout=15, what="the standby leads")
+        wait_for(lambda: holder(cluster).startswith(f"{race.standby_name}_"), timeout=15, what="the standby leads")
         waited = time.monotonic() - killed
         # Not before the dead leader's Lease ran out (3 s since its last renewal, up to a
         # retry period before the kill), and soon after.
         assert 2.5 <= waited < 6, waited
         cluster.run_pods("orphaned")
         wait_for(lambda: cluster.status("orphaned").get("phase") == "Running", what="Running, from the new leader")
-        assert [p["metadata"]["uid"] for p in cluster.pods("orphaned")] == [p["metadata"]["uid"] for p in pods]
+        assert [p["metadata"]["uid"] for p in cluster.pods("orphaned")] == [p["metadata"]["uid"] for p in race.pods]
 
 
 def test_a_leader_that_sees_another_holder_exits_at_once(emulated: EmulatedCluster, tmp_path: Path) -> None:
