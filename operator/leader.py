@@ -209,7 +209,8 @@ class LeaderElector:
         announced = None
         while not stop.is_set():
             try:
-                if await asyncio.wait_for(self._try(leading=False), config.renew_deadline_seconds) not in (Action.WAIT, None):
+                action = await asyncio.wait_for(self._try(leading=False), config.renew_deadline_seconds)
+                if action not in (Action.WAIT, None):
                     logger.info("Leader election: %s leads (Lease %s/%s)", config.identity, config.namespace,
                                 config.name)
                     return True
