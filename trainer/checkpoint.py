@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 
-from trainer import atomic, rng
+from trainer import atomic, rng, shard_globals
 from trainer.config import CheckpointConfig, ConfigError, LoraConfig
 from trainer.contract import STEP_PREFIX, step_folder_name
 from trainer.distributed import Runtime, barrier
@@ -206,7 +206,9 @@ def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
                                      inject_missing_state=True)
         try:
-            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            shard_globals.check(folder)
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), \
+                    shard_globals.weights_only_loads():
                 ds_to_universal.main(options)
         except Exception as caught:  # whatever DeepSpeed's converter raises, it is this run's end
             error = caught
@@ -241,11 +243,13 @@ def load(engine, folder: Path, runtime: Runtime, lora: LoraConfig | None = None,
     rng_file = source / rng.file_name(runtime.rank)
     # Read first: a file that is not generator state skips the checkpoint before any shard loads.
     generators = rng.read(rng_file, legacy=manifest.format < 2) if rng_file.is_file() else None
+    shard_globals.check(source)  # DeepSpeed unpickles its files in full: nothing of them loads before this
     # A LoRA checkpoint holds only the adapters; the module's frozen weights stay as built.
-    _, state = engine.load_checkpoint(
-        str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True,
-        load_module_strict=lora is None or not lora.enabled,
-    )
+    with shard_globals.weights_only_loads():
+        _, state = engine.load_checkpoint(
+            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=lora is None or not lora.enabled,
+        )
     if state is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {source}")
     if generators is not None:
