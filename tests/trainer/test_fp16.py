@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.trainer.test_shard_globals import assert_deepspeed_files_load_with_weights_only
 
 
 def run_scenario(scenario: str, root, zero_stage: int) -> dict:
@@ -38,6 +39,8 @@ def test_an_fp16_overflow_at_the_minimum_loss_scale_ends_the_run_as_diverged(tmp
     assert "training.learning_rate (now 0.001)" in message and "training.precision: bf16" in message
     # Skipped steps changed no weight: the checkpoints before are kept, none is retracted.
     assert outcome["checkpoints"] == ["step-00000001", "step-00000002", "step-00000003"]
+    # fp16's dynamic loss scaler in them is among what a resume allows DeepSpeed's files to name.
+    assert_deepspeed_files_load_with_weights_only(tmp_path / "checkpoints" / "step-00000003")
     assert outcome["latest"] == "step-00000003"
     assert "the next run resumes from step-00000003" in message
 

@@ -231,7 +231,8 @@ def relist(folder, *, drop=()):
 
 
 @pytest.mark.slow
-def test_a_crafted_rng_file_is_never_unpickled_its_checkpoint_is_skipped_and_one_of_format_1_resumes(tmp_path):
+def test_crafted_rng_files_and_deepspeed_shards_are_never_unpickled_their_checkpoint_is_skipped_and_one_of_format_1_resumes(
+        tmp_path):
     root = tmp_path / "run"
     config_path = write_config(root, resume_config(root, training={"max_steps": 4}, checkpoint={"every_steps": 2},
                                                    data={"class_prompt": None, "class_dir": None}))
@@ -260,6 +261,26 @@ def test_a_crafted_rng_file_is_never_unpickled_its_checkpoint_is_skipped_and_one
     run = json.loads((root / "model" / "run.json").read_text())
     assert (run["resumed_from_step"], run["final_step"]) == (2, 4)
     assert step_losses(resumed.stdout) == {step: loss for step, loss in reference.items() if step > 2}
+
+    # Step 4 again, as the resumed run wrote it: one of DeepSpeed's own shards (which
+    # DeepSpeed unpickles in full) now carries the payload beside its state, and still loads.
+    shard = sorted(newest.glob("*_optim_states.pt"))[-1]
+    torch.save({**torch.load(shard, weights_only=False), "payload": OpensAFile(marker)}, shard)
+    relist(newest)
+    refused = f"({shard} names io.open, which DeepSpeed's own checkpoints never hold; it was not unpickled"
+    # Named in checkpoint.resume, it is refused: no other is tried.
+    named = launch(config_path, "--set", f"checkpoint.resume={newest}")
+    _, errors = named.communicate(timeout=300)
+    assert not marker.exists()
+    assert named.returncode == 2, errors[-4000:]
+    assert f"checkpoint.resume = '{newest}' does not load {refused}" in errors
+    # Found by auto, it is skipped for the one before.
+    again = run_trainer(config_path)
+    assert not marker.exists()
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"checkpoint {newest} skipped: it does not load {refused}" in again.stderr
+    assert json.loads((root / "model" / "run.json").read_text())["resumed_from_step"] == 2
+    assert step_losses(again.stdout) == {step: loss for step, loss in reference.items() if step > 2}
 
 
 @pytest.mark.slow

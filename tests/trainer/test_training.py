@@ -13,6 +13,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from huggingface_hub import ModelCard
 
 from tests.conftest import run_trainer, tiny_config, write_config
+from tests.trainer.test_shard_globals import assert_deepspeed_files_load_with_weights_only
+from trainer import checkpoint
 from trainer.models import build_components
 
 
@@ -66,6 +68,9 @@ def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage
     assert run["world_size"] == 2 and run["zero_stage"] == zero_stage and run["precision"] == "bf16"
     assert run["wall_seconds"] > 0 and run["samples_per_second"] > 0
     assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=train_text_encoder)
+    # What resuming them checks and loads: their DeepSpeed files name only DEEPSPEED_GLOBALS (resumes: test_resume.py).
+    for folder in checkpoint.complete_checkpoints(tiny_root / "checkpoints"):
+        assert_deepspeed_files_load_with_weights_only(folder)
 
 
 @pytest.mark.slow
