@@ -34,7 +34,8 @@ def deepspeed_like_state() -> dict:
     return {"optimizer_state_dict": {
         "loss_scaler": LossScaler(1.0), "dynamic": DynamicLossScaler(2.0**16, 1000, min_scale=1, delayed_shift=2,
                                                                        consecutive_hysteresis=False),
-        "zero_stage": ZeroStageEnum.gradients, "param_slice_mappings": [OrderedDict(w=fragment_address(numel=6, start=0))],
+        "zero_stage": ZeroStageEnum.gradients,
+        "param_slice_mappings": [OrderedDict(w=fragment_address(numel=6, start=0))],
         "partition": [torch.arange(6.0)], "shapes": torch.Size([2, 3])}, "ds_version": "0.19.8"}
 
 
@@ -77,9 +78,10 @@ def test_a_file_whose_pickle_cannot_be_read_as_opcodes_is_refused_unread(tmp_pat
     if how == "zeros":
         shard.write_bytes(b"\0" * 4096)
     else:
-        options = {"legacy format": {"_use_new_zipfile_serialization": False}, "pickle protocol 4": {"pickle_protocol": 4}}
+        options = {"legacy format": {"_use_new_zipfile_serialization": False},
+                   "pickle protocol 4": {"pickle_protocol": 4}}
         torch.save({"payload": OpensAFile(marker)}, shard, **options[how])
-    with pytest.raises(shard_globals.UnexpectedGlobals, match=f"^{shard} is not a checkpoint file as DeepSpeed writes it"):
+    with pytest.raises(shard_globals.UnexpectedGlobals, match=f"^{shard} is not a checkpoint file as DeepSpeed writes"):
         shard_globals.check(tmp_path)
     assert not marker.exists()
 
