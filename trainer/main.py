@@ -132,8 +132,9 @@ def generate_missing_class_images(config: TrainerConfig, components, runtime, me
     json_logs = config.logging.format == "json"
     metrics.set_phase(m.PHASE_GENERATING_CLASS_IMAGES)
     mine = generate_class_images(config, components, runtime, stop_requested=stop_requested)
-    if stop_requested():
-        report_event(f"stopped by {stop_requested.signal_name} during class-image generation", json_format=json_logs)
+    if mine is None:  # on every rank, whichever had the stop request
+        by = stop_requested.signal_name if stop_requested() else "another rank's stop request"
+        report_event(f"stopped by {by} during class-image generation", json_format=json_logs)
         metrics.set_phase(m.PHASE_STOPPED)
         return None
     report_event("class images", json_format=json_logs, rank=runtime.rank, generated=mine)

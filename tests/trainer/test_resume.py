@@ -329,3 +329,29 @@ def test_a_raised_learning_rate_applies_on_resume_and_the_divergence_it_causes_s
     # What the next run (with a lower rate) resumes from: the last checkpoint before the divergence.
     assert checkpoint.find_resume_point(CheckpointConfig(dir=folder)).name == "step-00000003"
     assert all(loss is not None for loss in healthy.values())
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_during_class_image_generation_stops_every_rank_at_the_same_batch(tmp_path):
+    """A preemption reaches the pods of a gang one by one: a stop request one rank has
+    and another not yet must end both at the same batch, by their own agreement. Here
+    both ranks share a node, whose torchrun agent would SIGTERM the other once the first
+    exits (the old code's only way out, which the second message tells apart); ranks on
+    other nodes have no such agent: they generated their whole share and then waited in
+    a barrier the stopped rank never reached, until the process group timed out."""
+    root = tmp_path / "run"
+    config_path = write_config(root, resume_config(root, data={
+        "num_class_images": 400, "class_generation_batch_size": 1}))
+    process = launch(config_path)
+    class_dir = root / "class-images"
+    deadline = time.monotonic() + 300
+    while len(list(class_dir.glob("*.png"))) < 4 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.kill(worker_pids(process.pid)[1], signal.SIGTERM)
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 143, errors[-3000:]
+    assert "stopped by SIGTERM during class-image generation" in output
+    assert "stopped by another rank's stop request during class-image generation" in output
+    # Both left within a batch of the request: nowhere near the 200 images of each share.
+    assert 4 <= len(list(class_dir.glob("*.png"))) < 40
+    assert not (root / "checkpoints" / "latest").exists()
