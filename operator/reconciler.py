@@ -2,11 +2,12 @@
 
 One reconcile loop runs per job (a kopf daemon), so a job's steps never race each
 other; pod events only wake it up early. The rules of a job's life are pure and live
-in lifecycle.py (`decide`), plan.py and troubles.py. Checked here are only the rules
-that need answers from the API server: inputs.py's checks of the photos and claims, a
-dry run of the children (`_refused_children`) and children's names that are someone
-else's (`_names_taken`). What they refuse fails the job as an invalid spec (`_reject`),
-as a spec the models refuse does.
+in lifecycle.py (`decide`), plan.py and troubles.py. Checked here, before a gang is
+created, are only the rules that need answers from the API server: inputs.py's checks
+of the photos and claims, and job_children.py's dry run of the children and its check
+of children's names that are someone else's. What they refuse fails the job as an
+invalid spec (`_reject`), as a spec the models refuse does. job_children.py also
+creates the children a gang needs and deletes them with the job.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from typing import Any
 import aiohttp
 
 from . import constants as c
-from .children import (build_claim, build_config_map, build_network_policy, build_service, differs_where_built,
-                       output_status)
+from .children import build_config_map, output_status
 from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
+from .job_children import JobChildren
 from .kube import CreateForbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
-from .metadata import created_claim_name, job_selector, named_children, owner_uids, worker_name, worker_selector
+from .metadata import worker_name, worker_selector
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
-from .pods import build_pod_group, build_worker_pod
+from .pods import build_worker_pod
 from .podstates import pod_name
 from .scrape import metrics_url, progress_status, scrape, scrape_session
 from .settings import ReconcilerSettings
@@ -110,6 +111,10 @@ class Reconciler:
     _passes: dict[tuple[str, str], float] = field(default_factory=dict)
     # Jobs whose loop has seen to the NetworkPolicy of a gang that was there before it.
     _policy_checked: set[tuple[str, str]] = field(default_factory=set)
+    _children: JobChildren = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._children = JobChildren(self.api, network_policy=self.settings.network_policy)
 
     async def run(self, namespace: str, name: str, stopped: Any) -> None:
         """The job's loop: reconcile, then sleep until woken or the plan's next check."""
@@ -174,12 +179,13 @@ class Reconciler:
 
         pods = await self.api.list("Pod", namespace, worker_selector(name))
         if pods and self.settings.network_policy and (namespace, name) not in self._policy_checked:
-            await self._protect_existing_gang(job)
+            self._policy_checked.add((namespace, name))  # once per loop
+            await self._children.protect_existing_gang(job)
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
         inputs = InputCheck()
         if plan.create:
             inputs = await check_inputs(self.api, job)
-            inputs.problem = inputs.problem or await self._refused_children(job, plan.create[0])
+            inputs.problem = inputs.problem or await self._children.refused(job, plan.create[0])
         if inputs.problem is not None:
             await self._reject(body, dict(body.get("status") or {}), inputs.problem)
             return self.settings.timing.resync_seconds
@@ -234,7 +240,7 @@ class Reconciler:
         reported in condition Created and a Warning Event, and tried again next pass."""
         config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
         try:
-            await self._create_children(job, config_map)
+            await self._children.create(job, config_map)
             for index in indices:
                 if await self.api.create(build_worker_pod(job, index, gang, config)):
                     self.metrics.pods_created.inc()
@@ -249,90 +255,10 @@ class Reconciler:
         await self._write_status(job.namespace, job.name, status,
                                  created_status(status, job.spec.workers.nodes, utc_now()))
 
-    async def _refused_children(self, job: Job, index: int) -> str | None:
-        """What the API server says against the children this pass would create (Service,
-        NetworkPolicy, claim, PodGroup, a worker pod), asked in a dry run before anything
-        is written: spec.workers passes
-        volumes, tolerations, env and resources through as they are, and a malformed one
-        must fail the job with the server's words, not fail every pass in the log."""
-        taken = await self._names_taken(job)
-        if taken is not None:
-            return taken
-        fixes = {"Pod": "fix the spec field it comes from (a pod's spec.* from spec.workers)",
-                 "PersistentVolumeClaim": "fix spec.storage",
-                 "PodGroup": "install that scheduler, or remove spec.runPolicy.gangScheduling",
-                 "Service": "fix spec.metrics.port", "NetworkPolicy": "fix spec.metrics.port"}
-        children = [build_service(job), build_network_policy(job) if self.settings.network_policy else None,
-                    build_claim(job), build_pod_group(job), build_worker_pod(job, index, 0, "dry-run")]
-        for child in filter(None, children):
-            message = await self.api.refusal(child)
-            if message is not None:
-                return (f"the API server refuses the {child['kind']} {child['metadata']['name']!r} made from this "
-                        f"spec: {message}; {fixes[child['kind']]}")
-        return None
-
-    async def _names_taken(self, job: Job) -> str | None:
-        """A Service, ConfigMap or NetworkPolicy under a name the job's children need that
-        is not this job's: someone else's is refused (taking it over would also delete it
-        with the job); one an earlier job of the same name left behind (its garbage
-        collection may lag) is deleted now, or the new workers would lose it when it is
-        collected."""
-        for kind, name, use in named_children(job.name, network_policy=self.settings.network_policy):
-            existing = await self.api.get(kind, job.namespace, name)
-            if existing is None or job.uid in owner_uids(existing):
-                continue
-            if owner_uids(existing):
-                await self.api.delete(kind, job.namespace, name)
-                continue
-            return _not_the_jobs(kind, name, job.namespace, use)
-        if job.spec.storage.creates_claim:
-            # A claim of the name an earlier job of this name made (kept by storage.retain)
-            # is the job's to resume from; anyone else's would get its checkpoints.
-            name = created_claim_name(job.name)
-            existing = await self.api.get("PersistentVolumeClaim", job.namespace, name)
-            if existing is not None and (existing["metadata"].get("labels") or {}).get(c.LABEL_JOB) != job.name:
-                return _not_the_jobs("PersistentVolumeClaim", name, job.namespace, "its checkpoints and output")
-        return None
-
-    async def _protect_existing_gang(self, job: Job) -> None:
-        """A gang already there when this loop started (an operator upgraded or restarted
-        with the setting on) gets the NetworkPolicy it may lack, once per loop; new gangs
-        get it with their other children."""
-        self._policy_checked.add((job.namespace, job.name))
-        try:
-            await self.api.create(build_network_policy(job))
-        except CreateForbidden as error:  # the gang runs anyway; the next gang start reports it
-            log.warning("DreamboothJob %s/%s: cannot create its NetworkPolicy: %s", job.namespace, job.name, error)
-
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         patch = merge_patch(old, new)
         if patch:
             await self.api.patch_job_status(namespace, name, patch)
-
-    async def _create_children(self, job: Job, config_map: dict[str, Any]) -> None:
-        """Everything the workers need, created if absent; the config, Service, NetworkPolicy
-        and PodGroup are brought up to the job's current spec, so a new gang runs it."""
-        if not await self.api.create(config_map):
-            await self.api.replace_config_map(config_map)
-        await self._create_or_update(job, build_service(job))
-        if self.settings.network_policy:  # before the workers, which listen from their start
-            await self._create_or_update(job, build_network_policy(job))
-        claim = build_claim(job)
-        if claim is not None:
-            await self.api.create(claim)
-        pod_group = build_pod_group(job)
-        if pod_group is not None and not await self.api.create(pod_group):
-            await self.api.replace_spec(pod_group)  # minMember follows workers.nodes
-
-    async def _create_or_update(self, job: Job, child: dict[str, Any]) -> None:
-        """Create `child`; the job's own one of its name gets the spec built now where that
-        differs (the Service and NetworkPolicy name the metrics port the new gang listens
-        on). Someone else's is never touched: `_names_taken` has refused the job for it."""
-        if await self.api.create(child):
-            return
-        live = await self.api.get(child["kind"], job.namespace, child["metadata"]["name"])
-        if live is not None and job.uid in owner_uids(live) and differs_where_built(child["spec"], live.get("spec")):
-            await self.api.replace_spec(child)
 
     async def _maybe_scrape(self, job: Job, status: dict[str, Any], pods: list[dict[str, Any]]) -> float:
         key = (job.namespace, job.name)
@@ -353,36 +279,13 @@ class Reconciler:
         return interval
 
     async def cleanup(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        """Delete everything made for a job. A cluster's garbage collector would do it
-        through ownerReferences too; doing it here also works where none runs."""
-        selector = job_selector(name)
-        for pod in await self.api.list("Pod", namespace, selector):
-            await self.api.delete("Pod", namespace, pod_name(pod))
-        uid = body["metadata"].get("uid")
-        for kind, child, _ in named_children(name, network_policy=self.settings.network_policy):
-            existing = await self.api.get(kind, namespace, child)
-            if existing is not None and uid in owner_uids(existing):  # never someone else's of that name
-                await self.api.delete(kind, namespace, child)
-        pod_group = _pod_group_of(body)
-        if pod_group is not None:
-            await self.api.delete_custom(pod_group)
-        storage = ((body.get("spec") or {}).get("storage") or {})
-        if "size" in storage and storage.get("retain") is False:
-            # Only a claim this job made (and owns): one of that name that was there
-            # before it (an earlier job's retained checkpoints) is not its to delete.
-            claim = await self.api.get("PersistentVolumeClaim", namespace, created_claim_name(name))
-            if claim is not None and uid in owner_uids(claim):
-                await self.api.delete("PersistentVolumeClaim", namespace, created_claim_name(name))
+        """Delete everything made for a job (job_children.py)."""
+        await self._children.delete(namespace, name, body)
         self.metrics.set_phase(namespace, name, None)
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
-
-
-def _not_the_jobs(kind: str, name: str, namespace: str, use: str) -> str:
-    return (f"a {kind} named {name!r} already exists in namespace {namespace} and is not this job's; "
-            f"the job needs that name for {use}: delete that {kind}, or recreate the job under another name")
 
 
 def _observe_generation(status: dict[str, Any], body: dict[str, Any]) -> None:
@@ -392,11 +295,3 @@ def _observe_generation(status: dict[str, Any], body: dict[str, Any]) -> None:
     if generation is not None:
         status["observedGeneration"] = int(generation)
 
-
-def _pod_group_of(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The PodGroup a job's spec asks for, if it is still readable; a spec no longer is
-    leaves its PodGroup to the garbage collector (it has an ownerReference)."""
-    try:
-        return build_pod_group(Job.from_body(body))
-    except InvalidSpecError:
-        return None
