@@ -69,3 +69,11 @@ def job_body(name: str = "sks-dog", spec: dict[str, Any] | None = None, namespac
         "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
         "spec": copy.deepcopy(spec if spec is not None else MINIMAL_SPEC),
     }
+
+
+def minimal_spec(**changes: Any) -> dict[str, Any]:
+    """MINIMAL_SPEC with `section={...}` merged in."""
+    result = copy.deepcopy(MINIMAL_SPEC)
+    for section, values in changes.items():
+        result.setdefault(section, {}).update(values)
+    return result

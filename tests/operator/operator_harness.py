@@ -230,3 +230,19 @@ def evicted() -> dict[str, Any]:
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
+
+
+def phase_is(cluster: Cluster, job: str, phase: str) -> Callable[[], bool]:
+    return lambda: cluster.status(job).get("phase") == phase
+
+
+def pod_names(cluster: Cluster, job: str) -> list[str]:
+    return [p["metadata"]["name"] for p in cluster.pods(job)]
+
+
+def gang_of(pod: dict[str, Any]) -> str:
+    return pod["metadata"]["labels"]["dreambooth.io/gang"]
+
+
+def pods_created(operator: OperatorProcess) -> float:
+    return operator.metric("dreambooth_operator_pods_created_total")

@@ -1,9 +1,10 @@
 """A spec edit reaches every child the next gang depends on, by the real operator against
-the emulated API: the Service and the NetworkPolicy name the metrics port the new gang
-listens on from the moment its workers exist, while a running gang keeps the children
-it was started with and is scraped where it listens; a gang start without an edit
-rewrites nothing (the emulated API fills a Service with defaults, as a real one does,
-that the operator must not fight)."""
+the emulated API: the ConfigMap holds the trainer config rendered from it; the Service
+and the NetworkPolicy name the metrics port the new gang listens on from the moment its
+workers exist, while a running gang keeps the children it was started with and is
+scraped where it listens; a gang start without an edit rewrites nothing (the emulated
+API fills a Service with defaults, as a real one does, that the operator must not
+fight)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any, Iterator
 
 import kubernetes_validate
 import pytest
-from dbj_examples import KUBERNETES_VERSION, MINIMAL_SPEC, job_body
+import yaml
+from dbj_examples import KUBERNETES_VERSION, MINIMAL_SPEC, job_body, minimal_spec
 from emulated_cluster import EmulatedCluster, free_port
-from operator_harness import Cluster, OperatorProcess, terminated, wait_for
+from operator_harness import Cluster, OperatorProcess, gang_of, terminated, wait_for
 from server_defaults import default_service
 
 from dreambooth_operator.children import build_network_policy, build_service, differs_where_built
@@ -145,3 +147,17 @@ def test_a_running_gang_is_still_scraped_on_its_own_port_after_an_edit(cluster: 
         wait_for(lambda: cluster.status("watched").get("step") == 50, what="step 50 from the running gang")
     finally:
         rank0.close()
+
+
+def test_a_spec_edit_reaches_the_next_gang(cluster: Cluster) -> None:
+    cluster.create_job("edited", minimal_spec(runPolicy={"backoffLimit": 3}))
+    wait_for(lambda: len(cluster.pods("edited")) == 1, what="pod")
+    old_hash = cluster.pods("edited")[0]["metadata"]["annotations"]["dreambooth.io/config-hash"]
+    cluster.patch_spec("edited", {"training": {"maxSteps": 50}})
+    cluster.set_pod_status("edited-worker-0", terminated(1, "Error"))
+    pod = wait_for(lambda: (p := cluster.pods("edited")) and gang_of(p[0]) == "1" and p[0], what="the next gang")
+    [config_map] = cluster.config_maps("edited")
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["training"]["max_steps"] == 50
+    new_hash = config_map["metadata"]["annotations"]["dreambooth.io/config-hash"]
+    assert new_hash != old_hash
+    assert pod["metadata"]["annotations"]["dreambooth.io/config-hash"] == new_hash
