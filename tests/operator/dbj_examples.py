@@ -1,10 +1,13 @@
-"""Example DreamboothJob specs shared by the operator tests (data, not fixtures)."""
+"""Example DreamboothJob specs shared by the operator tests (data, not fixtures), and the
+few helpers that vary them or read them as the operator does."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 from typing import Any
+
+from dreambooth_operator.spec import Job
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = "1.35.0"
@@ -77,3 +80,25 @@ def minimal_spec(**changes: Any) -> dict[str, Any]:
     for section, values in changes.items():
         result.setdefault(section, {}).update(values)
     return result
+
+
+def job(spec: dict[str, Any] = MINIMAL_SPEC, name: str = "sks-dog") -> Job:
+    """The Job the operator reads from a body of `spec`."""
+    return Job.from_body(job_body(name, spec))
+
+
+DELETE = object()
+
+
+def minimal_spec_with(path: str, value: Any) -> dict[str, Any]:
+    """MINIMAL_SPEC with the field at the dotted `path` set to `value` (removed for DELETE)."""
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    node = spec
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        node.pop(last)
+    else:
+        node[last] = value
+    return spec
