@@ -9,8 +9,8 @@ stop matching is ADDED to or DELETED from a watch, a malformed selector is a 400
 ConfigMaps and Secrets sent as protobuf (`kubectl create configmap|secret`),
 graceful pod deletion (a bound, running pod gets `deletionTimestamp` and stays until
 its kubelet deletes it with grace 0) and server-side tables for custom resources
-(`kubectl get` columns from the stored CRD's additionalPrinterColumns), server-side
-dry runs of creation (answered, never stored; Pods and PersistentVolumeClaims checked),
+(`kubectl get` columns from the stored CRD's additionalPrinterColumns, printer_tables.py),
+server-side dry runs of creation (answered, never stored; Pods and PersistentVolumeClaims checked),
 one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQuota's
 `pods` count, the fields an API server fills into a Service (server_defaults.py) and
 replace (PUT) with optimistic concurrency: a body whose resourceVersion is not the stored
@@ -42,6 +42,7 @@ import yaml
 from aiohttp import web
 from kmock import ResourceInfo
 from label_selectors import labels_of, matches, parse_selector, selected_event
+from printer_tables import printer_table
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
 from replace_semantics import failure_status, replaced
 from server_defaults import default_service
@@ -342,52 +343,6 @@ def delete_grace_seconds(request: kmock.Request, pod: dict[str, Any]) -> int:
     if asked is not None:
         return int(asked)
     return int((pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
-
-
-def json_path(obj: dict[str, Any], path: str) -> Any:
-    """The simple `.a.b.c` JSONPaths that printer columns use; None where absent."""
-    value: Any = obj
-    for part in path.strip().lstrip(".").split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def human_age(since: str | None, now: dt.datetime) -> str:
-    """kubectl's short duration (`45s`, `3m12s`, `2h5m`, `4d`) of a timestamp's age."""
-    if not since:
-        return "<unknown>"
-    seconds = max(0, int((now - dt.datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds()))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60}s" if seconds < 600 else f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds < 8 * 3600 else f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
-
-
-def printer_table(columns: list[dict[str, Any]], items: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
-    """The server-side table an API server renders for a custom resource: a Name column,
-    then the CRD's additionalPrinterColumns (dates as ages, absent values empty)."""
-    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                    "description": "Name must be unique within a namespace."}]
-    definitions += [{"name": col["name"], "type": col.get("type", "string"), "format": col.get("format", ""),
-                     "priority": col.get("priority", 0), "description": col.get("description", "")}
-                    for col in columns]
-
-    def cell(item: dict[str, Any], column: dict[str, Any]) -> Any:
-        value = json_path(item, column["jsonPath"])
-        if column.get("type") == "date":
-            return human_age(value, now)
-        return value
-
-    rows = [{"cells": [item["metadata"]["name"], *(cell(item, col) for col in columns)],
-             "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                        "metadata": item["metadata"]}} for item in items]
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "1"},
-            "columnDefinitions": definitions, "rows": rows}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
