@@ -215,8 +215,13 @@ class Reconciler:
             await self._create_gang(body, job, config_map, plan.create, plan.gang, plan.status)
 
         delay = plan.requeue_after or self.settings.timing.resync_seconds
-        if plan.status.get("phase") == c.PHASE_RUNNING and job.spec.metrics.port:
-            delay = min(delay, await self._maybe_scrape(job, plan.status, pods))
+        if plan.status.get("phase") == c.PHASE_RUNNING:
+            # Whether and where is worker-0's, as it was made: an edit of metrics.port
+            # (to another port, or 0) reaches the next gang, not the running one.
+            worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
+            url = metrics_url(worker0)
+            if url is not None:
+                delay = min(delay, await self._maybe_scrape(job, plan.status, url))
         return delay
 
     async def _reject(self, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
@@ -260,18 +265,16 @@ class Reconciler:
         if patch:
             await self.api.patch_job_status(namespace, name, patch)
 
-    async def _maybe_scrape(self, job: Job, status: dict[str, Any], pods: list[dict[str, Any]]) -> float:
+    async def _maybe_scrape(self, job: Job, status: dict[str, Any], url: str) -> float:
         key = (job.namespace, job.name)
         interval = self.settings.scrape_interval_seconds
         waited = time.monotonic() - self._last_scrape.get(key, 0.0)
         if waited < interval:
             return interval - waited
         self._last_scrape[key] = time.monotonic()
-        worker0 = next((p for p in pods if pod_name(p) == worker_name(job.name, 0)), None)
         if self._http is None:
             self._http = scrape_session()
-        url = metrics_url(worker0)
-        values = await scrape(self._http, url) if url is not None else None
+        values = await scrape(self._http, url)
         if values:
             fields = progress_status(values, status, job_checkpoint_dir(job.name), timestamp(utc_now()))
             if fields:

@@ -129,22 +129,25 @@ def test_a_gang_start_without_an_edit_writes_neither_service_nor_policy(cluster:
     assert versions(cluster, "steady") == before
 
 
-def test_a_running_gang_is_still_scraped_on_its_own_port_after_an_edit(cluster: Cluster) -> None:
+@pytest.mark.parametrize("new_port", ["another", "none"])
+def test_a_running_gang_is_still_scraped_on_its_own_port_after_an_edit(cluster: Cluster, new_port: str) -> None:
     # Rank 0's endpoint is the trainer's own metrics module, served on loopback.
     rank0 = TrainerMetrics(max_steps=100, labels={"job": "watched", "namespace": "default"})
     rank0.serve("127.0.0.1", 0)
     rank0.record_position(step=42, samples=84)
     try:
-        cluster.create_job("watched", with_metrics_port(rank0.serving_port))
-        wait_for(lambda: cluster.pods("watched"), what="the worker")
-        cluster.run_pods("watched", pod_ip="127.0.0.1")
-        wait_for(lambda: cluster.status("watched").get("step") == 42, what="step 42")
+        name = f"watched-{new_port}"
+        cluster.create_job(name, with_metrics_port(rank0.serving_port))
+        wait_for(lambda: cluster.pods(name), what="the worker")
+        cluster.run_pods(name, pod_ip="127.0.0.1")
+        wait_for(lambda: cluster.status(name).get("step") == 42, what="step 42")
         # The gang goes on serving where it was started (the edit reaches the next gang):
         # its progress must go on reaching status, not be asked of a port nobody listens on.
-        cluster.patch_spec("watched", {"metrics": {"port": free_port()}})
-        wait_for(lambda: cluster.status("watched").get("observedGeneration") == 2, what="a pass over the edit")
+        # (0: the next gang serves no endpoint; this one still does.)
+        cluster.patch_spec(name, {"metrics": {"port": free_port() if new_port == "another" else 0}})
+        wait_for(lambda: cluster.status(name).get("observedGeneration") == 2, what="a pass over the edit")
         rank0.record_position(step=50, samples=100)
-        wait_for(lambda: cluster.status("watched").get("step") == 50, what="step 50 from the running gang")
+        wait_for(lambda: cluster.status(name).get("step") == 50, what="step 50 from the running gang")
     finally:
         rank0.close()
 
