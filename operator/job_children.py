@@ -56,19 +56,27 @@ class JobChildren:
         return None
 
     async def names_taken(self, job: Job) -> str | None:
-        """A Service, ConfigMap or NetworkPolicy under a name the job's children need that
+        """A Service, ConfigMap, NetworkPolicy or PodGroup under a name the job's children need that
         is not this job's: someone else's is refused (taking it over would also delete it
         with the job); one an earlier job of the same name left behind (its garbage
         collection may lag) is deleted now, or the new workers would lose it when it is
         collected."""
         for kind, name, use in named_children(job.name, network_policy=self.network_policy):
             existing = await self.api.get(kind, job.namespace, name)
-            if existing is None or job.uid in owner_uids(existing):
-                continue
-            if owner_uids(existing):
+            if _left_by_an_earlier_job(job, existing):
                 await self.api.delete(kind, job.namespace, name)
-                continue
-            return _not_the_jobs(kind, name, job.namespace, use)
+            elif _someone_elses(job, existing):
+                return _not_the_jobs(kind, name, job.namespace, use)
+        pod_group = build_pod_group(job)
+        if pod_group is not None:
+            # The scheduler places the workers by it: someone else's would gate them on its
+            # minMember, and resizing or deleting it with the job would break their pods.
+            existing = await self.api.get_live(pod_group)
+            if _left_by_an_earlier_job(job, existing):
+                await self.api.delete_custom(pod_group)
+            elif _someone_elses(job, existing):
+                return _not_the_jobs(pod_group["kind"], pod_group["metadata"]["name"], job.namespace,
+                                     "the PodGroup that schedules its workers together")
         if job.spec.storage.creates_claim:
             # A claim of the name an earlier job of this name made (kept by storage.retain)
             # is the job's to resume from; anyone else's would get its checkpoints.
@@ -99,8 +107,8 @@ class JobChildren:
         if claim is not None:
             await self.api.create(claim)
         pod_group = build_pod_group(job)
-        if pod_group is not None and not await self.api.create(pod_group):
-            await self.api.replace_spec(pod_group)  # minMember follows workers.nodes
+        if pod_group is not None:
+            await self._create_or_update(job, pod_group)  # minMember follows workers.nodes
 
     async def _create_or_update(self, job: Job, child: dict[str, Any]) -> None:
         """Create `child`; the job's own one of its name gets the spec built now where that
@@ -108,7 +116,7 @@ class JobChildren:
         on). Someone else's is never touched: `names_taken` has refused the job for it."""
         if await self.api.create(child):
             return
-        live = await self.api.get(child["kind"], job.namespace, child["metadata"]["name"])
+        live = await self.api.get_live(child)
         if live is not None and job.uid in owner_uids(live) and differs_where_built(child["spec"], live.get("spec")):
             await self.api.replace_spec(child)
 
@@ -124,7 +132,8 @@ class JobChildren:
             if existing is not None and uid in owner_uids(existing):  # never someone else's of that name
                 await self.api.delete(kind, namespace, child)
         pod_group = _pod_group_of(body)
-        if pod_group is not None:
+        live_group = await self.api.get_live(pod_group) if pod_group is not None else None
+        if live_group is not None and uid in owner_uids(live_group):
             await self.api.delete_custom(pod_group)
         storage = ((body.get("spec") or {}).get("storage") or {})
         if "size" in storage and storage.get("retain") is False:
@@ -133,6 +142,17 @@ class JobChildren:
             claim = await self.api.get("PersistentVolumeClaim", namespace, created_claim_name(name))
             if claim is not None and uid in owner_uids(claim):
                 await self.api.delete("PersistentVolumeClaim", namespace, created_claim_name(name))
+
+
+def _left_by_an_earlier_job(job: Job, existing: dict[str, Any] | None) -> bool:
+    """Owned by another DreamboothJob (an earlier one of this name whose garbage collection
+    lags): the new job's workers would lose it when it is collected, so it is replaced."""
+    return existing is not None and bool(owner_uids(existing)) and job.uid not in owner_uids(existing)
+
+
+def _someone_elses(job: Job, existing: dict[str, Any] | None) -> bool:
+    """Made by someone else (no DreamboothJob owns it): never taken over, never deleted."""
+    return existing is not None and not owner_uids(existing)
 
 
 def _not_the_jobs(kind: str, name: str, namespace: str, use: str) -> str:

@@ -190,6 +190,17 @@ class KubeApi:
         """The object, or None when it does not exist (404)."""
         return await self._read(self._method(self._READ, kind), name, namespace)
 
+    async def get_live(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The live object of `obj`'s kind, namespace and name, a CRD's kind included (the
+        PodGroup of `obj`'s apiVersion); None when it, or the CRD, does not exist (404)."""
+        meta = obj["metadata"]
+        custom = self.custom_resource(obj)
+        if custom is None:
+            return await self.get(obj["kind"], meta["namespace"], meta["name"])
+        group, version, plural = custom
+        return await self._read(self._custom.get_namespaced_custom_object, group, version, meta["namespace"], plural,
+                                meta["name"])
+
     async def _read(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
         """One read call's object; None when it does not exist (404)."""
         return await self._or_none(404, fn, *args)

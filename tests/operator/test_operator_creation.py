@@ -203,6 +203,36 @@ def test_gang_scheduling_puts_every_worker_in_one_pod_group_that_follows_the_gan
     assert "gang" not in [g["metadata"]["name"] for g in cluster.custom.list_namespaced_custom_object(*VOLCANO)["items"]]
 
 
+def test_a_pod_group_of_the_jobs_name_that_is_not_the_jobs_is_neither_resized_nor_deleted(cluster: Cluster) -> None:
+    gang = {"workers": {"nodes": 2}, "runPolicy": {"gangScheduling": {"podGroup": "volcano"}}}
+    theirs = {"apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup", "metadata": {"name": "their-gang"},
+              "spec": {"minMember": 5}}
+    cluster.custom.create_namespaced_custom_object(*VOLCANO, theirs)
+    cluster.create_job("their-gang", minimal_spec(**gang))
+    wait_for(phase_is(cluster, "their-gang", "Failed"), what="their-gang Failed")
+    failed = condition(cluster.status("their-gang"), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(
+        "a PodGroup named 'their-gang' already exists in namespace default and is not this job's; the job needs that "
+        "name for the PodGroup that schedules its workers together")
+    assert cluster.pods("their-gang") == []
+    cluster.delete_job("their-gang")
+    wait_for(lambda: not cluster.job_exists("their-gang"), what="job gone")
+    assert cluster.custom.get_namespaced_custom_object(*VOLCANO, "their-gang")["spec"] == {"minMember": 5}
+
+    # One an earlier job of the name left behind (its garbage collection lagging) is replaced.
+    cluster.custom.delete_namespaced_custom_object(*VOLCANO, "their-gang")
+    earlier = {"apiVersion": "dreambooth.io/v1alpha1", "kind": "DreamboothJob", "name": "their-gang",
+               "uid": "an-earlier-job"}
+    cluster.custom.create_namespaced_custom_object(*VOLCANO, {**theirs, "metadata": {
+        "name": "their-gang", "ownerReferences": [earlier]}})
+    cluster.create_job("their-gang", minimal_spec(**gang))
+    wait_for(lambda: len(cluster.pods("their-gang")) == 2, what="2 workers")
+    group = cluster.custom.get_namespaced_custom_object(*VOLCANO, "their-gang")
+    assert group["spec"]["minMember"] == 2
+    assert [ref["uid"] for ref in group["metadata"]["ownerReferences"]] == [cluster.job("their-gang")["metadata"]["uid"]]
+
+
 def test_gang_scheduling_by_a_scheduler_the_cluster_lacks_fails_with_the_reason(cluster: Cluster) -> None:
     # The emulated cluster has Volcano's PodGroup API only, not the coscheduling plugin's.
     cluster.create_job("no-plugin", minimal_spec(runPolicy={"gangScheduling": {"podGroup": "coscheduling"}}))

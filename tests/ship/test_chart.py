@@ -147,8 +147,8 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}
     needed[("dreambooth.io", "dreamboothjobs/finalizers")] = {"update"}  # blockOwnerDeletion
-    for group, _ in POD_GROUP_APIS.values():  # create, replace_spec, delete_custom
-        needed[(group, POD_GROUP_PLURAL)] = {"create", "patch", "delete"}
+    for group, _ in POD_GROUP_APIS.values():  # get_live, create, replace_spec, delete_custom
+        needed[(group, POD_GROUP_PLURAL)] = {"get", "create", "patch", "delete"}
     return needed
 
 

@@ -63,10 +63,11 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
   resources: [services, configmaps]
   verbs: [get, create, delete, patch]
 # Gang scheduling (spec.runPolicy.gangScheduling): a job's PodGroup, Volcano's or the
-# coscheduling plugin's, created, resized with its gang and deleted with the job.
+# coscheduling plugin's, created, read to tell the job's own from someone else's of the
+# name, resized with its gang and deleted with the job.
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
-  verbs: [create, patch, delete]
+  verbs: [get, create, patch, delete]
 {{- if .Values.networkPolicy.enabled }}
 # Each job's NetworkPolicy (networkPolicy.enabled), created before its workers, read to
 # tell the job's own from someone else's of the name, patched when a new gang starts
