@@ -71,6 +71,18 @@ def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
     wait_for(lambda: cluster.status("broken").get("observedGeneration") == 2, what="observedGeneration 2")
 
 
+def fails_then_is_deleted(cluster: Cluster, name: str, message_start: str) -> None:
+    """Job `name` fails as InvalidSpec with a message starting `message_start`, before any
+    worker is made; then it is deleted (the test checks what its deletion left)."""
+    wait_for(phase_is(cluster, name, "Failed"), what=f"{name} Failed")
+    failed = condition(cluster.status(name), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(message_start)
+    assert cluster.pods(name) == []
+    cluster.delete_job(name)
+    wait_for(lambda: not cluster.job_exists(name), what=f"{name} gone")
+
+
 def test_a_service_of_the_jobs_name_that_is_not_the_jobs_is_neither_taken_over_nor_deleted(cluster: Cluster) -> None:
     theirs = {"metadata": {"name": "clash"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}}
     cluster.core.create_namespaced_service("default", theirs)
@@ -80,17 +92,9 @@ def test_a_service_of_the_jobs_name_that_is_not_the_jobs_is_neither_taken_over_n
         "data": {"config.yaml": "old"}}
     cluster.core.create_namespaced_config_map("default", stale)
     cluster.create_job("clash", minimal_spec())
-    wait_for(phase_is(cluster, "clash", "Failed"), what="clash Failed")
-    failed = condition(cluster.status("clash"), "Failed")
-    assert failed["reason"] == "InvalidSpec"
-    assert failed["message"].startswith(
-        "a Service named 'clash' already exists in namespace default and is not this job's; the job needs that name "
-        "for its workers' DNS names")
-    assert cluster.pods("clash") == []
-
-    # Deleting the job leaves their Service alone.
-    cluster.delete_job("clash")
-    wait_for(lambda: not cluster.job_exists("clash"), what="job gone")
+    fails_then_is_deleted(cluster, "clash", "a Service named 'clash' already exists in namespace default and is not "
+                          "this job's; the job needs that name for its workers' DNS names")
+    # Deleting the job left their Service alone.
     assert cluster.core.read_namespaced_service("clash", "default").spec.selector == {"app": "web"}
 
     # Once it is gone, a job of that name starts, the stale ConfigMap replaced by its own.
@@ -163,13 +167,8 @@ def test_someone_elses_claim_of_the_name_the_job_would_make_is_refused(cluster: 
               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
     cluster.core.create_namespaced_persistent_volume_claim("default", theirs)
     cluster.create_job("taken", minimal_spec(storage={"claimName": None, "size": "1Gi", "retain": False}))
-    wait_for(phase_is(cluster, "taken", "Failed"), what="taken Failed")
-    failed = condition(cluster.status("taken"), "Failed")
-    assert failed["reason"] == "InvalidSpec"
-    assert failed["message"].startswith("a PersistentVolumeClaim named 'taken-storage' already exists in namespace "
-                                        "default and is not this job's")
-    cluster.delete_job("taken")
-    wait_for(lambda: not cluster.job_exists("taken"), what="job gone")
+    fails_then_is_deleted(cluster, "taken", "a PersistentVolumeClaim named 'taken-storage' already exists in "
+                          "namespace default and is not this job's")
     assert cluster.core.read_namespaced_persistent_volume_claim("taken-storage", "default").metadata.name
 
 
@@ -209,15 +208,9 @@ def test_a_pod_group_of_the_jobs_name_that_is_not_the_jobs_is_neither_resized_no
               "spec": {"minMember": 5}}
     cluster.custom.create_namespaced_custom_object(*VOLCANO, theirs)
     cluster.create_job("their-gang", minimal_spec(**gang))
-    wait_for(phase_is(cluster, "their-gang", "Failed"), what="their-gang Failed")
-    failed = condition(cluster.status("their-gang"), "Failed")
-    assert failed["reason"] == "InvalidSpec"
-    assert failed["message"].startswith(
-        "a PodGroup named 'their-gang' already exists in namespace default and is not this job's; the job needs that "
-        "name for the PodGroup that schedules its workers together")
-    assert cluster.pods("their-gang") == []
-    cluster.delete_job("their-gang")
-    wait_for(lambda: not cluster.job_exists("their-gang"), what="job gone")
+    fails_then_is_deleted(cluster, "their-gang", "a PodGroup named 'their-gang' already exists in namespace default "
+                          "and is not this job's; the job needs that name for the PodGroup that schedules its workers "
+                          "together")
     assert cluster.custom.get_namespaced_custom_object(*VOLCANO, "their-gang")["spec"] == {"minMember": 5}
 
     # One an earlier job of the name left behind (its garbage collection lagging) is replaced.
