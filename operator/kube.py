@@ -182,9 +182,19 @@ class KubeApi:
 
     async def replace_config_map(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
-        await self._call(self._core.patch_namespaced_config_map, meta["name"], meta["namespace"],
-                         {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]},
-                         _preload_content=False)
+        await self._patch(self._core.patch_namespaced_config_map, meta["name"], meta["namespace"],
+                          {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]})
+
+    async def _patch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """One patch of a child; CreateForbidden when the API server forbids it (403: an
+        operator upgraded without its chart's new RBAC rules, a policy), which the gang
+        start reports as it reports a forbidden create."""
+        try:
+            await self._call(fn, *args, _preload_content=False, **kwargs)
+        except ApiException as error:
+            if error.status == 403:
+                raise CreateForbidden(api_message(error)) from None
+            raise
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404)."""
@@ -240,11 +250,11 @@ class KubeApi:
         custom = self.custom_resource(obj)
         if custom is not None:
             group, version, plural = custom
-            await self._call(self._custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural,
-                             meta["name"], body, _content_type=MERGE_PATCH, _preload_content=False)
+            await self._patch(self._custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural,
+                              meta["name"], body, _content_type=MERGE_PATCH)
             return
-        await self._call(self._method(self._PATCH, obj["kind"]), meta["name"], meta["namespace"], body,
-                         _content_type=MERGE_PATCH, _preload_content=False)
+        await self._patch(self._method(self._PATCH, obj["kind"]), meta["name"], meta["namespace"], body,
+                          _content_type=MERGE_PATCH)
 
     async def delete_custom(self, obj: dict[str, Any]) -> bool:
         """Delete a child a CRD serves; False when it (or its CRD) is gone (404)."""
@@ -330,7 +340,7 @@ class KubeApi:
 
 
 class CreateForbidden(Exception):
-    """The API server forbids a create for now (403); the message is its own."""
+    """The API server forbids a create or a patch of a child for now (403); the message is its own."""
 
 
 def api_message(error: ApiException) -> str:

@@ -44,6 +44,7 @@ from kmock import ResourceInfo
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from printer_tables import printer_table
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
+from rbac_denials import rbac_denial, rbac_verb
 from replace_semantics import failure_status, replaced
 from server_defaults import default_service
 
@@ -120,6 +121,8 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         # What lists and watches served, for tests that assert what a client was shown; None: not kept.
         self.served: list[Served] | None = None
+        # (verb, plural) that RBAC denies, as a Role lacking that verb would: see EmulatedCluster.deny.
+        self.denied: set[tuple[str, str]] = set()
         self._in_flight: set[int] = set()
         self._namespaces = {name: {"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
@@ -197,6 +200,8 @@ class Emulator(kmock.KubernetesEmulator):
             self._in_flight.discard(id(request))
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
+        if request.resource is not None and (rbac_verb(request), request.resource.plural) in self.denied:
+            return web.json_response(rbac_denial(request), status=403)
         if request.action in (kmock.action.LIST, kmock.action.WATCH):
             try:
                 parse_selector(request.params.get("labelSelector") or "")
@@ -402,6 +407,13 @@ class EmulatedCluster:
         """What lists and watches have served so far (needs record_served=True)."""
         assert self._emulator is not None and self._emulator.served is not None, "start(), with record_served=True"
         return list(self._emulator.served)
+
+    def deny(self, verb: str, plural: str, denied: bool = True) -> None:
+        """Answer every `verb` on `plural` with RBAC's 403 (denied=False: allow it again), as
+        an operator upgraded without its chart's new Role rules is answered."""
+        assert self._emulator is not None, "start() first"
+        change = self._emulator.denied.add if denied else self._emulator.denied.discard
+        self._loop.call_soon_threadsafe(change, (verb, plural))
 
     def stop(self) -> None:
         if self._stop is not None:

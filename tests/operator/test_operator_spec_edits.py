@@ -16,7 +16,7 @@ import pytest
 import yaml
 from dbj_examples import KUBERNETES_VERSION, MINIMAL_SPEC, job_body, minimal_spec
 from emulated_cluster import EmulatedCluster, free_port
-from operator_harness import Cluster, OperatorProcess, gang_of, terminated, wait_for
+from operator_harness import Cluster, OperatorProcess, condition, gang_of, terminated, wait_for
 from server_defaults import default_service
 
 from dreambooth_operator.children import build_network_policy, build_service, differs_where_built
@@ -112,6 +112,32 @@ def test_an_edited_metrics_port_is_in_the_service_and_policy_when_the_next_gang_
     assert pod_metrics_ports(pod) == []
     assert service_metrics_ports(cluster, "porty") == []
     assert policy_ports(cluster, "porty") == []
+
+
+def test_a_patch_rbac_forbids_is_reported_on_the_job_and_the_gang_starts_once_it_is_allowed(
+        emulated: EmulatedCluster, cluster: Cluster) -> None:
+    """An operator upgraded without its chart's RBAC (no `patch` on services) cannot bring
+    the Service up to an edited spec: the job says so, instead of only the operator's log."""
+    cluster.create_job("unpatched", with_metrics_port(9100))
+    wait_for(lambda: cluster.pods("unpatched"), what="the worker")
+    cluster.run_pods("unpatched")
+    cluster.patch_spec("unpatched", {"metrics": {"port": 9200}})
+    wait_for(lambda: cluster.status("unpatched").get("observedGeneration") == 2, what="a pass over the edit")
+    emulated.deny("patch", "services")
+    try:
+        cluster.set_pod_status("unpatched-worker-0", terminated(1, "Error"))
+        created = wait_for(lambda: (cond := condition(cluster.status("unpatched"), "Created"))
+                           and cond["status"] == "False" and cond, what="condition Created False")
+        assert created["reason"] == "FailedCreate"
+        assert created["message"] == ('services "unpatched" is forbidden: User "system:serviceaccount:dreambooth:'
+                                      'dreambooth-operator" cannot patch resource "services" in API group "" in the '
+                                      'namespace "default"')
+        assert [e["type"] for e in cluster.events("unpatched") if e["reason"] == "FailedCreate"] == ["Warning"]
+        assert cluster.pods("unpatched") == [] and service_metrics_ports(cluster, "unpatched") == [9100]
+    finally:
+        emulated.deny("patch", "services", denied=False)
+    [pod] = wait_for(lambda: cluster.pods("unpatched"), what="the next gang once patch is allowed")
+    assert pod_metrics_ports(pod) == service_metrics_ports(cluster, "unpatched") == [9200]
 
 
 def test_a_gang_start_without_an_edit_writes_neither_service_nor_policy(cluster: Cluster) -> None:
