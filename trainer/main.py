@@ -204,7 +204,7 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
         data = DreamBoothData(config.data, components.tokenizers, seed=config.training.seed, rank=runtime.rank,
                               world_size=runtime.world_size, batch_size=config.training.batch_size)
         module = build_module(config, components, runtime)
-        universal = convert_if_resized(config, runtime)
+        universal = convert_if_resized(config, runtime, module, precision)
         engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
                               device_type=runtime.device.type, load_universal=universal is not None)
         denoising_step = DenoisingStep(engine, components, config, runtime, precision)

@@ -52,18 +52,27 @@ class TrainingShape:
     def of(cls, engine, runtime: Runtime, lora: LoraConfig | None = None) -> "TrainingShape":
         """This run's shape, read from the engine itself (and the adapters it trains)."""
         precision = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32"
-        train_text_encoder = getattr(engine.module, "text_encoder", None) is not None
-        settings: dict[str, Any] = {"deepspeed.zero_stage": engine.zero_optimization_stage(),
+        return cls.planned(engine.module, runtime, zero_stage=engine.zero_optimization_stage(), precision=precision,
+                           lora=lora, param_groups=len(engine.lr_scheduler.optimizer.param_groups))
+
+    @classmethod
+    def planned(cls, module: torch.nn.Module, runtime: Runtime, *, zero_stage: int, precision: str,
+                lora: LoraConfig | None, param_groups: int | None = None) -> "TrainingShape":
+        """The shape of a run that will train `module` so; before its engine exists (its
+        optimizer's `param_groups` still None, then not compared)."""
+        train_text_encoder = getattr(module, "text_encoder", None) is not None
+        settings: dict[str, Any] = {"deepspeed.zero_stage": zero_stage,
                                     "training.precision": precision, "training.train_text_encoder": train_text_encoder,
-                                    "lora.rank": lora.rank if lora is not None else 0,
-                                    "optimizer.param_groups": len(engine.lr_scheduler.optimizer.param_groups)}
+                                    "lora.rank": lora.rank if lora is not None else 0}
+        if param_groups is not None:
+            settings["optimizer.param_groups"] = param_groups
         if lora is not None and lora.enabled:
             # Other targets are other weights; another alpha would load and silently rescale them.
             settings |= {"lora.alpha": lora.scaled_alpha, "lora.use_dora": lora.use_dora,
                          "lora.unet_target_modules": list(lora.unet_target_modules)}
             if train_text_encoder:
                 settings["lora.text_encoder_target_modules"] = list(lora.text_encoder_target_modules)
-        return cls(world_size=runtime.world_size, settings=settings, parameters=trained_parameters(engine.module))
+        return cls(world_size=runtime.world_size, settings=settings, parameters=trained_parameters(module))
 
     def mismatches(self, run: "TrainingShape") -> list[str]:
         """`key = saved (this run: value)` for each difference that stops a load."""

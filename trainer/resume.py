@@ -12,7 +12,7 @@ from trainer.config import ConfigError, TrainerConfig, recipe
 from trainer.distributed import Runtime, barrier
 from trainer.engine import apply_optimizer_settings
 from trainer.loop import TrainState
-from trainer.manifest import Manifest
+from trainer.manifest import Manifest, TrainingShape, check_compatible
 from trainer.progress import report_event
 
 
@@ -20,12 +20,23 @@ def shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def convert_if_resized(config: TrainerConfig, runtime: Runtime) -> Path | None:
+def convert_if_resized(config: TrainerConfig, runtime: Runtime, module, precision: str) -> Path | None:
     """Collective, before the engine is built. A gang of another size than the one that
     wrote the checkpoint to resume: that checkpoint converted for any world size (the
-    engine then loads it with checkpoint.load_universal). None: nothing to convert."""
+    engine then loads it with checkpoint.load_universal). None: nothing to convert. A
+    checkpoint this run could not load anyway (another ZeRO stage, precision, adapters or
+    model) is refused first: the conversion takes minutes to hours for a real model."""
     resized_from = checkpoint.written_for_another_world_size(config.checkpoint, runtime)
-    return checkpoint.convert_to_universal(resized_from, runtime) if resized_from is not None else None
+    if resized_from is None:
+        return None
+    this_run = TrainingShape.planned(module, runtime, zero_stage=config.deepspeed.zero_stage, precision=precision,
+                                     lora=config.lora)
+    check_compatible(resized_from, Manifest.read(resized_from).shape, this_run, any_world_size=True)
+    if runtime.is_main:
+        report_event("converting checkpoint for another world size", json_format=config.logging.format == "json",
+                     checkpoint=str(resized_from),
+                     world_size=f"{Manifest.read(resized_from).shape.world_size} -> {runtime.world_size}")
+    return checkpoint.convert_to_universal(resized_from, runtime)
 
 
 def restore_training_state(engine, config: TrainerConfig, runtime: Runtime, metrics, universal: Path | None = None):
