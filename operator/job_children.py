@@ -16,7 +16,7 @@ from typing import Any
 
 from . import constants as c
 from .children import build_claim, build_network_policy, build_service, differs_where_built
-from .kube import CreateForbidden, KubeApi
+from .kube import Forbidden, KubeApi
 from .metadata import created_claim_name, job_selector, named_children, owner_uids
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
@@ -92,7 +92,7 @@ class JobChildren:
         it with their other children."""
         try:
             await self.api.create(build_network_policy(job))
-        except CreateForbidden as error:  # the gang runs anyway; the next gang start reports it
+        except Forbidden as error:  # the gang runs anyway; the next gang start reports it
             log.warning("DreamboothJob %s/%s: cannot create its NetworkPolicy: %s", job.namespace, job.name, error)
 
     async def create(self, job: Job, config_map: dict[str, Any]) -> None:

@@ -149,14 +149,14 @@ class KubeApi:
 
     async def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it already exists (409), which callers treat as done.
-        CreateForbidden when the API server forbids it (403: a quota, a policy)."""
+        Forbidden when the API server forbids it (403: a quota, a policy)."""
         try:
             await self._post(obj)
         except ApiException as error:
             if error.status == 409:
                 return False
             if error.status == 403:
-                raise CreateForbidden(api_message(error)) from None
+                raise Forbidden(api_message(error)) from None
             raise
         return True
 
@@ -186,14 +186,13 @@ class KubeApi:
                           {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]})
 
     async def _patch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """One patch of a child; CreateForbidden when the API server forbids it (403: an
-        operator upgraded without its chart's new RBAC rules, a policy), which the gang
-        start reports as it reports a forbidden create."""
+        """One patch of a child; Forbidden when the API server forbids it (403: an
+        operator upgraded without its chart's new RBAC rules, a policy)."""
         try:
             await self._call(fn, *args, _preload_content=False, **kwargs)
         except ApiException as error:
             if error.status == 403:
-                raise CreateForbidden(api_message(error)) from None
+                raise Forbidden(api_message(error)) from None
             raise
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -216,12 +215,15 @@ class KubeApi:
         return await self._or_none(404, fn, *args)
 
     async def _or_none(self, status: int, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
-        """The object a call returns; None when the API server answers `status`."""
+        """The object a call returns; None when the API server answers `status`. Forbidden
+        on a 403."""
         try:
             response = await self._call(fn, *args, _preload_content=False)
         except ApiException as error:
             if error.status == status:
                 return None
+            if error.status == 403:
+                raise Forbidden(api_message(error)) from None
             raise
         return self._json(response)
 
@@ -339,8 +341,9 @@ class KubeApi:
                                    meta["namespace"], lease)
 
 
-class CreateForbidden(Exception):
-    """The API server forbids a create or a patch of a child for now (403); the message is its own."""
+class Forbidden(Exception):
+    """The API server forbids a read, create or patch of a child for now (403: a quota, an
+    admission policy, RBAC the operator lacks); the message is its own."""
 
 
 def api_message(error: ApiException) -> str:

@@ -25,7 +25,7 @@ from .children import build_config_map, output_status
 from .clock import timestamp, utc_now
 from .inputs import InputCheck, check_inputs
 from .job_children import JobChildren
-from .kube import CreateForbidden, KubeApi
+from .kube import Forbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
 from .metadata import worker_name, worker_selector
 from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
@@ -184,8 +184,14 @@ class Reconciler:
         plan = decide(job.spec, status, pods, utc_now(), self.settings.timing)
         inputs = InputCheck()
         if plan.create:
-            inputs = await check_inputs(self.api, job)
-            inputs.problem = inputs.problem or await self._children.refused(job, plan.create[0])
+            try:
+                inputs = await check_inputs(self.api, job)
+                inputs.problem = inputs.problem or await self._children.refused(job, plan.create[0])
+            except Forbidden as error:  # a read the operator's RBAC lacks: as a forbidden create
+                # The plan is not written: the next pass makes it again, with its Events.
+                written = body.get("status") or {}
+                await self._report_forbidden(body, written, written, str(error))
+                return self.settings.timing.resync_seconds
         if inputs.problem is not None:
             await self._reject(body, dict(body.get("status") or {}), inputs.problem)
             return self.settings.timing.resync_seconds
@@ -241,7 +247,7 @@ class Reconciler:
 
     async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], indices: list[int],
                            gang: int, status: dict[str, Any]) -> None:
-        """Create the children and the missing workers; a 403 (a quota, a policy) is
+        """Create the children and the missing workers; a 403 (a quota, a policy, RBAC) is
         reported in condition Created and a Warning Event, and tried again next pass."""
         config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
         try:
@@ -249,16 +255,22 @@ class Reconciler:
             for index in indices:
                 if await self.api.create(build_worker_pod(job, index, gang, config)):
                     self.metrics.pods_created.inc()
-        except CreateForbidden as error:
-            message = str(error)
-            before = next((cond for cond in status.get("conditions") or []
-                           if cond.get("type") == c.CONDITION_CREATED), {})
-            if (before.get("reason"), before.get("message")) != (c.REASON_FAILED_CREATE, message):
-                await self.api.post_event(body, "Warning", c.REASON_FAILED_CREATE, message)
-            await self._write_status(job.namespace, job.name, status, failed_create_status(status, message, utc_now()))
+        except Forbidden as error:
+            await self._report_forbidden(body, status, status, str(error))
             return
         await self._write_status(job.namespace, job.name, status,
                                  created_status(status, job.spec.workers.nodes, utc_now()))
+
+    async def _report_forbidden(self, body: dict[str, Any], written: dict[str, Any], status: dict[str, Any],
+                                message: str) -> None:
+        """`status` (the job's `written` one brought up to date) with condition Created False,
+        reason FailedCreate, and a Warning Event per new message; the next pass tries again
+        (a quota can grow, RBAC be fixed)."""
+        before = next((cond for cond in written.get("conditions") or [] if cond.get("type") == c.CONDITION_CREATED), {})
+        if (before.get("reason"), before.get("message")) != (c.REASON_FAILED_CREATE, message):
+            await self.api.post_event(body, "Warning", c.REASON_FAILED_CREATE, message)
+        meta = body["metadata"]
+        await self._write_status(meta["namespace"], meta["name"], written, failed_create_status(status, message, utc_now()))
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         patch = merge_patch(old, new)

@@ -200,7 +200,7 @@ class Emulator(kmock.KubernetesEmulator):
             self._in_flight.discard(id(request))
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
-        if request.resource is not None and (rbac_verb(request), request.resource.plural) in self.denied:
+        if self.denied and request.resource is not None and (rbac_verb(request), request.resource.plural) in self.denied:
             return web.json_response(rbac_denial(request), status=403)
         if request.action in (kmock.action.LIST, kmock.action.WATCH):
             try:

@@ -14,6 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, minimal_spec
+from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, condition, phase_is, pod_names, terminated, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,6 +225,28 @@ def test_a_pod_group_of_the_jobs_name_that_is_not_the_jobs_is_neither_resized_no
     group = cluster.custom.get_namespaced_custom_object(*VOLCANO, "their-gang")
     assert group["spec"]["minMember"] == 2
     assert [ref["uid"] for ref in group["metadata"]["ownerReferences"]] == [cluster.job("their-gang")["metadata"]["uid"]]
+
+
+def test_a_read_rbac_forbids_is_reported_on_the_job_which_starts_once_it_is_allowed(
+        emulated: EmulatedCluster, cluster: Cluster) -> None:
+    """An operator image upgraded without its chart's RBAC (here: no `get` on PodGroups,
+    which tells the job's own from someone else's) says so on the job, not only in its log."""
+    emulated.deny("get", "podgroups")
+    try:
+        cluster.create_job("unread", minimal_spec(runPolicy={"gangScheduling": {"podGroup": "volcano"}}))
+        created = wait_for(lambda: condition(cluster.status("unread"), "Created"), what="condition Created")
+        assert (created["status"], created["reason"]) == ("False", "FailedCreate")
+        assert created["message"] == ('podgroups "unread" is forbidden: User "system:serviceaccount:dreambooth:'
+                                      'dreambooth-operator" cannot get resource "podgroups" in API group '
+                                      '"scheduling.volcano.sh" in the namespace "default"')
+        assert [e["type"] for e in cluster.events("unread") if e["reason"] == "FailedCreate"] == ["Warning"]
+        assert cluster.pods("unread") == []
+    finally:
+        emulated.deny("get", "podgroups", denied=False)
+    wait_for(lambda: len(cluster.pods("unread")) == 1, what="the worker once get is allowed")
+    created = wait_for(lambda: (cond := condition(cluster.status("unread"), "Created")) and cond["status"] == "True"
+                       and cond, what="condition Created True")
+    assert created["reason"] == "WorkersCreated"
 
 
 def test_gang_scheduling_by_a_scheduler_the_cluster_lacks_fails_with_the_reason(cluster: Cluster) -> None:
