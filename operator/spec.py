@@ -9,48 +9,18 @@ anything.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from .constants import (
-    CONFIG_VOLUME,
-    CREDENTIALS_VOLUME_PREFIX,
-    GROUP,
-    INSTANCE_IMAGES_VOLUME,
-    LABEL_MANAGED_BY,
-    LABEL_NAME,
-    OPERATOR_MOUNT_DIRS,
-    RENDEZVOUS_PORT,
-    SHM_VOLUME,
-    STORAGE_VOLUME,
-    VOLCANO_SCHEDULER,
-)
+from .constants import RENDEZVOUS_PORT, VOLCANO_SCHEDULER
+from .spec_base import FIELD_ERROR, InvalidSpecError, SpecModel, field_error
+from .workers_spec import WorkersSpec
 
-# Kubernetes' syntax for label and annotation keys ([DNS subdomain/]name), label values
-# and volume names (DNS labels). Checked here so that a typo fails the job with the
-# field named, instead of every pod creation failing with the API server's 422.
-_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_QUALIFIED_NAME = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME_PART}")
-_LABEL_VALUE = re.compile(rf"({_NAME_PART})?")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_OPERATOR_VOLUMES = (CONFIG_VOLUME, STORAGE_VOLUME, SHM_VOLUME, INSTANCE_IMAGES_VOLUME)
-FIELD_ERROR = "field_error"
-
-
-class InvalidSpecError(Exception):
-    """The spec cannot run; the message names the field, the value and the fix."""
-
-
-class _Spec(BaseModel):
-    # Unknown fields are typos: reject them (a real API server prunes them silently).
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
-
+__all__ = ["InvalidSpecError", "Job", "JobSpec", "WorkersSpec", "check_job_name", "format_spec_error", "parse_spec"]
 
 URL_WITH_CREDENTIALS = "url_with_credentials"
 
@@ -73,18 +43,18 @@ def _no_credentials(url: str | None) -> str | None:
 Url = Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://"), AfterValidator(_no_credentials)]
 
 
-class SecretKeyRef(_Spec):
+class SecretKeyRef(SpecModel):
     name: str = Field(min_length=1)
     key: str = Field("token", min_length=1)
 
 
-class ModelSpec(_Spec):
+class ModelSpec(SpecModel):
     source: Annotated[str, AfterValidator(_no_credentials)] = Field("tiny", min_length=1)
     revision: str | None = None
     hf_token_secret: SecretKeyRef | None = None
 
 
-class InstanceImages(_Spec):
+class InstanceImages(SpecModel):
     claim_name: str | None = Field(None, min_length=1)
     config_map_name: str | None = Field(None, min_length=1)
     url: Url | None = None
@@ -103,7 +73,7 @@ class InstanceImages(_Spec):
         return self
 
 
-class DataSpec(_Spec):
+class DataSpec(SpecModel):
     instance_images: InstanceImages
     instance_prompt: str = Field(min_length=1)
     caption_files: bool = False
@@ -112,7 +82,7 @@ class DataSpec(_Spec):
     resolution: int = Field(512, ge=8, multiple_of=8)
 
 
-class TrainingSpec(_Spec):
+class TrainingSpec(SpecModel):
     max_steps: int = Field(800, ge=1)
     # Unset: the trainer's default, 2e-6 for all weights or 1e-4 for LoRA adapters.
     learning_rate: float | None = Field(None, gt=0)
@@ -131,118 +101,19 @@ class TrainingSpec(_Spec):
     max_nonfinite_steps: int = Field(10, ge=0)
 
 
-class LoraSpec(_Spec):
+class LoraSpec(SpecModel):
     rank: int = Field(0, ge=0)
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     use_dora: bool = False
 
 
-class DeepSpeedSpec(_Spec):
+class DeepSpeedSpec(SpecModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
 
 
-def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
-    """A problem with one field below the model that finds it, named in the message
-    (format_spec_error prints `spec.<model path>.<field> = <value>: <message>`)."""
-    return PydanticCustomError(FIELD_ERROR, message.replace("{", "{{").replace("}", "}}"),
-                               {"field": field, "value": value})
-
-
-class LocalObjectReference(_Spec):
-    name: str = Field(min_length=1)
-
-
-class WorkersSpec(_Spec):
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(1, ge=0)
-    image: str = Field(min_length=1)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    resources: dict[str, Any] = Field(default_factory=dict)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    env: list[dict[str, Any]] = Field(default_factory=list)
-    service_account_name: str | None = None
-    priority_class_name: str | None = None
-    termination_grace_period_seconds: int = Field(120, ge=1)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    scheduler_name: str | None = Field(None, min_length=1)
-    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
-    volumes: list[dict[str, Any]] = Field(default_factory=list)
-    volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
-
-    @field_validator("labels", "annotations")
-    @classmethod
-    def _own_keys(cls, value: dict[str, str], info: Any) -> dict[str, str]:
-        for key, item in value.items():
-            if not _QUALIFIED_NAME.fullmatch(key):
-                raise ValueError(f"{key!r} is not a valid key: [prefix/]name, the name at most 63 letters, digits, "
-                                 "'-', '_' or '.', starting and ending with a letter or digit")
-            if key.startswith(f"{GROUP}/") or key in (LABEL_NAME, LABEL_MANAGED_BY):
-                raise ValueError(f"{key!r} is set by the operator, which finds its pods by it; choose another key")
-            if info.field_name == "labels" and not _LABEL_VALUE.fullmatch(item):
-                raise ValueError(f"the value {item!r} of {key!r} is not a valid label value: at most 63 letters, "
-                                 "digits, '-', '_' or '.', starting and ending with a letter or digit")
-        return value
-
-    @model_validator(mode="after")
-    def _resources_are_quantities(self) -> "WorkersSpec":
-        # The API server would refuse the pod too, but the PodGroup's minResources sums
-        # them first: a typo there must fail the job, not every reconcile pass.
-        from kubernetes.utils import parse_quantity
-
-        for section, amounts in self.resources.items():
-            if section == "claims":
-                continue
-            if section not in ("limits", "requests"):
-                raise field_error(f"resources.{section}", amounts, "unknown section; resources has limits, requests "
-                                                                   "and claims")
-            if not isinstance(amounts, dict):
-                raise field_error(f"resources.{section}", amounts, "give a mapping of resource to quantity, e.g. "
-                                                                   "{memory: 64Gi, cpu: 8}")
-            for resource, quantity in amounts.items():
-                try:
-                    parse_quantity(quantity)
-                except (ValueError, TypeError):
-                    raise field_error(f"resources.{section}.{resource}", quantity,
-                                      "not a Kubernetes quantity; write e.g. 64Gi (not 64GB), 500m or 8") from None
-        return self
-
-    @model_validator(mode="after")
-    def _own_volumes(self) -> "WorkersSpec":
-        names: list[str] = []
-        for index, volume in enumerate(self.volumes):
-            field, name = f"volumes[{index}].name", volume.get("name")
-            if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
-                raise field_error(field, name, "a volume needs a name of at most 63 lower-case letters, digits or '-'")
-            if name in _OPERATOR_VOLUMES or name.startswith(CREDENTIALS_VOLUME_PREFIX) or name in names:
-                raise field_error(field, name, f"that name is taken (the operator's volumes are "
-                                               f"{', '.join(_OPERATOR_VOLUMES)} and {CREDENTIALS_VOLUME_PREFIX}N); "
-                                               "choose another")
-            names.append(name)
-        for index, mount in enumerate(self.volume_mounts):
-            if mount.get("name") not in names:
-                raise field_error(f"volumeMounts[{index}].name", mount.get("name"),
-                                  f"not one of workers.volumes ({', '.join(names) or 'none'}); add the volume or fix the name")
-            field, path = f"volumeMounts[{index}].mountPath", mount.get("mountPath")
-            if not isinstance(path, str) or not path.startswith("/"):
-                raise field_error(field, path, "give an absolute path, e.g. /mnt/data")
-            taken = next((own for own in OPERATOR_MOUNT_DIRS
-                          if posixpath.commonpath([posixpath.normpath(path), own]) == own), None)
-            if taken is not None:
-                raise field_error(field, path, f"the operator mounts {taken} there; mount elsewhere, e.g. /mnt/data")
-        return self
-
-    @property
-    def procs_per_node(self) -> int:
-        # gpusPerNode 0 is a CPU job: one process per node.
-        return max(self.gpus_per_node, 1)
-
-
-class StorageSpec(_Spec):
+class StorageSpec(SpecModel):
     claim_name: str | None = None
     size: str | None = None
     storage_class_name: str | None = None
@@ -263,12 +134,12 @@ class StorageSpec(_Spec):
         return self.claim_name is None
 
 
-class CheckpointSpec(_Spec):
+class CheckpointSpec(SpecModel):
     every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
 
 
-class GangSchedulingSpec(_Spec):
+class GangSchedulingSpec(SpecModel):
     # Whose PodGroup holds the workers, so that the scheduler places all of them or none
     # (two half-placed jobs would otherwise each wait for the other's GPUs).
     pod_group: Literal["volcano", "coscheduling"]
@@ -285,7 +156,7 @@ class GangSchedulingSpec(_Spec):
         return self
 
 
-class RunPolicySpec(_Spec):
+class RunPolicySpec(SpecModel):
     backoff_limit: int = Field(3, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
     suspend: bool = False
@@ -293,7 +164,7 @@ class RunPolicySpec(_Spec):
     gang_scheduling: GangSchedulingSpec | None = None
 
 
-class MetricsSpec(_Spec):
+class MetricsSpec(SpecModel):
     port: int = Field(9090, ge=0, le=65535)
 
     @field_validator("port")
@@ -309,7 +180,7 @@ class MetricsSpec(_Spec):
         return port
 
 
-class ValidationSpec(_Spec):
+class ValidationSpec(SpecModel):
     every_steps: int = Field(0, ge=0)
     prompts: list[str] = Field(default_factory=list)
     num_inference_steps: int = Field(25, ge=1)
@@ -317,7 +188,7 @@ class ValidationSpec(_Spec):
     seed: int = 0
 
 
-class OutputSpec(_Spec):
+class OutputSpec(SpecModel):
     # Where the exported pipeline is uploaded: an fsspec URL (s3://, gs://, az://, file://) or hf://ORG/REPO.
     uri: Url | None = None
     # A Secret whose keys become the workers' environment (AWS_*, HF_TOKEN, ...) for the upload.
@@ -326,7 +197,7 @@ class OutputSpec(_Spec):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
-class JobSpec(_Spec):
+class JobSpec(SpecModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
