@@ -238,6 +238,20 @@ def test_operator_deployment_shape(rendered) -> None:
     assert parsed.all_namespaces and parsed.http_port == 8080 and parsed.http_host == "0.0.0.0"
 
 
+def test_a_disruption_budget_keeps_a_replica_to_lead_through_drains_and_none_blocks_a_single_one(rendered) -> None:
+    for mode in ("defaults", "namespaced"):
+        [deployment] = by_kind(rendered[mode], "Deployment")
+        [budget] = by_kind(rendered[mode], "PodDisruptionBudget")
+        assert budget["metadata"]["namespace"] == NAMESPACE and budget["spec"]["maxUnavailable"] == 1
+        # It covers exactly the operator's pods: what the Deployment selects, by the labels they carry.
+        assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # One replica: a budget could only block the node's drain.
+    assert not by_kind(render({"replicaCount": 1, "leaderElection": {"enabled": False}}), "PodDisruptionBudget")
+    assert not by_kind(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
+
+
 def test_leader_election_is_on_with_a_lease_in_the_release_namespace_only(rendered, monkeypatch) -> None:
     from dreambooth_operator.__main__ import election_from_args, parse_args
     for mode in ("defaults", "namespaced"):
@@ -287,6 +301,8 @@ def test_values_schema_rejects_bad_values_naming_the_field() -> None:
     assert result.returncode != 0 and "watchNamespaces" in result.stderr, result.stderr
     result = helm("template", str(CHART), "--set", "metrics.podMonitor.enabeld=true", check=False)
     assert result.returncode != 0 and "enabeld" in result.stderr, result.stderr
+    result = helm("template", str(CHART), "--set", "podDisruptionBudget.enabled=yes please", check=False)
+    assert result.returncode != 0 and "podDisruptionBudget" in result.stderr, result.stderr
     # Not creating a ServiceAccount without naming one would grant the operator's RBAC to `default`.
     result = helm("template", str(CHART), "--set", "serviceAccount.create=false", check=False)
     assert result.returncode != 0 and "/serviceAccount/name" in result.stderr, result.stderr
