@@ -70,6 +70,7 @@ class KubeApi:
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
         self._networking = kubernetes.client.NetworkingV1Api(self._client)
         self._coordination = kubernetes.client.CoordinationV1Api(self._client)
+        self._extensions = kubernetes.client.ApiextensionsV1Api(self._client)
         self._pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
 
     def close(self) -> None:
@@ -271,6 +272,10 @@ class KubeApi:
         return list((self._json(response) or {}).get("items") or [])
 
     # --- the DreamboothJob itself ----------------------------------------------------
+
+    async def get_crd(self, name: str) -> dict[str, Any] | None:
+        """The installed CustomResourceDefinition `name`; None when there is none."""
+        return await self._read(self._extensions.read_custom_resource_definition, name)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)

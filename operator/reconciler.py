@@ -111,6 +111,10 @@ class Reconciler:
     _passes: dict[tuple[str, str], float] = field(default_factory=dict)
     # Jobs whose loop has seen to the NetworkPolicy of a gang that was there before it.
     _policy_checked: set[tuple[str, str]] = field(default_factory=set)
+    # crd_skew.outdated_crd_message when the installed CRD lacks spec fields; each job's
+    # loop says it once, on the job, where `kubectl describe` shows it.
+    outdated_crd: str | None = None
+    _crd_warned: set[tuple[str, str]] = field(default_factory=set)
     _children: JobChildren = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +143,7 @@ class Reconciler:
             self.wakeups.forget(namespace, name)
             self._last_scrape.pop((namespace, name), None)
             self._policy_checked.discard((namespace, name))
+            self._crd_warned.discard((namespace, name))
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns seconds until the next one, None when the job is gone."""
@@ -166,6 +171,9 @@ class Reconciler:
             # loop created while that handler was already deleting.
             await self.cleanup(namespace, name, body)
             return None
+        if self.outdated_crd is not None and (namespace, name) not in self._crd_warned:
+            self._crd_warned.add((namespace, name))
+            await self.api.post_event(body, "Warning", c.REASON_OUTDATED_CRD, self.outdated_crd)
         status = dict(body.get("status") or {})
         try:
             job = Job.from_body(body)

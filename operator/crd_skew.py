@@ -1,0 +1,76 @@
+"""Whether the installed CRD knows every spec field this operator reads. `helm upgrade`
+never updates a CRD, and an API server silently prunes the fields its CRD lacks: a job
+asking for a newer field (spec.lora.useDora) would train without it, and nobody would
+know. So the operator compares the installed schema with its own spec model once, at
+start, and says what is missing where users look."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from .constants import GROUP, PLURAL, VERSION
+from .spec import JobSpec
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+log = logging.getLogger(__name__)
+
+
+def fields_the_crd_lacks(crd: dict[str, Any], model: type[BaseModel] = JobSpec) -> list[str]:
+    """`spec.<path>` of each field of `model` that the CRD's served version's schema
+    lacks (the API server would drop it from every job), in the CRD's camelCase; a
+    version the CRD does not serve at all lacks the whole spec."""
+    version = next((v for v in (crd.get("spec") or {}).get("versions") or [] if v.get("name") == VERSION
+                    and v.get("served")), None)
+    if version is None:
+        return ["spec"]
+    schema = (((version.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}).get("spec") or {}
+    return list(_missing(model, schema, "spec"))
+
+
+def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Iterator[str]:
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return  # kept whole, whatever it holds
+    properties = schema.get("properties") or {}
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        if alias not in properties:
+            yield f"{path}.{alias}"
+            continue
+        nested = next((arg for arg in getattr(field.annotation, "__args__", (field.annotation,))
+                       if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        if nested is not None:  # a section, or a list of them (the schema's `items`)
+            child = properties[alias]
+            yield from _missing(nested, child.get("items", child), f"{path}.{alias}")
+
+
+def outdated_crd_message(missing: list[str]) -> str:
+    return (f"the installed CustomResourceDefinition {CRD_NAME} is older than this operator: it lacks "
+            f"{', '.join(missing)}, which the API server drops from every DreamboothJob (a job asking for them "
+            f"trains without them); apply the operator's CRD (kubectl apply -f "
+            f"charts/dreambooth-operator/crds/crd.yaml: helm upgrade does not update CRDs)")
+
+
+async def check_installed_crd(api: Any, metrics: Any) -> str | None:
+    """Read the installed CRD and compare it: the message to put on every job when it
+    lacks fields (also logged, and counted in dreambooth_operator_crd_missing_fields);
+    None when it has them all or cannot be read (then the gauge says -1)."""
+    try:
+        crd = await api.get_crd(CRD_NAME)
+    except Exception as error:  # noqa: BLE001  (a check that cannot run must not stop the operator)
+        log.warning("cannot read the CustomResourceDefinition %s to check it against this operator: %s", CRD_NAME,
+                    error)
+        crd = None
+    if crd is None:
+        metrics.crd_missing_fields.set(-1)
+        return None
+    missing = fields_the_crd_lacks(crd)
+    metrics.crd_missing_fields.set(len(missing))
+    if not missing:
+        return None
+    message = outdated_crd_message(missing)
+    log.error("%s", message)
+    return message

@@ -1,0 +1,71 @@
+"""An operator newer than its installed CRD (`helm upgrade` never updates one) says so:
+the fields the API server would drop from every job are named on each job, in the log and
+in a gauge, by the real operator against the emulated API holding an older CRD."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator
+
+import kubernetes
+import pytest
+import yaml
+from dbj_examples import minimal_spec
+from emulated_cluster import EmulatedCluster
+from operator_harness import Cluster, OperatorProcess, wait_for
+
+from dreambooth_operator.crd_skew import fields_the_crd_lacks
+
+CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml").read_text())
+
+
+def without(crd: dict[str, Any], *paths: str) -> dict[str, Any]:
+    """`crd` whose spec schema lacks the fields at `paths` (e.g. "lora.useDora"), as an
+    older release's CRD does."""
+    older = copy.deepcopy(crd)
+    spec = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path in paths:
+        *sections, name = path.split(".")
+        schema = spec
+        for section in sections:
+            schema = schema["properties"][section]
+        del schema["properties"][name]
+    return older
+
+
+def test_the_shipped_crd_lacks_nothing_and_an_older_one_is_told_apart() -> None:
+    assert fields_the_crd_lacks(CRD) == []
+    assert fields_the_crd_lacks(without(CRD, "lora.useDora", "training.snrGamma")) == [
+        "spec.training.snrGamma", "spec.lora.useDora"]
+    assert fields_the_crd_lacks(without(CRD, "lora")) == ["spec.lora"]  # a whole section, named once
+    unserved = copy.deepcopy(CRD)
+    unserved["spec"]["versions"][0]["served"] = False
+    assert fields_the_crd_lacks(unserved) == ["spec"]
+
+
+@pytest.fixture(scope="module")
+def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator started against a cluster whose CRD is an older release's."""
+    client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
+    kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(
+        without(CRD, "lora.useDora", "validation"))
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    yield process
+    process.stop()
+
+
+def test_each_job_is_told_which_of_its_fields_the_installed_crd_drops(operator: OperatorProcess,
+                                                                      cluster: Cluster) -> None:
+    cluster.create_job("skewed", minimal_spec())
+    [event] = wait_for(lambda: [e for e in cluster.events("skewed") if e["reason"] == "OutdatedCRD"],
+                       what="the OutdatedCRD Event")
+    assert event["type"] == "Warning"
+    assert event["message"] == (
+        "the installed CustomResourceDefinition dreamboothjobs.dreambooth.io is older than this operator: it lacks "
+        "spec.lora.useDora, spec.validation, which the API server drops from every DreamboothJob (a job asking for "
+        "them trains without them); apply the operator's CRD (kubectl apply -f "
+        "charts/dreambooth-operator/crds/crd.yaml: helm upgrade does not update CRDs)")
+    assert operator.metric("dreambooth_operator_crd_missing_fields") == 2
+    wait_for(lambda: cluster.pods("skewed"), what="the worker: the job runs all the same")
+    assert "is older than this operator" in operator.log_path.read_text()
