@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_trainer, tiny_config, write_config
+from tests.trainer.shared_runs import eager_zero_2_fp32_config, eager_zero_2_fp32_run
 from trainer.config_file import validate_config
 from trainer.data import DreamBoothData
 from trainer.engine import MAX_BUCKET_SIZE, MIN_BUCKET_SIZE, bucket_size, build_deepspeed_config
@@ -117,20 +118,20 @@ def test_bucket_size_follows_the_model_size_within_bounds(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_unet_trains_to_the_same_losses_and_checkpoints_under_the_same_names(tmp_path):
+def test_a_compiled_unet_trains_to_the_same_losses_and_checkpoints_under_the_same_names(tmp_path, tmp_path_factory):
     """training.compile through the real dynamo and AOTAutograd, backend aot_eager (no code
-    generation: inductor on CPU takes minutes for the tiny UNet), against the eager run."""
+    generation: inductor on CPU takes minutes for the tiny UNet), against the eager run
+    (the ZeRO-2 case of test_training.py: shared_runs.py)."""
+    eager = eager_zero_2_fp32_run(tmp_path_factory)
+    compiled = tmp_path / "compiled"
+    result = run_trainer(write_config(compiled, eager_zero_2_fp32_config(
+        compiled, compile=True, compile_backend="aot_eager")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     runs, evaluations = {}, {}
-    for name, compiled in (("eager", {}), ("compiled", {"compile": True, "compile_backend": "aot_eager"})):
-        root = tmp_path / name
-        config = tiny_config(root, data={"class_prompt": None, "class_dir": None},
-                             training={"max_steps": 3, "precision": "fp32", **compiled},
-                             checkpoint={"every_steps": 3}, logging={"format": "json"})
-        result = run_trainer(write_config(root, config))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for name, root, stdout in (("eager", eager.root, eager.result.stdout), ("compiled", compiled, result.stdout)):
         module = torch.load(root / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt", weights_only=False)
         run = json.loads((root / "model" / "run.json").read_text())
-        runs[name] = step_losses(result.stdout), sorted(module["module"])
+        runs[name] = step_losses(stdout), sorted(module["module"])
         evaluations[name] = run["instance_eval_loss_before"], run["instance_eval_loss_after"]
         compile_info = run["compile"]
     # Dynamo captured the whole UNet as one graph, the training step's, with nothing left

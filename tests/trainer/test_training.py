@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from huggingface_hub import ModelCard
 
 from tests.conftest import run_trainer, tiny_config, write_config
+from tests.trainer.shared_runs import eager_zero_2_fp32_run
 from tests.trainer.test_shard_globals import assert_deepspeed_files_load_with_weights_only
 from trainer import checkpoint
 from trainer.models import build_components
@@ -48,10 +49,21 @@ def assert_exports_a_loadable_pipeline(root, *, train_text_encoder: bool, source
     return pipeline
 
 
-# ZeRO-2 with the text encoder trained is the learning test's run below.
+def assert_a_complete_zero_run(root, *, zero_stage: int, max_steps: int, precision: str, train_text_encoder: bool):
+    run = read_run(root)
+    assert run["final_step"] == max_steps and run["resumed_from_step"] is None
+    assert run["world_size"] == 2 and run["zero_stage"] == zero_stage and run["precision"] == precision
+    assert run["wall_seconds"] > 0 and run["samples_per_second"] > 0
+    assert_exports_a_loadable_pipeline(root, train_text_encoder=train_text_encoder)
+    # What resuming them checks and loads: their DeepSpeed files name only DEEPSPEED_GLOBALS (resumes: test_resume.py).
+    for folder in checkpoint.complete_checkpoints(root / "checkpoints"):
+        assert_deepspeed_files_load_with_weights_only(folder)
+
+
+# ZeRO-2 with the text encoder trained is the learning test's run below; with it frozen,
+# the test after this one.
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, train_text_encoder, extra", [
-    (2, False, {}),
     (3, False, {}),  # ZeRO-3 with the text encoders trained: the SDXL test below
     # The recipe's loss options: Min-SNR weighting and offset noise.
     (0, True, {"snr_gamma": 5.0, "noise_offset": 0.1}),
@@ -63,14 +75,15 @@ def test_zero_runs_complete_and_export_a_loadable_pipeline(tiny_root, zero_stage
                          training={"max_steps": 4, "train_text_encoder": train_text_encoder, **extra})
     result = run_trainer(write_config(tiny_root, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    run = read_run(tiny_root)
-    assert run["final_step"] == 4 and run["resumed_from_step"] is None
-    assert run["world_size"] == 2 and run["zero_stage"] == zero_stage and run["precision"] == "bf16"
-    assert run["wall_seconds"] > 0 and run["samples_per_second"] > 0
-    assert_exports_a_loadable_pipeline(tiny_root, train_text_encoder=train_text_encoder)
-    # What resuming them checks and loads: their DeepSpeed files name only DEEPSPEED_GLOBALS (resumes: test_resume.py).
-    for folder in checkpoint.complete_checkpoints(tiny_root / "checkpoints"):
-        assert_deepspeed_files_load_with_weights_only(folder)
+    assert_a_complete_zero_run(tiny_root, zero_stage=zero_stage, max_steps=4, precision="bf16",
+                               train_text_encoder=train_text_encoder)
+
+
+@pytest.mark.slow
+def test_a_zero_2_run_with_the_text_encoder_frozen_completes_and_exports_a_loadable_pipeline(tmp_path_factory):
+    """The run is the eager reference of the compiled-UNet test (shared_runs.py), in fp32."""
+    shared = eager_zero_2_fp32_run(tmp_path_factory)
+    assert_a_complete_zero_run(shared.root, zero_stage=2, max_steps=3, precision="fp32", train_text_encoder=False)
 
 
 @pytest.mark.slow
