@@ -26,20 +26,26 @@ def step_losses(stdout: str) -> list[tuple[float, float]]:
     return [(event["loss"], event["instance_loss"]) for event in events]
 
 
+LEVERS_OFF = "levers off, optimizer offloaded"
+
+
 @pytest.fixture(scope="module")
 def losses_with_and_without_levers(tmp_path_factory):
+    """One run at the defaults, and one with every speed lever off and ZeRO-Offload (a
+    memory lever: the optimizer step on the CPU) on. Each of them must leave every number
+    as it is, so one run checks them all against the defaults: a launch saved (its
+    imports alone take 17 s). Its mid-run checkpoint is resumed without offload below."""
     root = tmp_path_factory.mktemp("levers")
     runs = {
         "default": {},
-        "levers off": {"training": {"cache_latents": False, "prefetch_batches": False},
-                       "deepspeed": {"bucket_size": 4096}},  # many small buckets: dozens of reductions per step
-        # ZeRO-Offload (a memory lever): the optimizer step on the CPU; its mid-run checkpoint
-        # is resumed without offload below.
-        "offload": {"deepspeed": {"offload_optimizer": True}, "checkpoint": {"every_steps": STEPS // 2}},
+        LEVERS_OFF: {"training": {"cache_latents": False, "prefetch_batches": False},
+                     # many small buckets: dozens of reductions per step
+                     "deepspeed": {"bucket_size": 4096, "offload_optimizer": True},
+                     "checkpoint": {"every_steps": STEPS // 2}},
     }
     losses = {}
     for name, changes in runs.items():
-        run_root = root / name.replace(" ", "-")
+        run_root = root / name.replace(" ", "-").replace(",", "")
         # Without prior preservation: generating class images would double the cost and test nothing here.
         config = tiny_config(run_root, data={"class_prompt": None, "class_dir": None},
                              training={"max_steps": STEPS, "train_text_encoder": True, **changes.get("training", {})},
@@ -49,13 +55,13 @@ def losses_with_and_without_levers(tmp_path_factory):
         result = run_trainer(write_config(run_root, config))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         losses[name] = step_losses(result.stdout)
-    losses["root"] = root
+        losses[f"{name} root"] = run_root
     return losses
 
 
 @pytest.mark.slow
 def test_default_levers_give_bit_identical_losses(losses_with_and_without_levers):
-    default, off = losses_with_and_without_levers["default"], losses_with_and_without_levers["levers off"]
+    default, off = losses_with_and_without_levers["default"], losses_with_and_without_levers[LEVERS_OFF]
     assert len(default) == STEPS
     assert default == off  # exact float equality, every step, every term
 
@@ -63,8 +69,8 @@ def test_default_levers_give_bit_identical_losses(losses_with_and_without_levers
 @pytest.mark.slow
 def test_optimizer_offload_trains_the_same_and_its_checkpoint_resumes_without_it(losses_with_and_without_levers):
     default = losses_with_and_without_levers["default"]
-    assert losses_with_and_without_levers["offload"] == default
-    offloaded = losses_with_and_without_levers["root"] / "offload"
+    assert losses_with_and_without_levers[LEVERS_OFF] == default
+    offloaded = losses_with_and_without_levers[f"{LEVERS_OFF} root"]
     checkpoints = offloaded / "checkpoints"
     shutil.rmtree(checkpoints / f"step-{STEPS:08d}")
     (checkpoints / "latest").write_text(f"step-{STEPS // 2:08d}")
