@@ -192,6 +192,8 @@ def test_lora_trains_checkpoints_and_resumes_only_the_adapters_and_exports_them_
     # Resumed from step 3 (base weights rebuilt from model.source), steps 4-6 repeat exactly.
     resumed = tmp_path / "resumed"
     shutil.copytree(step3, resumed / "checkpoints" / step3.name)
+    # Its class images too, as on the job's volume: made once, not again by this run.
+    shutil.copytree(straight / "class-images", resumed / "class-images")
     config = resume_config(resumed, lora=LORA, training={"max_steps": 6, "train_text_encoder": True},
                            checkpoint={"every_steps": 3, "resume": str(resumed / "checkpoints" / step3.name)})
     result = run_trainer(write_config(resumed, config))
