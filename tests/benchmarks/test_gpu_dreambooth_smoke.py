@@ -18,7 +18,7 @@ from tests.conftest import REPO
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    command = [sys.executable, "benchmarks/gpu_dreambooth.py", "--device", "cpu", "--size", "tiny", "--steps", "2",
+    command = [sys.executable, "benchmarks/gpu_dreambooth.py", "--device", "cpu", "--size", "tiny", "--steps", "1",
                "--warmup", "1", "--images", "2", "--throughput-batches", "2", "--channels-last", "--cases", "abcde",
                "--json", str(path)]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
