@@ -18,6 +18,7 @@ from tests.ship.chart import KUBERNETES_VERSION  # noqa: E402
 CHART_RESOURCES = [
     ("v1/serviceaccounts", "ServiceAccount", True, ["sa"], []),
     ("apps/v1/deployments", "Deployment", True, ["deploy"], ["status", "scale"]),
+    ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, ["pdb"], ["status"]),
     ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False, [], []),
     ("rbac.authorization.k8s.io/v1/clusterrolebindings", "ClusterRoleBinding", False, [], []),
     ("rbac.authorization.k8s.io/v1/roles", "Role", True, [], []),

@@ -243,6 +243,8 @@ def test_a_disruption_budget_keeps_a_replica_to_lead_through_drains_and_none_blo
         [deployment] = by_kind(rendered[mode], "Deployment")
         [budget] = by_kind(rendered[mode], "PodDisruptionBudget")
         assert budget["metadata"]["namespace"] == NAMESPACE and budget["spec"]["maxUnavailable"] == 1
+        # A crash-looping replica leads nothing: it must not hold every drain of its node.
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
         # It covers exactly the operator's pods: what the Deployment selects, by the labels they carry.
         assert budget["spec"]["selector"] == deployment["spec"]["selector"]
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -250,6 +252,9 @@ def test_a_disruption_budget_keeps_a_replica_to_lead_through_drains_and_none_blo
     # One replica: a budget could only block the node's drain.
     assert not by_kind(render({"replicaCount": 1, "leaderElection": {"enabled": False}}), "PodDisruptionBudget")
     assert not by_kind(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
+    # Three replicas: still one at a time, over all three.
+    [budget] = by_kind(render({"replicaCount": 3}), "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
 
 
 def test_leader_election_is_on_with_a_lease_in_the_release_namespace_only(rendered, monkeypatch) -> None:

@@ -58,6 +58,7 @@ def test_helm_install_without_crds_reports_success_but_creates_nothing(cluster) 
     listed = {path: names(emulated, path) for path in (
         f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments",
         f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts",
+        f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets",
         f"/api/v1/namespaces/{NAMESPACE}/services",
         "/apis/rbac.authorization.k8s.io/v1/clusterroles",
     )}
