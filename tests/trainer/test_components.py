@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -399,9 +400,14 @@ def test_images_decoded_apart_from_the_denoising_are_the_pipelines_own(source, l
     # Without autocast's cast cache, which would hold an fp16 copy of every such weight on CUDA.
     assert cast_cache_on and not any(cast_cache_on)
     assert all(weight.requires_grad for model in (pipeline.unet, pipeline.text_encoder) for weight in model.parameters())
-    # Decoded one by one, the same bytes as the pipeline's own batch decode.
+    # Decoded one by one, the pipeline's own batch decode's pixels. Not always its bytes: on
+    # some CPUs (AMD EPYC here) the batch of 2 takes other oneDNN kernels than a batch of 1,
+    # a few 1e-6 apart, which can round a pixel to the next level. A decode that missed a
+    # step (the scaling factor, SDXL's latent mean and std) is off by far more.
     theirs = pipeline(prompts, num_inference_steps=2, height=64, width=64, generator=seeds()).images
-    assert [image.tobytes() for image in ours] == [image.tobytes() for image in theirs]
+    differences = [np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)) for a, b in zip(ours, theirs)]
+    assert len(ours) == len(theirs) == 2 and all(d.shape == (64, 64, 3) for d in differences)
+    assert max(d.max() for d in differences) <= 1 and sum((d > 0).sum() for d in differences) < 20
     assert ours[0].tobytes() != ours[1].tobytes()
 
 
