@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from tests.trainer.prometheus_server import free_port
 from tests.trainer.test_rng import OpensAFile
 from trainer import checkpoint, rng
 from trainer.config import CheckpointConfig
+from trainer.contract import step_folder_name
 from trainer.manifest import MANIFEST, list_files
 
 
@@ -69,16 +73,49 @@ def resume_config(root, **sections):
     return tiny_config(root, **base)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_exits_143_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    straight = tmp_path / "straight"
-    result = run_trainer(write_config(straight, resume_config(straight)))
-    assert result.returncode == 0, result.stderr[-4000:]
-    reference = step_losses(result.stdout)
-    assert sorted(reference) == list(range(1, 13))
+def straight_config(root):
+    """12 steps, a checkpoint every 3 (all kept), the text encoder trained at its own rate:
+    two param groups go through every resume below."""
+    return resume_config(root, training={"train_text_encoder": True, "text_encoder_learning_rate": 1e-4},
+                         checkpoint={"every_steps": 3, "keep_last": 4})
 
+
+@dataclass(frozen=True)
+class StraightRun:
+    root: Path
+    losses: dict[int, float]
+
+    def copy_to(self, root: Path, *steps: int, model: bool = False) -> Path:
+        """A volume holding these of its checkpoints (the last one `latest`), its class images
+        (as a job's volume has them, so no run makes them again), its model if asked, and
+        its config: the state a run of that config leaves, without training it again."""
+        for step in steps:
+            name = step_folder_name(step)
+            shutil.copytree(self.root / "checkpoints" / name, root / "checkpoints" / name)
+        (root / "checkpoints" / "latest").write_text(step_folder_name(steps[-1]))
+        shutil.copytree(self.root / "class-images", root / "class-images")
+        if model:
+            shutil.copytree(self.root / "model", root / "model")
+        return write_config(root, straight_config(root))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> StraightRun:
+    """One uninterrupted run that several tests resume from or compare with: each trainer
+    launch costs about 15 s of imports and setup alone."""
+    root = tmp_path_factory.mktemp("straight")
+    result = run_trainer(write_config(root, straight_config(root)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = step_losses(result.stdout)
+    assert sorted(losses) == list(range(1, 13))
+    return StraightRun(root, losses)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, straight):
+    reference = straight.losses
     interrupted = tmp_path / "interrupted"
-    config_path = write_config(interrupted, resume_config(interrupted))
+    config_path = write_config(interrupted, straight_config(interrupted))
     process = launch(config_path)
     seen = read_until(process, lambda line: '"step": 4,' in line, timeout=300)
     signalled = time.monotonic()
@@ -154,13 +191,9 @@ def test_kill_9_of_a_rank_while_it_writes_a_checkpoint_resumes_from_the_previous
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_shape_is_refused(tmp_path):
+def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_shape_is_refused(tmp_path, straight):
     root = tmp_path / "run"
-    # The text encoder trains too, at its own rate: two param groups go through the conversion below.
-    config_path = write_config(root, resume_config(
-        root, training={"max_steps": 6, "train_text_encoder": True, "text_encoder_learning_rate": 1e-4},
-        checkpoint={"every_steps": 3}))
-    assert run_trainer(config_path).returncode == 0
+    config_path = straight.copy_to(root, 3, 6)
     newest = root / "checkpoints" / "step-00000006"
     # Same size, garbage content: passes the manifest's size check, fails to load.
     states = newest / "mp_rank_00_model_states.pt"
@@ -210,10 +243,9 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
 
 
 @pytest.mark.slow
-def test_when_no_checkpoint_loads_the_run_stops_instead_of_training_on_partly_loaded_weights(tmp_path):
+def test_when_no_checkpoint_loads_the_run_stops_instead_of_training_on_partly_loaded_weights(tmp_path, straight):
     root = tmp_path / "run"
-    config_path = write_config(root, resume_config(root, training={"max_steps": 3}, checkpoint={"every_steps": 3}))
-    assert run_trainer(config_path).returncode == 0
+    config_path = straight.copy_to(root, 3, model=True)
     [only] = checkpoint.complete_checkpoints(root / "checkpoints")
     optimizer_states = sorted(only.glob("*optim_states.pt"))[0]  # the module's weights load, then this fails
     optimizer_states.write_bytes(b"\0" * optimizer_states.stat().st_size)
@@ -225,7 +257,7 @@ def test_when_no_checkpoint_loads_the_run_stops_instead_of_training_on_partly_lo
     assert (f"none of the 1 complete checkpoint(s) in checkpoint.dir = '{root / 'checkpoints'}' loads "
             "(step-00000003; each skipped above with its error)") in errors
     assert checkpoint.complete_checkpoints(root / "checkpoints") == [only]
-    assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 3  # the first run's, untouched
+    assert json.loads((root / "model" / "run.json").read_text())["final_step"] == 12  # the first run's, untouched
 
 
 def relist(folder, *, drop=()):
@@ -237,23 +269,20 @@ def relist(folder, *, drop=()):
 
 @pytest.mark.slow
 def test_crafted_rng_files_and_deepspeed_shards_are_never_unpickled_their_checkpoint_is_skipped_and_one_of_format_1_resumes(
-        tmp_path):
+        tmp_path, straight):
     root = tmp_path / "run"
-    config_path = write_config(root, resume_config(root, training={"max_steps": 4}, checkpoint={"every_steps": 2},
-                                                   data={"class_prompt": None, "class_dir": None}))
-    first = run_trainer(config_path)
-    assert first.returncode == 0, first.stderr[-4000:]
-    reference = step_losses(first.stdout)
+    config_path = straight.copy_to(root, 9, 12)
+    reference = straight.losses
 
-    # Step 2 as a trainer before format 2 wrote it: NumPy's key a pickled ndarray, no `format` in the manifest.
-    older = root / "checkpoints" / "step-00000002"
+    # Step 9 as a trainer before format 2 wrote it: NumPy's key a pickled ndarray, no `format` in the manifest.
+    older = root / "checkpoints" / "step-00000009"
     for rank in (0, 1):
         state = torch.load(older / rng.file_name(rank), weights_only=True)
         name, key, *position = state["numpy"]
         torch.save({**state, "numpy": (name, key.numpy().astype(np.uint32), *position)}, older / rng.file_name(rank))
     relist(older, drop=["format"])
-    # Step 4: rank 1's file replaced by a payload, its manifest made to match.
-    newest = root / "checkpoints" / "step-00000004"
+    # Step 12: rank 1's file replaced by a payload, its manifest made to match.
+    newest = root / "checkpoints" / "step-00000012"
     marker = tmp_path / "payload-ran"
     torch.save({"python": OpensAFile(marker)}, newest / rng.file_name(1))
     relist(newest)
@@ -264,10 +293,10 @@ def test_crafted_rng_files_and_deepspeed_shards_are_never_unpickled_their_checkp
     assert (f"checkpoint {newest} skipped: it does not load ({newest / rng.file_name(1)} is not generator state as "
             "this trainer writes it (it names io.open); it was not unpickled") in resumed.stderr
     run = json.loads((root / "model" / "run.json").read_text())
-    assert (run["resumed_from_step"], run["final_step"]) == (2, 4)
-    assert step_losses(resumed.stdout) == {step: loss for step, loss in reference.items() if step > 2}
+    assert (run["resumed_from_step"], run["final_step"]) == (9, 12)
+    assert step_losses(resumed.stdout) == {step: loss for step, loss in reference.items() if step > 9}
 
-    # Step 4 again, as the resumed run wrote it: one of DeepSpeed's own shards (which
+    # Step 12 again, as the resumed run wrote it: one of DeepSpeed's own shards (which
     # DeepSpeed unpickles in full) now carries the payload beside its state, and still loads.
     shard = sorted(newest.glob("*_optim_states.pt"))[-1]
     torch.save({**torch.load(shard, weights_only=False), "payload": OpensAFile(marker)}, shard)
@@ -284,8 +313,8 @@ def test_crafted_rng_files_and_deepspeed_shards_are_never_unpickled_their_checkp
     assert not marker.exists()
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"checkpoint {newest} skipped: it does not load {refused}" in again.stderr
-    assert json.loads((root / "model" / "run.json").read_text())["resumed_from_step"] == 2
-    assert step_losses(again.stdout) == {step: loss for step, loss in reference.items() if step > 2}
+    assert json.loads((root / "model" / "run.json").read_text())["resumed_from_step"] == 9
+    assert step_losses(again.stdout) == {step: loss for step, loss in reference.items() if step > 9}
 
 
 @pytest.mark.slow
