@@ -17,6 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from filelock import FileLock
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
@@ -90,8 +91,21 @@ def image_resolution() -> concurrent.futures.Future:
         return _resolution
 
 
+def resolve_images_once_per_run() -> dict[str, dict]:
+    """Under pytest-xdist every worker collects the session and starts this: the first
+    resolves and writes the reports where the others (same PYTEST_XDIST_TESTRUNUID) read them."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return resolve_images()
+    shared = Path(tempfile.gettempdir()) / f"dreambooth-image-resolution-{run_id}.json"
+    with FileLock(f"{shared}.lock"):
+        if not shared.exists():
+            shared.write_text(json.dumps(resolve_images()))
+        return json.loads(shared.read_text())
+
+
 def _resolve_into(future: concurrent.futures.Future) -> None:
     try:
-        future.set_result(resolve_images())
+        future.set_result(resolve_images_once_per_run())
     except BaseException as error:  # noqa: BLE001 - handed to the test that waits for it
         future.set_exception(error)
