@@ -128,6 +128,7 @@ REASON_WORKERS_CREATED = "WorkersCreated"
 # A child the API server forbids for now (a ResourceQuota, a policy): retried every resync.
 REASON_FAILED_CREATE = "FailedCreate"
 REASON_OUTDATED_CRD = "OutdatedCRD"
+REASON_FORBIDDEN = "Forbidden"
 REASON_VOLUME_NOT_SHARED = "VolumeNotShared"
 REASON_CLAIM_NOT_FOUND = "ClaimNotFound"
 REASON_SUSPENDED = "Suspended"

@@ -14,7 +14,7 @@ import kopf
 
 from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
 from .crd_skew import check_installed_crd
-from .kube import KubeApi, connection_info, load_client_config
+from .kube import Forbidden, KubeApi, connection_info, load_client_config
 from .opmetrics import OperatorMetrics
 from .reconciler import Reconciler
 from .settings import OperatorConfig
@@ -84,4 +84,8 @@ async def worker_changed(labels: dict[str, str], namespace: str, memo: kopf.Memo
 
 @kopf.on.delete(*JOBS)
 async def job_deleted(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.cleanup(namespace, name, dict(body))
+    try:
+        await memo.reconciler.cleanup(namespace, name, dict(body))
+    except Forbidden as error:
+        # kopf keeps the finalizer, puts this on the job as an Event, and tries again.
+        raise kopf.TemporaryError(f"cannot delete the job's pods and children: {error}", delay=30) from None

@@ -1,8 +1,9 @@
 """The operator's few Kubernetes API calls, on the official client, returning plain dicts.
 
 Create treats 409 (already exists) as done and delete treats 404 (already gone) as
-done, so every caller is idempotent. The client is synchronous; calls run in a small
-thread pool so the operator's event loop never blocks.
+done, so every caller is idempotent. Every call raises Forbidden on a 403, which the
+reconciler reports on the job. The client is synchronous; calls run in a small thread
+pool so the operator's event loop never blocks.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ class KubeApi:
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         kwargs.setdefault("_request_timeout", self._request_timeout)
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        except ApiException as error:
+            if error.status == 403:
+                raise Forbidden(api_message(error)) from None
+            raise
 
     @staticmethod
     def _json(response: Any) -> Any:
@@ -149,15 +155,12 @@ class KubeApi:
                                 _preload_content=False, **kwargs)
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Create `obj`; False when it already exists (409), which callers treat as done.
-        Forbidden when the API server forbids it (403: a quota, a policy)."""
+        """Create `obj`; False when it already exists (409), which callers treat as done."""
         try:
             await self._post(obj)
         except ApiException as error:
             if error.status == 409:
                 return False
-            if error.status == 403:
-                raise Forbidden(api_message(error)) from None
             raise
         return True
 
@@ -169,6 +172,8 @@ class KubeApi:
             await self._post(obj, dry_run="All")
         except pydantic.ValidationError as error:
             return schema_message(error)
+        except Forbidden:  # for now (a quota, RBAC): the create will say
+            return None
         except ApiException as error:
             if error.status in (400, 422):
                 return api_message(error)
@@ -176,7 +181,7 @@ class KubeApi:
             if error.status == 404 and custom is not None:
                 group, version, plural = custom
                 return f"the cluster serves no {plural}.{group}/{version}: its CRD is not installed"
-            if error.status in (403, 409):  # forbidden for now, or there already: the create will say
+            if error.status == 409:  # there already: the create will say
                 return None
             raise
         return None
@@ -187,14 +192,7 @@ class KubeApi:
                           {"metadata": {"annotations": meta.get("annotations", {})}, "data": obj["data"]})
 
     async def _patch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """One patch of a child; Forbidden when the API server forbids it (403: an
-        operator upgraded without its chart's new RBAC rules, a policy)."""
-        try:
-            await self._call(fn, *args, _preload_content=False, **kwargs)
-        except ApiException as error:
-            if error.status == 403:
-                raise Forbidden(api_message(error)) from None
-            raise
+        await self._call(fn, *args, _preload_content=False, **kwargs)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404)."""
@@ -216,15 +214,12 @@ class KubeApi:
         return await self._or_none(404, fn, *args)
 
     async def _or_none(self, status: int, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
-        """The object a call returns; None when the API server answers `status`. Forbidden
-        on a 403."""
+        """The object a call returns; None when the API server answers `status`."""
         try:
             response = await self._call(fn, *args, _preload_content=False)
         except ApiException as error:
             if error.status == status:
                 return None
-            if error.status == 403:
-                raise Forbidden(api_message(error)) from None
             raise
         return self._json(response)
 
@@ -347,8 +342,9 @@ class KubeApi:
 
 
 class Forbidden(Exception):
-    """The API server forbids a read, create or patch of a child for now (403: a quota, an
-    admission policy, RBAC the operator lacks); the message is its own."""
+    """The API server forbids a call for now (403: a quota, an admission policy, RBAC
+    the operator lacks, as after an image upgrade without its chart's new rules); the
+    message is its own."""
 
 
 def api_message(error: ApiException) -> str:

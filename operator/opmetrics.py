@@ -12,9 +12,15 @@ METRIC_RESTARTS = "dreambooth_operator_restarts_total"
 METRIC_PODS_CREATED = "dreambooth_operator_pods_created_total"
 METRIC_LEADER = "dreambooth_operator_leader"
 METRIC_CRD_MISSING_FIELDS = "dreambooth_operator_crd_missing_fields"
+METRIC_RECONCILE_ERRORS = "dreambooth_operator_reconcile_errors_total"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
+
+# Why a reconcile pass failed: the API server forbade a call (403: RBAC, a policy), or
+# anything else (the API unreachable, a bug; the log has the traceback).
+ERROR_FORBIDDEN = "forbidden"
+ERROR_OTHER = "error"
 
 
 class OperatorMetrics:
@@ -33,6 +39,11 @@ class OperatorMetrics:
         # that appears with it (DreamboothWorkersFailingRepeatedly would need a fourth).
         for reason in (RESTART_FAILURE, RESTART_PREEMPTION):
             self.restarts.labels(reason=reason)
+        # Both series from the start, for increase() (as restarts above).
+        self.reconcile_errors = Counter(METRIC_RECONCILE_ERRORS.removesuffix("_total"),
+                                        "Reconcile passes that failed, by cause", ["reason"], registry=self.registry)
+        for reason in (ERROR_FORBIDDEN, ERROR_OTHER):
+            self.reconcile_errors.labels(reason=reason)
         self.pods_created = Counter(METRIC_PODS_CREATED.removesuffix("_total"), "Worker pods created",
                                     registry=self.registry)
         # 1 on the replica that holds the leader-election Lease (or runs without election),

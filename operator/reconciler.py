@@ -28,7 +28,7 @@ from .job_children import JobChildren
 from .kube import Forbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
 from .metadata import worker_name, worker_selector
-from .opmetrics import RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
+from .opmetrics import ERROR_FORBIDDEN, ERROR_OTHER, RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .pods import build_worker_pod
 from .podstates import pod_name
 from .scrape import metrics_url, progress_status, scrape, scrape_session
@@ -130,7 +130,12 @@ class Reconciler:
                     delay = await self.reconcile(namespace, name)
                 except asyncio.CancelledError:
                     raise
+                except Forbidden as error:  # fixed by a person (RBAC, a policy), not by retrying at once
+                    self.metrics.reconcile_errors.labels(reason=ERROR_FORBIDDEN).inc()
+                    await self._report_forbidden_pass(namespace, name, str(error))
+                    delay = self.settings.timing.resync_seconds
                 except Exception:  # one bad pass must not end the job's loop
+                    self.metrics.reconcile_errors.labels(reason=ERROR_OTHER).inc()
                     log.exception("reconcile of %s/%s failed; retrying", namespace, name)
                     delay = 2.0
                 if delay is None:
@@ -279,6 +284,21 @@ class Reconciler:
             await self.api.post_event(body, "Warning", c.REASON_FAILED_CREATE, message)
         meta = body["metadata"]
         await self._write_status(meta["namespace"], meta["name"], written, failed_create_status(status, message, utc_now()))
+
+    async def _report_forbidden_pass(self, namespace: str, name: str, message: str) -> None:
+        """A pass the API server stopped with a 403 where no condition is about it (the
+        pods' list, a delete, the job's status): logged, and a Warning Event on the job,
+        one per message (a repeat is counted), where `kubectl describe dbj` shows it."""
+        retry = self.settings.timing.resync_seconds
+        log.warning("reconcile of %s/%s: a call is forbidden: %s; retrying every %s s", namespace, name, message, retry)
+        try:
+            body = await self.api.get_job(namespace, name)
+            if body is not None:
+                await self.api.post_event(body, "Warning", c.REASON_FORBIDDEN, (
+                    f"the operator cannot act on this job: {message}. The operator's RBAC (the chart of its version, "
+                    f"or manifests/install.yaml) or an admission policy forbids it; it tries again every {retry:g} s"))
+        except Exception as error:  # noqa: BLE001  (its read, or the Event, is forbidden too: the log above says it)
+            log.warning("cannot put that on DreamboothJob %s/%s: %s", namespace, name, error)
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         patch = merge_patch(old, new)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from dbj_examples import minimal_spec
+from emulated_cluster import EmulatedCluster
 from operator_harness import (Cluster, OperatorProcess, condition, evicted, gang_of, phase_is, pods_created, terminated,
                               wait_for)
 
@@ -39,6 +40,37 @@ def test_worker_failure_restarts_the_whole_gang(cluster: Cluster) -> None:
     cluster.run_pods("flaky")
     wait_for(phase_is(cluster, "flaky", "Running"), what="Running again")
     assert cluster.status("flaky")["restarts"] == 1
+
+
+def test_a_restart_whose_pod_deletes_rbac_forbids_is_reported_and_counted_once_done(
+        emulated: EmulatedCluster, operator: OperatorProcess, cluster: Cluster) -> None:
+    """An operator upgraded without its chart's RBAC (here: no `delete` on pods) cannot
+    replace a failed gang. It says so on the job and in a counter an alert watches, not
+    only in its log, and the restart is counted once however many passes it took."""
+    forbidden = 'reconcile_errors_total{reason="forbidden"}'
+    before = operator.metric(f"dreambooth_operator_{forbidden}")
+    cluster.create_job("undeletable", minimal_spec(runPolicy={"backoffLimit": 3}))
+    wait_for(lambda: len(cluster.pods("undeletable")) == 1, what="a worker pod")
+    emulated.deny("delete", "pods")
+    try:
+        cluster.set_pod_status("undeletable-worker-0", terminated(1, "Error"))
+        event = wait_for(lambda: next((e for e in cluster.events("undeletable") if e["reason"] == "Forbidden"), None),
+                         what="a Forbidden Event")
+        assert event["type"] == "Warning"
+        assert event["message"] == (
+            'the operator cannot act on this job: pods "undeletable-worker-0" is forbidden: User '
+            '"system:serviceaccount:dreambooth:dreambooth-operator" cannot delete resource "pods" in API group "" in '
+            'the namespace "default". The operator\'s RBAC (the chart of its version, or manifests/install.yaml) or an '
+            'admission policy forbids it; it tries again every 2 s')
+        # Passes go on failing, one Event counting them, and so does the counter.
+        wait_for(lambda: next(e for e in cluster.events("undeletable") if e["reason"] == "Forbidden")["count"] >= 3,
+                 what="the Event counted again")
+        assert operator.metric(f"dreambooth_operator_{forbidden}") >= before + 3
+        assert [gang_of(pod) for pod in cluster.pods("undeletable")] == ["0"]
+    finally:
+        emulated.deny("delete", "pods", denied=False)
+    wait_for(lambda: [gang_of(pod) for pod in cluster.pods("undeletable")] == ["1"], what="the gang replaced")
+    assert cluster.status("undeletable")["restarts"] == 1
 
 
 def test_backoff_limit_exceeded_fails_the_job_with_the_reason(cluster: Cluster) -> None:

@@ -147,6 +147,7 @@ def test_panels_show_the_run(scraped) -> None:
     assert value("Progress") == {"": 1.0}
     assert value("Gang restarts") == {"failure": 0.0, "preemption": 1.0}  # both series from the operator's start
     assert value("Jobs by phase")["Running"] == 1.0
+    assert value("Failed reconcile passes") == {"error": 0.0, "forbidden": 0.0}  # a healthy run: none
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert value("Checkpoint", "A") == {"": float(latest.removeprefix("step-"))}
     assert value("Loss: instance and prior", "C")[""] > 0, "prior preservation is on: the prior loss is real"
