@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between scrapes of rank 0's metrics per job")
     parser.add_argument("--resync-seconds", type=float, default=Timing.resync_seconds,
                         help="seconds between checks of a job that nothing woke up")
+    parser.add_argument("--crd-recheck-seconds", type=float, default=ReconcilerSettings.crd_recheck_seconds,
+                        help="seconds between checks that the installed DreamboothJob CRD has every spec field this "
+                             "operator reads")
     parser.add_argument("--network-policy", action=argparse.BooleanOptionalAction,
                         default=ReconcilerSettings.network_policy,
                         help="give each job a NetworkPolicy that admits only its own workers and scrapes of its "
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
                     pending_timeout_seconds=args.pending_timeout, start_timeout_seconds=args.start_timeout,
                     resync_seconds=args.resync_seconds)
     settings = ReconcilerSettings(timing=timing, scrape_interval_seconds=args.scrape_interval,
-                                  network_policy=args.network_policy)
+                                  network_policy=args.network_policy, crd_recheck_seconds=args.crd_recheck_seconds)
     return OperatorConfig(settings=settings,
                           http_host=args.http_host, http_port=args.http_port, kubeconfig=args.kubeconfig)
 

@@ -13,7 +13,6 @@ from typing import Any
 import kopf
 
 from .constants import GROUP, LABEL_JOB, PLURAL, VERSION
-from .crd_skew import check_installed_crd
 from .kube import Forbidden, KubeApi, connection_info, load_client_config
 from .opmetrics import OperatorMetrics
 from .reconciler import Reconciler
@@ -38,7 +37,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     memo.metrics = memo.get("metrics") or OperatorMetrics()
     memo.api = KubeApi(load_client_config(config.kubeconfig))
     memo.reconciler = Reconciler(memo.api, memo.metrics, config.settings)
-    memo.reconciler.outdated_crd = await check_installed_crd(memo.api, memo.metrics)
+    await memo.reconciler.check_crd()
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:

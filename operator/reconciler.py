@@ -23,6 +23,7 @@ import aiohttp
 from . import constants as c
 from .children import build_config_map, output_status
 from .clock import timestamp, utc_now
+from .crd_skew import check_installed_crd
 from .inputs import InputCheck, check_inputs
 from .job_children import JobChildren
 from .kube import Forbidden, KubeApi
@@ -115,6 +116,8 @@ class Reconciler:
     # loop says it once, on the job, where `kubectl describe` shows it.
     outdated_crd: str | None = None
     _crd_warned: set[tuple[str, str]] = field(default_factory=set)
+    _crd_checked_at: float | None = None  # time.monotonic()
+    _crd_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _children: JobChildren = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +153,23 @@ class Reconciler:
             self._policy_checked.discard((namespace, name))
             self._crd_warned.discard((namespace, name))
 
+    async def check_crd(self) -> None:
+        """Compare the installed CRD with the spec model (crd_skew.py); a verdict that
+        changed (the CRD applied, or an older one) is told to every job again."""
+        message = await check_installed_crd(self.api, self.metrics)
+        self._crd_checked_at = time.monotonic()
+        if message != self.outdated_crd:
+            self._crd_warned.clear()
+            if message is None and self.outdated_crd is not None:
+                log.info("the installed CustomResourceDefinition now has every spec field this operator reads")
+        self.outdated_crd = message
+
+    async def _recheck_crd_if_due(self) -> None:
+        async with self._crd_lock:  # once for all the job loops that find it due
+            checked = self._crd_checked_at
+            if checked is None or time.monotonic() - checked >= self.settings.crd_recheck_seconds:
+                await self.check_crd()
+
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns seconds until the next one, None when the job is gone."""
         started = time.perf_counter()
@@ -176,6 +196,7 @@ class Reconciler:
             # loop created while that handler was already deleting.
             await self.cleanup(namespace, name, body)
             return None
+        await self._recheck_crd_if_due()
         if self.outdated_crd is not None and (namespace, name) not in self._crd_warned:
             self._crd_warned.add((namespace, name))
             await self.api.post_event(body, "Warning", c.REASON_OUTDATED_CRD, self.outdated_crd)

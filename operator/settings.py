@@ -43,6 +43,9 @@ class ReconcilerSettings:
     # Off (a cluster whose admins manage policies themselves): the operator makes no
     # NetworkPolicy call at all, so it needs no right on them.
     network_policy: bool = True
+    # How often the installed CRD is compared with the operator's spec again (crd_skew.py),
+    # so a CRD applied after a warning clears it, without an operator restart.
+    crd_recheck_seconds: float = 300.0
 
 
 @dataclass(frozen=True)

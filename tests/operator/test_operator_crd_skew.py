@@ -50,7 +50,7 @@ def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory
     client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
     kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(
         without(CRD, "lora.useDora", "validation"))
-    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
+    process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator"), ["--crd-recheck-seconds", "1"]).start()
     yield process
     process.stop()
 
@@ -69,3 +69,20 @@ def test_each_job_is_told_which_of_its_fields_the_installed_crd_drops(operator: 
     assert operator.metric("dreambooth_operator_crd_missing_fields") == 2
     wait_for(lambda: cluster.pods("skewed"), what="the worker: the job runs all the same")
     assert "is older than this operator" in operator.log_path.read_text()
+
+
+def test_a_crd_applied_later_clears_the_warning_without_a_restart(operator: OperatorProcess, cluster: Cluster,
+                                                                   emulated: EmulatedCluster) -> None:
+    """The fix the warning names (kubectl apply of the operator's CRD) is seen at the next
+    check: the gauge, and with it the alert, go back to 0, and new jobs are not warned."""
+    extensions = kubernetes.client.ApiextensionsV1Api(kubernetes.config.new_client_from_config(str(emulated.kubeconfig)))
+    cluster.create_job("before-the-fix", minimal_spec())
+    wait_for(lambda: [e for e in cluster.events("before-the-fix") if e["reason"] == "OutdatedCRD"],
+             what="the OutdatedCRD Event")
+    extensions.delete_custom_resource_definition(CRD["metadata"]["name"])
+    extensions.create_custom_resource_definition(CRD)
+    wait_for(lambda: operator.metric("dreambooth_operator_crd_missing_fields") == 0, what="the gauge at 0")
+    cluster.create_job("after-the-fix", minimal_spec())
+    wait_for(lambda: cluster.pods("after-the-fix"), what="the new job's worker")
+    assert not [e for e in cluster.events("after-the-fix") if e["reason"] == "OutdatedCRD"]
+    assert "now has every spec field this operator reads" in operator.log_path.read_text()
