@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 from trainer import atomic, rng, shard_globals
@@ -160,27 +160,36 @@ def latest_pointed_to(directory: Path) -> Path | None:
     return named
 
 
+def each_resume_candidate(config: CheckpointConfig) -> Iterator[Path]:
+    """resume_candidates, each verified only when it is reached."""
+    return (folder for folder in _candidates_in_order(config) if verified(folder) is not None)
+
+
 def resume_candidates(config: CheckpointConfig) -> list[Path]:
     """The checkpoints to try whose files match their manifest, best first. Empty: start fresh."""
-    return [folder for folder in _candidates_in_order(config) if verified(folder) is not None]
+    return list(each_resume_candidate(config))
 
 
 def find_resume_point(config: CheckpointConfig) -> Path | None:
     """The first of resume_candidates; only the folders up to it are verified."""
-    return next((folder for folder in _candidates_in_order(config) if verified(folder) is not None), None)
+    return next(each_resume_candidate(config), None)
 
 
 UNIVERSAL_PREFIX = "universal-"
 
 
-def written_for_another_world_size(config: CheckpointConfig, runtime: Runtime) -> Path | None:
-    """The checkpoint this run resumes from, when another world size wrote it (the gang
-    was resized): its ZeRO shards are laid out per rank, and DeepSpeed loads them only
-    after a conversion to its universal format. None: nothing to convert."""
-    folder = find_resume_point(config)
-    if folder is None or not needs_universal(Manifest.read(folder).shape, runtime.world_size):
-        return None
-    return folder
+class ConversionFailed(ConfigError):
+    """DeepSpeed's universal conversion of a checkpoint failed (a damaged shard, or one
+    refused before it was unpickled); `cause` says how, on rank 0."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def converted_folder(universal: Path) -> Path:
+    """The checkpoint that convert_to_universal converted into `universal`."""
+    return universal.parent / universal.name.removeprefix(UNIVERSAL_PREFIX)
 
 
 def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
@@ -216,11 +225,11 @@ def convert_to_universal(folder: Path, runtime: Runtime) -> Path:
     # Minutes to hours for a real model: longer than the default group lets anyone wait.
     if wait_for_main_rank(f"the universal conversion of {folder}", failed=error is not None):
         saved = Manifest.read(folder).shape.world_size
-        raise ConfigError(
+        cause = str(error or "failed on rank 0")
+        raise ConversionFailed(
             f"checkpoint {folder} was written by {saved} processes, this run has {runtime.world_size}, and DeepSpeed "
-            f"could not convert it for another world size ({error or 'failed on rank 0'}); resume with the same "
-            "nodes x processes per node, or set checkpoint.resume=never to start over"
-        )
+            f"could not convert it for another world size ({cause}); resume with the same nodes x processes per "
+            "node, or set checkpoint.resume=never to start over", cause)
     return target
 
 
@@ -261,11 +270,15 @@ def load_latest(engine, config: CheckpointConfig, runtime: Runtime, lora: LoraCo
                 universal: Path | None = None) -> tuple[Path | None, dict[str, Any] | None]:
     """Loads the best checkpoint that loads on every rank; a corrupt one is skipped with
     a warning. Collective: every rank walks the same candidate list in step. With
-    `universal` (the conversion of the first candidate) only that one is tried."""
+    `universal` (a candidate's conversion for this world size) only that one is tried;
+    without, a candidate of another world size is one whose conversion failed."""
     from trainer.distributed import any_rank
 
     candidates = resume_candidates(config)
-    for folder in candidates[:1] if universal is not None else candidates:
+    for folder in [converted_folder(universal)] if universal is not None else candidates:
+        if universal is None and needs_universal(Manifest.read(folder).shape, runtime.world_size):
+            log.warning("checkpoint %s skipped: it was written for another world size and not converted", folder)
+            continue
         error = None
         try:
             state = load(engine, folder, runtime, lora, universal)

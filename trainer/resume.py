@@ -5,6 +5,7 @@ that puts one into a freshly built engine."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from trainer import checkpoint
@@ -16,6 +17,9 @@ from trainer.manifest import Manifest, TrainingShape, check_compatible
 from trainer.progress import report_event
 
 
+log = logging.getLogger(__name__)
+
+
 def shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -25,18 +29,28 @@ def convert_if_resized(config: TrainerConfig, runtime: Runtime, module, precisio
     wrote the checkpoint to resume: that checkpoint converted for any world size (the
     engine then loads it with checkpoint.load_universal). None: nothing to convert. A
     checkpoint this run could not load anyway (another ZeRO stage, precision, adapters or
-    model) is refused first: the conversion takes minutes to hours for a real model."""
-    resized_from = checkpoint.written_for_another_world_size(config.checkpoint, runtime)
-    if resized_from is None:
-        return None
+    model) is refused first: the conversion takes minutes to hours for a real model.
+    Under checkpoint.resume = auto, one whose conversion fails (a damaged shard, or one
+    refused before it was unpickled) is skipped for the one before, as a failed load is."""
     this_run = TrainingShape.planned(module, runtime, zero_stage=config.deepspeed.zero_stage, precision=precision,
                                      lora=config.lora)
-    check_compatible(resized_from, Manifest.read(resized_from).shape, this_run, any_world_size=True)
-    if runtime.is_main:
-        report_event("converting checkpoint for another world size", json_format=config.logging.format == "json",
-                     checkpoint=str(resized_from),
-                     world_size=f"{Manifest.read(resized_from).shape.world_size} -> {runtime.world_size}")
-    return checkpoint.convert_to_universal(resized_from, runtime)
+    for folder in checkpoint.each_resume_candidate(config.checkpoint):
+        saved = Manifest.read(folder).shape
+        if not checkpoint.needs_universal(saved, runtime.world_size):
+            return None
+        check_compatible(folder, saved, this_run, any_world_size=True)
+        if runtime.is_main:
+            report_event("converting checkpoint for another world size", json_format=config.logging.format == "json",
+                         checkpoint=str(folder), world_size=f"{saved.world_size} -> {runtime.world_size}")
+        try:
+            return checkpoint.convert_to_universal(folder, runtime)
+        except checkpoint.ConversionFailed as failed:
+            if config.checkpoint.resume != "auto":  # the one asked for: no other is tried
+                raise
+            if runtime.is_main:
+                log.warning("checkpoint %s skipped: DeepSpeed could not convert it for this world size (%s)",
+                            folder, failed.cause)
+    return None
 
 
 def restore_training_state(engine, config: TrainerConfig, runtime: Runtime, metrics, universal: Path | None = None):

@@ -243,6 +243,33 @@ def test_a_corrupt_checkpoint_is_skipped_another_world_size_resumes_and_another_
 
 
 @pytest.mark.slow
+def test_a_resized_gang_skips_a_checkpoint_that_does_not_convert_for_the_one_before(tmp_path, straight):
+    """One process instead of two, and the newest checkpoint's optimizer shard crafted (as
+    on a damaged or tampered volume): the conversion refuses it without unpickling it, and
+    the run converts and resumes the checkpoint before it, as a failed load is skipped."""
+    root = tmp_path / "run"
+    config_path = straight.copy_to(root, 3, 6)
+    newest, before = root / "checkpoints" / "step-00000006", root / "checkpoints" / "step-00000003"
+    shard = sorted(newest.glob("*_optim_states.pt"))[-1]
+    marker = tmp_path / "payload-ran"
+    torch.save({**torch.load(shard, weights_only=False), "payload": OpensAFile(marker)}, shard)
+    relist(newest)
+
+    alone = run_trainer(config_path, nproc=0, extra=["--set", "training.max_steps=7"], timeout=300)
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    assert not marker.exists()
+    assert (f"checkpoint {newest} skipped: DeepSpeed could not convert it for this world size ({shard} names "
+            "io.open, which DeepSpeed's own checkpoints never hold; it was not unpickled") in alone.stderr
+    events = [json.loads(line) for line in alone.stdout.splitlines() if line.startswith("{")]
+    assert [event["checkpoint"] for event in events if event["event"] == "converting checkpoint for another world size"
+            ] == [str(newest), str(before)]
+    assert {"event": "resumed", "checkpoint": str(before), "step": 3, "world_size": "2 -> 1"} in events
+    run = json.loads((root / "model" / "run.json").read_text())
+    assert (run["world_size"], run["resumed_from_step"], run["final_step"]) == (1, 3, 7)
+    assert sorted(path.name for path in (root / "checkpoints").iterdir() if "universal" in path.name) == []
+
+
+@pytest.mark.slow
 def test_when_no_checkpoint_loads_the_run_stops_instead_of_training_on_partly_loaded_weights(tmp_path, straight):
     root = tmp_path / "run"
     config_path = straight.copy_to(root, 3, model=True)
