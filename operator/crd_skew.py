@@ -1,8 +1,9 @@
 """Whether the installed CRD knows every spec field this operator reads. `helm upgrade`
 never updates a CRD, and an API server silently prunes the fields its CRD lacks: a job
 asking for a newer field (spec.lora.useDora) would train without it, and nobody would
-know. So the operator compares the installed schema with its own spec model once, at
-start, and says what is missing where users look."""
+know. So the operator compares the installed schema with its own spec model when it
+starts, and again every few minutes (Reconciler.check_crd), and says what is missing
+where users look."""
 
 from __future__ import annotations
 
