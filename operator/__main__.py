@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between checks of a job that nothing woke up")
     parser.add_argument("--crd-recheck-seconds", type=float, default=ReconcilerSettings.crd_recheck_seconds,
                         help="seconds between checks that the installed DreamboothJob CRD has every spec field this "
-                             "operator reads")
+                             "operator reads and status field it writes")
     parser.add_argument("--network-policy", action=argparse.BooleanOptionalAction,
                         default=ReconcilerSettings.network_policy,
                         help="give each job a NetworkPolicy that admits only its own workers and scrapes of its "

@@ -13,6 +13,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "DreamboothJob"
 PLURAL = "dreamboothjobs"
 SHORT_NAME = "dbj"
+# The status fields the operator writes and decides from (restarts and preemptions
+# counted, the backoff's next start, the steps): an installed CRD lacking one has the
+# API server drop it from every write (crd_skew.py), and the operator forgets it.
+STATUS_FIELDS = ("phase", "conditions", "observedGeneration", "startTime", "completionTime", "restarts",
+                 "preemptions", "consecutivePreemptions", "nextRestartTime", "lastFailure", "maxSteps", "step",
+                 "progress", "loss", "samplesPerSecond", "etaSeconds", "latestCheckpoint", "output")
 
 # Labels on every child; selectors use LABEL_JOB (+ LABEL_ROLE for workers).
 LABEL_NAME = "app.kubernetes.io/name"

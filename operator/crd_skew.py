@@ -1,4 +1,5 @@
-"""Whether the installed CRD knows every spec field this operator reads. `helm upgrade`
+"""Whether the installed CRD knows every spec field this operator reads, and every status
+field it writes. `helm upgrade`
 never updates a CRD, and an API server silently prunes the fields its CRD lacks: a job
 asking for a newer field (spec.lora.useDora) would train without it, and nobody would
 know. So the operator compares the installed schema with its own spec model when it
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from .constants import GROUP, PLURAL, VERSION
+from .constants import GROUP, PLURAL, STATUS_FIELDS, VERSION
 from .spec import JobSpec
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -21,15 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def fields_the_crd_lacks(crd: dict[str, Any], model: type[BaseModel] = JobSpec) -> list[str]:
-    """`spec.<path>` of each field of `model` that the CRD's served version's schema
-    lacks (the API server would drop it from every job), in the CRD's camelCase; a
-    version the CRD does not serve at all lacks the whole spec."""
+    """`spec.<path>` of each field of `model`, then `status.<field>` of each of
+    STATUS_FIELDS, that the CRD's served version's schema lacks (the API server would
+    drop it from every job), in the CRD's camelCase; a version the CRD does not serve at
+    all lacks the whole spec."""
     version = next((v for v in (crd.get("spec") or {}).get("versions") or [] if v.get("name") == VERSION
                     and v.get("served")), None)
     if version is None:
         return ["spec"]
-    schema = (((version.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}).get("spec") or {}
-    return list(_missing(model, schema, "spec"))
+    properties = ((version.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}
+    status = properties.get("status") or {}
+    missing_status = [] if status.get("x-kubernetes-preserve-unknown-fields") else [
+        f"status.{name}" for name in STATUS_FIELDS if name not in (status.get("properties") or {})]
+    return [*_missing(model, properties.get("spec") or {}, "spec"), *missing_status]
 
 
 def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Iterator[str]:
@@ -49,10 +54,16 @@ def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Itera
 
 
 def outdated_crd_message(missing: list[str]) -> str:
+    effects = []
+    if any(path.startswith("spec") for path in missing):
+        effects.append("a job asking for a spec field it lacks trains without it")
+    if any(path.startswith("status.") for path in missing):
+        effects.append("what the operator records in a status field it lacks (restarts, backoff, progress) is "
+                       "forgotten at once")
     return (f"the installed CustomResourceDefinition {CRD_NAME} is older than this operator: it lacks "
-            f"{', '.join(missing)}, which the API server drops from every DreamboothJob (a job asking for them "
-            f"trains without them); apply the operator's CRD (kubectl apply -f "
-            f"charts/dreambooth-operator/crds/crd.yaml: helm upgrade does not update CRDs)")
+            f"{', '.join(missing)}, which the API server drops from every DreamboothJob ({'; '.join(effects)}); "
+            f"apply the operator's CRD (kubectl apply -f charts/dreambooth-operator/crds/crd.yaml: helm upgrade "
+            f"does not update CRDs)")
 
 
 async def check_installed_crd(api: Any, metrics: Any) -> str | None:

@@ -50,10 +50,11 @@ class OperatorMetrics:
         # 0 on a standby: which replica acts, and a sum that must never exceed 1.
         self.leader = Gauge(METRIC_LEADER, "1 when this operator process leads and acts on jobs, 0 on a standby",
                             registry=self.registry)
-        # Spec fields the installed CRD lacks (crd_skew.py): above 0, the API server drops
-        # them from every job. -1: the CRD could not be read to check.
-        self.crd_missing_fields = Gauge(METRIC_CRD_MISSING_FIELDS, "Spec fields this operator reads that the "
-                                        "installed CRD lacks (its API server drops them); -1: not checked",
+        # Spec and status fields the installed CRD lacks (crd_skew.py): above 0, the API
+        # server drops them from every job. -1: the CRD could not be read to check.
+        self.crd_missing_fields = Gauge(METRIC_CRD_MISSING_FIELDS, "Spec fields this operator reads and status "
+                                        "fields it writes that the installed CRD lacks (its API server drops them); "
+                                        "-1: not checked",
                                         registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:

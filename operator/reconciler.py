@@ -112,7 +112,7 @@ class Reconciler:
     _passes: dict[tuple[str, str], float] = field(default_factory=dict)
     # Jobs whose loop has seen to the NetworkPolicy of a gang that was there before it.
     _policy_checked: set[tuple[str, str]] = field(default_factory=set)
-    # crd_skew.outdated_crd_message when the installed CRD lacks spec fields; each job's
+    # crd_skew.outdated_crd_message when the installed CRD lacks fields; each job's
     # loop says it once, on the job, where `kubectl describe` shows it.
     outdated_crd: str | None = None
     _crd_warned: set[tuple[str, str]] = field(default_factory=set)
@@ -161,7 +161,7 @@ class Reconciler:
         if message != self.outdated_crd:
             self._crd_warned.clear()
             if message is None and self.outdated_crd is not None:
-                log.info("the installed CustomResourceDefinition now has every spec field this operator reads")
+                log.info("the installed CustomResourceDefinition now has every field this operator uses")
         self.outdated_crd = message
 
     async def _recheck_crd_if_due(self) -> None:

@@ -15,7 +15,8 @@ from dbj_examples import minimal_spec
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, wait_for
 
-from dreambooth_operator.crd_skew import fields_the_crd_lacks
+from dreambooth_operator.constants import STATUS_FIELDS
+from dreambooth_operator.crd_skew import fields_the_crd_lacks, outdated_crd_message
 
 CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml").read_text())
 
@@ -44,6 +45,26 @@ def test_the_shipped_crd_lacks_nothing_and_an_older_one_is_told_apart() -> None:
     assert fields_the_crd_lacks(unserved) == ["spec"]
 
 
+def test_status_fields_the_operator_decides_from_are_checked_too() -> None:
+    """An older CRD without status.nextRestartTime would have the API server drop the
+    backoff's next start from every write: restarts would not wait."""
+    status = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert sorted(STATUS_FIELDS) == sorted(status["properties"])  # the operator's list is the shipped CRD's
+    older = copy.deepcopy(without(CRD, "lora.useDora"))
+    del older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "nextRestartTime"]
+    missing = fields_the_crd_lacks(older)
+    assert missing == ["spec.lora.useDora", "status.nextRestartTime"]
+    assert ("which the API server drops from every DreamboothJob (a job asking for a spec field it lacks trains "
+            "without it; what the operator records in a status field it lacks (restarts, backoff, progress) is "
+            "forgotten at once)") in outdated_crd_message(missing)
+    # A status kept whole, whatever it holds, lacks nothing.
+    preserved = copy.deepcopy(older)
+    preserved["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"] = {
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    assert fields_the_crd_lacks(preserved) == ["spec.lora.useDora"]
+
+
 @pytest.fixture(scope="module")
 def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator started against a cluster whose CRD is an older release's."""
@@ -63,8 +84,8 @@ def test_each_job_is_told_which_of_its_fields_the_installed_crd_drops(operator: 
     assert event["type"] == "Warning"
     assert event["message"] == (
         "the installed CustomResourceDefinition dreamboothjobs.dreambooth.io is older than this operator: it lacks "
-        "spec.lora.useDora, spec.validation, which the API server drops from every DreamboothJob (a job asking for "
-        "them trains without them); apply the operator's CRD (kubectl apply -f "
+        "spec.lora.useDora, spec.validation, which the API server drops from every DreamboothJob (a job asking for a "
+        "spec field it lacks trains without it); apply the operator's CRD (kubectl apply -f "
         "charts/dreambooth-operator/crds/crd.yaml: helm upgrade does not update CRDs)")
     assert operator.metric("dreambooth_operator_crd_missing_fields") == 2
     wait_for(lambda: cluster.pods("skewed"), what="the worker: the job runs all the same")
@@ -85,4 +106,4 @@ def test_a_crd_applied_later_clears_the_warning_without_a_restart(operator: Oper
     cluster.create_job("after-the-fix", minimal_spec())
     wait_for(lambda: cluster.pods("after-the-fix"), what="the new job's worker")
     assert not [e for e in cluster.events("after-the-fix") if e["reason"] == "OutdatedCRD"]
-    assert "now has every spec field this operator reads" in operator.log_path.read_text()
+    assert "now has every field this operator uses" in operator.log_path.read_text()
