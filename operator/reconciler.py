@@ -165,6 +165,8 @@ class Reconciler:
         self.outdated_crd = message
 
     async def _recheck_crd_if_due(self) -> None:
+        if self._crd_lock.locked():  # another job's loop is checking: this pass need not wait for it
+            return
         async with self._crd_lock:  # once for all the job loops that find it due
             checked = self._crd_checked_at
             if checked is None or time.monotonic() - checked >= self.settings.crd_recheck_seconds:
