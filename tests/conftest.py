@@ -71,4 +71,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any("resolved_images" in getattr(item, "fixturenames", ()) for item in session.items):
         from tests.ship.image_resolution import image_resolution
 
-        image_resolution()
+        # Under pytest-xdist each worker collects the session and gets here; the workers'
+        # temporary folders (popen-gw0, ...) share the run's own, where one resolves for all.
+        basetemp = session.config.option.basetemp
+        image_resolution(Path(basetemp).parent if os.environ.get("PYTEST_XDIST_WORKER") and basetemp else None)

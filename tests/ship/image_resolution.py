@@ -81,31 +81,32 @@ _lock = threading.Lock()
 _resolution: concurrent.futures.Future | None = None
 
 
-def image_resolution() -> concurrent.futures.Future:
-    """The one resolution of this test session, started on the first call."""
+def image_resolution(shared_folder: Path | None = None) -> concurrent.futures.Future:
+    """The one resolution of this test session, started on the first call (with the
+    folder the xdist workers share, if any)."""
     global _resolution
     with _lock:
         if _resolution is None:
             _resolution = concurrent.futures.Future()
-            threading.Thread(target=_resolve_into, args=(_resolution,), name="image-resolution", daemon=True).start()
+            threading.Thread(target=_resolve_into, args=(_resolution, shared_folder), name="image-resolution",
+                             daemon=True).start()
         return _resolution
 
 
-def resolve_images_once_per_run() -> dict[str, dict]:
-    """Under pytest-xdist every worker collects the session and starts this: the first
-    resolves and writes the reports where the others (same PYTEST_XDIST_TESTRUNUID) read them."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
+def resolve_images_once_per_run(shared_folder: Path | None) -> dict[str, dict]:
+    """Every pytest-xdist worker starts this with the run's shared folder: the first
+    resolves and writes the reports there, the others read them."""
+    if shared_folder is None:
         return resolve_images()
-    shared = Path(tempfile.gettempdir()) / f"dreambooth-image-resolution-{run_id}.json"
-    with FileLock(f"{shared}.lock"):
-        if not shared.exists():
-            shared.write_text(json.dumps(resolve_images()))
-        return json.loads(shared.read_text())
+    reports = shared_folder / "image-resolution.json"
+    with FileLock(f"{reports}.lock"):
+        if not reports.exists():
+            reports.write_text(json.dumps(resolve_images()))
+        return json.loads(reports.read_text())
 
 
-def _resolve_into(future: concurrent.futures.Future) -> None:
+def _resolve_into(future: concurrent.futures.Future, shared_folder: Path | None) -> None:
     try:
-        future.set_result(resolve_images_once_per_run())
+        future.set_result(resolve_images_once_per_run(shared_folder))
     except BaseException as error:  # noqa: BLE001 - handed to the test that waits for it
         future.set_exception(error)
