@@ -202,6 +202,16 @@ def operator_settings(objects: list[dict[str, Any]]) -> Any:
     return config_from_args(parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])).settings
 
 
+def test_the_charts_operator_settings_default_to_the_operators_own_and_each_value_reaches_it(rendered) -> None:
+    from dreambooth_operator.settings import ReconcilerSettings, Timing
+    assert operator_settings(rendered["defaults"]) == ReconcilerSettings()
+    values = {"scrapeIntervalSeconds": 5, "resyncSeconds": 7, "backoffSeconds": 3, "backoffMaxSeconds": 60,
+              "pendingTimeoutSeconds": 90, "startTimeoutSeconds": 120, "crdRecheckSeconds": 45}
+    assert operator_settings(render({"operator": values})) == ReconcilerSettings(
+        timing=Timing(backoff_base_seconds=3, backoff_max_seconds=60, pending_timeout_seconds=90,
+                      start_timeout_seconds=120, resync_seconds=7), scrape_interval_seconds=5, crd_recheck_seconds=45)
+
+
 def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(rendered) -> None:
     policy_verbs = {"get", "create", "delete", "patch"}  # exactly: create, and patch and delete only its own
     assert operator_settings(rendered["defaults"]).network_policy is True
