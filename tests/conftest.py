@@ -71,7 +71,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any("resolved_images" in getattr(item, "fixturenames", ()) for item in session.items):
         from tests.ship.image_resolution import image_resolution
 
-        # Under pytest-xdist each worker collects the session and gets here; the workers'
-        # temporary folders (popen-gw0, ...) share the run's own, where one resolves for all.
+        from tests.shared_across_workers import run_folder
+
+        # Under pytest-xdist each worker collects the session and gets here: one resolves for all.
         basetemp = session.config.option.basetemp
-        image_resolution(Path(basetemp).parent if os.environ.get("PYTEST_XDIST_WORKER") and basetemp else None)
+        image_resolution(run_folder(Path(basetemp)) if os.environ.get("PYTEST_XDIST_WORKER") and basetemp else None)

@@ -17,10 +17,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-from filelock import FileLock
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
+from tests.shared_across_workers import computed_once
 from tests.ship.dockerfile import DOCKER_DIR
 
 TRAINER_REQUIREMENTS = DOCKER_DIR / "trainer-requirements.txt"
@@ -98,11 +98,7 @@ def resolve_images_once_per_run(shared_folder: Path | None) -> dict[str, dict]:
     resolves and writes the reports there, the others read them."""
     if shared_folder is None:
         return resolve_images()
-    reports = shared_folder / "image-resolution.json"
-    with FileLock(f"{reports}.lock"):
-        if not reports.exists():
-            reports.write_text(json.dumps(resolve_images()))
-        return json.loads(reports.read_text())
+    return computed_once(shared_folder / "image-resolution.json", resolve_images)
 
 
 def _resolve_into(future: concurrent.futures.Future, shared_folder: Path | None) -> None:

@@ -30,7 +30,6 @@ from trainer.distributed import init_process_group, read_runtime  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 
 
-
 def accept_fp16_on_any_cpu() -> None:
     """DeepSpeed's CPU accelerator reports fp16 only where oneDNN has fp16 kernels (CPUs
     with AVX512-FP16 or AMX-FP16; not the AMD EPYCs some CI machines have), and its engine

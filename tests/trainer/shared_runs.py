@@ -4,16 +4,14 @@ about 15 s of imports alone, so a configuration two tests need is trained once p
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests.conftest import run_trainer, tiny_config, write_config
+from tests.shared_across_workers import computed_once, run_folder
 
 
 @dataclass(frozen=True)
@@ -31,27 +29,19 @@ def eager_zero_2_fp32_config(root: Path, **training) -> dict:
                        checkpoint={"every_steps": 3}, logging={"format": "json"})
 
 
-def session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of this test session that every xdist worker sees: the workers' base
-    temporary folders (popen-gw0, ...) share their parent, which is this session's own."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def trained_once(tmp_path_factory: pytest.TempPathFactory, name: str, config_for) -> FinishedRun:
     """The run of `config_for(root)`, trained by whichever worker asks first; the others
     wait for it and read its output. Not a session fixture: pytest makes one per module
     that imports it, and would train twice even without workers."""
-    root = session_folder(tmp_path_factory) / name
-    record = root / "finished.json"
-    with FileLock(f"{root}.lock"):
-        if not record.exists():
-            config = config_for(root)
-            result = run_trainer(write_config(root, config))
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-            record.write_text(json.dumps({"config": config, "args": result.args, "stdout": result.stdout,
-                                          "stderr": result.stderr}))
-    finished = json.loads(record.read_text())
+    root = run_folder(tmp_path_factory.getbasetemp()) / name
+
+    def train() -> dict:
+        config = config_for(root)
+        result = run_trainer(write_config(root, config))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return {"config": config, "args": result.args, "stdout": result.stdout, "stderr": result.stderr}
+
+    finished = computed_once(root.with_name(f"{name}.json"), train)
     return FinishedRun(root, finished["config"],
                        subprocess.CompletedProcess(finished["args"], 0, finished["stdout"], finished["stderr"]))
 
