@@ -3,6 +3,7 @@ few helpers that vary them or read them as the operator does."""
 
 from __future__ import annotations
 
+import base64
 import copy
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from dreambooth_operator.spec import Job
 
 REPO = Path(__file__).resolve().parents[2]
+PHOTOS = REPO / "examples" / "instance-images"
 KUBERNETES_VERSION = "1.35.0"
 
 MINIMAL_SPEC: dict[str, Any] = {
@@ -102,3 +104,14 @@ def minimal_spec_with(path: str, value: Any) -> dict[str, Any]:
     else:
         node[last] = value
     return spec
+
+
+def photo_config_map(name: str, files: dict[str, bytes], namespace: str = "default") -> dict[str, Any]:
+    """What `kubectl create configmap NAME --from-file=DIR` makes of binary files."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+            "binaryData": {key: base64.b64encode(value).decode() for key, value in files.items()}}
+
+
+def robot_photos() -> dict[str, bytes]:
+    """The bundled photos of examples/instance-images, by file name."""
+    return {path.name: path.read_bytes() for path in sorted(PHOTOS.glob("*.png"))}

@@ -14,7 +14,9 @@ server-side dry runs of creation (answered, never stored; Pods and PersistentVol
 one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQuota's
 `pods` count, the fields an API server fills into a Service (server_defaults.py) and
 replace (PUT) with optimistic concurrency: a body whose resourceVersion is not the stored
-one gets 409 Conflict (the operators' Lease election relies on it).
+one gets 409 Conflict (the operators' Lease election relies on it), and RBAC (rbac.py): a
+verb taken away from everyone (deny), or a user authorized by the Roles bound to it
+(kubeconfig_for; the tester's own kubeconfig may do anything).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -44,7 +46,7 @@ from kmock import ResourceInfo
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from printer_tables import printer_table
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
-from rbac_denials import rbac_denial, rbac_verb
+from rbac import OPERATOR_USER, Grant, RequestAttributes, allows, denial, request_attributes
 from replace_semantics import failure_status, replaced
 from server_defaults import default_service
 
@@ -123,6 +125,11 @@ class Emulator(kmock.KubernetesEmulator):
         self.served: list[Served] | None = None
         # (verb, plural) that RBAC denies, as a Role lacking that verb would: see EmulatedCluster.deny.
         self.denied: set[tuple[str, str]] = set()
+        # Bearer token -> (user, what RBAC grants it): see EmulatedCluster.kubeconfig_for. Any other
+        # token is the tester's, allowed everything.
+        self.accounts: dict[str, Account] = {}
+        # (user, request) of each 403 the authorizer gave.
+        self.refused: list[tuple[str, RequestAttributes]] = []
         self._in_flight: set[int] = set()
         self._namespaces = {name: {"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
@@ -136,6 +143,9 @@ class Emulator(kmock.KubernetesEmulator):
                 return web.json_response(failure_status(415, "UnsupportedMediaType", str(error)), status=415)
             # kmock parses the body it reads back from the request: hand it the JSON form.
             raw_request._read_bytes = as_json
+        refusal = await self._authorization_refusal(raw_request)
+        if refusal is not None:
+            return web.json_response(refusal, status=403)
         created = CREATE_URL.fullmatch(raw_request.path) if raw_request.method == "POST" else None
         if created is not None:
             obj = json.loads(await raw_request.read())
@@ -172,6 +182,36 @@ class Emulator(kmock.KubernetesEmulator):
         return web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
                                   "items": list(self._namespaces.values())})
 
+    async def _authorization_refusal(self, raw_request: web.BaseRequest) -> dict[str, Any] | None:
+        """RBAC's 403 for a request its user may not make, else None."""
+        request = request_attributes(raw_request.method, raw_request.path, raw_request.query)
+        if request is None:
+            return None
+        if (request.verb, request.plural) in self.denied:
+            return self._refuse(request, OPERATOR_USER)
+        token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ")
+        account = self.accounts.get(token)
+        if account is None:
+            return None
+        if not allows(account.grants, request):
+            return self._refuse(request, account.user)
+        if raw_request.method in ("POST", "PUT", "PATCH") and raw_request.can_read_body:
+            # The OwnerReferencesPermissionEnforcement admission (on in OpenShift and hardened
+            # clusters): who sets blockOwnerDeletion must be allowed to update the owner's finalizers.
+            body = json.loads(await raw_request.read() or b"null")
+            metadata = body.get("metadata") or {} if isinstance(body, dict) else {}
+            for owner in metadata.get("ownerReferences") or []:
+                group = owner["apiVersion"].rpartition("/")[0]
+                finalizers = RequestAttributes("update", group, f"{PLURALS[group, owner['kind']]}/finalizers",
+                                               request.namespace, owner["name"])
+                if owner.get("blockOwnerDeletion") and not allows(account.grants, finalizers):
+                    return self._refuse(finalizers, account.user)
+        return None
+
+    def _refuse(self, request: RequestAttributes, user: str) -> dict[str, Any]:
+        self.refused.append((user, request))
+        return denial(request, user)
+
     def _pod_quota_refusal(self, pod: dict[str, Any], namespace: str) -> dict[str, Any] | None:
         """The ResourceQuota admission's 403 for a pod over a quota's `pods` count."""
         live = sum(1 for (resource, ns, _), obj in self._objects.items()
@@ -200,8 +240,6 @@ class Emulator(kmock.KubernetesEmulator):
             self._in_flight.discard(id(request))
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
-        if self.denied and request.resource is not None and (rbac_verb(request), request.resource.plural) in self.denied:
-            return web.json_response(rbac_denial(request), status=403)
         if request.action in (kmock.action.LIST, kmock.action.WATCH):
             try:
                 parse_selector(request.params.get("labelSelector") or "")
@@ -337,6 +375,15 @@ class Emulator(kmock.KubernetesEmulator):
 
 
 PODS = kmock.resource("", "v1", "pods")
+# (API group, kind) -> plural, for the kinds an ownerReference names.
+PLURALS = {(key.rpartition("/")[0].rpartition("/")[0], kind): key.rpartition("/")[2] for key, kind, *_ in RESOURCES}
+
+
+class Account(NamedTuple):
+    user: str
+    grants: list[Grant]
+
+
 RESOURCE_QUOTAS = kmock.resource("", "v1", "resourcequotas")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
@@ -414,6 +461,25 @@ class EmulatedCluster:
         assert self._emulator is not None, "start() first"
         change = self._emulator.denied.add if denied else self._emulator.denied.discard
         self._loop.call_soon_threadsafe(change, (verb, plural))
+
+    def kubeconfig_for(self, user: str, grants: list[Grant]) -> Path:
+        """A kubeconfig whose requests the API authorizes as `user`, bound to `grants`
+        (rbac.grants_of: the Roles and ClusterRoles a chart binds to a service account),
+        where the tester's own kubeconfig may do anything."""
+        assert self._emulator is not None, "start() first"
+        token = f"token-{len(self._emulator.accounts) + 1}"
+        self._emulator.accounts[token] = Account(user, grants)  # one store, atomic: in place before the file
+        path = self.kubeconfig.with_name(f"kubeconfig-{token}.yaml")
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": user, "user": {"token": token}}]
+        config["contexts"][0]["context"]["user"] = user
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def refused(self) -> list[tuple[str, RequestAttributes]]:
+        """(user, request) of every 403 the authorizer gave so far."""
+        assert self._emulator is not None, "start() first"
+        return list(self._emulator.refused)
 
     def stop(self) -> None:
         if self._stop is not None:

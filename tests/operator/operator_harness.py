@@ -49,8 +49,10 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condi
 
 class OperatorProcess:
     def __init__(self, cluster: EmulatedCluster, workdir: Path, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, kubeconfig: Path | None = None) -> None:
         self.cluster = cluster
+        # The tester's (allowed everything) unless the test names a user's (EmulatedCluster.kubeconfig_for).
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.workdir = workdir
         self.extra_args = extra_args or []
         self.env = env or {}
@@ -72,7 +74,7 @@ class OperatorProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dreambooth_operator", "--kubeconfig", str(self.cluster.kubeconfig),
+                [sys.executable, "-m", "dreambooth_operator", "--kubeconfig", str(self.kubeconfig),
                  "--http-host", "127.0.0.1", "--http-port", str(self.http_port), *FAST_FLAGS, *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         return self

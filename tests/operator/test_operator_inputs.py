@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from dbj_examples import MINIMAL_SPEC, REPO
+from dbj_examples import MINIMAL_SPEC, PHOTOS, REPO, photo_config_map, robot_photos
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, wait_for
 
@@ -29,18 +29,7 @@ from dreambooth_operator.spec import parse_spec
 from dreambooth_operator.trainer_config import render_trainer_config
 from trainer.contract import EXIT_CONFIG_ERROR
 
-PHOTOS = REPO / "examples" / "instance-images"
 KEY = "spec.data.instanceImages.configMapName"
-
-
-def photo_config_map(name: str, files: dict[str, bytes]) -> dict[str, Any]:
-    """What `kubectl create configmap NAME --from-file=DIR` makes of binary files."""
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"},
-            "binaryData": {key: base64.b64encode(value).decode() for key, value in files.items()}}
-
-
-def robot_photos() -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(PHOTOS.glob("*.png"))}
 
 
 def config_map_spec(name: str) -> dict[str, Any]:

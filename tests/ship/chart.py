@@ -36,6 +36,7 @@ ALL_OPTIONS_ON = {
     "operator": {"verbose": True},
 }
 NAMESPACED = {**ALL_OPTIONS_ON, "watchNamespaces": ["team-a", "team-b"]}
+NETWORK_POLICY_OFF = {"networkPolicy": {"enabled": False}}
 
 
 def tool(name: str) -> str:
