@@ -16,7 +16,7 @@ one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQu
 replace (PUT) with optimistic concurrency: a body whose resourceVersion is not the stored
 one gets 409 Conflict (the operators' Lease election relies on it), and RBAC (rbac.py): a
 verb taken away from everyone (deny), or a user authorized by the Roles bound to it
-(kubeconfig_for; the tester's own kubeconfig may do anything).
+(kubeconfig_for, or kubectl --as; the tester's own kubeconfig may do anything).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
 with the official client, exactly as to a cluster.
 
@@ -189,8 +189,11 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         if (request.verb, request.plural) in self.denied:
             return self._refuse(request, OPERATOR_USER)
-        token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ")
-        account = self.accounts.get(token)
+        impersonated = raw_request.headers.get("Impersonate-User")
+        if impersonated is not None:  # kubectl --as: the tester may impersonate anyone
+            account = next((a for a in self.accounts.values() if a.user == impersonated), Account(impersonated, []))
+        else:
+            account = self.accounts.get(raw_request.headers.get("Authorization", "").removeprefix("Bearer "))
         if account is None:
             return None
         if not allows(account.grants, request):
@@ -464,8 +467,10 @@ class EmulatedCluster:
 
     def kubeconfig_for(self, user: str, grants: list[Grant]) -> Path:
         """A kubeconfig whose requests the API authorizes as `user`, bound to `grants`
-        (rbac.grants_of: the Roles and ClusterRoles a chart binds to a service account),
-        where the tester's own kubeconfig may do anything."""
+        (rbac.grants_of: the Roles and ClusterRoles bound to it), where the tester's own
+        kubeconfig may do anything. kubectl sends no token over plain HTTP: it acts as
+        `user` with the tester's kubeconfig and `--as user`, as an admin checks a user's
+        rights on a cluster."""
         assert self._emulator is not None, "start() first"
         token = f"token-{len(self._emulator.accounts) + 1}"
         self._emulator.accounts[token] = Account(user, grants)  # one store, atomic: in place before the file

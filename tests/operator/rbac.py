@@ -79,25 +79,52 @@ def allows(grants: Iterable[Grant], request: RequestAttributes) -> bool:
     return False
 
 
-def grants_of(objects: Iterable[Mapping[str, Any]], namespace: str, account: str) -> list[Grant]:
-    """The rules that rendered RBAC objects (Roles, ClusterRoles and their bindings) give
-    the service account `namespace/account`."""
+def service_account(namespace: str, name: str) -> dict[str, str]:
+    """A binding's subject for the service account `namespace/name`."""
+    return {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+
+
+def grants_of(objects: Iterable[Mapping[str, Any]], subject: Mapping[str, str]) -> list[Grant]:
+    """The rules that RBAC objects (Roles, ClusterRoles and their bindings) give `subject`
+    (a binding's subject: service_account(...), or {"kind": "User", "name": ...}). A
+    ClusterRole with an aggregationRule has the rules of the ClusterRoles its selectors
+    match, as the controller manager's aggregation fills it in."""
     objects = list(objects)
-    roles = {(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]): obj.get("rules") or []
-             for obj in objects if obj["kind"] in ("Role", "ClusterRole")}
+    cluster_roles = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "ClusterRole"}
+    roles = {(obj["metadata"]["namespace"], obj["metadata"]["name"]): obj.get("rules") or []
+             for obj in objects if obj["kind"] == "Role"}
     grants = []
     for binding in objects:
         if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
             continue
-        if not any(subject["kind"] == "ServiceAccount" and subject["name"] == account
-                   and subject.get("namespace", binding["metadata"].get("namespace")) == namespace
-                   for subject in binding.get("subjects") or []):
-            continue
         where = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        if not any(_is(bound, subject, where) for bound in binding.get("subjects") or []):
+            continue
         ref = binding["roleRef"]
-        rules = roles.get((ref["kind"], where if ref["kind"] == "Role" else None, ref["name"]), [])
+        rules = roles.get((where, ref["name"]), []) if ref["kind"] == "Role" else _rules_of(cluster_roles, ref["name"])
         grants += [Grant(where, rule) for rule in rules]
     return grants
+
+
+def _is(bound: Mapping[str, str], subject: Mapping[str, str], binding_namespace: str | None) -> bool:
+    if bound["kind"] != subject["kind"] or bound["name"] != subject["name"]:
+        return False
+    return bound["kind"] != "ServiceAccount" or bound.get("namespace", binding_namespace) == subject["namespace"]
+
+
+def _rules_of(cluster_roles: Mapping[str, Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:
+    role = cluster_roles.get(name)
+    if role is None:
+        return []
+    if "aggregationRule" not in role:
+        return role.get("rules") or []
+    rules = []
+    for selector in role["aggregationRule"]["clusterRoleSelectors"]:
+        assert set(selector) == {"matchLabels"}, f"only matchLabels selectors are resolved here: {selector}"
+        rules += [rule for other in cluster_roles.values() if other is not role
+                  and selector["matchLabels"].items() <= (other["metadata"].get("labels") or {}).items()
+                  for rule in other.get("rules") or []]
+    return rules
 
 
 def denial(request: RequestAttributes, user: str) -> dict[str, Any]:

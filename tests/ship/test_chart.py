@@ -158,9 +158,15 @@ def assert_covers(granted: dict[tuple[str, str], set[str]], needed: dict[tuple[s
         assert not missing, f"RBAC lacks {sorted(missing)} on {key}"
 
 
+def operator_cluster_roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ClusterRoles bound to the operator (not the users' aggregated ones)."""
+    bound = {binding["roleRef"]["name"] for binding in by_kind(objects, "ClusterRoleBinding")}
+    return [role for role in by_kind(objects, "ClusterRole") if role["metadata"]["name"] in bound]
+
+
 def test_cluster_wide_rbac_covers_every_call_and_grants_nothing_more(rendered) -> None:
     objects = rendered["defaults"]
-    roles = {role["metadata"]["name"]: rules_of(role) for role in by_kind(objects, "ClusterRole")}
+    roles = {role["metadata"]["name"]: rules_of(role) for role in operator_cluster_roles(objects)}
     granted: dict[tuple[str, str], set[str]] = {}
     for rules in roles.values():
         for key, verbs in rules.items():
@@ -187,7 +193,7 @@ def test_namespaced_mode_grants_per_namespace_and_watches_only_those(rendered) -
         assert_covers(rules_of(role), required_permissions())
     bindings = job_rbac(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
-    [cluster_role] = by_kind(objects, "ClusterRole")  # kopf's observation only (test_chart_rbac.py: it needs both)
+    [cluster_role] = operator_cluster_roles(objects)  # kopf's observation only (test_chart_rbac.py: it needs both)
     assert rules_of(cluster_role) == {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
                                       ("", "namespaces"): {"list", "watch"}}
     [deployment] = by_kind(objects, "Deployment")
@@ -216,14 +222,14 @@ def test_the_charts_operator_settings_default_to_the_operators_own_and_each_valu
 def test_network_policies_are_on_by_default_and_off_takes_their_rbac_away(rendered) -> None:
     policy_verbs = {"get", "create", "delete", "patch"}  # exactly: create, and patch and delete only its own
     assert operator_settings(rendered["defaults"]).network_policy is True
-    cluster_wide = [rules_of(role) for role in by_kind(rendered["defaults"], "ClusterRole")]
+    cluster_wide = [rules_of(role) for role in operator_cluster_roles(rendered["defaults"])]
     assert set().union(*(rules.get(NETWORK_POLICIES, set()) for rules in cluster_wide)) == policy_verbs
     for role in job_rbac(rendered["namespaced"], "Role"):
         assert rules_of(role)[NETWORK_POLICIES] == policy_verbs
     off = rendered["network-policy-off"]
     assert operator_settings(off).network_policy is False
     # An operator that makes no policy gets no right on any: it could open or drop a tenant's.
-    granted = [rules_of(role) for role in by_kind(off, "ClusterRole")]
+    granted = [rules_of(role) for role in operator_cluster_roles(off)]
     assert not any(NETWORK_POLICIES in rules for rules in granted)
     needed = required_permissions()
     del needed[NETWORK_POLICIES]

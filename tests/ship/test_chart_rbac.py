@@ -9,6 +9,7 @@ deletion after its TTL. A call the chart does not grant fails here with the API 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))  # its siblings import by plain name
 from dbj_examples import photo_config_map, robot_photos  # noqa: E402
 from emulated_cluster import EmulatedCluster  # noqa: E402
-from operator_harness import Cluster, OperatorProcess, gang_of, terminated, wait_for  # noqa: E402
-from rbac import Grant, RequestAttributes, allows, grants_of, request_attributes  # noqa: E402
+from operator_harness import Cluster, OperatorProcess, gang_of, project_kubectl, terminated, wait_for  # noqa: E402
+from rbac import Grant, RequestAttributes, allows, grants_of, request_attributes, service_account  # noqa: E402
 
 from dreambooth_operator.leader import LEASE_NAME  # noqa: E402
 from tests.ship.chart import CHART, NAMESPACE, NAMESPACED, NETWORK_POLICY_OFF, by_kind, render  # noqa: E402
@@ -36,6 +37,13 @@ FAST = {"scrapeIntervalSeconds": 0.5, "resyncSeconds": 2, "backoffSeconds": 0.3,
 MODES = {"cluster-wide": ({}, "default"), "watched-namespaces": (NAMESPACED, "team-b"),
          "no-network-policy": (NETWORK_POLICY_OFF, "team-a")}
 POD_NAME = "dreambooth-operator-7c9f8d-x2x4q"
+# Kubernetes' default user-facing roles as the API server bootstraps them: filled by the
+# aggregation of the ClusterRoles that carry these labels (their own rules, on the
+# built-in kinds, play no part here).
+DEFAULT_USER_ROLES = [
+    {"kind": "ClusterRole", "metadata": {"name": role}, "aggregationRule": {"clusterRoleSelectors": [
+        {"matchLabels": {f"rbac.authorization.k8s.io/aggregate-to-{role}": "true"}}]}}
+    for role in ("admin", "edit", "view")]
 
 
 @pytest.mark.parametrize(("method", "path", "query", "expected"), [
@@ -79,12 +87,14 @@ def test_rbac_rules_match_as_a_real_api_servers_do() -> None:
 
 def test_the_grants_are_the_charts_bindings_of_its_service_account() -> None:
     objects = render(NAMESPACED)
-    grants = grants_of(objects, NAMESPACE, "dreambooth-operator")
+    grants = grants_of(objects, service_account(NAMESPACE, "dreambooth-operator"))
     pod_create = RequestAttributes("create", "", "pods", "team-a", None)
     assert allows(grants, pod_create) and allows(grants, pod_create._replace(namespace="team-b"))
     assert not allows(grants, pod_create._replace(namespace="default"))  # not watched: no Role there
-    assert not allows(grants_of(objects, NAMESPACE, "someone-else"), pod_create)
-    assert not allows(grants_of(objects, "default", "dreambooth-operator"), pod_create)  # another namespace's account
+    assert not allows(grants_of(objects, service_account(NAMESPACE, "someone-else")), pod_create)
+    # Another namespace's account of the name, and a user of the name, are someone else.
+    assert not allows(grants_of(objects, service_account("default", "dreambooth-operator")), pod_create)
+    assert not allows(grants_of(objects, {"kind": "User", "name": "dreambooth-operator"}), pod_create)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -98,7 +108,7 @@ def test_the_charts_rbac_lets_its_operator_take_a_job_through_its_whole_life(mod
     args = [arg for arg in pod_spec["containers"][0]["args"] if not arg.startswith(("--http-host=", "--http-port="))]
     emulated = EmulatedCluster(tmp_path).start()
     user = f"system:serviceaccount:{NAMESPACE}:{account}"
-    as_operator = emulated.kubeconfig_for(user, grants_of(objects, NAMESPACE, account))
+    as_operator = emulated.kubeconfig_for(user, grants_of(objects, service_account(NAMESPACE, account)))
     operator = OperatorProcess(emulated, tmp_path, args, env={"POD_NAMESPACE": NAMESPACE, "POD_NAME": POD_NAME},
                                kubeconfig=as_operator)
     try:
@@ -157,3 +167,55 @@ def run_a_job_through_its_life(admin: Cluster, namespace: str, network_policy: b
 
 def pod_groups(admin: Cluster, namespace: str) -> list[dict]:
     return admin.custom.list_namespaced_custom_object("scheduling.volcano.sh", "v1beta1", namespace, "podgroups")["items"]
+
+
+def user(name: str) -> dict[str, str]:
+    return {"kind": "User", "name": name}
+
+
+def bound_in(namespace: str, role: str, name: str) -> dict:
+    """A RoleBinding of one of the default ClusterRoles to a user, as a namespace's admin makes it."""
+    return {"kind": "RoleBinding", "metadata": {"name": f"{name}-{role}", "namespace": namespace},
+            "roleRef": {"kind": "ClusterRole", "name": role}, "subjects": [user(name)]}
+
+
+def test_namespace_editors_run_jobs_and_viewers_read_them_through_the_default_roles(tmp_path: Path) -> None:
+    """With no RBAC of their own: `edit` (and `admin`) in a namespace may apply, change and
+    delete DreamboothJobs there with the real kubectl, `view` may read them, nobody but
+    the operator may write a status, and without the chart's aggregated roles even an
+    editor may not create one."""
+    bindings = [bound_in("team-a", "edit", "alice"), bound_in("team-a", "view", "bob"),
+                bound_in("team-a", "edit", "carol")]
+    with_roles = render() + DEFAULT_USER_ROLES + bindings
+    without_roles = render({"rbac": {"aggregateToDefaultRoles": False}}) + DEFAULT_USER_ROLES + bindings
+    emulated = EmulatedCluster(tmp_path).start()
+    try:
+        client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
+        kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(CRD)
+        for name, objects in (("alice", with_roles), ("bob", with_roles), ("carol", without_roles)):
+            emulated.kubeconfig_for(name, grants_of(objects, user(name)))
+        kubectl = project_kubectl()
+
+        def run(name: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(kubectl), "--kubeconfig", str(emulated.kubeconfig), "--as", name,
+                                   "-n", namespace, *args], capture_output=True, text=True, timeout=60)
+
+        # --validate=false: the emulated API serves no OpenAPI documents to validate against.
+        apply = ("apply", "--validate=false", "-f", str(CPU_EXAMPLE))
+        applied = run("alice", "team-a", *apply)
+        assert applied.returncode == 0, applied.stderr
+        edited = run("alice", "team-a", "patch", "dbj", "tiny-cpu", "--type=merge", "-p", '{"spec":{"training":{"maxSteps":40}}}')
+        assert edited.returncode == 0, edited.stderr
+        read = run("bob", "team-a", "get", "dbj", "tiny-cpu", "-o", "jsonpath={.spec.training.maxSteps}")
+        assert (read.returncode, read.stdout) == (0, "40"), read.stderr
+        for refused, what in [(run("bob", "team-a", "delete", "dbj", "tiny-cpu"), 'cannot delete resource "dreamboothjobs"'),
+                              (run("alice", "team-b", *apply), 'cannot get resource "dreamboothjobs"'),
+                              (run("alice", "team-a", "patch", "dbj", "tiny-cpu", "--subresource=status", "--type=merge",
+                                   "-p", '{"status":{"phase":"Succeeded"}}'), 'cannot patch resource "dreamboothjobs/status"'),
+                              (run("carol", "team-a", "create", "--validate=false", "-f", str(CPU_EXAMPLE)),
+                               'cannot create resource "dreamboothjobs"')]:
+            assert refused.returncode != 0 and "(Forbidden)" in refused.stderr and what in refused.stderr, refused.stderr
+        deleted = run("alice", "team-a", "delete", "dbj", "tiny-cpu")
+        assert deleted.returncode == 0, deleted.stderr
+    finally:
+        emulated.stop()
