@@ -14,11 +14,18 @@ KIND = "DreamboothJob"
 PLURAL = "dreamboothjobs"
 SHORT_NAME = "dbj"
 # The status fields the operator writes and decides from (restarts and preemptions
-# counted, the backoff's next start, the steps): an installed CRD lacking one has the
-# API server drop it from every write (crd_skew.py), and the operator forgets it.
-STATUS_FIELDS = ("phase", "conditions", "observedGeneration", "startTime", "completionTime", "restarts",
-                 "preemptions", "consecutivePreemptions", "nextRestartTime", "lastFailure", "maxSteps", "step",
-                 "progress", "loss", "samplesPerSecond", "etaSeconds", "latestCheckpoint", "output")
+# counted, the backoff's next start, the steps), a nested one by its dotted path (a
+# list's by the fields of its entries): an installed CRD lacking one has the API server
+# drop it from every write (crd_skew.py), and the operator forgets it.
+STATUS_FIELDS = (
+    "phase", "observedGeneration", "startTime", "completionTime", "restarts", "preemptions",
+    "consecutivePreemptions", "nextRestartTime", "maxSteps", "step", "progress", "loss", "samplesPerSecond",
+    "etaSeconds",
+    "conditions.type", "conditions.status", "conditions.reason", "conditions.message", "conditions.lastTransitionTime",
+    "lastFailure.pod", "lastFailure.exitCode", "lastFailure.reason", "lastFailure.message", "lastFailure.time",
+    "latestCheckpoint.step", "latestCheckpoint.path", "latestCheckpoint.time",
+    "output.claimName", "output.path", "output.loraWeights", "output.uri",
+)
 
 # Labels on every child; selectors use LABEL_JOB (+ LABEL_ROLE for workers).
 LABEL_NAME = "app.kubernetes.io/name"

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def fields_the_crd_lacks(crd: dict[str, Any], model: type[BaseModel] = JobSpec) -> list[str]:
-    """`spec.<path>` of each field of `model`, then `status.<field>` of each of
+    """`spec.<path>` of each field of `model`, then `status.<path>` of each of
     STATUS_FIELDS, that the CRD's served version's schema lacks (the API server would
     drop it from every job), in the CRD's camelCase; a version the CRD does not serve at
     all lacks the whole spec."""
@@ -31,10 +31,7 @@ def fields_the_crd_lacks(crd: dict[str, Any], model: type[BaseModel] = JobSpec) 
     if version is None:
         return ["spec"]
     properties = ((version.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}
-    status = properties.get("status") or {}
-    missing_status = [] if status.get("x-kubernetes-preserve-unknown-fields") else [
-        f"status.{name}" for name in STATUS_FIELDS if name not in (status.get("properties") or {})]
-    return [*_missing(model, properties.get("spec") or {}, "spec"), *missing_status]
+    return [*_missing(model, properties.get("spec") or {}, "spec"), *_missing_status(properties.get("status") or {})]
 
 
 def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Iterator[str]:
@@ -51,6 +48,24 @@ def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Itera
         if nested is not None:  # a section, or a list of them (the schema's `items`)
             child = properties[alias]
             yield from _missing(nested, child.get("items", child), f"{path}.{alias}")
+
+
+def _missing_status(schema: dict[str, Any]) -> list[str]:
+    """`status.<path>` of the first missing part of each of STATUS_FIELDS: a missing
+    section (status.lastFailure) is named once, not each of its fields."""
+    missing: list[str] = []
+    for field in STATUS_FIELDS:
+        node, path = schema, "status"
+        for name in field.split("."):
+            node = node.get("items", node)  # a list's schema: its entries'
+            if node.get("x-kubernetes-preserve-unknown-fields"):
+                break  # kept whole, whatever it holds
+            path += f".{name}"
+            if name not in (node.get("properties") or {}):
+                missing += [path] if path not in missing else []
+                break
+            node = node["properties"][name]
+    return missing
 
 
 def outdated_crd_message(missing: list[str]) -> str:

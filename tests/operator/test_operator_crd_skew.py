@@ -45,11 +45,20 @@ def test_the_shipped_crd_lacks_nothing_and_an_older_one_is_told_apart() -> None:
     assert fields_the_crd_lacks(unserved) == ["spec"]
 
 
+def leaf_paths(schema: dict[str, Any]) -> list[str]:
+    """The dotted path of each field without fields of its own (a list's: its entries')."""
+    paths = []
+    for name, field in (schema.get("properties") or {}).items():
+        nested = leaf_paths(field.get("items", field))
+        paths += [f"{name}.{path}" for path in nested] or [name]
+    return paths
+
+
 def test_status_fields_the_operator_decides_from_are_checked_too() -> None:
     """An older CRD without status.nextRestartTime would have the API server drop the
     backoff's next start from every write: restarts would not wait."""
     status = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-    assert sorted(STATUS_FIELDS) == sorted(status["properties"])  # the operator's list is the shipped CRD's
+    assert sorted(STATUS_FIELDS) == sorted(leaf_paths(status))  # the operator's list is the shipped CRD's
     older = copy.deepcopy(without(CRD, "lora.useDora"))
     del older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
         "nextRestartTime"]
@@ -58,6 +67,13 @@ def test_status_fields_the_operator_decides_from_are_checked_too() -> None:
     assert ("which the API server drops from every DreamboothJob (a job asking for a spec field it lacks trains "
             "without it; what the operator records in a status field it lacks (restarts, backoff, progress) is "
             "forgotten at once)") in outdated_crd_message(missing)
+    # Nested fields: a section's new field is named, and a missing section once.
+    nested = copy.deepcopy(CRD)
+    status = nested["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    del status["lastFailure"]["properties"]["exitCode"], status["conditions"]["items"]["properties"]["reason"]
+    del status["latestCheckpoint"]
+    assert fields_the_crd_lacks(nested) == ["status.conditions.reason", "status.lastFailure.exitCode",
+                                            "status.latestCheckpoint"]
     # A status kept whole, whatever it holds, lacks nothing.
     preserved = copy.deepcopy(older)
     preserved["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"] = {
