@@ -3,7 +3,8 @@ two worker pods running the real torchrun + DeepSpeed trainer -> failures, preem
 and suspension -> resume from the checkpoint -> an exported model, on the claim or
 uploaded to a bucket.
 
-One emulated API (kmock), one operator process, one kubelet (tests/e2e/kubelet.py, which
+One emulated API (kmock), one operator process (as the chart runs it, under only the
+RBAC the chart grants it, which the emulated API enforces), one kubelet (tests/e2e/kubelet.py, which
 runs the pods as local processes on their own loopback addresses) and one real
 Prometheus serve all scenarios; each scenario is one job of its own, the README's
 example (`manifests/examples/tiny-cpu-job.yaml`: 2 nodes x 1 process, ZeRO-2, tiny
@@ -27,6 +28,7 @@ from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, project_kubectl, wait_for
 
 from kubelet import Kubelet
+from tests.ship.chart_operator import chart_operator
 from tests.trainer.object_stores import s3_server
 from tests.trainer.prometheus_server import PrometheusServer, install_prometheus
 from trainer.publish import COMPLETE_MARKER
@@ -74,9 +76,17 @@ def prometheus(kubelet: Kubelet, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(emulated, tmp_path_factory.mktemp("e2e-operator")).start()
-    yield process
+    """As the chart installs it: its arguments (leader election included), and only the
+    RBAC the chart grants its service account, which the emulated API enforces."""
+    process, _ = chart_operator(emulated, tmp_path_factory.mktemp("e2e-operator"))
+    yield process.start()
     process.stop()
+
+
+@pytest.fixture(autouse=True)
+def nothing_refused(emulated: EmulatedCluster, operator: OperatorProcess) -> Iterator[None]:
+    yield
+    assert emulated.refused() == [], f"the chart's RBAC refused the operator these calls; log:\n{operator.log()}"
 
 
 class User:

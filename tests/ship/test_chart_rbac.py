@@ -20,23 +20,20 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))  # its siblings import by plain name
 from dbj_examples import photo_config_map, robot_photos  # noqa: E402
 from emulated_cluster import EmulatedCluster  # noqa: E402
-from operator_harness import Cluster, OperatorProcess, gang_of, project_kubectl, terminated, wait_for  # noqa: E402
+from operator_harness import Cluster, gang_of, project_kubectl, terminated, wait_for  # noqa: E402
 from rbac import Grant, RequestAttributes, allows, grants_of, request_attributes, service_account  # noqa: E402
 
 from dreambooth_operator.leader import LEASE_NAME  # noqa: E402
-from tests.ship.chart import CHART, NAMESPACE, NAMESPACED, NETWORK_POLICY_OFF, by_kind, render  # noqa: E402
+from tests.ship.chart import CHART, NAMESPACE, NAMESPACED, NETWORK_POLICY_OFF, render  # noqa: E402
+from tests.ship.chart_operator import POD_NAME, chart_operator  # noqa: E402
 from tests.ship.workloads import CPU_EXAMPLE  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
 CRD = yaml.safe_load((CHART / "crds" / "crd.yaml").read_text())
-# The operator's timings, shortened so that a life takes seconds (the values' schema allows them).
-FAST = {"scrapeIntervalSeconds": 0.5, "resyncSeconds": 2, "backoffSeconds": 0.3, "backoffMaxSeconds": 2,
-        "pendingTimeoutSeconds": 5, "startTimeoutSeconds": 30}
 # mode -> (chart values, the namespace the job runs in)
 MODES = {"cluster-wide": ({}, "default"), "watched-namespaces": (NAMESPACED, "team-b"),
          "no-network-policy": (NETWORK_POLICY_OFF, "team-a")}
-POD_NAME = "dreambooth-operator-7c9f8d-x2x4q"
 # Kubernetes' default user-facing roles as the API server bootstraps them: filled by the
 # aggregation of the ClusterRoles that carry these labels (their own rules, on the
 # built-in kinds, play no part here).
@@ -100,17 +97,8 @@ def test_the_grants_are_the_charts_bindings_of_its_service_account() -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_the_charts_rbac_lets_its_operator_take_a_job_through_its_whole_life(mode: str, tmp_path: Path) -> None:
     values, namespace = MODES[mode]
-    objects = render({**values, "operator": FAST})
-    [deployment] = by_kind(objects, "Deployment")
-    pod_spec = deployment["spec"]["template"]["spec"]
-    account = pod_spec["serviceAccountName"]
-    # Where it listens is the test's to choose (OperatorProcess picks a free port); every other argument is the chart's.
-    args = [arg for arg in pod_spec["containers"][0]["args"] if not arg.startswith(("--http-host=", "--http-port="))]
     emulated = EmulatedCluster(tmp_path).start()
-    user = f"system:serviceaccount:{NAMESPACE}:{account}"
-    as_operator = emulated.kubeconfig_for(user, grants_of(objects, service_account(NAMESPACE, account)))
-    operator = OperatorProcess(emulated, tmp_path, args, env={"POD_NAMESPACE": NAMESPACE, "POD_NAME": POD_NAME},
-                               kubeconfig=as_operator)
+    operator, user = chart_operator(emulated, tmp_path, values)
     try:
         admin = Cluster(emulated)
         client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
@@ -121,11 +109,11 @@ def test_the_charts_rbac_lets_its_operator_take_a_job_through_its_whole_life(mod
         assert admin.lease(LEASE_NAME, NAMESPACE)["spec"]["holderIdentity"].startswith(POD_NAME)
         assert operator.metric("dreambooth_operator_crd_missing_fields") == 0  # it could read the CRD
 
-        run_a_job_through_its_life(admin, namespace, network_policy="--network-policy" in args)
+        run_a_job_through_its_life(admin, namespace, network_policy="--network-policy" in operator.extra_args)
 
         assert emulated.refused() == [], operator.log()
         # The authorizer does refuse what the chart does not grant: the operator may not read Secrets.
-        core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(as_operator)))
+        core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(operator.kubeconfig)))
         with pytest.raises(kubernetes.client.ApiException) as refused:
             core.list_namespaced_secret(namespace)
         assert refused.value.status == 403
