@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import re
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -17,7 +21,7 @@ from pydantic_core import PydanticUndefined
 from dreambooth_operator import constants as c
 from dreambooth_operator.lifecycle import decide
 from dreambooth_operator.children import output_status
-from dreambooth_operator.spec import Job, JobSpec
+from dreambooth_operator.spec import InvalidSpecError, Job, JobSpec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "manifests" / "crd.yaml"
@@ -102,6 +106,74 @@ def _model_fields(model: type[BaseModel], schema: dict[str, Any], path: str) -> 
         elif field.default is not PydanticUndefined and field.default is not None:
             if prop.get("default") != field.default:
                 yield f"{path}.{alias}: default {field.default!r} in the model, {prop.get('default')!r} in the CRD"
+
+
+@cache
+def cel_program(rule: str) -> Any:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def rule_violations(schema: dict[str, Any], value: Any, path: str = "spec") -> list[str]:
+    """`path: message` of each x-kubernetes-validations rule that `value` breaks, each rule
+    evaluated by a CEL interpreter on the value at its own level, as the API server does
+    at admission."""
+    broken = [f"{path}: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])
+              if not cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in (schema.get("properties") or {}):
+                broken += rule_violations(schema["properties"][key], item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        broken += [v for i, item in enumerate(value) for v in rule_violations(schema["items"], item, f"{path}[{i}]")]
+    return broken
+
+
+def test_crd_rules_name_only_fields_of_their_level() -> None:
+    """The API server type-checks each rule against its schema when the CRD is applied:
+    a rule naming a field its level lacks would make the whole CRD fail to apply."""
+    rules = [(path, schema, rule) for path, schema in walk(SCHEMA) for rule in schema.get("x-kubernetes-validations", [])]
+    assert len(rules) == 2, "a rule was added: give it cases in test_crd_rules_agree_with_the_spec_model"
+    for path, schema, rule in rules:
+        cel_program(rule["rule"])  # compiles
+        named = set(re.findall(r"\bself\.(\w+)", rule["rule"]))
+        assert named and named <= set(schema["properties"]), (path, rule["rule"])
+
+
+def spec_with(section: str, key: str, value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL_SPEC)
+    node = spec.setdefault(section, {})
+    if key:
+        node[key] = value
+    else:
+        spec[section] = value
+    return spec
+
+
+@pytest.mark.parametrize("spec, refused", [
+    (MINIMAL_SPEC, False),
+    (FULL_SPEC, False),
+    *[(yaml.safe_load(path.read_text())["spec"], False) for path in EXAMPLES],
+    (spec_with("data", "instanceImages", {"claimName": "photos", "url": "s3://bucket/photos/"}), True),
+    (spec_with("data", "instanceImages", {"configMapName": "photos", "claimName": "photos"}), True),
+    (spec_with("data", "instanceImages", {"path": "/dogs"}), True),
+    (spec_with("data", "instanceImages", {"url": "s3://bucket/photos/", "credentialsSecret": "s3"}), False),
+    (spec_with("storage", "", {"claimName": "ckpt", "size": "10Gi"}), True),
+    (spec_with("storage", "", {"retain": False}), True),
+    (spec_with("storage", "", {"size": "10Gi", "accessMode": "ReadWriteOnce"}), False),
+], ids=lambda value: "" if isinstance(value, dict) else str(value))
+def test_crd_rules_agree_with_the_spec_model(spec: dict[str, Any], refused: bool) -> None:
+    """What the CRD's rules refuse at `kubectl apply`, the operator's model refuses too,
+    naming the same fields; what they let through, the model accepts."""
+    violations = rule_violations(SCHEMA["properties"]["spec"], spec)
+    assert bool(violations) == refused, violations
+    if refused:
+        with pytest.raises(InvalidSpecError) as error:
+            parse_spec(spec)
+        fields = re.compile(r"\b(?:data\.instanceImages|storage)\.\w+")
+        assert set(fields.findall(violations[0])) <= set(fields.findall(str(error.value))), (violations, error.value)
+    else:
+        parse_spec(spec)
 
 
 def test_crd_spec_schema_matches_the_operator_spec_model() -> None:
