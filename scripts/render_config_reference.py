@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from pydantic_core import PydanticUndefined  # noqa: E402
 
+from scripts.reference_doc import cell, write_or_check  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
 
 TARGET = REPO / "docs" / "config.md"
@@ -43,17 +44,10 @@ def render() -> str:
         required = " (required section)" if section_field.is_required() else ""
         lines += [f"## `{section_name}`{required}", "", "| key | default | meaning |", "|---|---|---|"]
         for name, field in section.model_fields.items():
-            description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{section_name}.{name}` | {default_text(field)} | {description} |")
+            lines.append(f"| `{section_name}.{name}` | {default_text(field)} | {cell(field.description or '')} |")
         lines.append("")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    text = render()
-    if "--check" in sys.argv:
-        current = TARGET.read_text() if TARGET.exists() else ""
-        sys.exit(0 if current == text else 1)
-    TARGET.parent.mkdir(exist_ok=True)
-    TARGET.write_text(text)
-    print(f"wrote {TARGET.relative_to(REPO)}")
+    sys.exit(write_or_check(TARGET, render(), sys.argv))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -286,3 +288,8 @@ def test_printer_columns_point_at_status_fields_the_operator_writes() -> None:
         kind = {"integer": int, "number": (int, float), "string": str}[column["type"]]
         if path[1] in scraped:
             assert isinstance(scraped[path[1]], kind), column
+
+
+def test_the_reference_page_is_the_crds() -> None:
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "render_crd_reference.py"), "--check"])
+    assert check.returncode == 0, "docs/dreamboothjob.md is stale: run python scripts/render_crd_reference.py"
