@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from typing import Any
 
 import kubernetes_validate
@@ -344,6 +346,12 @@ def test_notes_tell_what_to_run_next() -> None:
                   "--set", "watchNamespaces={team-a,team-b}")
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n team-a apply -f" in notes and "never picked up: team-a, team-b only" in notes, notes
+
+
+def test_the_charts_readme_holds_its_values() -> None:
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "render_chart_readme.py"), "--check"])
+    assert check.returncode == 0, "charts/dreambooth-operator/README.md is stale: run python scripts/render_chart_readme.py"
+    assert helm("show", "readme", str(CHART)).stdout.startswith("# dreambooth-operator")  # what Helm shows of it
 
 
 def test_install_manifest_is_the_default_rendering() -> None:
