@@ -123,6 +123,28 @@ def test_the_charts_rbac_lets_its_operator_take_a_job_through_its_whole_life(mod
         emulated.stop()
 
 
+def test_the_charts_rbac_lets_a_standby_replica_take_the_lease_over(tmp_path: Path) -> None:
+    """The chart's two replicas: the second stands by on reads of the Lease, and takes it
+    over when the leader releases it, with only the leader-election Role's rights."""
+    emulated = EmulatedCluster(tmp_path).start()
+    (tmp_path / "standby").mkdir()
+    leader, _ = chart_operator(emulated, tmp_path)
+    standby, _ = chart_operator(emulated, tmp_path / "standby")
+    try:
+        leader.start()
+        wait_for(lambda: leader.metric("dreambooth_operator_leader") == 1, what="the first replica leading")
+        standby.start()
+        wait_for(lambda: "waits for Lease" in standby.log_path.read_text(), what="the second replica standing by")
+        assert standby.metric("dreambooth_operator_leader") == 0
+        leader.stop()  # SIGTERM: the Lease is released
+        wait_for(lambda: standby.metric("dreambooth_operator_leader") == 1, what="the standby taking over")
+        assert emulated.refused() == [], standby.log()
+    finally:
+        standby.stop()
+        leader.stop()
+        emulated.stop()
+
+
 def run_a_job_through_its_life(admin: Cluster, namespace: str, network_policy: bool) -> None:
     """Every kind of call the operator makes: its children (a claim it makes, a Volcano
     PodGroup, the NetworkPolicy), the dry runs, pod creates and deletes, status patches,
