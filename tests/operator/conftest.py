@@ -18,8 +18,10 @@ from operator_harness import Cluster, OperatorProcess  # noqa: E402
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
-    """One emulated API for a test module (a module may start its own instead)."""
+    """One emulated API for a test module (a module may start its own instead), with the
+    shipped CRD, whose schema admits every job as on a cluster."""
     cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    cluster.install_crd()
     yield cluster
     cluster.stop()
 

@@ -14,7 +14,10 @@ server-side dry runs of creation (answered, never stored; Pods and PersistentVol
 one of the API server's semantic Pod checks (see semantic_refusal), a ResourceQuota's
 `pods` count, the fields an API server fills into a Service (server_defaults.py) and
 replace (PUT) with optimistic concurrency: a body whose resourceVersion is not the stored
-one gets 409 Conflict (the operators' Lease election relies on it), and RBAC (rbac.py): a
+one gets 409 Conflict (the operators' Lease election relies on it), custom resources
+admitted by their stored CRD as an API server admits them (crd_admission.py: pruning,
+defaults, the schema's limits and CEL rules, a 422 kubectl words as a real one; the
+status subresource), and RBAC (rbac.py): a
 verb taken away from everyone (deny), or a user authorized by the Roles bound to it
 (kubeconfig_for, or kubectl --as; the tester's own kubeconfig may do anything).
 It never stands in for the operator's own calls: the operator talks to it over HTTP
@@ -34,6 +37,8 @@ import json
 import re
 import socket
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from collections.abc import AsyncIterator
@@ -43,6 +48,7 @@ import kmock
 import yaml
 from aiohttp import web
 from kmock import ResourceInfo
+from crd_admission import admit, merge_patch_from, merge_patched
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from printer_tables import printer_table
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
@@ -248,6 +254,9 @@ class Emulator(kmock.KubernetesEmulator):
                 parse_selector(request.params.get("labelSelector") or "")
             except ValueError as error:
                 return web.json_response(failure_status(400, "BadRequest", str(error)), status=400)
+        refusal = self._admission_refusal(request)
+        if refusal is not None:
+            return web.json_response(refusal, status=refusal["code"])
         if request.method == kmock.method.PUT and request.resource is not None and request.name:
             return await self._replace(request)
         if request.action == kmock.action.DELETE and request.resource == PODS and request.name:
@@ -274,6 +283,43 @@ class Emulator(kmock.KubernetesEmulator):
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._counter))
         return await super()._handle(request)
+
+    def _admission_refusal(self, request: kmock.Request) -> dict[str, Any] | None:
+        """A write of a custom resource whose CRD is stored, admitted as an API server
+        admits it (crd_admission.py): the request's body becomes the pruned and defaulted
+        object (or, for a patch, the patch to it); the 422 when it is invalid, else None."""
+        writes = request.action in (kmock.action.CREATE, kmock.action.UPDATE) or request.method == kmock.method.PUT
+        crd = self._crd_of(request.resource) if writes and isinstance(request.data, dict) else None
+        if crd is None:
+            return None
+        name = request.name or (request.data.get("metadata") or {}).get("name")
+        key = (request.resource, request.namespace, name)
+        old = self._objects[key].raw if key in self._objects and not self._objects[key].deleted else None
+        patching = request.method == kmock.method.PATCH
+        if patching and old is None:
+            return None  # kmock's 404
+        new = merge_patched(old, request.data) if patching else request.data
+        stored, problems = admit(crd, request.resource.version, old, new, request.subresource)
+        if problems:
+            kind, group = crd["spec"]["names"]["kind"], crd["spec"]["group"]
+            refusal = failure_status(422, "Invalid", f'{kind}.{group} "{name}" is invalid: ' + ", ".join(problems))
+            # kubectl words its error from these ("The DreamboothJob "x" is invalid: <field>: <why>").
+            causes = [dict(zip(("field", "message"), problem.split(": ", 1)), reason="FieldValueInvalid")
+                      for problem in problems]
+            return refusal | {"details": {"name": name, "group": group, "kind": kind, "causes": causes}}
+        body = merge_patch_from(old, stored) if patching else stored
+        request.data.clear()
+        request.data.update(body)
+        return None
+
+    def _crd_of(self, resource: Any) -> dict[str, Any] | None:
+        if resource is None or not resource.group:
+            return None
+        for (kind, _, _), crd in self._objects.items():
+            if kind == CRDS and not crd.deleted and crd.raw["spec"]["group"] == resource.group \
+                    and crd.raw["spec"]["names"]["plural"] == resource.plural:
+                return crd.raw
+        return None
 
     async def _replace(self, request: kmock.Request) -> web.StreamResponse:
         """PUT (kmock serves none): see replace_semantics.replaced."""
@@ -387,6 +433,7 @@ class Account(NamedTuple):
     grants: list[Grant]
 
 
+SHIPPED_CRD = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
 RESOURCE_QUOTAS = kmock.resource("", "v1", "resourcequotas")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
@@ -452,6 +499,17 @@ class EmulatedCluster:
         async with emulator, kmock.Server(emulator, host="127.0.0.1", port=self.port):
             self._ready.set()
             await self._stop.wait()
+
+    def install_crd(self, crd: dict[str, Any] | None = None) -> None:
+        """Store the DreamboothJob CRD (default: the shipped one) in place of the stored
+        one: from then on its schema admits every job (crd_admission.py), as on a cluster."""
+        crd = crd or yaml.safe_load(SHIPPED_CRD.read_text())
+        url = f"{self.url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        with contextlib.suppress(urllib.error.HTTPError):  # none stored yet
+            urllib.request.urlopen(urllib.request.Request(f"{url}/{crd['metadata']['name']}", method="DELETE"))
+        created = urllib.request.Request(url, data=json.dumps(crd).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(created).close()
 
     def served(self) -> list[Served]:
         """What lists and watches have served so far (needs record_served=True)."""

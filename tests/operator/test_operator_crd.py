@@ -7,15 +7,14 @@ import datetime as dt
 import re
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from crd_admission import admit, cel_program, rule_violations
 from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -110,27 +109,6 @@ def _model_fields(model: type[BaseModel], schema: dict[str, Any], path: str) -> 
                 yield f"{path}.{alias}: default {field.default!r} in the model, {prop.get('default')!r} in the CRD"
 
 
-@cache
-def cel_program(rule: str) -> Any:
-    environment = celpy.Environment()
-    return environment.program(environment.compile(rule))
-
-
-def rule_violations(schema: dict[str, Any], value: Any, path: str = "spec") -> list[str]:
-    """`path: message` of each x-kubernetes-validations rule that `value` breaks, each rule
-    evaluated by a CEL interpreter on the value at its own level, as the API server does
-    at admission."""
-    broken = [f"{path}: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])
-              if not cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key in (schema.get("properties") or {}):
-                broken += rule_violations(schema["properties"][key], item, f"{path}.{key}")
-    elif isinstance(value, list) and "items" in schema:
-        broken += [v for i, item in enumerate(value) for v in rule_violations(schema["items"], item, f"{path}[{i}]")]
-    return broken
-
-
 def test_crd_rules_name_only_fields_of_their_level() -> None:
     """The API server type-checks each rule against its schema when the CRD is applied:
     a rule naming a field its level lacks would make the whole CRD fail to apply."""
@@ -183,7 +161,7 @@ def test_crd_rules_agree_with_the_spec_model(spec: dict[str, Any], refused_field
     (a job created before the CRD had the rule), both naming the field; what they let
     through, the model accepts."""
     spec = {**spec, "storage": {k: v for k, v in spec["storage"].items() if v is not None}}
-    violations = rule_violations(SCHEMA["properties"]["spec"], spec)
+    violations = rule_violations(SCHEMA["properties"]["spec"], spec, "spec")
     if refused_field is None:
         assert violations == []
         parse_spec(spec)
@@ -288,6 +266,31 @@ def test_printer_columns_point_at_status_fields_the_operator_writes() -> None:
         kind = {"integer": int, "number": (int, float), "string": str}[column["type"]]
         if path[1] in scraped:
             assert isinstance(scraped[path[1]], kind), column
+
+
+def test_the_emulated_admission_prunes_defaults_and_keeps_each_writer_to_its_part() -> None:
+    """How the emulated API stores a job (crd_admission.admit), as an API server does."""
+    version = VERSION["name"]
+    job = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "j"}, "status": {"phase": "Running"},
+           "spec": {**MINIMAL_SPEC, "typo": 1, "storage": {"claimName": "ckpt", "size": None}}}
+    stored, problems = admit(CRD, version, None, job, None)
+    assert problems == []
+    assert "typo" not in stored["spec"] and stored["spec"]["storage"] == {"claimName": "ckpt", "retain": True,
+                                                                          "accessMode": "ReadWriteMany"}
+    assert stored["spec"]["runPolicy"]["backoffLimit"] == 3  # a default inside a default
+    assert "status" not in stored  # only /status writes it
+    # /status changes the status only (its unknown fields pruned); the resource, all but the status.
+    edited = {**stored, "spec": {**stored["spec"], "training": {"maxSteps": 5}}, "status": {"restarts": 1, "x": 2}}
+    after, problems = admit(CRD, version, stored, edited, "status")
+    assert problems == [] and after["spec"] == stored["spec"] and after["status"] == {"restarts": 1}
+    later, problems = admit(CRD, version, after, {**edited, "status": {}}, None)
+    assert problems == [] and later["status"] == {"restarts": 1} and later["spec"]["training"]["maxSteps"] == 5
+    # Wrong types and broken rules are refused, naming the field.
+    _, problems = admit(CRD, version, stored, {**stored, "status": {"restarts": "two"}}, "status")
+    assert problems == ["status.restarts: Invalid value: 'two': 'two' is not of type 'integer'"]
+    _, problems = admit(CRD, version, stored, {**stored, "spec": {**stored["spec"], "metrics": {"port": 80}}}, None)
+    assert problems == ["spec.metrics.port: metrics.port: 0 (off), or a port from 1024 up (the workers cannot bind "
+                        "lower ones) other than 29500 (their rendezvous)"]
 
 
 def test_the_reference_page_is_the_crds() -> None:

@@ -84,9 +84,7 @@ def test_status_fields_the_operator_decides_from_are_checked_too() -> None:
 @pytest.fixture(scope="module")
 def operator(emulated: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator started against a cluster whose CRD is an older release's."""
-    client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
-    kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(
-        without(CRD, "lora.useDora", "validation"))
+    emulated.install_crd(without(CRD, "lora.useDora", "validation"))
     process = OperatorProcess(emulated, tmp_path_factory.mktemp("operator"), ["--crd-recheck-seconds", "1"]).start()
     yield process
     process.stop()
@@ -112,12 +110,10 @@ def test_a_crd_applied_later_clears_the_warning_without_a_restart(operator: Oper
                                                                    emulated: EmulatedCluster) -> None:
     """The fix the warning names (kubectl apply of the operator's CRD) is seen at the next
     check: the gauge, and with it the alert, go back to 0, and new jobs are not warned."""
-    extensions = kubernetes.client.ApiextensionsV1Api(kubernetes.config.new_client_from_config(str(emulated.kubeconfig)))
     cluster.create_job("before-the-fix", minimal_spec())
     wait_for(lambda: [e for e in cluster.events("before-the-fix") if e["reason"] == "OutdatedCRD"],
              what="the OutdatedCRD Event")
-    extensions.delete_custom_resource_definition(CRD["metadata"]["name"])
-    extensions.create_custom_resource_definition(CRD)
+    emulated.install_crd(CRD)
     wait_for(lambda: operator.metric("dreambooth_operator_crd_missing_fields") == 0, what="the gauge at 0")
     cluster.create_job("after-the-fix", minimal_spec())
     wait_for(lambda: cluster.pods("after-the-fix"), what="the new job's worker")

@@ -53,20 +53,22 @@ def test_create_makes_valid_children_then_follows_pods_to_success(cluster: Clust
 
 
 def test_invalid_spec_fails_that_job_only(cluster: Cluster) -> None:
-    cluster.create_job("broken", minimal_spec(workers={"nodes": 0}))
+    # What the CRD's schema cannot tell (it keeps workers.resources as a Pod's): the API
+    # server stores it, and the operator refuses it.
+    cluster.create_job("broken", minimal_spec(workers={"resources": {"limits": {"memory": "16GB"}}}))
     cluster.create_job("healthy", minimal_spec())
     wait_for(phase_is(cluster, "broken", "Failed"), what="broken job Failed")
     assert cluster.status("broken")["observedGeneration"] == 1
     failed = condition(cluster.status("broken"), "Failed")
     assert failed["reason"] == "InvalidSpec"
-    assert "spec.workers.nodes = 0" in failed["message"]
+    assert "spec.workers.resources.limits.memory = '16GB'" in failed["message"]
     events = wait_for(lambda: [e for e in cluster.events("broken") if e["reason"] == "InvalidSpec"], what="Event")
-    assert events[0]["type"] == "Warning" and "spec.workers.nodes" in events[0]["message"]
+    assert events[0]["type"] == "Warning" and "spec.workers.resources" in events[0]["message"]
     assert cluster.pods("broken") == []
     wait_for(lambda: len(cluster.pods("healthy")) == 1, what="the other job's pod")
 
     # Fixing the spec starts the job afresh; the status says it was decided from the edit.
-    cluster.patch_spec("broken", {"workers": {"nodes": 1}})
+    cluster.patch_spec("broken", {"workers": {"resources": {"limits": {"memory": "16Gi"}}}})
     wait_for(lambda: len(cluster.pods("broken")) == 1, what="pod after the fix")
     assert cluster.status("broken")["phase"] == "Pending"
     wait_for(lambda: cluster.status("broken").get("observedGeneration") == 2, what="observedGeneration 2")

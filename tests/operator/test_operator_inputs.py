@@ -101,6 +101,7 @@ def test_a_bound_claim_is_judged_by_its_volume() -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     emulated = EmulatedCluster(tmp_path_factory.mktemp("cluster")).start()
+    emulated.install_crd()
     operator = OperatorProcess(emulated, tmp_path_factory.mktemp("operator")).start()
     yield Cluster(emulated)
     operator.stop()

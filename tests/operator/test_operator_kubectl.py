@@ -76,3 +76,32 @@ def test_kubectl_apply_of_the_example_job_with_three_nodes(
     assert cluster.pods("tiny-cpu") == [] and cluster.services("tiny-cpu") == []
     # The example asks for retain: false, so its claim goes with it.
     assert cluster.claims("tiny-cpu") == []
+
+
+def run_kubectl(binary: Path, emulated: EmulatedCluster, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binary), "--kubeconfig", str(emulated.kubeconfig), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_kubectl_apply_of_a_job_the_crd_refuses_fails_at_once_naming_the_field(
+        kubectl_binary: Path, setup: tuple[EmulatedCluster, OperatorProcess]) -> None:
+    """The CRD stored by the test above admits jobs as an API server does (the emulator
+    evaluates its schema and CEL rules): no job is stored, and kubectl says why."""
+    emulated, _ = setup
+    job = yaml.safe_load(EXAMPLE.read_text())
+    job["metadata"]["name"] = "two-sources"
+    job["spec"]["data"]["instanceImages"]["url"] = "s3://bucket/photos/"  # beside its configMapName
+    refused = run_kubectl(kubectl_binary, emulated, "apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(job))
+    assert refused.returncode != 0
+    assert ('The DreamboothJob "two-sources" is invalid: spec.data.instanceImages: set exactly one of '
+            'data.instanceImages.claimName, data.instanceImages.configMapName or data.instanceImages.url') \
+        in refused.stderr, refused.stderr
+    assert not Cluster(emulated).job_exists("two-sources")
+    # Defaults are the API server's: a stored job has them, as kubectl shows it.
+    job["metadata"]["name"] = "defaulted"
+    del job["spec"]["data"]["instanceImages"]["url"]
+    del job["spec"]["runPolicy"]
+    kubectl(kubectl_binary, emulated, "apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(job))
+    limit = kubectl(kubectl_binary, emulated, "get", "dbj", "defaulted", "-o", "jsonpath={.spec.runPolicy.backoffLimit}")
+    assert limit == "3"
+    kubectl(kubectl_binary, emulated, "delete", "dbj", "defaulted", "--wait=false")

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     emulated = EmulatedCluster(tmp_path_factory.mktemp("ns-cluster")).start()
+    emulated.install_crd()
     operator = OperatorProcess(emulated, tmp_path_factory.mktemp("ns-operator"),
                                extra_args=["--namespace", "team-a"]).start()
     yield Cluster(emulated)

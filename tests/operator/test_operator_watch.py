@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedCluster]:
     cluster = EmulatedCluster(tmp_path_factory.mktemp("cluster"), record_served=True).start()
+    cluster.install_crd()
     yield cluster
     cluster.stop()
 

@@ -101,8 +101,7 @@ def test_the_charts_rbac_lets_its_operator_take_a_job_through_its_whole_life(mod
     operator, user = chart_operator(emulated, tmp_path, values)
     try:
         admin = Cluster(emulated)
-        client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
-        kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(CRD)
+        emulated.install_crd(CRD)
         admin.core.create_namespaced_config_map(namespace, photo_config_map("robot-photos", robot_photos(), namespace))
         operator.start()
         wait_for(lambda: operator.metric("dreambooth_operator_leader") == 1, what="the operator leading")
@@ -200,8 +199,7 @@ def test_namespace_editors_run_jobs_and_viewers_read_them_through_the_default_ro
     without_roles = render({"rbac": {"aggregateToDefaultRoles": False}}) + DEFAULT_USER_ROLES + bindings
     emulated = EmulatedCluster(tmp_path).start()
     try:
-        client = kubernetes.config.new_client_from_config(str(emulated.kubeconfig))
-        kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(CRD)
+        emulated.install_crd(CRD)
         for name, objects in (("alice", with_roles), ("bob", with_roles), ("carol", without_roles)):
             emulated.kubeconfig_for(name, grants_of(objects, user(name)))
         kubectl = project_kubectl()

@@ -79,6 +79,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     root = tmp_path_factory.mktemp("dashboard")
     trainer_port = free_port()
     emulated = EmulatedCluster(root).start()
+    emulated.install_crd()
     operator = OperatorProcess(emulated, root).start()
     training = start_training(root / "run", trainer_port)
     prometheus = PrometheusServer(binary, root / "prometheus",

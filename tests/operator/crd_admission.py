@@ -1,0 +1,129 @@
+"""What an API server does, from the stored CRD, with a custom resource on its way in:
+fields the schema lacks are pruned, its defaults are applied, then the object is
+validated against the schema and its CEL rules (x-kubernetes-validations), and refused
+with 422 when it breaks one. With the status subresource, a write to the resource leaves
+its status as it was and a write to /status leaves the rest. The emulated API
+(emulated_cluster.py) admits every custom resource whose CRD it stores through `admit`.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+import celpy
+import jsonschema
+
+# Kept on every object whatever the schema says (the API server's own fields).
+OBJECT_FIELDS = ("apiVersion", "kind", "metadata")
+
+
+def served_schema(crd: dict[str, Any], version: str) -> dict[str, Any] | None:
+    """The openAPIV3Schema of `version`, when the CRD serves it."""
+    for served in crd.get("spec", {}).get("versions") or []:
+        if served.get("name") == version and served.get("served"):
+            return (served.get("schema") or {}).get("openAPIV3Schema")
+    return None
+
+
+def has_status_subresource(crd: dict[str, Any], version: str) -> bool:
+    return any(v.get("name") == version and "status" in (v.get("subresources") or {})
+               for v in crd.get("spec", {}).get("versions") or [])
+
+
+def pruned(schema: dict[str, Any], value: Any) -> Any:
+    """`value` without the fields `schema` does not know (the API server drops them silently)
+    and without the nulls it does not allow."""
+    if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+        return value
+    if isinstance(value, dict) and "properties" in schema:
+        # A null where the schema does not say `nullable` is dropped too, before defaulting.
+        return {key: pruned(schema["properties"][key], item) for key, item in value.items()
+                if key in schema["properties"] and (item is not None or schema["properties"][key].get("nullable"))}
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return {key: pruned(schema["additionalProperties"], item) for key, item in value.items()}
+    if isinstance(value, list) and "items" in schema:
+        return [pruned(schema["items"], item) for item in value]
+    return value
+
+
+def defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults for the fields it lacks, at every level it has
+    (and inside each default applied)."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, child in schema["properties"].items():
+            if key not in value and "default" in child:
+                value[key] = copy.deepcopy(child["default"])
+            if key in value:
+                value[key] = defaulted(child, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        value = [defaulted(schema["items"], item) for item in value]
+    return value
+
+
+@cache
+def cel_program(rule: str) -> Any:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def rule_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """`path: message` of each x-kubernetes-validations rule that `value` breaks, each rule
+    evaluated by a CEL interpreter on the value at its own level."""
+    broken = [f"{path or '<root>'}: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])
+              if not cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in (schema.get("properties") or {}):
+                broken += rule_violations(schema["properties"][key], item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and "items" in schema:
+        broken += [v for i, item in enumerate(value) for v in rule_violations(schema["items"], item, f"{path}[{i}]")]
+    return broken
+
+
+def schema_violations(schema: dict[str, Any], value: Any) -> list[str]:
+    """`path: Invalid value: ...` of each place `value` breaks the schema's types and limits."""
+    errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    return [f"{'.'.join(str(part) for part in error.absolute_path) or '<root>'}: Invalid value: "
+            f"{error.instance!r}: {error.message}" for error in errors]
+
+
+def admit(crd: dict[str, Any], version: str, old: dict[str, Any] | None, new: dict[str, Any],
+          subresource: str | None) -> tuple[dict[str, Any], list[str]]:
+    """(the object as it would be stored, the reasons to refuse it: none to store it)."""
+    schema = served_schema(crd, version) or {}
+    if has_status_subresource(crd, version):
+        # Each side writes its own part: the resource all but the status, /status the status only.
+        mine, theirs = (old or {}, new) if subresource == "status" else (new, old or {})
+        new = {**{k: v for k, v in mine.items() if k != "status"},
+               **({"status": theirs["status"]} if "status" in theirs else {})}
+    body = {key: value for key, value in new.items() if key in OBJECT_FIELDS}
+    content = defaulted(schema, pruned(schema, {k: v for k, v in new.items() if k not in OBJECT_FIELDS}))
+    return body | content, [*schema_violations(schema, content), *rule_violations(schema, content)]
+
+
+def merge_patched(target: Any, patch: Any) -> Any:
+    """`target` after the JSON merge patch `patch` (RFC 7386: null removes a key)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patched(result.get(key), value)
+    return result
+
+
+def merge_patch_from(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that turns `old` into `new`."""
+    patch: dict[str, Any] = {key: None for key in old.keys() - new.keys()}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            if nested := merge_patch_from(old[key], value):
+                patch[key] = nested
+        elif old.get(key) != value:
+            patch[key] = value
+    return patch
