@@ -186,6 +186,8 @@ class ValidationSpec(SpecModel):
     num_inference_steps: int = Field(25, ge=1)
     images_per_prompt: int = Field(1, ge=1, le=16)
     seed: int = 0
+    guidance_scale: float | None = Field(None, ge=0)
+    negative_prompt: str | None = Field(None, min_length=1)
 
 
 class OutputSpec(SpecModel):

@@ -308,6 +308,11 @@ class ValidationConfig(_Section):
     images_per_prompt: int = Field(1, ge=1, le=16, description="Samples per prompt (diffusers' --num_validation_images), "
                                    "each from its own seed, drawn together: a row of the grid per prompt.")
     seed: int = Field(0, description="Fixed seed: the samples of different steps differ only by what was learned.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance of the samples: how "
+                                         "closely they follow the prompt; unset, the pipeline's own (7.5 for SD, "
+                                         "5.0 for SDXL); 1 or less turns guidance off.")
+    negative_prompt: str | None = Field(None, min_length=1, description="What the samples should not show, e.g. "
+                                        "`blurry, low quality`; unset, none.")
     dir: Path | None = Field(None, description="Folder of the `step-NNNNNNNN.png` grids; default: `samples/` beside checkpoint.dir.")
 
 

@@ -21,12 +21,16 @@ from trainer.latents import latent_statistics
 
 
 def generate_images(pipeline, prompts: list[str], *, num_inference_steps: int, resolution: int,
-                    generators: list[torch.Generator], device: torch.device) -> list:
-    """PIL images, one per prompt."""
+                    generators: list[torch.Generator], device: torch.device, guidance_scale: float | None = None,
+                    negative_prompt: str | None = None) -> list:
+    """PIL images, one per prompt; guidance and negative prompt the pipeline's own unless given."""
+    options = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
+    if negative_prompt is not None:
+        options["negative_prompt"] = [negative_prompt] * len(prompts)
     with torch.no_grad():
         with torch.autocast(device.type, torch.float16, enabled=device.type == "cuda", cache_enabled=False):
             latents = pipeline(prompts, num_inference_steps=num_inference_steps, height=resolution, width=resolution,
-                               generator=generators, output_type="latent").images
+                               generator=generators, output_type="latent", **options).images
         pixels = torch.cat([decode_latents(pipeline.vae, latent[None]) for latent in latents])
     return pipeline.image_processor.postprocess(pixels, output_type="pil")
 

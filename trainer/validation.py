@@ -93,7 +93,8 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
         seeds = range(validation.seed + index * per_prompt, validation.seed + (index + 1) * per_prompt)
         images += generate_images(pipeline, [prompt] * per_prompt, num_inference_steps=validation.num_inference_steps,
                                   resolution=config.data.resolution, device=device,
-                                  generators=[torch.Generator().manual_seed(seed) for seed in seeds])
+                                  generators=[torch.Generator().manual_seed(seed) for seed in seeds],
+                                  guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt)
     del pipeline, modules
     return image_grid(images, columns=per_prompt if per_prompt > 1 else GRID_COLUMNS)
 

@@ -61,7 +61,7 @@ FULL_SPEC: dict[str, Any] = {
                   "gangScheduling": {"podGroup": "volcano", "queue": "vision"}},
     "metrics": {"port": 9090},
     "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30,
-                   "imagesPerPrompt": 4},
+                   "imagesPerPrompt": 4, "guidanceScale": 6.0, "negativePrompt": "blurry"},
     "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": True,
                          "deepspeed.overrides": {"zero_optimization": {"overlap_comm": True}}},
 }

@@ -50,7 +50,10 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["output"]["dir"] == f"{c.STORAGE_MOUNT_DIR}/sks-dog/output"
     assert config["metrics"]["port"] == 9090 and "host" not in config["metrics"]  # the trainer binds $POD_IP
     assert config["validation"] == {"every_steps": 200, "prompts": ["a photo of sks dog on the beach"],
-                                    "num_inference_steps": 30, "images_per_prompt": 4, "seed": 0}
+                                    "num_inference_steps": 30, "images_per_prompt": 4, "seed": 0,
+                                    "guidance_scale": 6.0, "negative_prompt": "blurry"}
+    # Unset, they are left to the trainer (the pipeline's own guidance, no negative prompt).
+    assert "guidance_scale" not in render_trainer_config("sks-dog", parse_spec(MINIMAL_SPEC))["validation"]
     # The trainer puts the samples beside the checkpoints: <job>/samples/ on the claim.
     assert samples_dir(validate_config(copy.deepcopy(config))) == Path(f"{c.STORAGE_MOUNT_DIR}/sks-dog/samples")
 

@@ -216,6 +216,32 @@ def test_several_samples_per_prompt_make_a_row_each_and_the_first_is_the_one_sam
     assert ImageChops.difference(second_prompt, one.crop((32, 0, 64, 32))).getbbox()  # seed 3, not seed 1
 
 
+def test_samples_follow_the_guidance_scale_and_the_negative_prompt_asked_for(tmp_path):
+    """validation.guidance_scale and negative_prompt reach the pipeline; unset, its own
+    (7.5 for SD, no negative prompt) draw the samples of before."""
+    from PIL import ImageChops
+
+    from trainer.distributed import Runtime
+    from trainer.models import build_components
+    from trainer.validation import _generate_on_main
+
+    components = build_components("tiny", None)
+    runtime = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+    def grid(**asked):
+        config = validate_config(tiny_config(tmp_path, data={"resolution": 32}, validation={
+            "every_steps": 1, "num_inference_steps": 2, **asked}))
+        return _generate_on_main({}, components, config, runtime)
+
+    def differ(a, b) -> bool:
+        return ImageChops.difference(a, b).getbbox() is not None
+
+    unset = grid()
+    assert not differ(grid(guidance_scale=7.5), unset)
+    assert differ(grid(guidance_scale=1.0), unset)
+    assert differ(grid(negative_prompt="blurry, low quality"), unset)
+
+
 def test_step_lines_are_plain_off_a_terminal_and_a_bar_on_one(capsys, monkeypatch):
     progress.report_step(STEP_VALUES, json_format=False)
     assert capsys.readouterr().out.startswith("step 7/30 loss 0.5000 (instance 0.3000 prior 0.2000)")
