@@ -338,6 +338,7 @@ def test_notes_tell_what_to_run_next() -> None:
     result = helm("install", "dreambooth-operator", str(CHART), "--dry-run=client", "--namespace", "dreambooth-system")
     notes = result.stdout.split("NOTES:", 1)[1]
     for command in ("kubectl -n default create configmap", "kubectl -n default apply -f", "kubectl -n default get dbj -w",
+                    "kubectl auth can-i create dreamboothjobs -n default",
                     "helm uninstall", "kubectl apply -f charts/dreambooth-operator/crds/crd.yaml",
                     f"kubectl -n dreambooth-system get lease {LEASE_NAME}"):
         assert command in notes, notes
