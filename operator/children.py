@@ -103,6 +103,23 @@ def build_claim(job: Job) -> dict[str, Any] | None:
     }
 
 
+def claim_resize(job: Job, live: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the size to grow the job's created claim `live` to, or None; the Warning when the
+    spec asks for less than it holds, or None). An edited storage.size reaches the claim
+    at the next gang start; a claim can only grow (where its StorageClass allows)."""
+    from kubernetes.utils import parse_quantity
+
+    wanted = job.spec.storage.size
+    held = (((live.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+    if wanted is None or held is None or parse_quantity(wanted) == parse_quantity(held):
+        return None, None
+    if parse_quantity(wanted) > parse_quantity(held):
+        return wanted, None
+    return None, (f"spec.storage.size = {wanted!r} is below the {held} the claim {live['metadata']['name']} holds; "
+                  f"a PersistentVolumeClaim cannot shrink, so it keeps {held}: set spec.storage.size back to {held} "
+                  "or more")
+
+
 def differs_where_built(built: Any, live: Any) -> bool:
     """Whether a child's `live` spec, as the API server holds it, differs from the `built`
     one in anything the builder sets. What only the live one has is the API server's

@@ -14,9 +14,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client import ApiException
+
 from . import constants as c
-from .children import build_claim, build_network_policy, build_service, differs_where_built
-from .kube import Forbidden, KubeApi
+from .children import build_claim, build_network_policy, build_service, claim_resize, differs_where_built
+from .kube import Forbidden, KubeApi, api_message
 from .metadata import created_claim_name, job_selector, named_children, owner_uids
 from .pods import build_pod_group, build_worker_pod
 from .podstates import pod_name
@@ -95,20 +97,37 @@ class JobChildren:
         except Forbidden as error:  # the gang runs anyway; the next gang start reports it
             log.warning("DreamboothJob %s/%s: cannot create its NetworkPolicy: %s", job.namespace, job.name, error)
 
-    async def create(self, job: Job, config_map: dict[str, Any]) -> None:
+    async def create(self, job: Job, config_map: dict[str, Any]) -> list[tuple[str, str]]:
         """Everything the workers need, created if absent; the config, Service, NetworkPolicy
-        and PodGroup are brought up to the job's current spec, so a new gang runs it."""
+        and PodGroup are brought up to the job's current spec, so a new gang runs it, and
+        the created claim grows to an edited storage.size. Returns Warnings (reason,
+        message) about what could not follow the spec but need not stop the gang."""
         if not await self.api.create(config_map):
             await self.api.replace_config_map(config_map)
         await self._create_or_update(job, build_service(job))
         if self.network_policy:  # before the workers, which listen from their start
             await self._create_or_update(job, build_network_policy(job))
+        warnings = []
         claim = build_claim(job)
-        if claim is not None:
-            await self.api.create(claim)
+        if claim is not None and not await self.api.create(claim):
+            warnings += await self._resize_claim(job)
         pod_group = build_pod_group(job)
         if pod_group is not None:
             await self._create_or_update(job, pod_group)  # minMember follows workers.nodes
+        return warnings
+
+    async def _resize_claim(self, job: Job) -> list[tuple[str, str]]:
+        name = created_claim_name(job.name)
+        live = await self.api.get("PersistentVolumeClaim", job.namespace, name)
+        grow_to, refused = claim_resize(job, live) if live is not None else (None, None)
+        if grow_to is not None:
+            try:
+                await self.api.resize_claim(job.namespace, name, grow_to)
+            except (Forbidden, ApiException) as error:  # a StorageClass without allowVolumeExpansion, a policy
+                message = str(error) if isinstance(error, Forbidden) else api_message(error)
+                refused = (f"the claim {name} was not grown to spec.storage.size = {grow_to!r}: {message}; the "
+                           "gang starts on the claim as it is (its StorageClass must allow volume expansion)")
+        return [(c.REASON_STORAGE_NOT_RESIZED, refused)] if refused is not None else []
 
     async def _create_or_update(self, job: Job, child: dict[str, Any]) -> None:
         """Create `child`; the job's own one of its name gets the spec built now where that

@@ -238,6 +238,11 @@ class KubeApi:
         """Delete with the object's own grace period; False when it was already gone (404)."""
         return await self._delete(self._method(self._DELETE, kind), name, namespace)
 
+    async def resize_claim(self, namespace: str, name: str, size: str) -> None:
+        """Ask for more storage in a claim: its only field that may change once bound."""
+        await self._patch(self._core.patch_namespaced_persistent_volume_claim, name, namespace,
+                          {"spec": {"resources": {"requests": {"storage": size}}}})
+
     async def replace_spec(self, obj: dict[str, Any]) -> None:
         """Set the spec of an existing child to `obj`'s (a PodGroup whose gang was resized, a
         Service and NetworkPolicy whose metrics port was edited). A merge patch: the keys

@@ -287,13 +287,15 @@ class Reconciler:
         reported in condition Created and a Warning Event, and tried again next pass."""
         config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
         try:
-            await self._children.create(job, config_map)
+            warnings = await self._children.create(job, config_map)
             for index in indices:
                 if await self.api.create(build_worker_pod(job, index, gang, config)):
                     self.metrics.pods_created.inc()
         except Forbidden as error:
             await self._report_forbidden(body, status, status, str(error))
             return
+        for reason, message in warnings:
+            await self.api.post_event(body, "Warning", reason, message)
         await self._write_status(job.namespace, job.name, status,
                                  created_status(status, job.spec.workers.nodes, utc_now()))
 

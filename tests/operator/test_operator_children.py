@@ -15,6 +15,7 @@ from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job, job_b
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.children import (
+    claim_resize,
     build_claim,
     build_config_map,
     build_network_policy,
@@ -151,3 +152,17 @@ def test_created_claim_asks_for_size_class_and_access_mode() -> None:
     assert claim["metadata"]["name"] == "sks-dog-storage"
     assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "200Gi"}},
                              "storageClassName": "fast-rwx"}
+
+
+@pytest.mark.parametrize("wanted, held, grow_to, warned", [
+    ("2Gi", "1Gi", "2Gi", False),
+    ("2048Mi", "2Gi", None, False),  # the same quantity, written otherwise: nothing to do
+    ("1Gi", "2Gi", None, True),      # a claim never shrinks
+    ("1.5Ti", "1000Gi", "1.5Ti", False),
+])
+def test_a_created_claim_grows_to_the_spec_and_a_smaller_size_is_a_warning(wanted: str, held: str, grow_to: str | None,
+                                                                             warned: bool) -> None:
+    spec = {**MINIMAL_SPEC, "storage": {"size": wanted}}
+    live = {"metadata": {"name": "sks-dog-storage"}, "spec": {"resources": {"requests": {"storage": held}}}}
+    size, warning = claim_resize(job(spec), live)
+    assert size == grow_to and (warning is not None) == warned

@@ -140,6 +140,52 @@ def test_a_patch_rbac_forbids_is_reported_on_the_job_and_the_gang_starts_once_it
     assert pod_metrics_ports(pod) == service_metrics_ports(cluster, "unpatched") == [9200]
 
 
+def claim_size(cluster: Cluster, job: str) -> str:
+    [claim] = cluster.claims(job)
+    return claim["spec"]["resources"]["requests"]["storage"]
+
+
+def storage_warnings(cluster: Cluster, job: str) -> list[str]:
+    return [e["message"] for e in cluster.events(job) if e["reason"] == "StorageNotResized"]
+
+
+def test_an_edited_storage_size_grows_the_claim_at_the_next_gang_and_never_shrinks_it(
+        emulated: EmulatedCluster, cluster: Cluster) -> None:
+    """Out of room for checkpoints: a larger spec.storage.size reaches the claim the job
+    made when its next gang starts. A smaller one cannot (a claim never shrinks), nor can
+    a growth the server refuses (a StorageClass without volume expansion): a Warning says
+    why, and the gang starts on the claim as it is."""
+    cluster.create_job("roomy", minimal_spec(storage={"claimName": None, "size": "1Gi", "retain": False}))
+    wait_for(lambda: cluster.pods("roomy"), what="the worker")
+    cluster.run_pods("roomy")
+    cluster.patch_spec("roomy", {"storage": {"size": "2Gi"}})
+    wait_for(lambda: cluster.status("roomy").get("observedGeneration") == 2, what="a pass over the edit")
+    assert claim_size(cluster, "roomy") == "1Gi"  # the running gang is not touched
+    next_gang(cluster, "roomy", "1")
+    assert claim_size(cluster, "roomy") == "2Gi"  # before the new workers existed
+
+    cluster.run_pods("roomy")
+    cluster.patch_spec("roomy", {"storage": {"size": "1536Mi"}})
+    next_gang(cluster, "roomy", "2")
+    [warning] = wait_for(lambda: storage_warnings(cluster, "roomy"), what="the StorageNotResized Event")
+    assert warning == ("spec.storage.size = '1536Mi' is below the 2Gi the claim roomy-storage holds; a "
+                       "PersistentVolumeClaim cannot shrink, so it keeps 2Gi: set spec.storage.size back to 2Gi or more")
+    assert claim_size(cluster, "roomy") == "2Gi"
+
+    cluster.run_pods("roomy")
+    cluster.patch_spec("roomy", {"storage": {"size": "3Gi"}})
+    emulated.deny("patch", "persistentvolumeclaims")
+    try:
+        next_gang(cluster, "roomy", "3")  # the gang starts all the same
+        refused = wait_for(lambda: [m for m in storage_warnings(cluster, "roomy") if "3Gi" in m],
+                           what="the refused growth's Event")
+        assert refused[0].startswith("the claim roomy-storage was not grown to spec.storage.size = '3Gi': "
+                                     'persistentvolumeclaims "roomy-storage" is forbidden')
+        assert claim_size(cluster, "roomy") == "2Gi"
+    finally:
+        emulated.deny("patch", "persistentvolumeclaims", denied=False)
+
+
 def test_a_gang_start_without_an_edit_writes_neither_service_nor_policy(cluster: Cluster) -> None:
     cluster.create_job("steady", with_metrics_port(9100))
     wait_for(lambda: cluster.pods("steady"), what="the worker")

@@ -145,6 +145,7 @@ def required_permissions() -> dict[tuple[str, str], set[str]]:
     for kind in KubeApi._PATCH:  # replace_spec
         needed[RESOURCES[kind]].add("patch")
     needed[("", "configmaps")].add("patch")  # replace_config_map
+    needed[("", "persistentvolumeclaims")].add("patch")  # resize_claim
     needed[("", "pods")].add("watch")  # kopf's pod event handler
     needed[("dreambooth.io", "dreamboothjobs")] = {"get", "list", "watch", "patch", "delete"}  # delete_job: TTL
     needed[("dreambooth.io", "dreamboothjobs/status")] = {"patch"}

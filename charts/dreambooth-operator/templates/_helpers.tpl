@@ -55,10 +55,11 @@ and what kopf needs. One list serves the ClusterRole and each namespaced Role.
   resources: [pods]
   verbs: [get, list, watch, create, delete]
 # Each job's headless Service, trainer ConfigMap and (optional) checkpoint claim;
-# the ConfigMap and the Service are patched when a new gang starts after a spec edit.
+# the ConfigMap and the Service are patched when a new gang starts after a spec edit,
+# and the claim it created grows to an edited storage.size.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create, delete]
+  verbs: [get, create, delete, patch]
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, create, delete, patch]
