@@ -147,7 +147,8 @@ def test_the_charts_rbac_lets_a_standby_replica_take_the_lease_over(tmp_path: Pa
 def run_a_job_through_its_life(admin: Cluster, namespace: str, network_policy: bool) -> None:
     """Every kind of call the operator makes: its children (a claim it makes, a Volcano
     PodGroup, the NetworkPolicy), the dry runs, pod creates and deletes, status patches,
-    Events, children patched after a spec edit, and the job's deletion after its TTL."""
+    Events, children patched (the claim grown) after a spec edit, and the job's deletion
+    after its TTL."""
     job = yaml.safe_load(CPU_EXAMPLE.read_text())
     name, spec = job["metadata"]["name"], job["spec"]
     spec["runPolicy"].update(gangScheduling={"podGroup": "volcano"}, ttlSecondsAfterFinished=1)
@@ -158,11 +159,13 @@ def run_a_job_through_its_life(admin: Cluster, namespace: str, network_policy: b
     admin.run_pods(name, namespace)
     wait_for(lambda: admin.status(name, namespace).get("phase") == "Running", what="Running")
 
-    admin.patch_spec(name, {"metrics": {"port": 9091}}, namespace)
+    admin.patch_spec(name, {"metrics": {"port": 9091}, "storage": {"size": "2Gi"}}, namespace)
     admin.set_pod_status(f"{name}-worker-1", terminated(1), namespace)
     wait_for(lambda: [gang_of(pod) for pod in admin.pods(name, namespace)] == ["1", "1"], what="a new gang")
     [service] = admin.services(name, namespace)
     assert [port["port"] for port in service["spec"]["ports"] if port["name"] == "metrics"] == [9091]
+    [claim] = admin.claims(name, namespace)
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert any(event["reason"] == "WorkerFailed" for event in admin.events(name, namespace))
 
     admin.run_pods(name, namespace)
