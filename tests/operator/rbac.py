@@ -47,8 +47,8 @@ def request_attributes(method: str, path: str, query: Mapping[str, str]) -> Requ
     if match is None or (match["resource"] is None and match["namespace"] is None):
         return None
     group, namespace, resource, name, subresource = match.group("group", "namespace", "resource", "name", "subresource")
-    if resource is None:  # /api/v1/namespaces/<name>: the Namespace object itself
-        resource, name, namespace = "namespaces", namespace, None
+    if resource is None:  # /api/v1/namespaces/<name>: the Namespace object, in its own namespace (a Role there may grant it)
+        resource, name = "namespaces", namespace
     if subresource is not None:
         resource = f"{resource}/{subresource}"
     if method == "GET":

@@ -52,7 +52,7 @@ DEFAULT_USER_ROLES = [
                                                                         "ops", None)),
     ("PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/l", {}, ("update", "coordination.k8s.io", "leases",
                                                                          "ops", "l")),
-    ("GET", "/api/v1/namespaces/team-a", {}, ("get", "", "namespaces", None, "team-a")),
+    ("GET", "/api/v1/namespaces/team-a", {}, ("get", "", "namespaces", "team-a", "team-a")),
     ("GET", "/api/v1/namespaces", {}, ("list", "", "namespaces", None, None)),
     ("DELETE", "/api/v1/namespaces/a/pods", {}, ("deletecollection", "", "pods", "a", None)),
     ("GET", "/apis/dreambooth.io/v1alpha1", {}, None),  # discovery: not a resource
