@@ -8,7 +8,6 @@ import copy
 from pathlib import Path
 from typing import Any, Iterator
 
-import kubernetes
 import pytest
 import yaml
 from dbj_examples import minimal_spec
