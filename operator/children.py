@@ -6,6 +6,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from trainer.config import LORA_WEIGHTS_FILE
 
 from .constants import (
@@ -107,8 +109,6 @@ def claim_resize(job: Job, live: dict[str, Any]) -> tuple[str | None, str | None
     """(the size to grow the job's created claim `live` to, or None; the Warning when the
     spec asks for less than it holds, or None). An edited storage.size reaches the claim
     at the next gang start; a claim can only grow (where its StorageClass allows)."""
-    from kubernetes.utils import parse_quantity
-
     wanted = job.spec.storage.size
     held = (((live.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
     if wanted is None or held is None or parse_quantity(wanted) == parse_quantity(held):

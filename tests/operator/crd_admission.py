@@ -95,10 +95,10 @@ def admit(crd: dict[str, Any], version: str, old: dict[str, Any] | None, new: di
     """(the object as it would be stored, the reasons to refuse it: none to store it)."""
     schema = served_schema(crd, version) or {}
     if has_status_subresource(crd, version):
-        # Each side writes its own part: the resource all but the status, /status the status only.
-        mine, theirs = (old or {}, new) if subresource == "status" else (new, old or {})
-        new = {**{k: v for k, v in mine.items() if k != "status"},
-               **({"status": theirs["status"]} if "status" in theirs else {})}
+        # Each writer its own part: the resource all but the status, /status the status only.
+        rest_from, status_from = (old or {}, new) if subresource == "status" else (new, old or {})
+        new = {**{k: v for k, v in rest_from.items() if k != "status"},
+               **({"status": status_from["status"]} if "status" in status_from else {})}
     body = {key: value for key, value in new.items() if key in OBJECT_FIELDS}
     content = defaulted(schema, pruned(schema, {k: v for k, v in new.items() if k not in OBJECT_FIELDS}))
     return body | content, [*schema_violations(schema, content), *rule_violations(schema, content)]
