@@ -1,9 +1,12 @@
 """What an API server does, from the stored CRD, with a custom resource on its way in:
 fields the schema lacks are pruned, its defaults are applied, then the object is
 validated against the schema and its CEL rules (x-kubernetes-validations), and refused
-with 422 when it breaks one. With the status subresource, a write to the resource leaves
-its status as it was and a write to /status leaves the rest. The emulated API
-(emulated_cluster.py) admits every custom resource whose CRD it stores through `admit`.
+with 422 when it breaks one. An update is validated with ratcheting (Kubernetes 1.30+, the
+chart's minimum): what it leaves unchanged is not refused, so an object stored before a
+stricter CRD can still be written (its status, its finalizers) and deleted. With the status
+subresource, a write to the resource leaves its status as it was and a write to /status
+leaves the rest. The emulated API (emulated_cluster.py) admits every custom resource whose
+CRD it stores through `admit`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from functools import cache
 from typing import Any
 
 import celpy
+import jsonpatch
 import jsonschema
 
 # Kept on every object whatever the schema says (the API server's own fields).
 OBJECT_FIELDS = ("apiVersion", "kind", "metadata")
+# The old value of a new one that has none to compare with (a create, a new field, a list's entry).
+UNCORRELATED = object()
 
 
 def served_schema(crd: dict[str, Any], version: str) -> dict[str, Any] | None:
@@ -69,25 +75,42 @@ def cel_program(rule: str) -> Any:
     return environment.program(environment.compile(rule))
 
 
-def rule_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+def rule_violations(schema: dict[str, Any], value: Any, path: str = "", old: Any = UNCORRELATED) -> list[str]:
     """`path: message` of each x-kubernetes-validations rule that `value` breaks, each rule
-    evaluated by a CEL interpreter on the value at its own level."""
+    evaluated by a CEL interpreter on the value at its own level. Ratcheting: a level equal
+    to `old`, its value before an update, is not evaluated, nor anything under it."""
+    if value == old:
+        return []
     broken = [f"{path or '<root>'}: {rule['message']}" for rule in schema.get("x-kubernetes-validations", [])
               if not cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})]
     if isinstance(value, dict):
         for key, item in value.items():
             if key in (schema.get("properties") or {}):
-                broken += rule_violations(schema["properties"][key], item, f"{path}.{key}" if path else key)
+                old_item = old.get(key, UNCORRELATED) if isinstance(old, dict) else UNCORRELATED
+                broken += rule_violations(schema["properties"][key], item, f"{path}.{key}" if path else key, old_item)
     elif isinstance(value, list) and "items" in schema:
         broken += [v for i, item in enumerate(value) for v in rule_violations(schema["items"], item, f"{path}[{i}]")]
     return broken
 
 
-def schema_violations(schema: dict[str, Any], value: Any) -> list[str]:
-    """`path: Invalid value: ...` of each place `value` breaks the schema's types and limits."""
+def schema_violations(schema: dict[str, Any], value: Any, old: Any = UNCORRELATED) -> list[str]:
+    """`path: Invalid value: ...` of each place `value` breaks the schema's types and limits,
+    but those where it equals `old`, its value before an update (ratcheting)."""
     errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     return [f"{'.'.join(str(part) for part in error.absolute_path) or '<root>'}: Invalid value: "
-            f"{error.instance!r}: {error.message}" for error in errors]
+            f"{error.instance!r}: {error.message}" for error in errors
+            if not unchanged_at(list(error.absolute_path), value, old)]
+
+
+def unchanged_at(path: list[str | int], value: Any, old: Any) -> bool:
+    """Whether `value` and `old` agree at `path`. Fields correlate by name; a list's entries
+    do not (our CRD's lists are atomic, or map lists only in the status), so a path into a
+    list compares the whole list."""
+    for part in path:
+        if isinstance(value, list) or not isinstance(old, dict) or part not in old:
+            break
+        value, old = value[part], old[part]
+    return value == old
 
 
 def admit(crd: dict[str, Any], version: str, old: dict[str, Any] | None, new: dict[str, Any],
@@ -100,8 +123,28 @@ def admit(crd: dict[str, Any], version: str, old: dict[str, Any] | None, new: di
         new = {**{k: v for k, v in rest_from.items() if k != "status"},
                **({"status": status_from["status"]} if "status" in status_from else {})}
     body = {key: value for key, value in new.items() if key in OBJECT_FIELDS}
-    content = defaulted(schema, pruned(schema, {k: v for k, v in new.items() if k not in OBJECT_FIELDS}))
-    return body | content, [*schema_violations(schema, content), *rule_violations(schema, content)]
+    content = defaulted(schema, pruned(schema, without_object_fields(new)))
+    before = without_object_fields(old) if old is not None else UNCORRELATED
+    return body | content, [*schema_violations(schema, content, before), *rule_violations(schema, content, old=before)]
+
+
+def without_object_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the schema validates: all but apiVersion, kind and metadata."""
+    return {key: value for key, value in obj.items() if key not in OBJECT_FIELDS}
+
+
+def patched(target: dict[str, Any], patch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """`target` after a JSON merge patch (a dict) or a JSON patch (a list of operations, as
+    kopf removes its finalizers)."""
+    return jsonpatch.apply_patch(target, patch) if isinstance(patch, list) else merge_patched(target, patch)
+
+
+def patch_from(old: dict[str, Any], new: dict[str, Any], like: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """The patch of the kind of `like` that turns `old` into `new` (a JSON patch keeps its
+    `test` operations, a resourceVersion's precondition)."""
+    if isinstance(like, list):
+        return [op for op in like if op.get("op") == "test"] + jsonpatch.make_patch(old, new).patch
+    return merge_patch_from(old, new)
 
 
 def merge_patched(target: Any, patch: Any) -> Any:

@@ -5,14 +5,31 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
+import yaml
 from dreambooth_operator.spec import Job
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "examples" / "instance-images"
 KUBERNETES_VERSION = "1.35.0"
+
+
+def minimum_kubernetes_version() -> str:
+    """The oldest Kubernetes the chart installs on (its kubeVersion, ">=1.30.0-0")."""
+    chart = yaml.safe_load((REPO / "charts" / "dreambooth-operator" / "Chart.yaml").read_text())
+    found = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", chart["kubeVersion"])
+    assert found, f"Chart.yaml kubeVersion {chart['kubeVersion']!r} is not a plain minimum"
+    return found[1]
+
+
+def validate_for_supported_kubernetes(obj: dict[str, Any]) -> None:
+    """`obj` is valid, strictly (no unknown fields), for the oldest and a recent Kubernetes."""
+    for version in (minimum_kubernetes_version(), KUBERNETES_VERSION):
+        kubernetes_validate.validate(obj, version, strict=True)
 
 MINIMAL_SPEC: dict[str, Any] = {
     "data": {"instanceImages": {"claimName": "dog-photos"}, "instancePrompt": "a photo of sks dog"},

@@ -44,11 +44,12 @@ from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
+import jsonpatch
 import kmock
 import yaml
 from aiohttp import web
 from kmock import ResourceInfo
-from crd_admission import admit, merge_patch_from, merge_patched
+from crd_admission import admit, patch_from, patched
 from label_selectors import labels_of, matches, parse_selector, selected_event
 from printer_tables import printer_table
 from protobuf_bodies import UnsupportedBody, decode_object, is_protobuf
@@ -254,7 +255,7 @@ class Emulator(kmock.KubernetesEmulator):
                 parse_selector(request.params.get("labelSelector") or "")
             except ValueError as error:
                 return web.json_response(failure_status(400, "BadRequest", str(error)), status=400)
-        refusal = self._admission_refusal(request)
+        refusal = self._json_patch_refusal(request) or self._admission_refusal(request)
         if refusal is not None:
             return web.json_response(refusal, status=refusal["code"])
         if request.method == kmock.method.PUT and request.resource is not None and request.name:
@@ -282,23 +283,47 @@ class Emulator(kmock.KubernetesEmulator):
                     meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._counter))
+        if request.resource is not None and isinstance(request.data, list) and request.action == kmock.action.UPDATE:
+            # A JSON patch (kopf's finalizers) is a new version too; one of the spec, a new generation.
+            if request.subresource is None and any(op.get("path", "").startswith("/spec") for op in request.data):
+                current = self.objects[request.resource, request.namespace, request.name]
+                generation = int(current.get("metadata", {}).get("generation") or 1) + 1
+                request.data.append({"op": "add", "path": "/metadata/generation", "value": generation})
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._counter))})
         return await super()._handle(request)
+
+    def _stored(self, resource: Any, namespace: str | None, name: str | None) -> dict[str, Any] | None:
+        key = (resource, namespace, name)
+        return self._objects[key].raw if key in self._objects and not self._objects[key].deleted else None
+
+    def _json_patch_refusal(self, request: kmock.Request) -> dict[str, Any] | None:
+        """The API server's 422 for a JSON patch it cannot apply: an operation's path missing,
+        or a `test` failing (kopf's precondition on the resourceVersion when it removes a
+        finalizer, which it reads as a conflict and retries at once)."""
+        stored = self._stored(request.resource, request.namespace, request.name)
+        if request.method != kmock.method.PATCH or not isinstance(request.data, list) or stored is None:
+            return None
+        try:
+            jsonpatch.apply_patch(stored, request.data)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
+            return failure_status(422, "Invalid", f"the server rejected our request due to an error in our request: "
+                                                  f"{error}")
+        return None
 
     def _admission_refusal(self, request: kmock.Request) -> dict[str, Any] | None:
         """A write of a custom resource whose CRD is stored, admitted as an API server
         admits it (crd_admission.py): the request's body becomes the pruned and defaulted
-        object (or, for a patch, the patch to it); the 422 when it is invalid, else None."""
+        object (or, for a patch, the patch to it, of its kind); the 422 when it is invalid, else None."""
         writes = request.action in (kmock.action.CREATE, kmock.action.UPDATE) or request.method == kmock.method.PUT
-        crd = self._crd_of(request.resource) if writes and isinstance(request.data, dict) else None
+        crd = self._crd_of(request.resource) if writes and isinstance(request.data, (dict, list)) else None
         if crd is None:
             return None
         name = request.name or (request.data.get("metadata") or {}).get("name")
-        key = (request.resource, request.namespace, name)
-        old = self._objects[key].raw if key in self._objects and not self._objects[key].deleted else None
+        old = self._stored(request.resource, request.namespace, name)
         patching = request.method == kmock.method.PATCH
         if patching and old is None:
             return None  # kmock's 404
-        new = merge_patched(old, request.data) if patching else request.data
+        new = patched(old, request.data) if patching else request.data
         stored, problems = admit(crd, request.resource.version, old, new, request.subresource)
         if problems:
             kind, group = crd["spec"]["names"]["kind"], crd["spec"]["group"]
@@ -307,9 +332,12 @@ class Emulator(kmock.KubernetesEmulator):
             causes = [dict(zip(("field", "message"), problem.split(": ", 1)), reason="FieldValueInvalid")
                       for problem in problems]
             return refusal | {"details": {"name": name, "group": group, "kind": kind, "causes": causes}}
-        body = merge_patch_from(old, stored) if patching else stored
-        request.data.clear()
-        request.data.update(body)
+        body = patch_from(old, stored, request.data) if patching else stored
+        if isinstance(body, list):
+            request.data[:] = body
+        else:
+            request.data.clear()
+            request.data.update(body)
         return None
 
     def _crd_of(self, resource: Any) -> dict[str, Any] | None:
@@ -325,7 +353,7 @@ class Emulator(kmock.KubernetesEmulator):
         """PUT (kmock serves none): see replace_semantics.replaced."""
         key = (request.resource, request.namespace, request.name)
         async with self._lock:
-            stored = self._objects[key].raw if key in self._objects and not self._objects[key].deleted else None
+            stored = self._stored(*key)
             status, reply = replaced(stored, request.data, request.resource, request.name, str(next(self._counter)))
             if status == 200:
                 self._objects[key].create(reply)

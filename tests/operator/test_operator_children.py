@@ -8,10 +8,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
-from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC, job, job_body, minimal_spec_with
+from dbj_examples import FULL_SPEC, MINIMAL_SPEC, job, job_body, minimal_spec_with, validate_for_supported_kubernetes
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.children import (
@@ -46,7 +45,7 @@ def test_every_child_is_a_valid_kubernetes_object(spec_name: str) -> None:
     children = all_children(job(SPECS[spec_name]))
     assert children
     for obj in children:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        validate_for_supported_kubernetes(obj)
 
 
 def test_the_event_the_operator_posts_is_valid() -> None:
@@ -62,7 +61,7 @@ def test_the_event_the_operator_posts_is_valid() -> None:
 
     import asyncio
     asyncio.run(Capture().post_event(job_body(), "Warning", c.REASON_INVALID_SPEC, "spec.workers.nodes = 0: ..."))
-    kubernetes_validate.validate(captured[0], KUBERNETES_VERSION, strict=True)
+    validate_for_supported_kubernetes(captured[0])
     assert captured[0]["involvedObject"]["kind"] == c.KIND
 
 

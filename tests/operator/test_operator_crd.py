@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 from crd_admission import admit, cel_program, rule_violations
-from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, MINIMAL_SPEC
+from dbj_examples import FULL_SPEC, MINIMAL_SPEC, validate_for_supported_kubernetes
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -64,7 +63,7 @@ def test_chart_ships_the_same_crd() -> None:
 
 
 def test_crd_is_a_valid_kubernetes_object() -> None:
-    kubernetes_validate.validate(CRD, KUBERNETES_VERSION, strict=True)
+    validate_for_supported_kubernetes(CRD)
 
 
 def test_crd_names_scope_columns_and_status_subresource() -> None:
@@ -232,7 +231,7 @@ def test_plain_manifests_are_valid_kubernetes_objects(path: Path) -> None:
     for document in documents:
         if document["kind"] == c.KIND:
             continue  # a custom resource: checked against the CRD above
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        validate_for_supported_kubernetes(document)
 
 
 def test_operator_rbac_covers_what_it_calls() -> None:
@@ -291,6 +290,30 @@ def test_the_emulated_admission_prunes_defaults_and_keeps_each_writer_to_its_par
     _, problems = admit(CRD, version, stored, {**stored, "spec": {**stored["spec"], "metrics": {"port": 80}}}, None)
     assert problems == ["spec.metrics.port: metrics.port: 0 (off), or a port from 1024 up (the workers cannot bind "
                         "lower ones) other than 29500 (their rendezvous)"]
+
+
+
+def test_the_emulated_admission_ratchets_what_an_update_leaves_unchanged() -> None:
+    """A job stored before the CRD got stricter (kubeVersion >= 1.30: validation ratcheting):
+    what an update leaves as it was is not refused, so its status, finalizers and other
+    fields can still be written; a change to a field that breaks a rule is refused."""
+    version = VERSION["name"]
+    stored, _ = admit(CRD, version, None, {"apiVersion": c.API_VERSION, "kind": c.KIND,
+                                           "metadata": {"name": "j", "finalizers": ["dreambooth.io/cleanup"]},
+                                           "spec": MINIMAL_SPEC}, None)
+    older = {**stored, "spec": {**stored["spec"], "metrics": {"port": 80},
+                                "workers": {**stored["spec"]["workers"], "nodes": 0}}}
+    broken = ["spec.workers.nodes: Invalid value: 0: 0 is less than the minimum of 1",
+              "spec.metrics.port: metrics.port: 0 (off), or a port from 1024 up (the workers cannot bind lower ones) "
+              "other than 29500 (their rendezvous)"]
+    assert admit(CRD, version, None, older, None)[1] == broken  # created today: refused
+    unfinalized = {**older, "metadata": {"name": "j", "finalizers": []}}
+    assert admit(CRD, version, older, unfinalized, None)[1] == []
+    assert admit(CRD, version, older, {**older, "status": {"phase": "Failed"}}, "status")[1] == []
+    other_field = {**older, "spec": {**older["spec"], "training": {"maxSteps": 5}}}
+    assert admit(CRD, version, older, other_field, None)[1] == []
+    _, problems = admit(CRD, version, older, {**older, "spec": {**older["spec"], "metrics": {"port": 29500}}}, None)
+    assert problems == broken[1:]  # the edited field is checked, the unchanged one still ratcheted
 
 
 def test_the_reference_page_is_the_crds() -> None:

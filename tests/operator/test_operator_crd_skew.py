@@ -8,11 +8,12 @@ import copy
 from pathlib import Path
 from typing import Any, Iterator
 
+import kubernetes
 import pytest
 import yaml
 from dbj_examples import minimal_spec
 from emulated_cluster import EmulatedCluster
-from operator_harness import Cluster, OperatorProcess, wait_for
+from operator_harness import Cluster, OperatorProcess, condition, phase_is, wait_for
 
 from dreambooth_operator.constants import STATUS_FIELDS
 from dreambooth_operator.crd_skew import fields_the_crd_lacks, outdated_crd_message
@@ -121,3 +122,31 @@ def test_a_crd_applied_later_clears_the_warning_without_a_restart(operator: Oper
     wait_for(lambda: cluster.pods("after-the-fix"), what="the new job's worker")
     assert not [e for e in cluster.events("after-the-fix") if e["reason"] == "OutdatedCRD"]
     assert "now has every field this operator uses" in operator.log_path.read_text()
+
+
+def without_rules(schema: Any) -> Any:
+    """`schema` without its CEL rules, as a release before them had it."""
+    if isinstance(schema, dict):
+        return {key: without_rules(value) for key, value in schema.items() if key != "x-kubernetes-validations"}
+    return [without_rules(item) for item in schema] if isinstance(schema, list) else schema
+
+
+def test_a_job_stored_before_a_stricter_crd_can_still_be_fixed_or_deleted(operator: OperatorProcess,
+                                                                          cluster: Cluster,
+                                                                          emulated: EmulatedCluster) -> None:
+    """A job an older CRD admitted and the operator refused (metrics.port 80) is not stuck
+    once a CRD with a rule against it is applied: on Kubernetes 1.30+ (the chart's minimum)
+    the API server ratchets, so the operator still writes its status and, at deletion,
+    removes its finalizer. Only an edit that breaks the rule anew is refused."""
+    emulated.install_crd(without_rules(CRD))
+    try:
+        cluster.create_job("stored-before", minimal_spec(metrics={"port": 80}))
+        wait_for(phase_is(cluster, "stored-before", "Failed"), what="the job refused by the operator")
+    finally:
+        emulated.install_crd(CRD)
+    assert condition(cluster.status("stored-before"), "Failed")["reason"] == "InvalidSpec"
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        cluster.patch_spec("stored-before", {"metrics": {"port": 29500}})
+    assert refused.value.status == 422 and "spec.metrics.port" in refused.value.body
+    cluster.delete_job("stored-before")
+    wait_for(lambda: not cluster.job_exists("stored-before"), what="the job gone, its finalizer removed")

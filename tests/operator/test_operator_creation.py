@@ -11,9 +11,8 @@ import copy
 import time
 from typing import Any
 
-import kubernetes_validate
 import pytest
-from dbj_examples import FULL_SPEC, KUBERNETES_VERSION, minimal_spec
+from dbj_examples import FULL_SPEC, minimal_spec, validate_for_supported_kubernetes
 from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, condition, phase_is, pod_names, terminated, wait_for
 
@@ -31,7 +30,7 @@ def test_create_makes_valid_children_then_follows_pods_to_success(cluster: Clust
     owner_uid = cluster.job("three")["metadata"]["uid"]
     for obj in [*pods, service, config_map]:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == owner_uid
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        validate_for_supported_kubernetes(obj)
     command = pods[2]["spec"]["containers"][0]["command"]
     assert command[command.index("--node_rank") + 1] == "2"
     assert command[command.index("--master_addr") + 1] == "three-worker-0.three"
@@ -269,7 +268,7 @@ def test_a_job_using_every_spec_field_gets_valid_children(cluster: Cluster) -> N
     pods = wait_for(lambda: len(p := cluster.pods("everything")) == 2 and p, what="2 worker pods")
     [claim] = cluster.claims("everything")
     for obj in [*pods, claim, *cluster.services("everything"), *cluster.config_maps("everything")]:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        validate_for_supported_kubernetes(obj)
     spec = pods[0]["spec"]
     assert spec["tolerations"] == full["workers"]["tolerations"]
     assert spec["affinity"] == full["workers"]["affinity"]

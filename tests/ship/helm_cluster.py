@@ -1,6 +1,6 @@
 """The emulated API (tests/operator/emulated_cluster.py) extended with what a `helm
 install` of the chart touches: the kinds the chart creates, and a server version the
-chart's kubeVersion accepts (kmock reports v1.26)."""
+chart's kubeVersion accepts (kmock reports v1.26; the chart needs 1.30+)."""
 
 from __future__ import annotations
 
