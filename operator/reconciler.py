@@ -23,7 +23,7 @@ import aiohttp
 from . import constants as c
 from .children import build_config_map, output_status
 from .clock import timestamp, utc_now
-from .crd_skew import check_installed_crd
+from .crd_skew import check_installed_crd, kept_by_the_crd, outdated_crd_message
 from .inputs import InputCheck, check_inputs
 from .job_children import JobChildren
 from .kube import Forbidden, KubeApi
@@ -112,9 +112,9 @@ class Reconciler:
     _passes: dict[tuple[str, str], float] = field(default_factory=dict)
     # Jobs whose loop has seen to the NetworkPolicy of a gang that was there before it.
     _policy_checked: set[tuple[str, str]] = field(default_factory=set)
-    # crd_skew.outdated_crd_message when the installed CRD lacks fields; each job's
-    # loop says it once, on the job, where `kubectl describe` shows it.
-    outdated_crd: str | None = None
+    # The fields the installed CRD lacks (crd_skew.py); each job's loop says so once, on
+    # the job, where `kubectl describe` shows it.
+    crd_lacks: list[str] = field(default_factory=list)
     _crd_warned: set[tuple[str, str]] = field(default_factory=set)
     _crd_checked_at: float | None = None  # time.monotonic()
     _crd_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -156,13 +156,18 @@ class Reconciler:
     async def check_crd(self) -> None:
         """Compare the installed CRD with the spec model (crd_skew.py); a verdict that
         changed (the CRD applied, or an older one) is told to every job again."""
-        message = await check_installed_crd(self.api, self.metrics)
+        missing = await check_installed_crd(self.api, self.metrics)
         self._crd_checked_at = time.monotonic()
-        if message != self.outdated_crd:
+        if missing != self.crd_lacks:
             self._crd_warned.clear()
-            if message is None and self.outdated_crd is not None:
+            if not missing:
                 log.info("the installed CustomResourceDefinition now has every field this operator uses")
-        self.outdated_crd = message
+        self.crd_lacks = missing
+
+    @property
+    def outdated_crd(self) -> str | None:
+        """What to tell each job when the installed CRD lacks fields."""
+        return outdated_crd_message(self.crd_lacks) if self.crd_lacks else None
 
     async def _recheck_crd_if_due(self) -> None:
         if self._crd_lock.locked():  # another job's loop is checking: this pass need not wait for it
@@ -326,7 +331,7 @@ class Reconciler:
             log.warning("cannot put that on DreamboothJob %s/%s: %s", namespace, name, error)
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-        patch = merge_patch(old, new)
+        patch = merge_patch(kept_by_the_crd(old, self.crd_lacks), kept_by_the_crd(new, self.crd_lacks))
         if patch:
             await self.api.patch_job_status(namespace, name, patch)
 

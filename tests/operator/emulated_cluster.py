@@ -567,6 +567,13 @@ class EmulatedCluster:
         path.write_text(yaml.safe_dump(config))
         return path
 
+    def status_writes(self, plural: str, namespace: str, name: str) -> int:
+        """How many writes to that object's status subresource came in so far."""
+        assert self._emulator is not None, "start() first"
+        return sum(1 for request in list(self._emulator) if request.subresource == "status"
+                   and request.method in (kmock.method.PATCH, kmock.method.PUT) and request.resource is not None
+                   and request.resource.plural == plural and request.namespace == namespace and request.name == name)
+
     def refused(self) -> list[tuple[str, RequestAttributes]]:
         """(user, request) of every 403 the authorizer gave so far."""
         assert self._emulator is not None, "start() first"

@@ -5,6 +5,7 @@ in a gauge, by the real operator against the emulated API holding an older CRD."
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +17,7 @@ from emulated_cluster import EmulatedCluster
 from operator_harness import Cluster, OperatorProcess, condition, phase_is, wait_for
 
 from dreambooth_operator.constants import STATUS_FIELDS
-from dreambooth_operator.crd_skew import fields_the_crd_lacks, outdated_crd_message
+from dreambooth_operator.crd_skew import fields_the_crd_lacks, kept_by_the_crd, outdated_crd_message
 
 CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml").read_text())
 
@@ -79,6 +80,18 @@ def test_status_fields_the_operator_decides_from_are_checked_too() -> None:
     preserved["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"] = {
         "type": "object", "x-kubernetes-preserve-unknown-fields": True}
     assert fields_the_crd_lacks(preserved) == ["spec.lora.useDora"]
+
+
+
+def test_a_status_is_written_as_the_installed_crd_keeps_it() -> None:
+    status = {"phase": "Running", "nextRestartTime": "2026-11-29T10:00:00Z", "lastFailure": {"pod": "w-0", "exitCode": 1},
+              "conditions": [{"type": "Running", "status": "True", "reason": "Started"}, {"type": "Failed"}]}
+    missing = ["spec.lora.useDora", "status.nextRestartTime", "status.lastFailure.exitCode", "status.conditions.reason"]
+    assert kept_by_the_crd(status, missing) == {
+        "phase": "Running", "lastFailure": {"pod": "w-0"},
+        "conditions": [{"type": "Running", "status": "True"}, {"type": "Failed"}]}
+    assert kept_by_the_crd(status, ["status.lastFailure"]) == {k: v for k, v in status.items() if k != "lastFailure"}
+    assert kept_by_the_crd(status, []) == status and "nextRestartTime" in status  # the caller's left as it was
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +163,28 @@ def test_a_job_stored_before_a_stricter_crd_can_still_be_fixed_or_deleted(operat
     assert refused.value.status == 422 and "spec.metrics.port" in refused.value.body
     cluster.delete_job("stored-before")
     wait_for(lambda: not cluster.job_exists("stored-before"), what="the job gone, its finalizer removed")
+
+
+def test_status_fields_the_installed_crd_lacks_are_not_written_at_every_pass(operator: OperatorProcess,
+                                                                             cluster: Cluster,
+                                                                             emulated: EmulatedCluster) -> None:
+    """The API server drops a status field its CRD lacks, so a status written with it would
+    differ from the stored one at every pass: one patch per pass per job for nothing."""
+    older = copy.deepcopy(CRD)
+    status = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    del status["observedGeneration"], status["conditions"]["items"]["properties"]["reason"]
+    emulated.install_crd(older)
+    try:
+        wait_for(lambda: operator.metric("dreambooth_operator_crd_missing_fields") == 2, what="the older CRD seen")
+        cluster.create_job("steady", minimal_spec())
+        wait_for(lambda: cluster.pods("steady"), what="the worker")
+        cluster.run_pods("steady")
+        wait_for(phase_is(cluster, "steady", "Running"), what="the job Running")
+        time.sleep(1.0)  # the passes the pod's start woke are over
+        before = emulated.status_writes("dreamboothjobs", "default", "steady")
+        time.sleep(5.0)  # two resyncs (--resync-seconds 2) at least
+        assert emulated.status_writes("dreamboothjobs", "default", "steady") == before
+        assert "observedGeneration" not in cluster.status("steady")  # what the server keeps, still written
+        assert cluster.status("steady")["phase"] == "Running"
+    finally:
+        emulated.install_crd(CRD)
