@@ -17,6 +17,7 @@ from crd_admission import admit, cel_program, rule_violations
 from dbj_examples import FULL_SPEC, MINIMAL_SPEC, validate_for_supported_kubernetes
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+from structural_schema import schema_problems
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.lifecycle import decide
@@ -64,6 +65,30 @@ def test_chart_ships_the_same_crd() -> None:
 
 def test_crd_is_a_valid_kubernetes_object() -> None:
     validate_for_supported_kubernetes(CRD)
+
+
+
+def test_the_crd_schema_is_one_an_api_server_accepts() -> None:
+    """Structural, its defaults pruned and valid, its map list keyed by a required field:
+    a schema the API server refuses fails `helm install` on every cluster."""
+    assert schema_problems(SCHEMA) == []
+    broken = copy.deepcopy(SCHEMA)
+    spec = broken["properties"]["spec"]["properties"]
+    del spec["training"]["properties"]["maxSteps"]["type"]
+    spec["checkpoint"]["properties"]["everySteps"]["default"] = 0
+    spec["storage"]["default"] = {"claimName": "ckpt", "typo": 1}
+    spec["workers"]["properties"]["nodeSelector"]["properties"] = {}
+    del broken["properties"]["status"]["properties"]["conditions"]["items"]["required"]
+    broken["properties"]["metadata"] = {"type": "object", "properties": {"labels": {"type": "object"}}}
+    assert schema_problems(broken) == [
+        "spec.training.maxSteps: type must be one of ['array', 'boolean', 'integer', 'number', 'object', 'string'], "
+        "not None",
+        "spec.workers.nodeSelector: properties and additionalProperties are mutually exclusive",
+        "spec.storage.default: {'claimName': 'ckpt', 'typo': 1} has fields the schema prunes",
+        "spec.checkpoint.everySteps.default: Invalid value: 0: 0 is less than the minimum of 1",
+        "status.conditions: map key 'type' must be a scalar field every entry has (required or defaulted)",
+        "metadata: only metadata.name and metadata.generateName may be restricted, not ['labels']",
+    ]
 
 
 def test_crd_names_scope_columns_and_status_subresource() -> None:
