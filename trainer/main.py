@@ -16,7 +16,9 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):
     # Run as a script (torchrun trainer/main.py): import the package, not its siblings.
@@ -27,6 +29,12 @@ from trainer.config import ConfigError, TrainerConfig  # noqa: E402
 from trainer.config_file import load_config  # noqa: E402
 from trainer.contract import EXIT_CONFIG_ERROR, EXIT_DIVERGED, EXIT_TERMINATED, EXIT_UPLOAD_FAILED  # noqa: E402
 from trainer.signals import StopFlag  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: torch and the libraries take seconds
+    from trainer.data import DreamBoothData
+    from trainer.distributed import Runtime
+    from trainer.loop import DenoisingStep, TrainState
+    from trainer.metrics import TrainerMetrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,22 +175,54 @@ def upload_failed(config: TrainerConfig, runtime) -> bool:
     return not upload["ok"]
 
 
+@dataclass
+class RunSession:
+    """What every stage of one run shares: its config, this process's place in the world,
+    the precision, the metrics endpoint and the stop flag."""
+
+    config: TrainerConfig
+    runtime: Runtime
+    precision: str
+    metrics: TrainerMetrics
+    stop_requested: StopFlag
+    started: float  # time.monotonic()
+
+    @property
+    def json_logs(self) -> bool:
+        return self.config.logging.format == "json"
+
+    def end_unfinished(self, outcome: str, phase: str, exit_code: int, **run_facts: Any) -> int:
+        """End a run that exports nothing (stopped, diverged): rank 0 records its run.json,
+        every rank its phase. Returns `exit_code`."""
+        from trainer.export import describe_run, record_unfinished_run
+
+        if self.runtime.is_main:
+            record_unfinished_run(self.config.output.dir, describe_run(
+                self.config, self.runtime, self.precision, outcome=outcome, started=self.started, **run_facts))
+        self.metrics.set_phase(phase)
+        return exit_code
+
+
+@dataclass
+class Training:
+    """What is trained, on what, and where training stands (`state`, trained in place)."""
+
+    data: DreamBoothData
+    module: Any  # the UNet (and text encoders, or their adapters): objective.build_denoiser
+    engine: Any  # DeepSpeed's engine around it
+    denoising_step: DenoisingStep
+    state: TrainState
+    resumed_from: int | None  # the step of the checkpoint resumed from
+
+
 def run(config: TrainerConfig, model_dir: Path | None) -> int:
     quiet_libraries()
     from trainer import metrics as m
-    from trainer.data import DreamBoothData
     from trainer.distributed import init_process_group, read_runtime, shutdown
-    from trainer.engine import build_engine, resolve_precision
-    from trainer.export import RUN_FILE, describe_model, describe_run, export_pipeline, record_unfinished_run
-    from trainer.loop import DenoisingStep, TrainingDiverged, train
-    from trainer.model_card import model_card
-    from trainer.monitor import TrainingMonitor
-    from trainer.progress import report_event
-    from trainer.resume import convert_if_resized, restore_training_state
+    from trainer.engine import resolve_precision
 
     started = time.monotonic()
     runtime = read_runtime()
-    json_logs = config.logging.format == "json"
     precision = resolve_precision(config.training.precision, runtime.device)
     # Rank 0 binds its port before the process group starts: a taken port fails at once.
     metrics = m.TrainerMetrics.start(config, runtime)
@@ -191,73 +231,108 @@ def run(config: TrainerConfig, model_dir: Path | None) -> int:
     # handler, and must stay killable by the default SIGTERM action until it returns.
     stop_requested = StopFlag(config.checkpoint.grace_seconds)
     try:
-        components = build_base_model(config, model_dir, runtime)
-        class_images_generated = 0
-        if config.data.with_prior_preservation:
-            class_images_generated = generate_missing_class_images(config, components, runtime, metrics, stop_requested)
-            if class_images_generated is None:
-                if runtime.is_main:  # training stands where the checkpoint to resume left it
-                    record_unfinished_run(config.output.dir, describe_run(
-                        config, runtime, precision, outcome="stopped", resumed_from=None, started=started,
-                        final_step=m.checkpoint_hint(config.checkpoint).step))
-                return EXIT_TERMINATED
-        data = DreamBoothData(config.data, components.tokenizers, seed=config.training.seed, rank=runtime.rank,
-                              world_size=runtime.world_size, batch_size=config.training.batch_size)
-        module = build_module(config, components, runtime)
-        universal = convert_if_resized(config, runtime, module, precision)
-        engine = build_engine(config, module, precision=precision, world_size=runtime.world_size,
-                              device_type=runtime.device.type, load_universal=universal is not None)
-        denoising_step = DenoisingStep(engine, components, config, runtime, precision)
-
-        state, resume_point = restore_training_state(engine, config, runtime, metrics, universal)
-        resumed_from = state.step if resume_point is not None else None
-        eval_batch = data.instance_batch()
-        eval_before = denoising_step.instance_eval_loss(eval_batch)
-        samples_before, train_started = state.samples, time.monotonic()
-        monitor = TrainingMonitor(config, runtime, metrics, engine, components)
-        metrics.set_phase(m.PHASE_TRAINING)
-
-        def ended(outcome: str) -> dict:  # state is trained in place: it stands where the run ended
-            return describe_run(config, runtime, precision, outcome=outcome, final_step=state.step,
-                                resumed_from=resumed_from, started=started, trained_samples=state.samples - samples_before,
-                                train_seconds=time.monotonic() - train_started)
-
-        try:
-            state = train(config, engine, denoising_step, data, runtime, state, stop_requested=stop_requested,
-                          on_step=monitor.on_step, after_step=monitor.after_step, metrics=metrics)
-        except TrainingDiverged as diverged:
-            if runtime.is_main:
-                print(f"error: {diverged}", file=sys.stderr, flush=True)
-                record_unfinished_run(config.output.dir, ended("diverged"))
-            metrics.set_phase(m.PHASE_DIVERGED)
-            return EXIT_DIVERGED
-        finally:
-            monitor.close()
-        if stop_requested() or state.step < config.training.max_steps:
-            if runtime.is_main:
-                report_event(f"stopped by {stop_requested.signal_name}", json_format=json_logs, step=state.step)
-                record_unfinished_run(config.output.dir, ended("stopped"))
-            metrics.set_phase(m.PHASE_STOPPED)
-            return EXIT_TERMINATED
-
-        run_info = ended("done")  # timed before the evaluation below
-        run_info |= describe_model(config, components, module, class_images_generated=class_images_generated,
-                                   eval_before=eval_before, eval_after=denoising_step.instance_eval_loss(eval_batch))
-        metrics.set_phase(m.PHASE_EXPORTING)
-        export_pipeline(engine, components, config.output.dir, runtime, run_info, model_card(config, run_info))
-        if upload_failed(config, runtime):
-            return EXIT_UPLOAD_FAILED
-        metrics.set_phase(m.PHASE_DONE)
-        if runtime.is_main:
-            report_event("done", json_format=json_logs, model=str(config.output.dir),
-                         checkpoints=str(config.checkpoint.dir), run=str(config.output.dir / RUN_FILE))
-        return 0
+        return train_and_export(RunSession(config, runtime, precision, metrics, stop_requested, started), model_dir)
     finally:
         shutdown()
         # The end states a scrape must see: done, and diverged (an alert names it).
         metrics.close(linger_seconds=config.metrics.linger_seconds if metrics.phase in (m.PHASE_DONE, m.PHASE_DIVERGED)
                       else 0, stop_requested=stop_requested)
         stop_requested.close()
+
+
+def train_and_export(session: RunSession, model_dir: Path | None) -> int:
+    """Collective. The run from the base model to the exported (and uploaded) one, or to
+    the stop or divergence that ends it first; returns the exit code."""
+    from trainer import metrics as m
+    from trainer.export import describe_model, describe_run
+    from trainer.loop import TrainingDiverged, train
+    from trainer.monitor import TrainingMonitor
+    from trainer.progress import report_event
+
+    config, runtime, metrics = session.config, session.runtime, session.metrics
+    components = build_base_model(config, model_dir, runtime)
+    class_images_generated = 0
+    if config.data.with_prior_preservation:
+        class_images_generated = generate_missing_class_images(config, components, runtime, metrics,
+                                                               session.stop_requested)
+        if class_images_generated is None:  # training stands where the checkpoint to resume left it
+            return session.end_unfinished("stopped", m.PHASE_STOPPED, EXIT_TERMINATED, resumed_from=None,
+                                          final_step=m.checkpoint_hint(config.checkpoint).step)
+    training = prepare_training(session, components)
+    eval_batch = training.data.instance_batch()
+    eval_before = training.denoising_step.instance_eval_loss(eval_batch)
+    samples_before, train_started = training.state.samples, time.monotonic()
+
+    def run_facts() -> dict[str, Any]:  # where the run ended
+        return {"final_step": training.state.step, "resumed_from": training.resumed_from,
+                "trained_samples": training.state.samples - samples_before,
+                "train_seconds": time.monotonic() - train_started}
+
+    monitor = TrainingMonitor(config, runtime, metrics, training.engine, components)
+    metrics.set_phase(m.PHASE_TRAINING)
+    try:
+        train(config, training.engine, training.denoising_step, training.data, runtime, training.state,
+              stop_requested=session.stop_requested, on_step=monitor.on_step, after_step=monitor.after_step,
+              metrics=metrics)
+    except TrainingDiverged as diverged:
+        if runtime.is_main:
+            print(f"error: {diverged}", file=sys.stderr, flush=True)
+        return session.end_unfinished("diverged", m.PHASE_DIVERGED, EXIT_DIVERGED, **run_facts())
+    finally:
+        monitor.close()
+    if session.stop_requested() or training.state.step < config.training.max_steps:
+        if runtime.is_main:
+            report_event(f"stopped by {session.stop_requested.signal_name}", json_format=session.json_logs,
+                         step=training.state.step)
+        return session.end_unfinished("stopped", m.PHASE_STOPPED, EXIT_TERMINATED, **run_facts())
+
+    run_info = describe_run(config, runtime, session.precision, outcome="done", started=session.started,
+                            **run_facts())  # timed before the evaluation below
+    run_info |= describe_model(config, components, training.module, class_images_generated=class_images_generated,
+                               eval_before=eval_before,
+                               eval_after=training.denoising_step.instance_eval_loss(eval_batch))
+    return export_and_upload(session, training, components, run_info)
+
+
+def prepare_training(session: RunSession, components) -> Training:
+    """Collective. The data, the module on the device, its DeepSpeed engine, and the state
+    restored from the latest loadable checkpoint (converted first when the world size
+    changed), or a fresh one."""
+    from trainer.data import DreamBoothData
+    from trainer.engine import build_engine
+    from trainer.loop import DenoisingStep
+    from trainer.resume import convert_if_resized, restore_training_state
+
+    config, runtime = session.config, session.runtime
+    data = DreamBoothData(config.data, components.tokenizers, seed=config.training.seed, rank=runtime.rank,
+                          world_size=runtime.world_size, batch_size=config.training.batch_size)
+    module = build_module(config, components, runtime)
+    universal = convert_if_resized(config, runtime, module, session.precision)
+    engine = build_engine(config, module, precision=session.precision, world_size=runtime.world_size,
+                          device_type=runtime.device.type, load_universal=universal is not None)
+    denoising_step = DenoisingStep(engine, components, config, runtime, session.precision)
+    state, resume_point = restore_training_state(engine, config, runtime, session.metrics, universal)
+    return Training(data, module, engine, denoising_step, state,
+                    resumed_from=state.step if resume_point is not None else None)
+
+
+def export_and_upload(session: RunSession, training: Training, components, run_info: dict[str, Any]) -> int:
+    """Collective. The trained pipeline into output.dir (and output.uri); returns the exit code."""
+    from trainer import metrics as m
+    from trainer.export import RUN_FILE, export_pipeline
+    from trainer.model_card import model_card
+    from trainer.progress import report_event
+
+    config, runtime = session.config, session.runtime
+    session.metrics.set_phase(m.PHASE_EXPORTING)
+    export_pipeline(training.engine, components, config.output.dir, runtime, run_info, model_card(config, run_info))
+    if upload_failed(config, runtime):
+        return EXIT_UPLOAD_FAILED
+    session.metrics.set_phase(m.PHASE_DONE)
+    if runtime.is_main:
+        report_event("done", json_format=session.json_logs, model=str(config.output.dir),
+                     checkpoints=str(config.checkpoint.dir), run=str(config.output.dir / RUN_FILE))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
