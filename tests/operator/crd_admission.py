@@ -12,6 +12,8 @@ CRD it stores through `admit`.
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import re
 from functools import cache
 from typing import Any
 
@@ -23,6 +25,20 @@ import jsonschema
 OBJECT_FIELDS = ("apiVersion", "kind", "metadata")
 # The old value of a new one that has none to compare with (a create, a new field, a list's entry).
 UNCORRELATED = object()
+# The formats the API server checks that our CRD uses.
+FORMATS = jsonschema.FormatChecker(formats=())
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+@FORMATS.checks("date-time", raises=ValueError)
+def is_date_time(value: object) -> bool:
+    """RFC 3339, as metav1.Time writes it (2026-11-29T09:00:00Z); not a bare date or a local time."""
+    if not isinstance(value, str):
+        return True  # the type check speaks for other kinds
+    if not RFC3339.fullmatch(value):
+        return False
+    dt.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))  # a ValueError for a 30th of February
+    return True
 
 
 def served_schema(crd: dict[str, Any], version: str) -> dict[str, Any] | None:
@@ -96,7 +112,8 @@ def rule_violations(schema: dict[str, Any], value: Any, path: str = "", old: Any
 def schema_violations(schema: dict[str, Any], value: Any, old: Any = UNCORRELATED) -> list[str]:
     """`path: Invalid value: ...` of each place `value` breaks the schema's types and limits,
     but those where it equals `old`, its value before an update (ratcheting)."""
-    errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    errors = sorted(jsonschema.Draft4Validator(schema, format_checker=FORMATS).iter_errors(value),
+                    key=lambda e: list(e.absolute_path))
     return [f"{'.'.join(str(part) for part in error.absolute_path) or '<root>'}: Invalid value: "
             f"{error.instance!r}: {error.message}" for error in errors
             if not unchanged_at(list(error.absolute_path), value, old)]

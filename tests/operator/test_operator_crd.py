@@ -312,6 +312,11 @@ def test_the_emulated_admission_prunes_defaults_and_keeps_each_writer_to_its_par
     # Wrong types and broken rules are refused, naming the field.
     _, problems = admit(CRD, version, stored, {**stored, "status": {"restarts": "two"}}, "status")
     assert problems == ["status.restarts: Invalid value: 'two': 'two' is not of type 'integer'"]
+    for time in ("2026-11-29", "2026-11-29T09:00:00", "2026-02-30T09:00:00Z", "yesterday"):
+        _, problems = admit(CRD, version, stored, {**stored, "status": {"startTime": time}}, "status")
+        assert problems == [f"status.startTime: Invalid value: {time!r}: {time!r} is not a 'date-time'"]
+    for time in ("2026-11-29T09:00:00Z", "2026-11-29T09:00:00.5+01:00"):
+        assert admit(CRD, version, stored, {**stored, "status": {"startTime": time}}, "status")[1] == []
     _, problems = admit(CRD, version, stored, {**stored, "spec": {**stored["spec"], "metrics": {"port": 80}}}, None)
     assert problems == ["spec.metrics.port: metrics.port: 0 (off), or a port from 1024 up (the workers cannot bind "
                         "lower ones) other than 29500 (their rendezvous)"]
