@@ -89,6 +89,7 @@ class TrainingSpec(SpecModel):
     text_encoder_learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
+    scale_lr: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
     train_text_encoder: bool = False
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"

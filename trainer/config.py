@@ -127,6 +127,12 @@ class TrainingConfig(_Section):
         description="Peak learning rate of the text encoder(s) with train_text_encoder, as diffusers' "
         "--text_encoder_lr (LoRA recipes train them slower than the UNet, e.g. 5e-6 beside 1e-4); unset: learning_rate.",
     )
+    scale_lr: bool = Field(
+        False,
+        description="Multiply the learning rates by the instance images of one optimizer step (batch_size x "
+        "gradient_accumulation x processes), as diffusers' --scale_lr: 16 GPUs then take steps 16 times one GPU's. "
+        "A resume on another number of processes rescales them.",
+    )
     batch_size: int = Field(1, ge=1, description="Instance images per rank per micro step (as many class images again).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro steps per optimizer step.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class (prior) loss.")
@@ -371,6 +377,7 @@ RECIPE_KEYS = (
     "data.num_class_images",
     "data.resolution", "data.center_crop", "data.random_flip", "training.seed", "training.batch_size",
     "training.gradient_accumulation", "training.max_steps", "training.lr_scheduler", "training.lr_warmup_steps",
+    "training.scale_lr",
     "training.prior_loss_weight", "training.max_grad_norm", "training.snr_gamma", "training.noise_offset",
 )
 

@@ -67,7 +67,7 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": training.learning_rate,
+                "lr": group_learning_rates(config, world_size)[0],
                 "betas": [training.adam_beta1, training.adam_beta2],
                 "eps": training.adam_epsilon,
                 "weight_decay": training.adam_weight_decay,
@@ -143,13 +143,15 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
 GROUP_RATE_KEYS = ("training.learning_rate", "training.text_encoder_learning_rate")
 
 
-def group_learning_rates(config: TrainerConfig) -> list[float]:
-    """Peak rates in GROUP_RATE_KEYS order: the UNet's, the text encoders' (default: the UNet's)."""
+def group_learning_rates(config: TrainerConfig, world_size: int) -> list[float]:
+    """Peak rates in GROUP_RATE_KEYS order: the UNet's, the text encoders' (default: the
+    UNet's); with training.scale_lr, times the instance images of one optimizer step."""
     training = config.training
-    return [training.learning_rate, training.text_encoder_learning_rate or training.learning_rate]
+    scale = training.batch_size * training.gradient_accumulation * world_size if training.scale_lr else 1
+    return [training.learning_rate * scale, (training.text_encoder_learning_rate or training.learning_rate) * scale]
 
 
-def parameter_groups(module: torch.nn.Module, config: TrainerConfig) -> list[dict]:
+def parameter_groups(module: torch.nn.Module, config: TrainerConfig, world_size: int) -> list[dict]:
     """The UNet's trained parameters, then (when they are trained) the text encoders', at
     their own learning rate. Two groups whenever the text encoders train, whatever the
     rates, so that a resume may change either rate."""
@@ -157,14 +159,14 @@ def parameter_groups(module: torch.nn.Module, config: TrainerConfig) -> list[dic
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
             (text_encoders if name.startswith("text_encoder") else unet).append(parameter)
-    unet_rate, text_encoder_rate = group_learning_rates(config)
+    unet_rate, text_encoder_rate = group_learning_rates(config, world_size)
     groups = [{"params": unet, "lr": unet_rate}]
     if text_encoders:
         groups.append({"params": text_encoders, "lr": text_encoder_rate})
     return groups
 
 
-def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[float, float]]:
+def apply_optimizer_settings(engine, config: TrainerConfig, world_size: int) -> dict[str, tuple[float, float]]:
     """After a resume: this run's learning rates and AdamW settings, not the checkpoint's.
     DeepSpeed restores the optimizer's param groups and the schedule's base rates from the
     checkpoint, so a run resumed with another training.learning_rate (lowered after a
@@ -173,7 +175,7 @@ def apply_optimizer_settings(engine, config: TrainerConfig) -> dict[str, tuple[f
     training = config.training
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    rates = group_learning_rates(config)[:len(groups)]
+    rates = group_learning_rates(config, world_size)[:len(groups)]
     saved = {**dict(zip(GROUP_RATE_KEYS, scheduler.base_lrs)), "training.adam_beta1": groups[0]["betas"][0],
              "training.adam_beta2": groups[0]["betas"][1], "training.adam_epsilon": groups[0]["eps"],
              "training.adam_weight_decay": groups[0]["weight_decay"]}
@@ -197,7 +199,7 @@ def build_engine(config: TrainerConfig, module: torch.nn.Module, *, precision: s
     trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        model_parameters=parameter_groups(module, config),
+        model_parameters=parameter_groups(module, config, world_size),
         config=build_deepspeed_config(config, precision=precision, world_size=world_size, device_type=device_type,
                                       num_trainable=sum(parameter.numel() for parameter in trainable),
                                       load_universal=load_universal),

@@ -19,6 +19,7 @@ import torch
 from trainer import atomic
 from trainer.config import TrainerConfig
 from trainer.distributed import Runtime, wait_for_main_rank
+from trainer.engine import group_learning_rates
 from trainer.model_card import SDXL_PIPELINE
 from trainer.objective import compile_report
 from trainer.progress import json_safe
@@ -94,6 +95,8 @@ def describe_run(config: TrainerConfig, runtime: Runtime, precision: str, *, out
         "precision": precision,
         "zero_stage": config.deepspeed.zero_stage,
         "train_text_encoder": config.training.train_text_encoder,
+        # The UNet's peak, as trained: scaled by the images of a step with training.scale_lr.
+        "learning_rate": group_learning_rates(config, runtime.world_size)[0],
         "lora_rank": config.lora.rank,
         "lora_use_dora": config.lora.use_dora,
         "wall_seconds": time.monotonic() - started,

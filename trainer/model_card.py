@@ -61,7 +61,7 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
                else "all UNet weights")
     trained += (" and both text encoders" if sdxl else " and the text encoder") if training.train_text_encoder else ""
     details = [f"{run_info['final_step']} steps of {training.batch_size} instance image(s) per process on "
-               f"{run_info['world_size']} process(es), learning rate {training.learning_rate:g} ({training.lr_scheduler})",
+               f"{run_info['world_size']} process(es), learning rate {learning_rate(config, run_info)} ({training.lr_scheduler})",
                f"{run_info['precision']}, DeepSpeed ZeRO-{run_info['zero_stage']}",
                f"{config.data.resolution} px"]
     if config.data.caption_files:
@@ -76,3 +76,15 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
         dtype={"fp16": "float16", "bf16": "bfloat16"}.get(run_info.get("output_dtype")),
     )
     return str(card)
+
+
+def learning_rate(config: TrainerConfig, run_info: dict[str, Any]) -> str:
+    """The UNet's peak rate as trained, and how it was scaled (training.scale_lr)."""
+    from trainer.engine import group_learning_rates
+
+    training = config.training
+    rate = group_learning_rates(config, run_info["world_size"])[0]
+    if not training.scale_lr:
+        return f"{rate:g}"
+    return (f"{rate:g} ({training.learning_rate:g} x {training.batch_size} x {training.gradient_accumulation} "
+            f"x {run_info['world_size']}, scaled by the images of a step)")

@@ -75,7 +75,7 @@ def restore_training_state(engine, config: TrainerConfig, runtime: Runtime, metr
     if folder is None:
         return TrainState(), None
     state = TrainState.from_state_dict(saved)
-    changed = apply_optimizer_settings(engine, config)
+    changed = apply_optimizer_settings(engine, config, runtime.world_size)
     # A checkpoint from before the recipe was kept compares nothing.
     saved_recipe = saved.get(checkpoint.RECIPE_KEY, {})
     changed |= {key: (saved_recipe[key], value) for key, value in recipe(config).items()

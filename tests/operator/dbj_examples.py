@@ -49,7 +49,7 @@ FULL_SPEC: dict[str, Any] = {
     },
     "training": {"maxSteps": 800, "learningRate": 2.0e-6, "textEncoderLearningRate": 1.0e-6, "batchSize": 1,
                  "trainTextEncoder": True, "precision": "fp16", "snrGamma": 5.0, "noiseOffset": 0.05,
-                 "maxNonfiniteSteps": 20},
+                 "maxNonfiniteSteps": 20, "scaleLr": True},
     "deepspeed": {"zeroStage": 2, "offloadOptimizer": True},
     "workers": {
         "nodes": 2,

@@ -303,6 +303,22 @@ def test_the_model_card_says_what_was_trained_from_what_and_how_to_load_it(tmp_p
     assert "800 steps" in card.text and "fp16, DeepSpeed ZeRO-2" in card.text
     assert 'prior preservation with 4 images of "a photo of a robot"' in card.text
     assert ('load_lora_weights("PATH_OR_REPO", weight_name="pytorch_lora_weights.safetensors")' in card.text) is bool(lora_rank)
+    assert "learning rate 0.001 (constant)" in card.text
+
+
+def test_scale_lr_multiplies_each_group_by_the_images_of_a_step(tmp_path):
+    from trainer.engine import group_learning_rates
+    from trainer.model_card import model_card
+
+    settings = {"learning_rate": 1e-6, "text_encoder_learning_rate": 5e-7, "train_text_encoder": True, "batch_size": 2,
+                "gradient_accumulation": 3}
+    plain = validate_config(tiny_config(tmp_path, training=settings))
+    scaled = validate_config(tiny_config(tmp_path, training={**settings, "scale_lr": True}))
+    assert group_learning_rates(plain, world_size=16) == [1e-6, 5e-7]
+    assert group_learning_rates(scaled, world_size=16) == pytest.approx([96e-6, 48e-6])
+    card = model_card(scaled, {"final_step": 800, "world_size": 16, "precision": "fp16", "zero_stage": 2,
+                               "pipeline": "StableDiffusionPipeline"})
+    assert "learning rate 9.6e-05 (1e-06 x 2 x 3 x 16, scaled by the images of a step)" in card
 
 
 def test_sdxl_denoiser_conditions_on_both_encoders_the_pooled_prompt_and_the_size_ids():
