@@ -94,8 +94,11 @@ class TrainingSpec(SpecModel):
     train_text_encoder: bool = False
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     seed: int = 0
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    # Unset: the trainer's, which refuses either beside a schedule that has no use for it.
+    lr_num_cycles: int | None = Field(None, ge=1)
+    lr_power: float | None = Field(None, gt=0)
     gradient_checkpointing: bool = False
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)

@@ -146,13 +146,17 @@ class TrainingConfig(_Section):
         description="Steps in a row with a NaN or infinite loss after which the run stops as diverged (exit 4) "
         "instead of training on and exporting broken weights; no checkpoint is written on such a step. 0: never stop.",
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
         "constant",
-        description="Decay after warmup. Every schedule warms up over lr_warmup_steps, so `constant` with warmup is "
-        "diffusers' constant_with_warmup; the ramp's first step takes 1/lr_warmup_steps of the peak (diffusers' "
-        "takes 0).",
+        description="Decay after warmup, as diffusers' --lr_scheduler. Every schedule warms up over lr_warmup_steps, so "
+        "`constant` with warmup is diffusers' constant_with_warmup; the ramp's first step takes 1/lr_warmup_steps of "
+        "the peak (diffusers' takes 0). `polynomial` decays to 0 (diffusers' to 1e-7).",
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (at most training.max_steps).")
+    lr_num_cycles: int = Field(
+        1, ge=1, description="Cosine cycles of `cosine_with_restarts`, each back from the peak (diffusers' --lr_num_cycles).")
+    lr_power: float = Field(
+        1.0, gt=0, description="Exponent of `polynomial`'s decay (diffusers' --lr_power): 1 is linear, 2 falls faster.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
@@ -352,6 +356,11 @@ class TrainerConfig(_Section):
                 "training.compile = true does not work with deepspeed.zero_stage = 3 (ZeRO-3 gathers each layer's "
                 "weights in hooks that a compiled graph skips); use zero_stage 2, or compile: false"
             )
+        for key, schedule in (("lr_num_cycles", "cosine_with_restarts"), ("lr_power", "polynomial")):
+            value = getattr(self.training, key)
+            if value != TrainingConfig.model_fields[key].default and self.training.lr_scheduler != schedule:
+                raise ValueError(f"training.{key} = {value} has no effect with training.lr_scheduler = "
+                                 f"{self.training.lr_scheduler}; set training.lr_scheduler: {schedule}, or remove the key")
         if self.training.text_encoder_learning_rate is not None and not self.training.train_text_encoder:
             raise ValueError(
                 f"training.text_encoder_learning_rate = {self.training.text_encoder_learning_rate} has no effect without "
@@ -377,7 +386,7 @@ RECIPE_KEYS = (
     "data.num_class_images",
     "data.resolution", "data.center_crop", "data.random_flip", "training.seed", "training.batch_size",
     "training.gradient_accumulation", "training.max_steps", "training.lr_scheduler", "training.lr_warmup_steps",
-    "training.scale_lr",
+    "training.scale_lr", "training.lr_num_cycles", "training.lr_power",
     "training.prior_loss_weight", "training.max_grad_norm", "training.snr_gamma", "training.noise_offset",
 )
 

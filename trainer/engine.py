@@ -113,8 +113,10 @@ def build_deepspeed_config(config: TrainerConfig, *, precision: str, world_size:
     return deep_merge(ds, config.deepspeed.overrides)
 
 
-def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
-    """Factor on the peak learning rate after `step` optimizer steps."""
+def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str, num_cycles: int = 1,
+                  power: float = 1.0) -> float:
+    """Factor on the peak learning rate after `step` optimizer steps (the schedules of
+    diffusers' get_scheduler, but for the warmup's first step and polynomial's floor)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -122,6 +124,10 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     if schedule == "linear":
         return 1.0 - progress
+    if schedule == "polynomial":
+        return (1.0 - progress) ** power
+    if schedule == "cosine_with_restarts":
+        return 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -132,7 +138,8 @@ def lr_scheduler_factory(config: TrainerConfig) -> Callable:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
-                step, warmup_steps=training.lr_warmup_steps, max_steps=training.max_steps, schedule=training.lr_scheduler
+                step, warmup_steps=training.lr_warmup_steps, max_steps=training.max_steps, schedule=training.lr_scheduler,
+                num_cycles=training.lr_num_cycles, power=training.lr_power,
             ),
         )
 

@@ -291,6 +291,8 @@ def train(
     first_nonfinite: int | None = None  # first step of the current run of NaN/Inf losses
     while state.step < training.max_steps:
         step_started = time.monotonic()
+        # The rate this step trains at: after it, the schedule has moved on to the next one's.
+        learning_rate = engine.get_lr()[0]
         sums = None
         for _ in range(training.gradient_accumulation):
             try:
@@ -314,7 +316,7 @@ def train(
             values = dict(
                 step=state.step, max_steps=training.max_steps, loss=loss, instance_loss=instance_loss,
                 prior_loss=prior_loss if data.class_ids is not None else None,
-                learning_rate=engine.get_lr()[0], samples_per_second=throughput.samples_per_second,
+                learning_rate=learning_rate, samples_per_second=throughput.samples_per_second,
                 eta_seconds=throughput.eta_seconds(training.max_steps - state.step), samples=state.samples,
             )
             if runtime.is_main:

@@ -179,3 +179,14 @@ def test_spec_the_trainer_rejects_is_an_invalid_spec() -> None:
     with pytest.raises(InvalidSpecError) as error:
         build_config_map(job(spec))
     assert "spec.training.lrWarmupSteps = 50 exceeds spec.training.maxSteps = 10" in str(error.value)
+
+
+def test_a_schedule_s_own_setting_is_rendered_with_it_and_refused_without_it() -> None:
+    spec = parse_spec(minimal_spec_with("training", {"lrScheduler": "cosine_with_restarts", "lrNumCycles": 3}))
+    training = render_trainer_config("sks-dog", spec)["training"]
+    assert (training["lr_scheduler"], training["lr_num_cycles"]) == ("cosine_with_restarts", 3)
+    assert "lr_power" not in training  # unset: the trainer's default
+    with pytest.raises(InvalidSpecError) as error:
+        build_config_map(job(minimal_spec_with("training", {"lrPower": 2.0})))
+    assert ("spec.training.lrPower = 2.0 has no effect with spec.training.lrScheduler = constant; set "
+            "spec.training.lrScheduler: polynomial") in str(error.value)

@@ -152,6 +152,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_multiplier(9, schedule="cosine", **shape) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("schedule, options", [("linear", {}), ("cosine", {}), ("cosine_with_restarts", {"num_cycles": 3}),
+                                               ("polynomial", {"power": 2.0}), ("constant", {})])
+def test_lr_schedules_after_warmup_are_diffusers(schedule, options):
+    """Step for step the factors of diffusers' get_scheduler (--lr_scheduler, --lr_num_cycles,
+    --lr_power), read from the real scheduler on a peak rate of 1."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(schedule, optimizer, num_warmup_steps=0, num_training_steps=20, **options)
+    for step in range(21):
+        ours = lr_multiplier(step, warmup_steps=0, max_steps=20, schedule=schedule, **options)
+        assert ours == pytest.approx(theirs.get_last_lr()[0], abs=2e-7), step  # polynomial's floor: 1e-7
+        optimizer.step()
+        theirs.step()
+
+
 def test_class_image_plan_keeps_existing_images_and_fills_the_gap(tmp_path):
     (tmp_path / "mine.jpg").write_bytes(b"x")
     class_image_path(tmp_path, 1).write_bytes(b"x")

@@ -165,17 +165,18 @@ def test_the_model_learns_its_subject_with_prior_preservation_and_class_images_a
 
 
 @pytest.mark.slow
-def test_scale_lr_trains_two_processes_at_twice_the_rate_and_says_so(tmp_path):
-    """training.scale_lr, as diffusers' --scale_lr: the rate the optimizer steps with is
-    learning_rate times the instance images of one step (1 x 2 accumulated x 2 processes)."""
+def test_scale_lr_and_the_schedule_set_the_rate_each_step_trains_at(tmp_path):
+    """training.scale_lr, as diffusers' --scale_lr: the peak rate is learning_rate times the
+    instance images of one step (1 x 2 accumulated x 2 processes); the schedule (here
+    polynomial, power 2) decays it from there."""
     root = tmp_path / "run"
-    config = tiny_config(root, training={"max_steps": 1, "learning_rate": 1e-4, "scale_lr": True,
-                                         "gradient_accumulation": 2},
+    config = tiny_config(root, training={"max_steps": 2, "learning_rate": 1e-4, "scale_lr": True,
+                                         "gradient_accumulation": 2, "lr_scheduler": "polynomial", "lr_power": 2.0},
                          data={"class_prompt": None, "class_dir": None}, logging={"format": "json"})
     result = run_trainer(write_config(root, config))
     assert result.returncode == 0, result.stderr[-4000:]
-    [step] = [event for event in json_events(result.stdout) if event["event"] == "step"]
-    assert step["learning_rate"] == pytest.approx(4e-4)
+    steps = [event for event in json_events(result.stdout) if event["event"] == "step"]
+    assert [step["learning_rate"] for step in steps] == pytest.approx([4e-4, 4e-4 * (1 - 1 / 2) ** 2])
     assert read_run(root)["learning_rate"] == pytest.approx(4e-4)
     card = ModelCard.load(root / "model" / "README.md")
     assert "learning rate 0.0004 (0.0001 x 1 x 2 x 2, scaled by the images of a step)" in card.text
