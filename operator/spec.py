@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from trainer.config import VALIDATION_SCHEDULERS
 
 from .constants import RENDEZVOUS_PORT, VOLCANO_SCHEDULER
 from .spec_base import FIELD_ERROR, InvalidSpecError, SpecModel, field_error
@@ -192,6 +193,7 @@ class ValidationSpec(SpecModel):
     seed: int = 0
     guidance_scale: float | None = Field(None, ge=0)
     negative_prompt: str | None = Field(None, min_length=1)
+    scheduler: Literal[VALIDATION_SCHEDULERS] | None = None  # type: ignore[valid-type]
 
 
 class OutputSpec(SpecModel):

@@ -128,10 +128,10 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
         "validation": {"every_steps": spec.validation.every_steps, "prompts": list(spec.validation.prompts),
                        "num_inference_steps": spec.validation.num_inference_steps,
                        "images_per_prompt": spec.validation.images_per_prompt, "seed": spec.validation.seed,
-                       # Unset: the trainer's (the pipeline's own guidance, no negative prompt).
-                       **{key: value for key, value in (("guidance_scale", spec.validation.guidance_scale),
-                                                        ("negative_prompt", spec.validation.negative_prompt))
-                          if value is not None}},
+                       # Unset: the trainer's (the pipeline's own guidance and sampler, no negative prompt).
+                       **_set_only(guidance_scale=spec.validation.guidance_scale,
+                                   negative_prompt=spec.validation.negative_prompt,
+                                   scheduler=spec.validation.scheduler)},
     }
     apply_trainer_overrides(config, spec.trainer_overrides)
     try:

@@ -77,7 +77,7 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
     validation, device = config.validation, runtime.device
     modules = trained_modules(state, components)
     # The shared scheduler object is left untouched: sampling sets its timesteps.
-    scheduler = type(components.inference_scheduler).from_config(components.inference_scheduler.config)
+    scheduler = sampler_class(validation.scheduler, components).from_config(components.inference_scheduler.config)
     if device.type == "cuda":
         # Half precision beside the training state: the sampling copy costs half the fp32 size.
         modules["unet"] = modules["unet"].to(device, torch.float16)
@@ -97,6 +97,15 @@ def _generate_on_main(state, components, config: TrainerConfig, runtime: Runtime
                                   guidance_scale=validation.guidance_scale, negative_prompt=validation.negative_prompt)
     del pipeline, modules
     return image_grid(images, columns=per_prompt if per_prompt > 1 else GRID_COLUMNS)
+
+
+def sampler_class(name: str | None, components) -> type:
+    """validation.scheduler's class, or the model's own scheduler's when it is unset."""
+    if name is None:
+        return type(components.inference_scheduler)
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def save_grid(grid, folder: Path, step: int) -> Path:

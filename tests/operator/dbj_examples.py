@@ -78,7 +78,8 @@ FULL_SPEC: dict[str, Any] = {
                   "gangScheduling": {"podGroup": "volcano", "queue": "vision"}},
     "metrics": {"port": 9090},
     "validation": {"everySteps": 200, "prompts": ["a photo of sks dog on the beach"], "numInferenceSteps": 30,
-                   "imagesPerPrompt": 4, "guidanceScale": 6.0, "negativePrompt": "blurry"},
+                   "imagesPerPrompt": 4, "guidanceScale": 6.0, "negativePrompt": "blurry",
+                   "scheduler": "DPMSolverMultistepScheduler"},
     "trainerOverrides": {"training.max_grad_norm": 0.5, "data.random_flip": True,
                          "deepspeed.overrides": {"zero_optimization": {"overlap_comm": True}}},
 }

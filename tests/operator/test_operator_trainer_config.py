@@ -51,7 +51,8 @@ def test_rendered_config_is_valid_for_the_trainer_and_maps_every_field() -> None
     assert config["metrics"]["port"] == 9090 and "host" not in config["metrics"]  # the trainer binds $POD_IP
     assert config["validation"] == {"every_steps": 200, "prompts": ["a photo of sks dog on the beach"],
                                     "num_inference_steps": 30, "images_per_prompt": 4, "seed": 0,
-                                    "guidance_scale": 6.0, "negative_prompt": "blurry"}
+                                    "guidance_scale": 6.0, "negative_prompt": "blurry",
+                                    "scheduler": "DPMSolverMultistepScheduler"}
     # Unset, they are left to the trainer (the pipeline's own guidance, no negative prompt).
     assert "guidance_scale" not in render_trainer_config("sks-dog", parse_spec(MINIMAL_SPEC))["validation"]
     # The trainer puts the samples beside the checkpoints: <job>/samples/ on the claim.

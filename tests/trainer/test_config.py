@@ -65,6 +65,7 @@ def test_metrics_host_defaults_to_pod_ip(tmp_path, monkeypatch):
         ({"output": None}, ["output: required section is missing (it needs output.dir)", "--set output.dir=VALUE"]),
         ({"training": {"max_steps": "many"}}, ["training.max_steps", "'many'", "integer"]),
         ({"training": {"lr_warmup_steps": 100}}, ["training.lr_warmup_steps", "100", "max_steps"]),
+        ({"validation": {"scheduler": "DPMSolver"}}, ["validation.scheduler", "'DPMSolver'", "'DPMSolverMultistepScheduler'"]),
         ({"training": {"lr_num_cycles": 3}},
          ["training.lr_num_cycles = 3 has no effect with training.lr_scheduler = constant",
           "set training.lr_scheduler: cosine_with_restarts"]),

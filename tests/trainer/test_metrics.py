@@ -216,9 +216,9 @@ def test_several_samples_per_prompt_make_a_row_each_and_the_first_is_the_one_sam
     assert ImageChops.difference(second_prompt, one.crop((32, 0, 64, 32))).getbbox()  # seed 3, not seed 1
 
 
-def test_samples_follow_the_guidance_scale_and_the_negative_prompt_asked_for(tmp_path):
-    """validation.guidance_scale and negative_prompt reach the pipeline; unset, its own
-    (7.5 for SD, no negative prompt) draw the samples of before."""
+def test_samples_follow_the_guidance_scale_negative_prompt_and_sampler_asked_for(tmp_path):
+    """validation.guidance_scale, negative_prompt and scheduler reach the pipeline; unset,
+    its own (7.5 for SD, no negative prompt, the tiny model's PNDM) draw the samples of before."""
     from PIL import ImageChops
 
     from trainer.distributed import Runtime
@@ -240,6 +240,27 @@ def test_samples_follow_the_guidance_scale_and_the_negative_prompt_asked_for(tmp
     assert not differ(grid(guidance_scale=7.5), unset)
     assert differ(grid(guidance_scale=1.0), unset)
     assert differ(grid(negative_prompt="blurry, low quality"), unset)
+    assert not differ(grid(scheduler="PNDMScheduler"), unset)
+    assert differ(grid(scheduler="DPMSolverMultistepScheduler"), unset)
+
+
+@pytest.mark.parametrize("source", ["tiny", "tiny-sdxl"])
+def test_every_validation_sampler_is_a_diffusers_scheduler_for_the_model(source):
+    """The names validation.scheduler takes (a list the operator's CRD repeats without
+    importing diffusers) are schedulers diffusers builds from the model's own config."""
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+
+    from trainer.config import VALIDATION_SCHEDULERS
+    from trainer.models import build_components
+    from trainer.validation import sampler_class
+
+    components = build_components(source, None)
+    assert set(VALIDATION_SCHEDULERS) <= {scheduler.name for scheduler in KarrasDiffusionSchedulers}
+    for name in VALIDATION_SCHEDULERS:
+        sampler = sampler_class(name, components).from_config(components.inference_scheduler.config)
+        sampler.set_timesteps(25)
+        assert type(sampler).__name__ == name and len(sampler.timesteps) >= 25
+    assert sampler_class(None, components) is type(components.inference_scheduler)
 
 
 def test_step_lines_are_plain_off_a_terminal_and_a_bar_on_one(capsys, monkeypatch):
