@@ -2,18 +2,18 @@
 field it writes. `helm upgrade`
 never updates a CRD, and an API server silently prunes the fields its CRD lacks: a job
 asking for a newer field (spec.lora.useDora) would train without it, and nobody would
-know. So the operator compares the installed schema with its own spec model when it
+know; an older enum refuses a newer value with a list that does not say why. So the operator compares the installed schema with its own spec model when it
 starts, and again every few minutes (Reconciler.check_crd), and says what is missing
 where users look."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from .constants import GROUP, PLURAL, STATUS_FIELDS, VERSION
+from .constants import GROUP, KIND, PLURAL, STATUS_FIELDS, VERSION
 from .spec import JobSpec
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -43,11 +43,22 @@ def _missing(model: type[BaseModel], schema: dict[str, Any], path: str) -> Itera
         if alias not in properties:
             yield f"{path}.{alias}"
             continue
+        allowed = properties[alias].get("enum")
+        refused = [value for value in literal_values(field.annotation) if allowed is not None and value not in allowed]
+        if refused:  # an older enum: the API server refuses a job asking for a newer value
+            yield f"{path}.{alias}={'|'.join(str(value) for value in refused)}"
         nested = next((arg for arg in getattr(field.annotation, "__args__", (field.annotation,))
                        if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
         if nested is not None:  # a section, or a list of them (the schema's `items`)
             child = properties[alias]
             yield from _missing(nested, child.get("items", child), f"{path}.{alias}")
+
+
+def literal_values(annotation: Any) -> list[Any]:
+    """The values a Literal field (or an optional one) takes; none for other types."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) if get_origin(arg) is Literal for value in get_args(arg)]
 
 
 def _missing_status(schema: dict[str, Any]) -> list[str]:
@@ -70,13 +81,17 @@ def _missing_status(schema: dict[str, Any]) -> list[str]:
 
 def outdated_crd_message(missing: list[str]) -> str:
     effects = []
-    if any(path.startswith("spec") for path in missing):
+    fields, values = [path for path in missing if "=" not in path], [path for path in missing if "=" in path]
+    if any(path.startswith("spec") for path in fields):
         effects.append("a job asking for a spec field it lacks trains without it")
-    if any(path.startswith("status.") for path in missing):
+    if values:
+        effects.append("a job asking for a value it lacks (field=values) is refused at kubectl apply")
+    if any(path.startswith("status.") for path in fields):
         effects.append("what the operator records in a status field it lacks (restarts, backoff, progress) is "
                        "forgotten at once")
+    action = " or ".join(([f"drops from every {KIND}"] if fields else []) + (["refuses"] if values else []))
     return (f"the installed CustomResourceDefinition {CRD_NAME} is older than this operator: it lacks "
-            f"{', '.join(missing)}, which the API server drops from every DreamboothJob ({'; '.join(effects)}); "
+            f"{', '.join(missing)}, which the API server {action} ({'; '.join(effects)}); "
             f"apply the operator's CRD (kubectl apply -f charts/dreambooth-operator/crds/crd.yaml: helm upgrade "
             f"does not update CRDs)")
 

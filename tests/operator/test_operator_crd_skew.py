@@ -188,3 +188,20 @@ def test_status_fields_the_installed_crd_lacks_are_not_written_at_every_pass(ope
         assert cluster.status("steady")["phase"] == "Running"
     finally:
         emulated.install_crd(CRD)
+
+
+def test_an_older_enum_is_told_apart_by_the_values_it_refuses() -> None:
+    """An enum the model grew (lrScheduler's cosine_with_restarts, polynomial): the older
+    CRD has the field, but the API server refuses a job asking for a newer value."""
+    older = copy.deepcopy(CRD)
+    spec = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    spec["training"]["properties"]["lrScheduler"]["enum"] = ["constant", "linear", "cosine"]
+    spec["validation"]["properties"]["scheduler"]["enum"].remove("DDPMScheduler")  # an optional field's too
+    missing = fields_the_crd_lacks(older)
+    assert missing == ["spec.training.lrScheduler=cosine_with_restarts|polynomial",
+                       "spec.validation.scheduler=DDPMScheduler"]
+    assert ("it lacks spec.training.lrScheduler=cosine_with_restarts|polynomial, spec.validation.scheduler=DDPMScheduler, "
+            "which the API server refuses (a job asking for a value it lacks (field=values) is refused at kubectl "
+            "apply); apply the operator's CRD") in outdated_crd_message(missing)
+    both = outdated_crd_message(["spec.lora.useDora", *missing])
+    assert "which the API server drops from every DreamboothJob or refuses (a job asking for a spec field" in both
