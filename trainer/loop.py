@@ -21,7 +21,7 @@ from trainer.conditioning import PromptEmbeddings, encode_prompt
 from trainer.config import TrainerConfig, recipe
 from trainer.data import Batch, DreamBoothData, derived_seed
 from trainer.distributed import Runtime, any_ranks, barrier, mean_over_ranks
-from trainer.engine import DTYPES
+from trainer.engine import DTYPES, group_learning_rates
 from trainer.metrics import PHASE_CHECKPOINTING, PHASE_TRAINING
 from trainer.latents import LatentEncoder, batch_keys
 from trainer.objective import LossTerms, add_noise, dreambooth_loss, min_snr_weights
@@ -244,21 +244,28 @@ def stop_diverged(config: TrainerConfig, runtime: Runtime, first: int, last: int
                  else "no checkpoint from before it is left, so the next run starts at step 0")
     clipping = (f"or training.max_grad_norm (now {training.max_grad_norm:g})" if training.max_grad_norm > 0
                 else "or clip gradients with training.max_grad_norm (now 0: off; e.g. 1.0)")
-    raise TrainingDiverged("; ".join(parts) + f". Lower training.learning_rate (now {training.learning_rate:g}) "
+    raise TrainingDiverged("; ".join(parts) + f". Lower training.learning_rate (now {rate_now(config, runtime)}) "
                            f"{clipping}, and run again")
 
 
-def stop_scale_exhausted(config: TrainerConfig, step: int) -> None:
+def rate_now(config: TrainerConfig, runtime: Runtime) -> str:
+    """training.learning_rate as a message names it: with the rate it was scaled to, if it was."""
+    rate = config.training.learning_rate
+    if not config.training.scale_lr:
+        return f"{rate:g}"
+    return f"{rate:g}, {group_learning_rates(config, runtime.world_size)[0]:g} as training.scale_lr scaled it"
+
+
+def stop_scale_exhausted(config: TrainerConfig, runtime: Runtime, step: int) -> None:
     """The fp16 loss scale cannot go lower: the gradients overflow fp16 even unscaled.
     The checkpoints stay: an overflowing step is skipped, not applied, so no checkpoint
     holds weights that the overflow broke (a NaN loss's do: stop_diverged retracts them)."""
-    training = config.training
     kept = checkpoint.complete_checkpoints(config.checkpoint.dir)
     resume = (f"the checkpoints are kept and the next run resumes from {kept[0].name}" if kept
               else "no checkpoint was written, so the next run starts at step 0")
     raise TrainingDiverged(
         f"training diverged: at step {step} the fp16 gradients overflowed although the loss scale was already at its "
-        f"minimum, so no step could be applied; {resume}. Lower training.learning_rate (now {training.learning_rate:g}), "
+        f"minimum, so no step could be applied; {resume}. Lower training.learning_rate (now {rate_now(config, runtime)}), "
         f"or set training.precision: bf16 where the GPU supports it (A100, H100 and newer; bf16 needs no loss "
         f"scale), and run again")
 
@@ -299,7 +306,7 @@ def train(
                 terms = train_micro_step(engine, denoising_step, batches.get(state.micro_step), state.micro_step)
             except LossScaleExhausted:
                 batches.close()
-                stop_scale_exhausted(config, state.step + 1)
+                stop_scale_exhausted(config, runtime, state.step + 1)
             state.micro_step += 1
             state.samples += samples_per_micro_step
             # Summed where the losses are: an .item() per term and micro-step would make the

@@ -335,6 +335,12 @@ def test_scale_lr_multiplies_each_group_by_the_images_of_a_step(tmp_path):
     card = model_card(scaled, {"final_step": 800, "world_size": 16, "precision": "fp16", "zero_stage": 2,
                                "pipeline": "StableDiffusionPipeline"})
     assert "learning rate 9.6e-05 (1e-06 x 2 x 3 x 16, scaled by the images of a step)" in card
+    from trainer.distributed import Runtime
+    from trainer.loop import rate_now
+
+    runtime = Runtime(rank=0, local_rank=0, world_size=16, device=torch.device("cpu"))
+    assert rate_now(plain, runtime) == "1e-06"  # what a divergence's message tells to lower
+    assert rate_now(scaled, runtime) == "1e-06, 9.6e-05 as training.scale_lr scaled it"
 
 
 def test_sdxl_denoiser_conditions_on_both_encoders_the_pooled_prompt_and_the_size_ids():
