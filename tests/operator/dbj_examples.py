@@ -27,8 +27,11 @@ def minimum_kubernetes_version() -> str:
 
 
 def validate_for_supported_kubernetes(obj: dict[str, Any]) -> None:
-    """`obj` is valid, strictly (no unknown fields), for the oldest and a recent Kubernetes."""
-    for version in (minimum_kubernetes_version(), KUBERNETES_VERSION):
+    """`obj` is valid, strictly (no unknown fields), for the oldest Kubernetes the chart
+    installs on, the one the tests' kubectl is, and the newest kubernetes-validate knows
+    (an API removed there would fail here first)."""
+    versions = (minimum_kubernetes_version(), KUBERNETES_VERSION, kubernetes_validate.latest_version())
+    for version in dict.fromkeys(versions):
         kubernetes_validate.validate(obj, version, strict=True)
 
 MINIMAL_SPEC: dict[str, Any] = {
