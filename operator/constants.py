@@ -84,6 +84,8 @@ INSTANCE_IMAGES_MOUNT_DIR = "/mnt/instance-images"
 CREDENTIALS_MOUNT_DIR = "/var/run/secrets/dreambooth"
 # Base models fetched from the hub, shared by every job on the same claim: <dir>/<org>--<name>@<revision>.
 MODEL_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/models"
+# spec.data.shareClassImages: one folder per class prompt and base model for every job on the claim.
+CLASS_IMAGES_CACHE_DIR = f"{STORAGE_MOUNT_DIR}/class-images"
 # The API server's limit on a ConfigMap's data (etcd's object size limit).
 CONFIG_MAP_MAX_BYTES = 1024 * 1024
 SHM_MOUNT_DIR = "/dev/shm"

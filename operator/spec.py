@@ -79,6 +79,7 @@ class DataSpec(SpecModel):
     instance_prompt: str = Field(min_length=1)
     caption_files: bool = False
     class_prompt: str | None = None
+    share_class_images: bool = False
     num_class_images: int = Field(100, ge=1)
     resolution: int = Field(512, ge=8, multiple_of=8)
 

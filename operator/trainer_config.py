@@ -19,7 +19,10 @@ from pydantic.alias_generators import to_camel
 from trainer.config import ConfigError
 from trainer.config_file import apply_overrides, validate_config
 
-from .constants import DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR, STORAGE_MOUNT_DIR
+from trainer.config import TrainerConfig
+
+from .constants import (CLASS_IMAGES_CACHE_DIR, DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR,
+                        STORAGE_MOUNT_DIR)
 from .spec import InvalidSpecError, JobSpec
 
 # The trainer checkpoints after SIGTERM; leave the kubelet this much of the grace
@@ -135,14 +138,28 @@ def render_trainer_config(job_name: str, spec: JobSpec, *,
     }
     apply_trainer_overrides(config, spec.trainer_overrides)
     try:
-        validate_config(config, source=f"rendered from DreamboothJob {job_name}")
+        validated = validate_config(config, source=f"rendered from DreamboothJob {job_name}")
     except ConfigError as error:
         # One line (it goes into a condition), naming spec fields where the trainer's
         # key has one: training.lr_warmup_steps -> spec.training.lrWarmupSteps.
         detail = " ".join(line.strip() for line in str(error).splitlines()[1:-1])
         detail = _TRAINER_KEY.sub(_spec_field, detail)
         raise InvalidSpecError(f"the trainer rejects the config rendered from this spec: {detail}") from None
+    if spec.data.share_class_images and validated.data.with_prior_preservation:
+        config["data"]["class_dir"] = shared_class_images_dir(validated)
     return config
+
+
+def shared_class_images_dir(config: TrainerConfig) -> str:
+    """The folder of class images that every job on the claim asking for the same ones
+    shares: named by the class prompt, and by a hash of everything that draws them (the
+    base model, the prompt, each image's seed, the denoising steps)."""
+    data = config.data
+    drawn_by = [config.model.source, config.model.revision, data.class_prompt, config.training.seed,
+                data.class_generation_steps]
+    digest = hashlib.sha256(json.dumps(drawn_by).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "-", (data.class_prompt or "").lower()).strip("-")[:40].rstrip("-")
+    return f"{CLASS_IMAGES_CACHE_DIR}/{slug}-{digest}"
 
 
 def _set_only(**values: Any) -> dict[str, Any]:

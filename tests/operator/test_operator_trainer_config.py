@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dbj_examples import DELETE, FULL_SPEC, MINIMAL_SPEC, job, minimal_spec_with
+from dbj_examples import DELETE, FULL_SPEC, MINIMAL_SPEC, job, minimal_spec, minimal_spec_with
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.children import build_config_map
@@ -191,3 +191,20 @@ def test_a_schedule_s_own_setting_is_rendered_with_it_and_refused_without_it() -
         build_config_map(job(minimal_spec_with("training", {"lrPower": 2.0})))
     assert ("spec.training.lrPower = 2.0 has no effect with spec.training.lrScheduler = constant; set "
             "spec.training.lrScheduler: polynomial") in str(error.value)
+
+
+def test_jobs_asking_for_the_same_class_images_share_one_folder_on_the_claim() -> None:
+    """spec.data.shareClassImages: the class images go where every job on the claim asking
+    for the same ones (prompt, base model, seeds, steps) finds them; off, the job's own."""
+    def class_dir(name: str = "rex", data: dict[str, Any] | None = None, **sections: Any) -> str:
+        asked = {"classPrompt": "a photo of dog", "shareClassImages": True, **(data or {})}
+        return render_trainer_config(name, parse_spec(minimal_spec(data=asked, **sections)))["data"]["class_dir"]
+
+    shared = class_dir()
+    assert shared.startswith(f"{c.STORAGE_MOUNT_DIR}/class-images/a-photo-of-dog-") and class_dir("fido") == shared
+    assert class_dir(data={"numClassImages": 300}) == shared  # a job trains on the first numClassImages
+    assert class_dir(data={"shareClassImages": False}) == f"{c.STORAGE_MOUNT_DIR}/rex/class-images"
+    drawn_otherwise = [class_dir(data={"classPrompt": "a photo of a dog"}), class_dir(training={"seed": 7}),
+                       class_dir(model={"source": "tiny-sdxl"}),
+                       class_dir(trainerOverrides={"data.class_generation_steps": 50})]
+    assert shared not in drawn_otherwise and len(set(drawn_otherwise)) == 4
