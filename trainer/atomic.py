@@ -2,13 +2,15 @@
 its place, flushed to disk, and renamed over it (a rename is atomic within a
 filesystem); then its folder is flushed, so the rename survives a crash of the node.
 A reader, on this node or another one sharing the volume, sees the old file or the new
-one, never half of one. Temporaries are hidden files (`.NAME.tmp-PID`), which the
-checkpoint manifest and the image listings skip."""
+one, never half of one. Temporaries are hidden files (`.NAME.tmp-HOST-PID`), which the
+checkpoint manifest and the image listings skip. The host is in the name because
+processes of different pods may share a PID and a folder (jobs sharing class images)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -31,7 +33,7 @@ def save_image(image, path: Path, *, format: str = "PNG") -> None:
 
 
 def _replace(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(temporary, "wb") as handle:
         write(handle)
         handle.flush()

@@ -459,3 +459,17 @@ def test_an_inpainting_model_is_refused_by_name_before_its_weights_are_read(tmp_
     build_pipeline(parts, unet=inpainting).save_pretrained(tmp_path / "inpainting")
     with pytest.raises(ConfigError, match="its UNet takes 9 input channels, not the VAE's 4 latent channels: an inpainting"):
         load_pipeline_folder(tmp_path / "inpainting", "example-org/inpainting")
+
+
+def test_a_file_is_written_under_a_temporary_name_no_other_pod_uses(tmp_path):
+    """Pods have PID namespaces of their own, so two writers of one shared folder (jobs
+    sharing class images) may have the same PID: the pod's hostname tells them apart."""
+    import os
+    import socket
+
+    from trainer.atomic import _replace
+
+    seen = []
+    _replace(tmp_path / "class-00000.png", lambda handle: seen.extend(os.listdir(tmp_path)) or handle.write(b"png"))
+    assert seen == [f".class-00000.png.tmp-{socket.gethostname()}-{os.getpid()}"]
+    assert os.listdir(tmp_path) == ["class-00000.png"] and (tmp_path / "class-00000.png").read_bytes() == b"png"
