@@ -164,9 +164,9 @@ def fresh_like(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_info: dict[str, Any],
-                    card: str | None = None) -> Path | None:
-    """Collective. Rank 0 writes the folder (with `card` as its README.md); returns its
-    path there, None elsewhere.
+                    card: str | None = None, samples: Path | None = None) -> Path | None:
+    """Collective. Rank 0 writes the folder (with `card` as its README.md, and the
+    `samples` grid the card shows); returns its path there, None elsewhere.
 
     The engine's own modules are cast and (under ZeRO-3) partitioned, so the exported
     ones are fresh modules loaded with the gathered fp32 weights; the frozen parts
@@ -175,7 +175,7 @@ def export_pipeline(engine, components, output_dir: Path, runtime: Runtime, run_
     if runtime.is_main:
         pipeline = build_pipeline(components, **trained_modules(state, components))
         pipeline.to("cpu")
-        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components, card))
+        publish_folder(output_dir, lambda folder: _write(pipeline, folder, run_info, state, components, card, samples))
     # Several GB written by one process, to a network volume: it may outlast the default group's timeout.
     wait_for_main_rank(f"the export to {output_dir}")
     return output_dir if runtime.is_main else None
@@ -205,10 +205,10 @@ def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, torch.Tensor], components,
-           card: str | None) -> None:
+           card: str | None, samples: Path | None) -> None:
     from trainer import lora
     from trainer.engine import DTYPES
-    from trainer.model_card import CARD_FILE
+    from trainer.model_card import CARD_FILE, SAMPLES_FILE
 
     if run_info["output_dtype"] != "fp32":  # to() at all makes diffusers warn about modules kept in fp32 (none here)
         pipeline.to(dtype=DTYPES[run_info["output_dtype"]])
@@ -218,6 +218,8 @@ def _write(pipeline, folder: Path, run_info: dict[str, Any], state: dict[str, to
         lora.save_adapters(folder, state, components)
     if card is not None:
         (folder / CARD_FILE).write_text(card)
+    if samples is not None:
+        shutil.copyfile(samples, folder / SAMPLES_FILE)
     write_run_json(folder, run_info)
 
 

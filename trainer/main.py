@@ -320,12 +320,18 @@ def export_and_upload(session: RunSession, training: Training, components, run_i
     """Collective. The trained pipeline into output.dir (and output.uri); returns the exit code."""
     from trainer import metrics as m
     from trainer.export import RUN_FILE, export_pipeline
-    from trainer.model_card import model_card
+    from trainer.model_card import SAMPLES_FILE, model_card
     from trainer.progress import report_event
+    from trainer.validation import sample_path, samples_dir
 
     config, runtime = session.config, session.runtime
     session.metrics.set_phase(m.PHASE_EXPORTING)
-    export_pipeline(training.engine, components, config.output.dir, runtime, run_info, model_card(config, run_info))
+    # The grid of the exported weights (validation samples at the last step), shown on the card.
+    final_grid = sample_path(samples_dir(config), run_info["final_step"])
+    samples = final_grid if runtime.is_main and final_grid.is_file() else None
+    run_info = run_info | {"samples": SAMPLES_FILE if samples is not None else None}
+    export_pipeline(training.engine, components, config.output.dir, runtime, run_info, model_card(config, run_info),
+                    samples=samples)
     if upload_failed(config, runtime):
         return EXIT_UPLOAD_FAILED
     session.metrics.set_phase(m.PHASE_DONE)

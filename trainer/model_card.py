@@ -10,6 +10,8 @@ from typing import Any
 from trainer.config import BUILT_IN_MODELS, LORA_WEIGHTS_FILE, TrainerConfig
 
 CARD_FILE = "README.md"
+# The last validation grid, beside the card that shows it (diffusers' cards show theirs).
+SAMPLES_FILE = "samples.png"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 
 _TEMPLATE = """---
@@ -34,6 +36,13 @@ image = pipeline("{{ instance_prompt }} on the beach").images[0]
 {% if lora_rank %}
 The adapters alone are in `{{ lora_file }}`, for any copy of the base model:
 `pipeline.load_lora_weights("PATH_OR_REPO", weight_name="{{ lora_file }}")`.
+{% endif %}
+{% if samples %}
+## Samples
+
+![{{ samples }}]({{ samples_file }})
+
+{{ samples }}.
 {% endif %}
 ## Training
 
@@ -74,8 +83,22 @@ def model_card(config: TrainerConfig, run_info: dict[str, Any]) -> str:
         base_model_text=f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`",
         lora_rank=lora.rank, lora_file=LORA_WEIGHTS_FILE, details="; ".join(details), pipeline_class=run_info["pipeline"],
         dtype={"fp16": "float16", "bf16": "bfloat16"}.get(run_info.get("output_dtype")),
+        samples=samples_caption(config, run_info) if run_info.get("samples") else None, samples_file=SAMPLES_FILE,
     )
     return str(card)
+
+
+def samples_caption(config: TrainerConfig, run_info: dict[str, Any]) -> str:
+    """What the grid shows: its prompts, row by row, and how they were drawn."""
+    from trainer.validation import validation_prompts
+
+    validation = config.validation
+    prompts = ", ".join(f'"{prompt}"' for prompt in validation_prompts(config))
+    sampler = validation.scheduler or "the model's own sampler"
+    guidance = f", guidance {validation.guidance_scale:g}" if validation.guidance_scale is not None else ""
+    return (f"Samples of the exported weights at step {run_info['final_step']}: {prompts} "
+            f"({validation.images_per_prompt} per prompt, seeds from {validation.seed}; "
+            f"{validation.num_inference_steps} steps of {sampler}{guidance})")
 
 
 def learning_rate(config: TrainerConfig, run_info: dict[str, Any]) -> str:

@@ -320,6 +320,13 @@ def test_the_model_card_says_what_was_trained_from_what_and_how_to_load_it(tmp_p
     assert 'prior preservation with 4 images of "a photo of a robot"' in card.text
     assert ('load_lora_weights("PATH_OR_REPO", weight_name="pytorch_lora_weights.safetensors")' in card.text) is bool(lora_rank)
     assert "learning rate 0.001 (constant)" in card.text
+    assert "## Samples" not in card.text  # no validation grid: none shown
+    sampled = validate_config(tiny_config(tmp_path, validation={"every_steps": 100, "prompts": ["a", "b c"],
+                                                                "scheduler": "DPMSolverMultistepScheduler"}))
+    text = model_card(sampled, {"final_step": 800, "world_size": 1, "precision": "bf16", "zero_stage": 2,
+                                "pipeline": "StableDiffusionPipeline", "samples": "samples.png"})
+    assert ('![Samples of the exported weights at step 800: "a", "b c" (1 per prompt, seeds from 0; 25 steps of '
+            'DPMSolverMultistepScheduler)](samples.png)') in text
 
 
 def test_scale_lr_multiplies_each_group_by_the_images_of_a_step(tmp_path):

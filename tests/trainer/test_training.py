@@ -115,6 +115,10 @@ def test_sdxl_from_a_local_folder_trains_both_text_encoders_under_zero_3_and_exp
     card = ModelCard.load(tiny_root / "model" / "README.md")
     assert "StableDiffusionXLPipeline.from_pretrained" in card.text and "stable-diffusion-xl" in card.data.tags
     assert "both text encoders" in card.text
+    # The card shows the grid of the exported weights, copied beside it.
+    assert (tiny_root / "model" / "samples.png").read_bytes() == (tiny_root / "samples" / "step-00000004.png").read_bytes()
+    assert '![Samples of the exported weights at step 4: "a photo of sks robot" (1 per prompt' in card.text
+    assert read_run(tiny_root)["samples"] == "samples.png"
 
 
 @pytest.mark.slow
