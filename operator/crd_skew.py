@@ -1,10 +1,10 @@
-"""Whether the installed CRD knows every spec field this operator reads, and every status
-field it writes. `helm upgrade`
-never updates a CRD, and an API server silently prunes the fields its CRD lacks: a job
-asking for a newer field (spec.lora.useDora) would train without it, and nobody would
-know; an older enum refuses a newer value with a list that does not say why. So the operator compares the installed schema with its own spec model when it
-starts, and again every few minutes (Reconciler.check_crd), and says what is missing
-where users look."""
+"""Whether the installed CRD knows every spec field this operator reads (and every value
+of its enums), and every status field it writes. `helm upgrade` never updates a CRD, and
+an API server silently prunes the fields its CRD lacks: a job asking for a newer field
+(spec.lora.useDora) would train without it, and nobody would know; an older enum refuses
+a newer value with a list that does not say why. So the operator compares the installed
+schema with its own spec model when it starts, and again every few minutes
+(Reconciler.check_crd), and says what is missing where users look."""
 
 from __future__ import annotations
 
