@@ -30,6 +30,7 @@ the kubelet by patching pod statuses through the API (tests/e2e/kubelet.py runs 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import itertools
@@ -137,6 +138,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.accounts: dict[str, Account] = {}
         # (user, request) of each 403 the authorizer gave.
         self.refused: list[tuple[str, RequestAttributes]] = []
+        # (plural, namespace, name) -> writes to its status subresource (the request log is not kept).
+        self.status_writes: collections.Counter[tuple[str, str | None, str | None]] = collections.Counter()
         self._in_flight: set[int] = set()
         self._namespaces = {name: {"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"},
@@ -244,6 +247,9 @@ class Emulator(kmock.KubernetesEmulator):
         # (kmock appends a request and enters _handle without yielding in between).
         self._in_flight.add(id(request))
         self._requests[:] = [r for r in self._requests if id(r) in self._in_flight]
+        if request.subresource == "status" and request.resource is not None \
+                and request.method in (kmock.method.PATCH, kmock.method.PUT):
+            self.status_writes[request.resource.plural, request.namespace, request.name] += 1
         try:
             return await self._handle_k8s(request)
         finally:
@@ -570,9 +576,7 @@ class EmulatedCluster:
     def status_writes(self, plural: str, namespace: str, name: str) -> int:
         """How many writes to that object's status subresource came in so far."""
         assert self._emulator is not None, "start() first"
-        return sum(1 for request in list(self._emulator) if request.subresource == "status"
-                   and request.method in (kmock.method.PATCH, kmock.method.PUT) and request.resource is not None
-                   and request.resource.plural == plural and request.namespace == namespace and request.name == name)
+        return self._emulator.status_writes[plural, namespace, name]
 
     def refused(self) -> list[tuple[str, RequestAttributes]]:
         """(user, request) of every 403 the authorizer gave so far."""
