@@ -164,11 +164,6 @@ class Reconciler:
                 log.info("the installed CustomResourceDefinition now has every field this operator uses")
         self.crd_lacks = missing
 
-    @property
-    def outdated_crd(self) -> str | None:
-        """What to tell each job when the installed CRD lacks fields."""
-        return outdated_crd_message(self.crd_lacks) if self.crd_lacks else None
-
     async def _recheck_crd_if_due(self) -> None:
         if self._crd_lock.locked():  # another job's loop is checking: this pass need not wait for it
             return
@@ -204,9 +199,9 @@ class Reconciler:
             await self.cleanup(namespace, name, body)
             return None
         await self._recheck_crd_if_due()
-        if self.outdated_crd is not None and (namespace, name) not in self._crd_warned:
+        if self.crd_lacks and (namespace, name) not in self._crd_warned:
             self._crd_warned.add((namespace, name))
-            await self.api.post_event(body, "Warning", c.REASON_OUTDATED_CRD, self.outdated_crd)
+            await self.api.post_event(body, "Warning", c.REASON_OUTDATED_CRD, outdated_crd_message(self.crd_lacks))
         status = dict(body.get("status") or {})
         try:
             job = Job.from_body(body)
@@ -331,7 +326,8 @@ class Reconciler:
             log.warning("cannot put that on DreamboothJob %s/%s: %s", namespace, name, error)
 
     async def _write_status(self, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-        patch = merge_patch(kept_by_the_crd(old, self.crd_lacks), kept_by_the_crd(new, self.crd_lacks))
+        # `old` is as stored: it has none of what the CRD lacks.
+        patch = merge_patch(old, kept_by_the_crd(new, self.crd_lacks))
         if patch:
             await self.api.patch_job_status(namespace, name, patch)
 

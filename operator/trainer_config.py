@@ -16,10 +16,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, TrainerConfig
 from trainer.config_file import apply_overrides, validate_config
-
-from trainer.config import TrainerConfig
 
 from .constants import (CLASS_IMAGES_CACHE_DIR, DEFAULT_SCRAPE_INTERVAL_SECONDS, INSTANCE_IMAGES_MOUNT_DIR, MODEL_CACHE_DIR,
                         STORAGE_MOUNT_DIR)
