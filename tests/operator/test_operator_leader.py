@@ -20,7 +20,7 @@ import kubernetes
 import pytest
 from dbj_examples import MINIMAL_SPEC
 from emulated_cluster import EmulatedCluster, free_port
-from operator_harness import Cluster, OperatorProcess, terminated, wait_for
+from operator_harness import Cluster, OperatorProcess, gang_of, pods_created, terminated, wait_for
 
 from dreambooth_operator.__main__ import election_from_args, parse_args
 from dreambooth_operator.kube import load_client_config
@@ -257,17 +257,19 @@ def test_one_of_two_operators_acts_and_a_sigterm_hands_over_at_once(emulated: Em
         cluster, leader, standby = race.cluster, race.leader, race.standby
         cluster.run_pods("shared")
         cluster.set_pod_status("shared-worker-1", terminated(1))
-        wait_for(lambda: {p["metadata"]["labels"]["dreambooth.io/gang"] for p in cluster.pods("shared")} == {"1"},
-                 what="the restarted gang")
+        # Both workers of the new gang: with one of them made, the old gang is gone too.
+        wait_for(lambda: [gang_of(p) for p in cluster.pods("shared")] == ["1", "1"], what="the restarted gang")
+        # The counter moves once the API server has answered, a moment after the pod shows.
+        wait_for(lambda: pods_created(leader) >= 4, timeout=5, what="the leader's count of the second gang")
         # One operator acted: one restart, one Event, each pod made once. Two operators
         # without election both reconciled the job: each counted the restart, the
         # WorkerFailed Event got count 2.
         restarts = 'dreambooth_operator_restarts_total{reason="failure"}'
         assert leader.metric(restarts) == 1 and standby.metric(restarts) == 0
-        assert leader.metric("dreambooth_operator_pods_created_total") == 4
+        assert pods_created(leader) == 4
         assert [e.get("count") for e in cluster.events("shared") if e["reason"] == "WorkerFailed"] == [1]
         assert standby.metric("dreambooth_operator_reconcile_seconds_count") == 0
-        assert standby.metric("dreambooth_operator_pods_created_total") == 0
+        assert pods_created(standby) == 0
         assert standby.metric("dreambooth_operator_leader") == 0
         assert standby.healthy()  # a standby is alive and ready
         old_uids = {pod["metadata"]["uid"] for pod in race.pods}
