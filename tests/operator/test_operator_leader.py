@@ -279,7 +279,9 @@ def test_one_of_two_operators_acts_and_a_sigterm_hands_over_at_once(emulated: Em
         stopped = time.monotonic()
         assert leader.process.wait(15) == 0
         wait_for(lambda: holder(cluster).startswith(f"{race.standby_name}_"), timeout=15, what="the standby leads")
-        assert time.monotonic() - stopped < 3, "took over only as the 15 s lease ran out: not released"
+        # Unreleased, the Lease (renewed every 0.3 s) would run out 14.7-15 s after the
+        # SIGTERM; the margin is for a loaded machine, where the shutdown itself took 5 s.
+        assert time.monotonic() - stopped < 10, "took over only as the 15 s lease ran out: not released"
         # The new leader carries the job on: the workers run, and it says so in status.
         cluster.run_pods("shared")
         wait_for(lambda: cluster.status("shared").get("phase") == "Running", what="Running, from the new leader")
