@@ -19,8 +19,8 @@ SHORT_NAME = "dbj"
 # drop it from every write (crd_skew.py), and the operator forgets it.
 STATUS_FIELDS = (
     "phase", "observedGeneration", "startTime", "completionTime", "restarts", "preemptions",
-    "consecutivePreemptions", "nextRestartTime", "maxSteps", "step", "progress", "loss", "samplesPerSecond",
-    "etaSeconds",
+    "consecutivePreemptions", "gangNodes", "nextRestartTime", "maxSteps", "step", "progress", "loss",
+    "samplesPerSecond", "etaSeconds",
     "conditions.type", "conditions.status", "conditions.reason", "conditions.message", "conditions.lastTransitionTime",
     "lastFailure.pod", "lastFailure.exitCode", "lastFailure.reason", "lastFailure.message", "lastFailure.time",
     "latestCheckpoint.step", "latestCheckpoint.path", "latestCheckpoint.time",
@@ -134,6 +134,7 @@ REASON_WORKER_FAILED = "WorkerFailed"
 REASON_INVALID_TRAINER_INPUT = "InvalidTrainerInput"
 REASON_TRAINING_DIVERGED = "TrainingDiverged"
 REASON_PREEMPTED = "Preempted"
+REASON_GANG_SHRUNK = "GangShrunk"
 # A node's kubelet refused a worker it was bound to (OutOfnvidia.com/gpu, UnexpectedAdmissionError):
 # restarted like a preemption.
 REASON_REFUSED_BY_NODE = "RefusedByNode"

@@ -113,7 +113,7 @@ class JobChildren:
             warnings += await self._resize_claim(job)
         pod_group = build_pod_group(job)
         if pod_group is not None:
-            await self._create_or_update(job, pod_group)  # minMember follows workers.nodes
+            await self._create_or_update(job, pod_group)  # minMember follows workers.nodes (or minNodes)
         return warnings
 
     async def _resize_claim(self, job: Job) -> list[tuple[str, str]]:

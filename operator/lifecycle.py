@@ -75,6 +75,13 @@ def gang_of(status: dict[str, Any]) -> int:
     return int(status.get("restarts") or 0) + int(status.get("preemptions") or 0)
 
 
+def gang_nodes(spec: JobSpec, status: dict[str, Any]) -> int:
+    """Workers of the current gang: workers.nodes, or fewer once it shrank (status.gangNodes,
+    which holds for that gang only: every other restart asks for workers.nodes again)."""
+    shrunk = status.get("gangNodes")
+    return spec.workers.nodes if shrunk is None else min(int(shrunk), spec.workers.nodes)
+
+
 def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
            timing: Timing = Timing()) -> Plan:
     plan = _decide_phase(spec, status, pods, now, timing)
@@ -107,7 +114,7 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
     status.setdefault("maxSteps", spec.training.max_steps)
     phase = status.get("phase") or c.PHASE_PENDING
     status["phase"] = phase
-    plan = Plan(status=status, gang=gang_of(status))
+    plan = Plan(status=status, gang=gang_of(status), nodes=gang_nodes(spec, status))
 
     # Failed and Succeeded are final: stop whatever still runs, keep finished pods for their logs.
     if phase in c.TERMINAL_PHASES:
@@ -122,6 +129,8 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
         if phase != c.PHASE_SUSPENDED:
             enter_phase(status, c.PHASE_SUSPENDED, c.REASON_SUSPENDED, "runPolicy.suspend is true; workers stopped", now)
             status.pop("nextRestartTime", None)
+            status.pop("gangNodes", None)  # the resumed gang asks for workers.nodes
+            plan.nodes = spec.workers.nodes
             plan.events.append(("Normal", c.REASON_SUSPENDED, "Job suspended; workers deleted"))
         return plan
     if phase == c.PHASE_SUSPENDED:
@@ -169,21 +178,22 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
         return _restart(plan, spec, [], current, now, timing)
 
     failed = [p for p in current if pod_phase(p) == POD_FAILED]
+    nodes = plan.nodes
     # The gang no longer matches: a worker vanished (node lost, deleted by hand) or
     # workers.nodes was edited. Restarted like a preemption: not the job's fault.
-    started_for = max((pod_gang_nodes(p) or spec.workers.nodes for p in current), default=spec.workers.nodes)
+    started_for = max((pod_gang_nodes(p) or nodes for p in current), default=nodes)
     vanished = phase in (c.PHASE_INITIALIZING, c.PHASE_RUNNING) and (
         len(current) < started_for or any(is_deleting(p) for p in current))
     # Edited up or down while the gang exists, even before it ran: its workers' torchrun
     # waits for the old number of nodes, and a new worker would wait for the new one.
-    resized = any((pod_index(p) or 0) >= spec.workers.nodes or pod_gang_nodes(p) not in (None, spec.workers.nodes)
-                  for p in current)
+    # (A shrunk gang is left alone by an edit up: it shrank for want of nodes.)
+    resized = any((pod_index(p) or 0) >= nodes or pod_gang_nodes(p) not in (None, nodes) for p in current)
     if failed or vanished or resized:
         # An edit alone is not a disruption: it does not lengthen a run of preemptions.
         disrupted = bool(failed) or vanished
         return _restart(plan, spec, failed, current, now, timing, disrupted=disrupted)
 
-    if len(current) == spec.workers.nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
+    if len(current) == nodes and all(pod_phase(p) == POD_SUCCEEDED for p in current):
         enter_phase(status, c.PHASE_SUCCEEDED, c.REASON_ALL_WORKERS_SUCCEEDED, "every worker exited 0", now)
         # A trainer exits 0 only after its last step; the last scrape may be a whole
         # scrape interval older than that, so the final progress is not left to it.
@@ -195,28 +205,33 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
         return plan
 
     present = {pod_index(p) for p in current}
-    plan.create = [i for i in range(spec.workers.nodes) if i not in present]
+    plan.create = [i for i in range(nodes) if i not in present]
     if plan.create:
-        if len(plan.create) == spec.workers.nodes:  # a new gang: it reads the current spec's config
+        if len(plan.create) == nodes:  # a new gang: it reads the current spec's config
             status["maxSteps"] = spec.training.max_steps
         status.setdefault("startTime", timestamp(now))
         status.pop("nextRestartTime", None)
         # Said here at the first gang start only: a Created False from a forbidden create
         # stays False until a create succeeds (the reconciler then calls created_status).
         if not any(cond.get("type") == c.CONDITION_CREATED for cond in status.get("conditions") or []):
-            status["conditions"] = created_status(status, spec.workers.nodes, now)["conditions"]
+            status["conditions"] = created_status(status, nodes, now)["conditions"]
         if phase != c.PHASE_PENDING:
             enter_phase(status, c.PHASE_PENDING, c.REASON_WORKERS_CREATED, "creating worker pods", now)
         return plan
 
-    _update_running_phase(plan, spec, current, now, timing)
+    unscheduled = [p for p in current if not is_scheduled(p)]
+    stuck = mark_unschedulable(plan, current, now, timing)
+    scheduled = len(current) - len(unscheduled)
+    if stuck and scheduled >= spec.workers.fewest_nodes:
+        return _shrink(plan, spec, current, stuck, scheduled, now, timing)
+    _update_running_phase(plan, current, unscheduled, now)
+    check_start_problems(plan, current, now, timing)
     return plan
 
 
-def _update_running_phase(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], now: dt.datetime,
-                          timing: Timing) -> None:
+def _update_running_phase(plan: Plan, current: list[dict[str, Any]], unscheduled: list[dict[str, Any]],
+                          now: dt.datetime) -> None:
     status = plan.status
-    unscheduled = [p for p in current if not is_scheduled(p)]
     if unscheduled:
         new_phase, reason, message = c.PHASE_PENDING, c.REASON_PODS_PENDING, f"{len(unscheduled)} worker(s) not scheduled"
     elif all(pod_phase(p) in (POD_RUNNING, POD_SUCCEEDED) for p in current):
@@ -225,8 +240,33 @@ def _update_running_phase(plan: Plan, spec: JobSpec, current: list[dict[str, Any
         new_phase, reason, message = c.PHASE_INITIALIZING, c.REASON_WORKERS_CREATED, "workers scheduled, starting"
     if status["phase"] != new_phase:
         enter_phase(status, new_phase, reason, message, now)
-    mark_unschedulable(plan, current, now, timing)
-    check_start_problems(plan, current, now, timing)
+
+
+def _shrink(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], stuck: list[str], nodes: int,
+            now: dt.datetime, timing: Timing) -> Plan:
+    """Elastic gang (workers.minNodes): workers the scheduler cannot place past the pending
+    timeout do not hold the others back; the gang restarts on the nodes it has, and
+    resumes the latest checkpoint there. Not the job's fault: counted as a preemption."""
+    status = plan.status
+    status["preemptions"] = int(status["preemptions"]) + 1
+    status["gangNodes"] = nodes
+    message = (f"{'; '.join(stuck)} (not scheduled for {timing.pending_timeout_seconds:g}s); restarting the gang on "
+               f"{nodes} of workers.nodes = {spec.workers.nodes} nodes (workers.minNodes = {spec.workers.min_nodes}) "
+               "from the latest checkpoint, not counted against backoffLimit; a later gang asks for all of them again")
+    enter_phase(status, c.PHASE_RESTARTING, c.REASON_GANG_SHRUNK, message, now)
+    status["nextRestartTime"] = timestamp(now)
+    plan.events.append(("Warning", c.REASON_GANG_SHRUNK, message))
+    plan.shrunk = True
+    return _replace_gang(plan, spec, current)
+
+
+def _replace_gang(plan: Plan, spec: JobSpec, current: list[dict[str, Any]]) -> Plan:
+    """The restart counted in status: the gang's number moves on, its pods go."""
+    plan.gang = gang_of(plan.status)
+    plan.nodes = gang_nodes(spec, plan.status)
+    plan.delete = [pod_name(p) for p in current if not is_deleting(p)]
+    requeue(plan, 0.5)
+    return plan
 
 
 def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: list[dict[str, Any]],
@@ -278,10 +318,8 @@ def _restart(plan: Plan, spec: JobSpec, failed: list[dict[str, Any]], current: l
         enter_phase(status, c.PHASE_RESTARTING, c.REASON_WORKER_FAILED, message, now)
         plan.events.append(("Warning", c.REASON_WORKER_FAILED, message))
         plan.counted_restart = True
-    plan.gang = gang_of(status)
-    plan.delete = [pod_name(p) for p in current if not is_deleting(p)]
-    requeue(plan, 0.5)
-    return plan
+    status.pop("gangNodes", None)  # the next gang asks for workers.nodes again
+    return _replace_gang(plan, spec, current)
 
 
 def _disruption(failed: list[dict[str, Any]], preempted: list[dict[str, Any]],

@@ -16,6 +16,8 @@ METRIC_RECONCILE_ERRORS = "dreambooth_operator_reconcile_errors_total"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
+# An elastic gang restarted on fewer nodes (workers.minNodes).
+RESTART_SHRINK = "shrink"
 
 # Why a reconcile pass failed: the API server forbade a call (403: RBAC, a policy), or
 # anything else (the API unreachable, a bug; the log has the traceback).
@@ -35,9 +37,9 @@ class OperatorMetrics:
         # prometheus_client adds the `_total` suffix to counters itself.
         self.restarts = Counter(METRIC_RESTARTS.removesuffix("_total"), "Gang restarts by cause",
                                 ["reason"], registry=self.registry)
-        # Both series from the start: increase() cannot count the first failure of a series
+        # Every series from the start: increase() cannot count the first failure of a series
         # that appears with it (DreamboothWorkersFailingRepeatedly would need a fourth).
-        for reason in (RESTART_FAILURE, RESTART_PREEMPTION):
+        for reason in (RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK):
             self.restarts.labels(reason=reason)
         # Both series from the start, for increase() (as restarts above).
         self.reconcile_errors = Counter(METRIC_RECONCILE_ERRORS.removesuffix("_total"),

@@ -26,11 +26,15 @@ class Plan:
     status: dict[str, Any]
     create: list[int] = field(default_factory=list)
     gang: int = 0
+    # Workers of that gang: workers.nodes, or fewer once it shrank (workers.minNodes).
+    nodes: int = 1
     delete: list[str] = field(default_factory=list)
     # (type, reason, message) of Kubernetes Events to post on the job.
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
     counted_restart: bool = False
+    # The gang restarts on fewer nodes: workers the scheduler cannot place (workers.minNodes).
+    shrunk: bool = False
     # runPolicy.ttlSecondsAfterFinished has passed: the job itself is to be deleted.
     delete_job: bool = False
 

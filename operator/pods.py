@@ -54,13 +54,13 @@ from .spec import Job
 from .trainer_config import launcher_shutdown_seconds
 
 
-def torchrun_command(job: Job, index: int) -> list[str]:
+def torchrun_command(job: Job, index: int, nodes: int) -> list[str]:
     """Static rendezvous: `--node_rank` puts global rank 0 on worker-0, whose metrics
     endpoint the operator scrapes (with c10d, rank 0 could land on any pod)."""
     workers = job.spec.workers
     return [
         *LAUNCHER,
-        "--nnodes", str(workers.nodes),
+        "--nnodes", str(nodes),
         "--node_rank", str(index),
         "--nproc_per_node", str(workers.procs_per_node),
         "--shutdown-timeout", str(launcher_shutdown_seconds(workers.termination_grace_period_seconds)),
@@ -174,7 +174,10 @@ def container_security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[str, Any]:
+def build_worker_pod(job: Job, index: int, gang: int, config_hash: str, nodes: int | None = None) -> dict[str, Any]:
+    """Worker `index` of gang number `gang`, of `nodes` workers (default workers.nodes;
+    fewer when an elastic gang shrank)."""
+    nodes = job.spec.workers.nodes if nodes is None else nodes
     workers = job.spec.workers
     volumes, mounts = worker_volumes(job)
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
@@ -183,7 +186,7 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": workers.image,
-        "command": torchrun_command(job, index),
+        "command": torchrun_command(job, index, nodes),
         "env": worker_env(job, index),
         "ports": ports,
         "resources": worker_resources(job),
@@ -227,7 +230,7 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
         spec["imagePullSecrets"] = [{"name": secret.name} for secret in workers.image_pull_secrets]
     # The user's labels and annotations (never the operator's own keys: the spec refuses those).
     labels = {**workers.labels, **worker_labels(job.name, index, gang)}
-    annotations = {**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_GANG_NODES: str(workers.nodes)}
+    annotations = {**workers.annotations, ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_GANG_NODES: str(nodes)}
     gang_scheduling = job.spec.run_policy.gang_scheduling
     if gang_scheduling is not None and gang_scheduling.pod_group == "volcano":
         annotations[VOLCANO_GROUP_ANNOTATION] = pod_group_name(job.name)
@@ -243,25 +246,27 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[
 
 
 def gang_resources(job: Job) -> dict[str, str]:
-    """What all workers together request (a container's limit where it sets no request,
-    as Kubernetes defaults it): a Volcano queue admits the group only when that fits."""
+    """What the fewest workers a gang runs on request together (a container's limit where
+    it sets no request, as Kubernetes defaults it): a Volcano queue admits the group only
+    when that fits."""
     resources = worker_resources(job)
     per_worker = {**resources.get("limits", {}), **resources.get("requests", {})}
     total = {}
     for name, quantity in per_worker.items():
-        value = parse_quantity(quantity) * job.spec.workers.nodes
+        value = parse_quantity(quantity) * job.spec.workers.fewest_nodes
         total[name] = str(int(value)) if value == int(value) else f"{int(value * 1000)}m"
     return total
 
 
 def build_pod_group(job: Job) -> dict[str, Any] | None:
     """With spec.runPolicy.gangScheduling, the PodGroup of the chosen scheduler: it binds
-    no worker until it can bind every one of them (minMember). None without."""
+    no worker until it can bind every one of them, or workers.minNodes of them for an
+    elastic gang (minMember). None without."""
     gang = job.spec.run_policy.gang_scheduling
     if gang is None:
         return None
     group, version = POD_GROUP_APIS[gang.pod_group]
-    spec: dict[str, Any] = {"minMember": job.spec.workers.nodes}
+    spec: dict[str, Any] = {"minMember": job.spec.workers.fewest_nodes}
     resources = gang_resources(job)
     if resources:
         spec["minResources"] = resources

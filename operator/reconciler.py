@@ -29,7 +29,8 @@ from .job_children import JobChildren
 from .kube import Forbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
 from .metadata import worker_name, worker_selector
-from .opmetrics import ERROR_FORBIDDEN, ERROR_OTHER, RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
+from .opmetrics import ERROR_FORBIDDEN, ERROR_OTHER, RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK, OperatorMetrics
+from .plan import Plan
 from .pods import build_worker_pod
 from .podstates import pod_name
 from .scrape import metrics_url, progress_status, scrape, scrape_session
@@ -244,6 +245,8 @@ class Reconciler:
                 await self.api.post_event(body, "Warning", reason, message)
         if plan.counted_restart:
             self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()
+        elif plan.shrunk:
+            self.metrics.restarts.labels(reason=RESTART_SHRINK).inc()
         elif plan.gang != gang_of(status):
             self.metrics.restarts.labels(reason=RESTART_PREEMPTION).inc()
         for pod in plan.delete:
@@ -254,7 +257,7 @@ class Reconciler:
             await self.api.delete_job(namespace, name)
             return 1.0  # the next pass finds it being deleted, or gone
         if plan.create:
-            await self._create_gang(body, job, config_map, plan.create, plan.gang, plan.status)
+            await self._create_gang(body, job, config_map, plan, plan.status)
 
         delay = plan.requeue_after or self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_RUNNING:
@@ -281,15 +284,15 @@ class Reconciler:
         for pod in await self.api.list("Pod", meta["namespace"], worker_selector(meta["name"])):
             await self.api.delete("Pod", meta["namespace"], pod_name(pod))
 
-    async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], indices: list[int],
-                           gang: int, status: dict[str, Any]) -> None:
+    async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], plan: Plan,
+                           status: dict[str, Any]) -> None:
         """Create the children and the missing workers; a 403 (a quota, a policy, RBAC) is
         reported in condition Created and a Warning Event, and tried again next pass."""
         config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
         try:
             warnings = await self._children.create(job, config_map)
-            for index in indices:
-                if await self.api.create(build_worker_pod(job, index, gang, config)):
+            for index in plan.create:
+                if await self.api.create(build_worker_pod(job, index, plan.gang, config, plan.nodes)):
                     self.metrics.pods_created.inc()
         except Forbidden as error:
             await self._report_forbidden(body, status, status, str(error))
@@ -297,7 +300,7 @@ class Reconciler:
         for reason, message in warnings:
             await self.api.post_event(body, "Warning", reason, message)
         await self._write_status(job.namespace, job.name, status,
-                                 created_status(status, job.spec.workers.nodes, utc_now()))
+                                 created_status(status, plan.nodes, utc_now()))
 
     async def _report_forbidden(self, body: dict[str, Any], written: dict[str, Any], status: dict[str, Any],
                                 message: str) -> None:

@@ -24,9 +24,10 @@ from .podstates import (
 from .settings import Timing
 
 
-def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:
+def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> list[str]:
     """Pods the scheduler cannot place for longer than the pending timeout get a
-    condition carrying the scheduler's own message (e.g. Insufficient nvidia.com/gpu)."""
+    condition carrying the scheduler's own message (e.g. Insufficient nvidia.com/gpu);
+    returned too, as `pod: message`."""
     status = plan.status
     stuck = []
     for pod in current:
@@ -47,6 +48,7 @@ def mark_unschedulable(plan: Plan, current: list[dict[str, Any]], now: dt.dateti
     elif has:
         status["conditions"] = set_condition(conditions, c.CONDITION_UNSCHEDULABLE, False,
                                              c.REASON_PODS_PENDING, "all workers scheduled", now)
+    return stuck
 
 
 def check_start_problems(plan: Plan, current: list[dict[str, Any]], now: dt.datetime, timing: Timing) -> None:

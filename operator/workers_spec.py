@@ -39,6 +39,8 @@ class LocalObjectReference(SpecModel):
 
 class WorkersSpec(SpecModel):
     nodes: int = Field(1, ge=1)
+    # Elastic gang: the fewest nodes a gang may shrink to when the others cannot be scheduled.
+    min_nodes: int | None = Field(None, ge=1)
     gpus_per_node: int = Field(1, ge=0)
     image: str = Field(min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -95,6 +97,13 @@ class WorkersSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _min_nodes_at_most_nodes(self) -> "WorkersSpec":
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise field_error("minNodes", self.min_nodes, f"more than workers.nodes = {self.nodes}; set at most "
+                                                          f"{self.nodes}, or remove it for a gang that never shrinks")
+        return self
+
+    @model_validator(mode="after")
     def _own_volumes(self) -> "WorkersSpec":
         names: list[str] = []
         for index, volume in enumerate(self.volumes):
@@ -118,6 +127,10 @@ class WorkersSpec(SpecModel):
             if taken is not None:
                 raise field_error(field, path, f"the operator mounts {taken} there; mount elsewhere, e.g. /mnt/data")
         return self
+
+    @property
+    def fewest_nodes(self) -> int:
+        return self.nodes if self.min_nodes is None else self.min_nodes
 
     @property
     def procs_per_node(self) -> int:

@@ -53,6 +53,7 @@ from pod_sandbox import (
     sandbox_script,
     signal_process_tree,
     terminated_status,
+    unschedulable_condition,
     volume_files,
     waiting_status,
 )
@@ -97,6 +98,9 @@ class Kubelet:
     scrape_targets: Path | None = None
     # Exit code of every pod that ended here, by pod uid.
     exit_codes: dict[str, int] = field(default_factory=dict)
+    # The node's pod capacity, as the scheduler sees it (None: unlimited): a pod beyond
+    # the ones still running here stays Pending, refused as the scheduler refuses it.
+    max_pods: int | None = None
     _pods: dict[str, RunningPod] = field(default_factory=dict)
     _job_numbers: dict[tuple[str, str], int] = field(default_factory=dict)
     # Addresses 127.<first_job + n>.<gang>.<index + 2>: a random start keeps two test
@@ -193,6 +197,11 @@ class Kubelet:
 
     def _maybe_start(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
+        if self.max_pods is not None and sum(not p.finished for p in self._pods.values()) >= self.max_pods:
+            if not (pod.get("status") or {}).get("conditions"):  # said once
+                self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": {
+                    "phase": "Pending", "conditions": [unschedulable_condition("0/1 nodes are available: 1 Too many pods.")]}})
+            return
         try:
             self._start(pod)
         except PodSetupError as error:

@@ -134,6 +134,12 @@ def running_status(container: dict[str, Any], address: str, started: str) -> dic
     }
 
 
+def unschedulable_condition(message: str) -> dict[str, Any]:
+    """The scheduler's word on a pod no node can take."""
+    return {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+            "lastTransitionTime": now_text()}
+
+
 def waiting_status(container: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
     """A container the kubelet cannot create yet (e.g. CreateContainerConfigError)."""
     return {"containerStatuses": [_container_status(container, False,

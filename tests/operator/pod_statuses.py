@@ -18,9 +18,11 @@ NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 TIMING = Timing(backoff_base_seconds=10, backoff_max_seconds=60, pending_timeout_seconds=300)
 
 
-def job_spec(nodes: int = 2, backoff_limit: int = 3, **run_policy: Any) -> JobSpec:
+def job_spec(nodes: int = 2, backoff_limit: int = 3, min_nodes: int | None = None, **run_policy: Any) -> JobSpec:
     spec = copy.deepcopy(MINIMAL_SPEC)
     spec["workers"]["nodes"] = nodes
+    if min_nodes is not None:
+        spec["workers"]["minNodes"] = min_nodes
     spec["runPolicy"] = {"backoffLimit": backoff_limit, **run_policy}
     return JobSpec.model_validate(spec)
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from crd_admission import admit, cel_program, rule_violations
 from dbj_examples import FULL_SPEC, MINIMAL_SPEC, validate_for_supported_kubernetes
+from pod_statuses import pod, unscheduled
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from structural_schema import schema_problems
@@ -137,7 +138,7 @@ def test_crd_rules_name_only_fields_of_their_level() -> None:
     """The API server type-checks each rule against its schema when the CRD is applied:
     a rule naming a field its level lacks would make the whole CRD fail to apply."""
     rules = [(path, schema, rule) for path, schema in walk(SCHEMA) for rule in schema.get("x-kubernetes-validations", [])]
-    assert len(rules) == 6, "a rule was added or removed: give it cases in test_crd_rules_agree_with_the_spec_model"
+    assert len(rules) == 7, "a rule was added or removed: give it cases in test_crd_rules_agree_with_the_spec_model"
     for path, schema, rule in rules:
         cel_program(rule["rule"])  # compiles
         named = set(re.findall(r"\bself\.(\w+)", rule["rule"]))
@@ -179,6 +180,9 @@ VOLCANO = {"gangScheduling": {"podGroup": "volcano"}}
     (spec_with(runPolicy=VOLCANO, workers={"schedulerName": "default-scheduler"}), "workers.schedulerName"),
     (spec_with(runPolicy=VOLCANO, workers={"schedulerName": "volcano"}), None),
     (spec_with(workers={"schedulerName": "my-scheduler"}), None),
+    (spec_with(workers={"nodes": 2, "minNodes": 3}), "workers.minNodes"),
+    (spec_with(workers={"nodes": 2, "minNodes": 2}), None),
+    (spec_with(workers={"nodes": 4, "minNodes": 1}), None),
 ], ids=lambda value: "" if isinstance(value, dict) else str(value))
 def test_crd_rules_agree_with_the_spec_model(spec: dict[str, Any], refused_field: str | None) -> None:
     """What the CRD's rules refuse at `kubectl apply`, the operator's model refuses too
@@ -227,7 +231,8 @@ def test_crd_schema_rejects_what_the_model_rejects() -> None:
 
 
 def test_every_status_the_operator_writes_fits_the_schema() -> None:
-    spec = JobSpec.model_validate({**FULL_SPEC, "lora": {"rank": 8}})  # status.output.loraWeights too
+    # status.output.loraWeights with LoRA, status.gangNodes with minNodes
+    spec = JobSpec.model_validate({**FULL_SPEC, "lora": {"rank": 8}, "workers": {**FULL_SPEC["workers"], "minNodes": 1}})
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     failed = {"metadata": {"name": "sks-dog-worker-0", "labels": {"dreambooth.io/gang": "0",
                                                                   "dreambooth.io/worker-index": "0"}},
@@ -240,6 +245,10 @@ def test_every_status_the_operator_writes_fits_the_schema() -> None:
                "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}}
     status = decide(spec, {**status, "phase": c.PHASE_RUNNING}, [evicted], now).status
     assert status["consecutivePreemptions"] == 1
+    long_ago = now - dt.timedelta(hours=1)
+    status = decide(spec, {**status, "phase": c.PHASE_PENDING},
+                    [pod(0, gang=2, created=long_ago), unscheduled(1, gang=2, created=long_ago)], now).status
+    assert status["gangNodes"] == 1
     status.update(step=10, progress="1%", loss=0.5, samplesPerSecond=1.0, etaSeconds=3.0,
                   latestCheckpoint={"step": 10, "path": "/x/step-00000010", "time": "2026-01-01T00:00:00Z"})
     status["output"] = output_status(Job(name="sks-dog", namespace="default", uid="u", spec=spec))

@@ -1,0 +1,149 @@
+"""Elastic gangs (spec.workers.minNodes): workers the scheduler cannot place do not hold
+the others back; the gang restarts on the nodes it has. As tables of lifecycle.decide,
+then with the real operator against the emulated API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from dbj_examples import job, minimal_spec
+from operator_harness import Cluster, OperatorProcess, gang_of, running, terminated, wait_for
+from pod_statuses import NOW, RUNNING, TIMING, condition, job_spec, pod, scheduled, unscheduled
+
+from dreambooth_operator import constants as c
+from dreambooth_operator.lifecycle import decide
+from dreambooth_operator.pods import build_pod_group, build_worker_pod
+
+LONG_AGO = NOW - dt.timedelta(seconds=TIMING.pending_timeout_seconds + 1)
+SHRINK_RESTART = 'dreambooth_operator_restarts_total{reason="shrink"}'
+
+
+def gang_is(cluster: Cluster, job_name: str, gangs: list[str]) -> list[dict[str, Any]] | None:
+    """The job's workers once they are exactly these, by their gang labels."""
+    pods = cluster.pods(job_name)
+    return pods if [gang_of(p) for p in pods] == gangs else None
+
+
+def shrunk_status(nodes: int) -> dict[str, Any]:
+    """Where a gang of 3 that shrank to `nodes` stands once its old pods are gone."""
+    return {**RUNNING, "phase": c.PHASE_RESTARTING, "preemptions": 1, "gangNodes": nodes,
+            "nextRestartTime": "2026-06-01T12:00:00Z"}
+
+
+def test_workers_unschedulable_past_the_timeout_shrink_the_gang_to_those_scheduled() -> None:
+    gang = [pod(0), scheduled(1), unscheduled(2, created=LONG_AGO)]
+    plan = decide(job_spec(nodes=3, min_nodes=2, backoff_limit=0), RUNNING, gang, NOW, TIMING)
+    status = plan.status
+    assert status["phase"] == c.PHASE_RESTARTING and status["gangNodes"] == 2
+    # Not the job's fault: a preemption, not a restart (backoffLimit 0 holds), and no backoff.
+    assert (status["restarts"], status["preemptions"], status.get("consecutivePreemptions")) == (0, 1, None)
+    assert status["nextRestartTime"] == "2026-06-01T12:00:00Z"
+    assert plan.shrunk and not plan.counted_restart and (plan.gang, plan.nodes) == (1, 2)
+    assert plan.delete == ["j-worker-0", "j-worker-1", "j-worker-2"]
+    restarting = condition(status, c.CONDITION_RESTARTING)
+    assert restarting["reason"] == c.REASON_GANG_SHRUNK
+    [(kind, reason, message)] = plan.events
+    assert (kind, reason, message) == ("Warning", c.REASON_GANG_SHRUNK, restarting["message"])
+    assert message.startswith("j-worker-2: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    assert "restarting the gang on 2 of workers.nodes = 3 nodes (workers.minNodes = 2)" in message
+    # The scheduler's message is also in condition Unschedulable, as for any job.
+    assert condition(status, c.CONDITION_UNSCHEDULABLE)["status"] == "True"
+
+
+@pytest.mark.parametrize("min_nodes,gang,why", [
+    (None, [pod(0), pod(1), unscheduled(2, created=LONG_AGO)], "no minNodes: the gang never shrinks"),
+    (3, [pod(0), pod(1), unscheduled(2, created=LONG_AGO)], "minNodes = nodes"),
+    (2, [pod(0), unscheduled(1, created=LONG_AGO), unscheduled(2, created=LONG_AGO)], "fewer scheduled than minNodes"),
+    (2, [pod(0), pod(1), unscheduled(2, created=NOW - dt.timedelta(seconds=10))], "not pending long enough"),
+    (2, [pod(0), pod(1), pod(2, "Pending")], "not scheduled yet, but not refused by the scheduler either"),
+])
+def test_the_gang_waits_for_its_workers_otherwise(min_nodes: int | None, gang: list[dict[str, Any]],
+                                                   why: str) -> None:
+    plan = decide(job_spec(nodes=3, min_nodes=min_nodes), RUNNING, gang, NOW, TIMING)
+    assert plan.status["phase"] == c.PHASE_PENDING, why
+    assert (plan.delete, plan.shrunk, plan.nodes, plan.status.get("gangNodes")) == ([], False, 3, None), why
+
+
+def test_the_shrunk_gang_is_created_runs_and_succeeds_at_its_size() -> None:
+    spec = job_spec(nodes=3, min_nodes=2)
+    plan = decide(spec, shrunk_status(2), [], NOW, TIMING)
+    assert (plan.create, plan.gang, plan.nodes) == ([0, 1], 1, 2)
+    assert condition(plan.status, c.CONDITION_CREATED)["message"] == "2 worker pods created"
+    # Its workers run torchrun for 2 nodes, and say so.
+    worker = build_worker_pod(job(minimal_spec(workers={"nodes": 3, "minNodes": 2})), 1, plan.gang, "h", plan.nodes)
+    command = worker["spec"]["containers"][0]["command"]
+    assert command[command.index("--nnodes") + 1] == "2"
+    assert worker["metadata"]["annotations"][c.ANNOTATION_GANG_NODES] == "2"
+
+    # Two workers of two are the whole gang: no resize, no vanished worker, and no
+    # shrinking further while a third would be missing.
+    gang = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
+    plan = decide(spec, {**shrunk_status(2), "phase": c.PHASE_INITIALIZING}, gang, NOW, TIMING)
+    assert (plan.status["phase"], plan.delete, plan.create) == (c.PHASE_RUNNING, [], [])
+    done = [pod(i, "Succeeded", exit_code=0, gang=1, nodes=2) for i in range(2)]
+    assert decide(spec, plan.status, done, NOW, TIMING).status["phase"] == c.PHASE_SUCCEEDED
+
+
+@pytest.mark.parametrize("how", ["failure", "preemption", "suspension"])
+def test_every_later_gang_asks_for_all_its_nodes_again(how: str) -> None:
+    spec = job_spec(nodes=3, min_nodes=2, suspend=how == "suspension")
+    status = {**shrunk_status(2), "phase": c.PHASE_RUNNING}
+    ending = {"failure": pod(1, "Failed", exit_code=1, gang=1, nodes=2),
+              "preemption": pod(1, "Failed", pod_reason="Evicted", gang=1, nodes=2, message="The node was low on "
+                                "resource: memory. "),
+              "suspension": pod(1, gang=1, nodes=2)}[how]
+    plan = decide(spec, status, [pod(0, gang=1, nodes=2), ending], NOW, TIMING)
+    assert "gangNodes" not in plan.status and plan.nodes == 3
+    later = {**plan.status, "nextRestartTime": "2026-06-01T11:00:00Z"}
+    if how == "suspension":
+        spec, later = job_spec(nodes=3, min_nodes=2), plan.status
+    assert decide(spec, later, [], NOW, TIMING).create == [0, 1, 2]
+
+
+def test_an_edit_below_the_shrunk_size_restarts_the_gang_and_one_above_waits_for_the_next_gang() -> None:
+    status = {**shrunk_status(2), "phase": c.PHASE_RUNNING}
+    gang = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
+    lowered = decide(job_spec(nodes=1, min_nodes=1), status, gang, NOW, TIMING)
+    assert lowered.status["phase"] == c.PHASE_RESTARTING and lowered.nodes == 1
+    # Raised: the gang shrank for want of nodes; a restart now would only shrink it again.
+    raised = decide(job_spec(nodes=4, min_nodes=2), status, gang, NOW, TIMING)
+    assert (raised.status["phase"], raised.delete, raised.nodes) == (c.PHASE_RUNNING, [], 2)
+
+
+def test_a_gang_scheduled_elastic_gang_asks_its_pod_group_for_min_nodes_workers() -> None:
+    spec = minimal_spec(workers={"nodes": 4, "minNodes": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}},
+                        runPolicy={"gangScheduling": {"podGroup": "volcano"}})
+    group = build_pod_group(job(spec))
+    assert group["spec"]["minMember"] == 2 and group["spec"]["minResources"] == {"nvidia.com/gpu": "16"}
+
+
+def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_regrows_it_after_a_failure(
+        operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("elastic", minimal_spec(workers={"nodes": 3, "minNodes": 2}))
+    wait_for(lambda: len(cluster.pods("elastic")) == 3, what="3 workers")
+    for name in ("elastic-worker-0", "elastic-worker-1"):
+        cluster.set_pod_status(name, running())
+    cluster.set_pod_status("elastic-worker-2", {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]})
+    # The harness's pending timeout is 1 s.
+    pods = wait_for(lambda: gang_is(cluster, "elastic", ["1", "1"]), what="a gang of 2")
+    for worker in pods:
+        command = worker["spec"]["containers"][0]["command"]
+        assert command[command.index("--nnodes") + 1] == "2"
+    status = cluster.status("elastic")
+    assert (status["gangNodes"], status["restarts"], status["preemptions"]) == (2, 0, 1)
+    [event] = [e for e in cluster.events("elastic") if e["reason"] == c.REASON_GANG_SHRUNK]
+    assert event["type"] == "Warning" and "elastic-worker-2: 0/2 nodes are available" in event["message"]
+    assert operator.metric(SHRINK_RESTART) == 1
+
+    cluster.run_pods("elastic")
+    wait_for(lambda: cluster.status("elastic").get("phase") == c.PHASE_RUNNING, what="Running on 2 nodes")
+    # A failure: the next gang asks for all 3 nodes again.
+    cluster.set_pod_status("elastic-worker-1", terminated(1))
+    pods = wait_for(lambda: gang_is(cluster, "elastic", ["2", "2", "2"]), what="a gang of 3 again")
+    assert {p["metadata"]["annotations"][c.ANNOTATION_GANG_NODES] for p in pods} == {"3"}
+    status = cluster.status("elastic")
+    assert "gangNodes" not in status and (status["restarts"], status["preemptions"]) == (1, 1)
