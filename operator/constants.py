@@ -50,6 +50,16 @@ COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 APP_NAME = "dreambooth"
 MANAGER = "dreambooth-operator"
 ROLE_WORKER = "worker"
+# A shrunk elastic gang's placeholder for each worker it lacks (pods.build_standby_pod):
+# once the scheduler can place them all, the gang grows back.
+ROLE_STANDBY = "standby"
+# How an elastic gang's size changes (lifecycle's Plan.resize; a restarts_total reason).
+RESIZE_SHRINK = "shrink"
+RESIZE_GROW = "grow"
+# What a standby pod runs: nothing, until it is deleted. As a container's PID 1 it must
+# handle SIGTERM itself (the kernel ignores signals PID 1 has no handler for).
+STANDBY_COMMAND = ("python", "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+                   "signal.pause()")
 
 # How often the operator reads rank 0's metrics into a job's status (--scrape-interval).
 DEFAULT_SCRAPE_INTERVAL_SECONDS = 15.0
@@ -135,6 +145,7 @@ REASON_INVALID_TRAINER_INPUT = "InvalidTrainerInput"
 REASON_TRAINING_DIVERGED = "TrainingDiverged"
 REASON_PREEMPTED = "Preempted"
 REASON_GANG_SHRUNK = "GangShrunk"
+REASON_GANG_GROWN = "GangGrown"
 # A node's kubelet refused a worker it was bound to (OutOfnvidia.com/gpu, UnexpectedAdmissionError):
 # restarted like a preemption.
 REASON_REFUSED_BY_NODE = "RefusedByNode"

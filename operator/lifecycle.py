@@ -26,12 +26,14 @@ from .clock import parse_timestamp, timestamp
 from .plan import Plan, alive_pods, enter_phase, fail, requeue, set_condition
 from .podstates import (
     POD_FAILED,
+    POD_PENDING,
     POD_RUNNING,
     POD_SUCCEEDED,
     describe_failure,
     is_deleting,
     is_preemption,
     is_scheduled,
+    is_standby,
     node_refusal,
     pod_gang,
     pod_gang_nodes,
@@ -84,7 +86,10 @@ def gang_nodes(spec: JobSpec, status: dict[str, Any]) -> int:
 
 def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
            timing: Timing = Timing()) -> Plan:
-    plan = _decide_phase(spec, status, pods, now, timing)
+    """`pods`: the job's, workers and standby pods alike."""
+    workers = [p for p in pods if not is_standby(p)]
+    plan = _decide_phase(spec, status, workers, now, timing)
+    _keep_standby(plan, spec, workers, [p for p in pods if is_standby(p)], now)
     if plan.status["phase"] in c.TERMINAL_PHASES:
         _expire_after_ttl(plan, spec, now)
     return plan
@@ -256,8 +261,43 @@ def _shrink(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], stuck: lis
     enter_phase(status, c.PHASE_RESTARTING, c.REASON_GANG_SHRUNK, message, now)
     status["nextRestartTime"] = timestamp(now)
     plan.events.append(("Warning", c.REASON_GANG_SHRUNK, message))
-    plan.shrunk = True
+    plan.resize = c.RESIZE_SHRINK
     return _replace_gang(plan, spec, current)
+
+
+def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], standby: list[dict[str, Any]],
+                  now: dt.datetime) -> None:
+    """A shrunk gang that is not restarting keeps a standby pod for each worker it lacks
+    (pods.build_standby_pod); once the scheduler has placed every one of them, the nodes
+    are there again and the gang restarts on all of them. Standby pods that ended are
+    replaced; any other standby pod (an older gang's, a finished job's) is deleted."""
+    lacking = range(plan.nodes, spec.workers.nodes) if (
+        plan.status["phase"] in (c.PHASE_PENDING, c.PHASE_INITIALIZING, c.PHASE_RUNNING)
+        and not plan.delete and not plan.create) else range(0)
+    ours = [p for p in standby if pod_gang(p) == plan.gang and pod_index(p) in lacking]
+    standing = [p for p in ours if pod_phase(p) in (POD_PENDING, POD_RUNNING) and not is_deleting(p)]
+    strays = [pod_name(p) for p in standby if p not in standing and not is_deleting(p)]
+    if lacking and len(standing) == len(lacking) and all(is_scheduled(p) for p in standing):
+        _grow(plan, spec, [p for p in workers if pod_gang(p) == plan.gang] + standing, now)
+    else:  # one that ended is replaced once it is gone
+        plan.create_standby = [i for i in lacking if i not in {pod_index(p) for p in ours}]
+    plan.delete += strays
+
+
+def _grow(plan: Plan, spec: JobSpec, pods: list[dict[str, Any]], now: dt.datetime) -> None:
+    """Every standby pod placed: the gang (its workers and standby pods, `pods`) restarts
+    on workers.nodes, counted as a preemption as its shrinking was."""
+    status = plan.status
+    status["preemptions"] = int(status["preemptions"]) + 1
+    status.pop("gangNodes", None)
+    names = ", ".join(pod_name(p) for p in pods if is_standby(p))
+    message = (f"the scheduler placed {names}: all workers.nodes = {spec.workers.nodes} nodes can be had again; "
+               "restarting the gang on all of them from the latest checkpoint, not counted against backoffLimit")
+    enter_phase(status, c.PHASE_RESTARTING, c.REASON_GANG_GROWN, message, now)
+    status["nextRestartTime"] = timestamp(now)
+    plan.events.append(("Normal", c.REASON_GANG_GROWN, message))
+    plan.resize = c.RESIZE_GROW
+    _replace_gang(plan, spec, pods)
 
 
 def _replace_gang(plan: Plan, spec: JobSpec, current: list[dict[str, Any]]) -> Plan:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .constants import PHASES
+from .constants import PHASES, RESIZE_GROW, RESIZE_SHRINK
 
 METRIC_JOBS = "dreambooth_operator_jobs"
 METRIC_RECONCILE_SECONDS = "dreambooth_operator_reconcile_seconds"
@@ -16,8 +16,9 @@ METRIC_RECONCILE_ERRORS = "dreambooth_operator_reconcile_errors_total"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
-# An elastic gang restarted on fewer nodes (workers.minNodes).
-RESTART_SHRINK = "shrink"
+# An elastic gang (workers.minNodes) restarted on fewer nodes, or on all of them again.
+RESTART_SHRINK = RESIZE_SHRINK
+RESTART_GROW = RESIZE_GROW
 
 # Why a reconcile pass failed: the API server forbade a call (403: RBAC, a policy), or
 # anything else (the API unreachable, a bug; the log has the traceback).
@@ -39,7 +40,7 @@ class OperatorMetrics:
                                 ["reason"], registry=self.registry)
         # Every series from the start: increase() cannot count the first failure of a series
         # that appears with it (DreamboothWorkersFailingRepeatedly would need a fourth).
-        for reason in (RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK):
+        for reason in (RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK, RESTART_GROW):
             self.restarts.labels(reason=reason)
         # Both series from the start, for increase() (as restarts above).
         self.reconcile_errors = Counter(METRIC_RECONCILE_ERRORS.removesuffix("_total"),

@@ -28,13 +28,16 @@ class Plan:
     gang: int = 0
     # Workers of that gang: workers.nodes, or fewer once it shrank (workers.minNodes).
     nodes: int = 1
+    # Standby pods to create, by the index of the worker a shrunk gang lacks.
+    create_standby: list[int] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     # (type, reason, message) of Kubernetes Events to post on the job.
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
     counted_restart: bool = False
-    # The gang restarts on fewer nodes: workers the scheduler cannot place (workers.minNodes).
-    shrunk: bool = False
+    # An elastic gang (workers.minNodes) restarts on fewer nodes (RESIZE_SHRINK), or on all
+    # of them again (RESIZE_GROW); None otherwise.
+    resize: str | None = None
     # runPolicy.ttlSecondsAfterFinished has passed: the job itself is to be deleted.
     delete_job: bool = False
 

@@ -31,6 +31,7 @@ from .constants import (
     RENDEZVOUS_TIMEOUT_SECONDS,
     SHM_MOUNT_DIR,
     SHM_VOLUME,
+    STANDBY_COMMAND,
     STORAGE_MOUNT_DIR,
     STORAGE_VOLUME,
     TRAINER_ENTRY,
@@ -46,6 +47,8 @@ from .metadata import (
     pod_group_name,
     rendezvous_address,
     service_name,
+    standby_labels,
+    standby_name,
     storage_claim_name,
     worker_labels,
     worker_name,
@@ -243,6 +246,23 @@ def build_worker_pod(job: Job, index: int, gang: int, config_hash: str, nodes: i
         "metadata": child_metadata(job, worker_name(job.name, index), labels=labels, annotations=annotations),
         "spec": spec,
     }
+
+
+def build_standby_pod(job: Job, index: int, gang: int, config_hash: str) -> dict[str, Any]:
+    """The stand-in of worker `index`, which a shrunk elastic gang lacks. The scheduler is
+    asked for it as for that worker (resources, node selector, tolerations, affinity,
+    priority, volumes), so that its being scheduled means the worker can be; it runs
+    nothing. Not a member of the gang's PodGroup, whose minMember the gang meets."""
+    pod = build_worker_pod(job, index, gang, config_hash)
+    metadata, spec = pod["metadata"], pod["spec"]
+    metadata["name"] = standby_name(job.name, index)
+    metadata["labels"] = {**job.spec.workers.labels, **standby_labels(job.name, index, gang)}
+    metadata["annotations"].pop(VOLCANO_GROUP_ANNOTATION, None)
+    del spec["hostname"], spec["subdomain"]  # the worker's DNS name is not its
+    [container] = spec["containers"]
+    container["command"] = list(STANDBY_COMMAND)
+    del container["ports"]
+    return pod
 
 
 def gang_resources(job: Job) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 from trainer.contract import EXIT_TERMINATED
 
 from .clock import parse_timestamp
-from .constants import ANNOTATION_GANG_NODES, LABEL_GANG, LABEL_WORKER_INDEX, WORKER_CONTAINER
+from .constants import ANNOTATION_GANG_NODES, LABEL_GANG, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_STANDBY, WORKER_CONTAINER
 
 POD_PENDING = "Pending"
 POD_RUNNING = "Running"
@@ -20,6 +20,11 @@ POD_FAILED = "Failed"
 
 def pod_name(pod: dict[str, Any]) -> str:
     return pod["metadata"]["name"]
+
+
+def is_standby(pod: dict[str, Any]) -> bool:
+    """A shrunk gang's standby pod (pods.build_standby_pod), not a worker."""
+    return (pod["metadata"].get("labels") or {}).get(LABEL_ROLE) == ROLE_STANDBY
 
 
 def pod_phase(pod: dict[str, Any]) -> str:

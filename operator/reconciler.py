@@ -28,10 +28,10 @@ from .inputs import InputCheck, check_inputs
 from .job_children import JobChildren
 from .kube import Forbidden, KubeApi
 from .lifecycle import created_status, decide, failed_create_status, gang_of, invalid_spec_status
-from .metadata import worker_name, worker_selector
-from .opmetrics import ERROR_FORBIDDEN, ERROR_OTHER, RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK, OperatorMetrics
+from .metadata import job_selector, worker_name
+from .opmetrics import ERROR_FORBIDDEN, ERROR_OTHER, RESTART_FAILURE, RESTART_PREEMPTION, OperatorMetrics
 from .plan import Plan
-from .pods import build_worker_pod
+from .pods import build_standby_pod, build_worker_pod
 from .podstates import pod_name
 from .scrape import metrics_url, progress_status, scrape, scrape_session
 from .settings import ReconcilerSettings
@@ -214,7 +214,7 @@ class Reconciler:
             # The spec was fixed: start over as a new job.
             status = {}
 
-        pods = await self.api.list("Pod", namespace, worker_selector(name))
+        pods = await self.api.list("Pod", namespace, job_selector(name))  # workers and standby pods
         if pods and self.settings.network_policy and (namespace, name) not in self._policy_checked:
             self._policy_checked.add((namespace, name))  # once per loop
             await self._children.protect_existing_gang(job)
@@ -245,8 +245,8 @@ class Reconciler:
                 await self.api.post_event(body, "Warning", reason, message)
         if plan.counted_restart:
             self.metrics.restarts.labels(reason=RESTART_FAILURE).inc()
-        elif plan.shrunk:
-            self.metrics.restarts.labels(reason=RESTART_SHRINK).inc()
+        elif plan.resize is not None:
+            self.metrics.restarts.labels(reason=plan.resize).inc()
         elif plan.gang != gang_of(status):
             self.metrics.restarts.labels(reason=RESTART_PREEMPTION).inc()
         for pod in plan.delete:
@@ -258,6 +258,12 @@ class Reconciler:
             return 1.0  # the next pass finds it being deleted, or gone
         if plan.create:
             await self._create_gang(body, job, config_map, plan, plan.status)
+        for index in plan.create_standby:
+            try:
+                await self.api.create(build_standby_pod(job, index, plan.gang, config_map_hash(config_map)))
+            except Forbidden as error:  # a quota that would refuse the worker too: the gang stays as it is
+                log.info("DreamboothJob %s/%s: standby pod %d forbidden, tried again next pass: %s",
+                         namespace, name, index, error)
 
         delay = plan.requeue_after or self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_RUNNING:
@@ -281,14 +287,14 @@ class Reconciler:
         self.metrics.set_phase(meta["namespace"], meta["name"], c.PHASE_FAILED)
         await self.api.post_event(body, "Warning", c.REASON_INVALID_SPEC, message)
         # Workers of an earlier, valid spec must not go on with a spec nobody can read.
-        for pod in await self.api.list("Pod", meta["namespace"], worker_selector(meta["name"])):
+        for pod in await self.api.list("Pod", meta["namespace"], job_selector(meta["name"])):
             await self.api.delete("Pod", meta["namespace"], pod_name(pod))
 
     async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], plan: Plan,
                            status: dict[str, Any]) -> None:
         """Create the children and the missing workers; a 403 (a quota, a policy, RBAC) is
         reported in condition Created and a Warning Event, and tried again next pass."""
-        config = config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+        config = config_map_hash(config_map)
         try:
             warnings = await self._children.create(job, config_map)
             for index in plan.create:
@@ -367,3 +373,7 @@ def _observe_generation(status: dict[str, Any], body: dict[str, Any]) -> None:
     if generation is not None:
         status["observedGeneration"] = int(generation)
 
+
+def config_map_hash(config_map: dict[str, Any]) -> str:
+    """The rendered config's hash, which the pods that mount it carry."""
+    return config_map["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]

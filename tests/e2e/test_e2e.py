@@ -319,29 +319,44 @@ def test_a_gang_resized_while_it_trains_resumes_its_checkpoint_on_fewer_nodes(us
     assert kubelet.exit_codes[first.uid] == 143  # the first gang checkpointed on its way out
 
 
-def test_an_elastic_gang_that_loses_a_node_resumes_on_the_nodes_left(user: User, kubelet: Kubelet) -> None:
+def test_an_elastic_gang_goes_on_without_a_lost_node_and_grows_back_when_it_returns(user: User,
+                                                                                      kubelet: Kubelet) -> None:
     """workers.minNodes 1: a worker drained off its node (a graceful delete) when the
     cluster has room for one worker only (the node's pod capacity: the scheduler says
     Too many pods). The operator restarts the gang for 2 nodes, and once the second
     worker has waited out the pending timeout, on the one node, which resumes the
-    checkpoint that two ranks wrote (backoffLimit 0 holds: neither restart counts)."""
-    user.apply_example("tiny-elastic", workers={"minNodes": 1}, runPolicy={"backoffLimit": 0})
+    checkpoint that two ranks wrote. Room again: the standby pod of worker 1 is placed,
+    and the gang grows back to 2, resuming what one rank wrote (backoffLimit 0 holds:
+    no restart counts)."""
+    user.apply_example("tiny-elastic", workers={"minNodes": 1}, runPolicy={"backoffLimit": 0},
+                       training={"maxSteps": 60})  # the one node must not finish before the room comes back
     wait_for(lambda: user.latest_checkpoint("tiny-elastic") == "step-00000010", timeout=JOB_TIMEOUT,
              what="checkpoint step-00000010 of tiny-elastic")
     kubelet.max_pods = 1
     try:
         user.kubectl("delete", "pod", "tiny-elastic-worker-1", "--wait=false")
-        status = user.wait_phase("tiny-elastic", "Succeeded")
+        wait_for(lambda: resumed(kubelet, "tiny-elastic-worker-0", "2 -> 1"), timeout=JOB_TIMEOUT,
+                 what="the gang resumed on one node")
+        assert user.status("tiny-elastic")["gangNodes"] == 1
     finally:
         kubelet.max_pods = None
-    assert (status["restarts"], status["preemptions"], status["gangNodes"]) == (0, 2, 1)
-    [shrunk] = [event for event in user.cluster.events("tiny-elastic") if event["reason"] == "GangShrunk"]
-    assert "tiny-elastic-worker-1: 0/1 nodes are available: 1 Too many pods." in shrunk["message"]
+    status = user.wait_phase("tiny-elastic", "Succeeded")
+    assert (status["restarts"], status["preemptions"]) == (0, 3) and "gangNodes" not in status
+    events = {event["reason"]: event["message"] for event in user.cluster.events("tiny-elastic")}
+    assert "tiny-elastic-worker-1: 0/1 nodes are available: 1 Too many pods." in events["GangShrunk"]
+    assert events["GangGrown"].startswith("the scheduler placed tiny-elastic-standby-1")
     run = user.run_json("tiny-elastic")
-    assert (run["world_size"], run["final_step"]) == (1, 30) and run["resumed_from_step"] >= 10
-    resumed = [event for event in trainer_events(kubelet, "tiny-elastic-worker-0")
-               if event["event"] == "resumed" and event.get("world_size") == "2 -> 1"]
-    assert [event["step"] for event in resumed] == [run["resumed_from_step"]], resumed
+    assert (run["world_size"], run["final_step"]) == (2, 60)
+    [shrunk] = resumed(kubelet, "tiny-elastic-worker-0", "2 -> 1")
+    [grown] = resumed(kubelet, "tiny-elastic-worker-0", "1 -> 2")
+    assert 10 <= shrunk["step"] < grown["step"] == run["resumed_from_step"]
+    assert user.cluster.pod("tiny-elastic-standby-1") is None
+
+
+def resumed(kubelet: Kubelet, pod: str, world_sizes: str) -> list[dict[str, Any]]:
+    """The `resumed` events of a pod's trainers (every gang's) that changed the world size so."""
+    return [event for event in trainer_events(kubelet, pod)
+            if event["event"] == "resumed" and event.get("world_size") == world_sizes]
 
 
 def test_bucket_job_reads_photos_and_uploads_the_model_with_a_credentials_secret(

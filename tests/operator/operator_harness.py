@@ -164,6 +164,11 @@ class Cluster:
         pods = self._raw_list(self.core.list_namespaced_pod, namespace, f"dreambooth.io/job={job}")
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
+    def pod(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """The pod of that name, None when there is none."""
+        return next((p for p in self._raw_list(self.core.list_namespaced_pod, namespace, "")
+                     if p["metadata"]["name"] == name), None)
+
     def all_pods(self) -> list[dict[str, Any]]:
         import json
         return json.loads(self.core.list_pod_for_all_namespaces(_preload_content=False).data)["items"]

@@ -1,28 +1,36 @@
 """Elastic gangs (spec.workers.minNodes): workers the scheduler cannot place do not hold
-the others back; the gang restarts on the nodes it has. As tables of lifecycle.decide,
+the others back; the gang restarts on the nodes it has, and keeps a standby pod for each
+worker it lacks, growing back once they are all placed. As tables of lifecycle.decide,
 then with the real operator against the emulated API."""
 
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
-from dbj_examples import job, minimal_spec
-from operator_harness import Cluster, OperatorProcess, gang_of, running, terminated, wait_for
+from dbj_examples import FULL_SPEC, job, minimal_spec, validate_for_supported_kubernetes
+from operator_harness import Cluster, OperatorProcess, gang_of, running, wait_for
 from pod_statuses import NOW, RUNNING, TIMING, condition, job_spec, pod, scheduled, unscheduled
 
 from dreambooth_operator import constants as c
 from dreambooth_operator.lifecycle import decide
-from dreambooth_operator.pods import build_pod_group, build_worker_pod
+from dreambooth_operator.metadata import worker_match_labels
+from dreambooth_operator.podstates import is_standby
+from dreambooth_operator.pods import build_pod_group, build_standby_pod, build_worker_pod
 
 LONG_AGO = NOW - dt.timedelta(seconds=TIMING.pending_timeout_seconds + 1)
 SHRINK_RESTART = 'dreambooth_operator_restarts_total{reason="shrink"}'
+GROW_RESTART = 'dreambooth_operator_restarts_total{reason="grow"}'
 
 
 def gang_is(cluster: Cluster, job_name: str, gangs: list[str]) -> list[dict[str, Any]] | None:
     """The job's workers once they are exactly these, by their gang labels."""
-    pods = cluster.pods(job_name)
+    pods = [p for p in cluster.pods(job_name) if not is_standby(p)]
     return pods if [gang_of(p) for p in pods] == gangs else None
 
 
@@ -40,7 +48,7 @@ def test_workers_unschedulable_past_the_timeout_shrink_the_gang_to_those_schedul
     # Not the job's fault: a preemption, not a restart (backoffLimit 0 holds), and no backoff.
     assert (status["restarts"], status["preemptions"], status.get("consecutivePreemptions")) == (0, 1, None)
     assert status["nextRestartTime"] == "2026-06-01T12:00:00Z"
-    assert plan.shrunk and not plan.counted_restart and (plan.gang, plan.nodes) == (1, 2)
+    assert plan.resize == "shrink" and not plan.counted_restart and (plan.gang, plan.nodes) == (1, 2)
     assert plan.delete == ["j-worker-0", "j-worker-1", "j-worker-2"]
     restarting = condition(status, c.CONDITION_RESTARTING)
     assert restarting["reason"] == c.REASON_GANG_SHRUNK
@@ -63,7 +71,8 @@ def test_the_gang_waits_for_its_workers_otherwise(min_nodes: int | None, gang: l
                                                    why: str) -> None:
     plan = decide(job_spec(nodes=3, min_nodes=min_nodes), RUNNING, gang, NOW, TIMING)
     assert plan.status["phase"] == c.PHASE_PENDING, why
-    assert (plan.delete, plan.shrunk, plan.nodes, plan.status.get("gangNodes")) == ([], False, 3, None), why
+    assert (plan.delete, plan.resize, plan.nodes, plan.status.get("gangNodes")) == ([], None, 3, None), why
+    assert plan.create_standby == [], why
 
 
 def test_the_shrunk_gang_is_created_runs_and_succeeds_at_its_size() -> None:
@@ -82,8 +91,62 @@ def test_the_shrunk_gang_is_created_runs_and_succeeds_at_its_size() -> None:
     gang = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
     plan = decide(spec, {**shrunk_status(2), "phase": c.PHASE_INITIALIZING}, gang, NOW, TIMING)
     assert (plan.status["phase"], plan.delete, plan.create) == (c.PHASE_RUNNING, [], [])
+    assert plan.create_standby == [2]  # the stand-in of the worker it lacks
     done = [pod(i, "Succeeded", exit_code=0, gang=1, nodes=2) for i in range(2)]
-    assert decide(spec, plan.status, done, NOW, TIMING).status["phase"] == c.PHASE_SUCCEEDED
+    finished = decide(spec, plan.status, [*done, standby(2, gang=1)], NOW, TIMING)
+    assert finished.status["phase"] == c.PHASE_SUCCEEDED
+    assert (finished.delete, finished.create_standby) == (["j-standby-2"], [])  # it would hold a node
+
+
+def standby(index: int, phase: str = "Pending", gang: int = 1, placed: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """A standby pod as the scheduler leaves it: waiting for a node, or `placed` on one."""
+    stand_in = (scheduled(index, gang=gang, **kwargs) if placed else unscheduled(index, gang=gang, **kwargs)) \
+        if phase == "Pending" else pod(index, phase, gang=gang, **kwargs)
+    stand_in["metadata"]["name"] = f"j-standby-{index}"
+    stand_in["metadata"]["labels"][c.LABEL_ROLE] = c.ROLE_STANDBY
+    return stand_in
+
+
+RUNNING_SHRUNK = {**RUNNING, "preemptions": 1, "gangNodes": 2}
+SHRUNK_GANG = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
+
+
+@pytest.mark.parametrize("standing,delete,create", [
+    ([standby(2)], [], []),  # waiting for a node: the gang waits too
+    ([standby(2, "Failed")], ["j-standby-2"], []),  # ended (evicted, say): replaced once it is gone
+    ([standby(2, deleting=True)], [], []),
+    ([standby(2, gang=0)], ["j-standby-2"], [2]),  # an older gang's
+    ([standby(2), standby(3)], ["j-standby-3"], []),  # workers.nodes was lowered to 3
+])
+def test_a_shrunk_gang_keeps_one_standby_pod_for_each_worker_it_lacks(standing: list[dict[str, Any]],
+                                                                      delete: list[str], create: list[int]) -> None:
+    plan = decide(job_spec(nodes=3, min_nodes=1), RUNNING_SHRUNK, [*SHRUNK_GANG, *standing], NOW, TIMING)
+    assert (plan.status["phase"], plan.resize) == (c.PHASE_RUNNING, None)
+    assert (plan.delete, plan.create_standby) == (delete, create)
+
+
+def test_once_every_standby_pod_is_placed_the_gang_grows_back() -> None:
+    spec = job_spec(nodes=4, min_nodes=1, backoff_limit=0)
+    half_placed = [*SHRUNK_GANG, standby(2, placed=True), standby(3)]
+    assert decide(spec, RUNNING_SHRUNK, half_placed, NOW, TIMING).resize is None
+    placed = [*SHRUNK_GANG, standby(2, placed=True), standby(3, "Running")]
+    plan = decide(spec, RUNNING_SHRUNK, placed, NOW, TIMING)
+    status = plan.status
+    assert (plan.resize, plan.gang, plan.nodes, status["phase"]) == ("grow", 2, 4, c.PHASE_RESTARTING)
+    assert "gangNodes" not in status and (status["restarts"], status["preemptions"]) == (0, 2)
+    assert plan.delete == ["j-worker-0", "j-worker-1", "j-standby-2", "j-standby-3"] and plan.create_standby == []
+    [(kind, reason, message)] = plan.events
+    assert (kind, reason) == ("Normal", c.REASON_GANG_GROWN)
+    assert message.startswith("the scheduler placed j-standby-2, j-standby-3: all workers.nodes = 4 nodes")
+    # The next gang is all four workers.
+    later = decide(spec, status, [], NOW, TIMING)
+    assert (later.create, later.nodes) == ([0, 1, 2, 3], 4)
+
+
+def test_an_edit_of_workers_nodes_upward_reaches_a_shrunk_gang_through_its_standby_pods() -> None:
+    # Shrunk from 3 to 2, then workers.nodes: 4: two stand-ins, and the gang grows to 4 once both are placed.
+    plan = decide(job_spec(nodes=4, min_nodes=1), RUNNING_SHRUNK, [*SHRUNK_GANG, standby(2)], NOW, TIMING)
+    assert (plan.delete, plan.create_standby) == ([], [3])
 
 
 @pytest.mark.parametrize("how", ["failure", "preemption", "suspension"])
@@ -102,14 +165,9 @@ def test_every_later_gang_asks_for_all_its_nodes_again(how: str) -> None:
     assert decide(spec, later, [], NOW, TIMING).create == [0, 1, 2]
 
 
-def test_an_edit_below_the_shrunk_size_restarts_the_gang_and_one_above_waits_for_the_next_gang() -> None:
-    status = {**shrunk_status(2), "phase": c.PHASE_RUNNING}
-    gang = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
-    lowered = decide(job_spec(nodes=1, min_nodes=1), status, gang, NOW, TIMING)
+def test_an_edit_below_the_shrunk_size_restarts_the_gang() -> None:
+    lowered = decide(job_spec(nodes=1, min_nodes=1), RUNNING_SHRUNK, SHRUNK_GANG, NOW, TIMING)
     assert lowered.status["phase"] == c.PHASE_RESTARTING and lowered.nodes == 1
-    # Raised: the gang shrank for want of nodes; a restart now would only shrink it again.
-    raised = decide(job_spec(nodes=4, min_nodes=2), status, gang, NOW, TIMING)
-    assert (raised.status["phase"], raised.delete, raised.nodes) == (c.PHASE_RUNNING, [], 2)
 
 
 def test_a_gang_scheduled_elastic_gang_asks_its_pod_group_for_min_nodes_workers() -> None:
@@ -119,7 +177,37 @@ def test_a_gang_scheduled_elastic_gang_asks_its_pod_group_for_min_nodes_workers(
     assert group["spec"]["minMember"] == 2 and group["spec"]["minResources"] == {"nvidia.com/gpu": "16"}
 
 
-def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_regrows_it_after_a_failure(
+def test_a_standby_pod_is_scheduled_as_its_worker_would_be_and_runs_nothing() -> None:
+    spec = minimal_spec(workers={**FULL_SPEC["workers"], "minNodes": 1, "labels": {"team": "vision"}},
+                        runPolicy={"gangScheduling": {"podGroup": "volcano"}})
+    worker = build_worker_pod(job(spec), 1, 3, "h")
+    stand_in = build_standby_pod(job(spec), 1, 3, "h")
+    assert stand_in["metadata"]["name"] == "sks-dog-standby-1"
+    assert stand_in["metadata"]["labels"] == {**worker["metadata"]["labels"], c.LABEL_ROLE: c.ROLE_STANDBY}
+    assert c.VOLCANO_GROUP_ANNOTATION not in stand_in["metadata"]["annotations"]  # not a member of the gang
+    [container], [worker_container] = stand_in["spec"]["containers"], worker["spec"]["containers"]
+    assert container["command"] == list(c.STANDBY_COMMAND) and "ports" not in container
+    assert container["resources"] == worker_container["resources"]
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName", "volumes"):
+        assert stand_in["spec"].get(field) == worker["spec"].get(field), field
+    assert "hostname" not in stand_in["spec"] and "subdomain" not in stand_in["spec"]  # not the worker's DNS name
+    # Neither the Service, the NetworkPolicy nor the PodMonitor takes it for a worker.
+    assert not selects(worker_match_labels("sks-dog"), stand_in) and selects(worker_match_labels("sks-dog"), worker)
+    validate_for_supported_kubernetes(stand_in)
+
+
+def test_the_standby_command_exits_at_once_on_sigterm_as_a_containers_first_process() -> None:
+    process = subprocess.Popen([sys.executable, *c.STANDBY_COMMAND[1:]])
+    time.sleep(1.0)  # the handler is installed
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(5) == 0
+
+
+def selects(labels: dict[str, str], pod_body: dict[str, Any]) -> bool:
+    return labels.items() <= pod_body["metadata"]["labels"].items()
+
+
+def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_grows_it_back(
         operator: OperatorProcess, cluster: Cluster) -> None:
     cluster.create_job("elastic", minimal_spec(workers={"nodes": 3, "minNodes": 2}))
     wait_for(lambda: len(cluster.pods("elastic")) == 3, what="3 workers")
@@ -139,11 +227,17 @@ def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_regrow
     assert event["type"] == "Warning" and "elastic-worker-2: 0/2 nodes are available" in event["message"]
     assert operator.metric(SHRINK_RESTART) == 1
 
-    cluster.run_pods("elastic")
+    for worker in pods:
+        cluster.set_pod_status(worker["metadata"]["name"], running())
     wait_for(lambda: cluster.status("elastic").get("phase") == c.PHASE_RUNNING, what="Running on 2 nodes")
-    # A failure: the next gang asks for all 3 nodes again.
-    cluster.set_pod_status("elastic-worker-1", terminated(1))
+    # The stand-in of worker 2 waits for a node; once one takes it, the gang grows back.
+    wait_for(lambda: cluster.pod("elastic-standby-2"), what="the standby pod")
+    cluster.set_pod_status("elastic-standby-2", running())
     pods = wait_for(lambda: gang_is(cluster, "elastic", ["2", "2", "2"]), what="a gang of 3 again")
     assert {p["metadata"]["annotations"][c.ANNOTATION_GANG_NODES] for p in pods} == {"3"}
+    wait_for(lambda: cluster.pod("elastic-standby-2") is None, what="the standby pod deleted")
     status = cluster.status("elastic")
-    assert "gangNodes" not in status and (status["restarts"], status["preemptions"]) == (1, 1)
+    assert "gangNodes" not in status and (status["restarts"], status["preemptions"]) == (0, 2)
+    [event] = [e for e in cluster.events("elastic") if e["reason"] == c.REASON_GANG_GROWN]
+    assert event["message"].startswith("the scheduler placed elastic-standby-2: all workers.nodes = 3 nodes")
+    assert operator.metric(GROW_RESTART) == 1

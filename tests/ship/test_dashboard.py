@@ -147,7 +147,7 @@ def test_panels_show_the_run(scraped) -> None:
     assert value("Step") == {"": MAX_STEPS}
     assert value("Progress") == {"": 1.0}
     # every series from the operator's start
-    assert value("Gang restarts") == {"failure": 0.0, "preemption": 1.0, "shrink": 0.0}
+    assert value("Gang restarts") == {"failure": 0.0, "preemption": 1.0, "shrink": 0.0, "grow": 0.0}
     assert value("Jobs by phase")["Running"] == 1.0
     assert value("Failed reconcile passes") == {"error": 0.0, "forbidden": 0.0}  # a healthy run: none
     latest = (run / "checkpoints" / "latest").read_text().strip()
