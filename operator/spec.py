@@ -9,6 +9,7 @@ anything.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -17,13 +18,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 from trainer.config import VALIDATION_SCHEDULERS
 
-from .constants import RENDEZVOUS_PORT, VOLCANO_SCHEDULER
+from .constants import CLASS_IMAGES_CACHE_DIR, MODEL_CACHE_DIR, RENDEZVOUS_PORT, VOLCANO_SCHEDULER
 from .spec_base import FIELD_ERROR, InvalidSpecError, SpecModel, field_error
 from .workers_spec import WorkersSpec
 
 __all__ = ["InvalidSpecError", "Job", "JobSpec", "WorkersSpec", "check_job_name", "format_spec_error", "parse_spec"]
 
 URL_WITH_CREDENTIALS = "url_with_credentials"
+# Folders on a storage claim shared by every job on it (by their name under the claim's mount).
+SHARED_STORAGE_FOLDERS = {posixpath.basename(MODEL_CACHE_DIR): "the downloaded models",
+                          posixpath.basename(CLASS_IMAGES_CACHE_DIR): "the shared class images (data.shareClassImages)"}
 
 
 def _no_credentials(url: str | None) -> str | None:
@@ -293,7 +297,14 @@ _DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 def check_job_name(name: str, nodes: int) -> None:
     """The job's name is its headless Service's (a DNS-1035 label) and the first part of
     its workers' hostnames `<name>-worker-<index>` (at most 63 characters): a name the
-    API server accepts for the job could still fail every Service or pod creation."""
+    API server accepts for the job could still fail every Service or pod creation. It is
+    also its folder on the storage claim, beside the folders every job there shares."""
+    shared = SHARED_STORAGE_FOLDERS.get(name)
+    if shared is not None:
+        raise InvalidSpecError(
+            f"metadata.name = {name!r}: the job's folder on the storage claim would be <claim>/{name}/, which holds "
+            f"{shared} of every job on the claim; recreate the job under another name"
+        )
     longest = 63 - len(f"-worker-{nodes - 1}")
     if not _DNS_1035_LABEL.fullmatch(name) or len(name) > longest:
         raise InvalidSpecError(

@@ -174,6 +174,16 @@ def test_a_job_name_that_cannot_name_its_service_and_hostnames_is_an_invalid_spe
     assert f"at most {longest} lower-case letters, digits or '-' (with spec.workers.nodes = {nodes})" in str(error.value)
 
 
+@pytest.mark.parametrize("name,shared", [("models", "the downloaded models"),
+                                         ("class-images", "the shared class images")])
+def test_a_job_may_not_be_named_after_a_folder_every_job_on_its_claim_shares(name: str, shared: str) -> None:
+    with pytest.raises(InvalidSpecError) as error:
+        job(MINIMAL_SPEC, name=name)
+    assert f"metadata.name = {name!r}: the job's folder on the storage claim would be <claim>/{name}/, which holds " \
+           f"{shared}" in str(error.value)
+    assert build_config_map(job(MINIMAL_SPEC, name="models-2"))  # a name that only starts so is the job's own
+
+
 def test_spec_the_trainer_rejects_is_an_invalid_spec() -> None:
     # Valid for the CRD, invalid for the trainer's own cross-field rule.
     spec = minimal_spec_with("training", {"maxSteps": 10, "lrWarmupSteps": 50})
