@@ -267,13 +267,14 @@ def _shrink(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], stuck: lis
 
 def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], standby: list[dict[str, Any]],
                   now: dt.datetime) -> None:
-    """A shrunk gang that is not restarting keeps a standby pod for each worker it lacks
+    """A shrunk gang, once it runs, keeps a standby pod for each worker it lacks
     (pods.build_standby_pod); once the scheduler has placed every one of them, the nodes
-    are there again and the gang restarts on all of them. Standby pods that ended are
-    replaced; any other standby pod (an older gang's, a finished job's) is deleted."""
-    lacking = range(plan.nodes, spec.workers.nodes) if (
-        plan.status["phase"] in (c.PHASE_PENDING, c.PHASE_INITIALIZING, c.PHASE_RUNNING)
-        and not plan.delete and not plan.create) else range(0)
+    are there again and the gang restarts on all of them. Not before it runs: a standby
+    pod would compete with the gang's own workers for the nodes, and win some. Standby pods
+    that ended are replaced; any other standby pod (an older gang's, a finished job's) is
+    deleted."""
+    running = plan.status["phase"] == c.PHASE_RUNNING and not plan.delete and not plan.create
+    lacking = range(plan.nodes, spec.workers.nodes) if running else range(0)
     ours = [p for p in standby if pod_gang(p) == plan.gang and pod_index(p) in lacking]
     standing = [p for p in ours if pod_phase(p) in (POD_PENDING, POD_RUNNING) and not is_deleting(p)]
     strays = [pod_name(p) for p in standby if p not in standing and not is_deleting(p)]

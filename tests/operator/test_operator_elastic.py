@@ -86,6 +86,11 @@ def test_the_shrunk_gang_is_created_runs_and_succeeds_at_its_size() -> None:
     assert command[command.index("--nnodes") + 1] == "2"
     assert worker["metadata"]["annotations"][c.ANNOTATION_GANG_NODES] == "2"
 
+    # Not while its workers wait for nodes: a standby pod would compete with them.
+    starting = [scheduled(0, gang=1, nodes=2), unscheduled(1, gang=1, nodes=2)]
+    plan = decide(spec, {**shrunk_status(2), "phase": c.PHASE_PENDING}, starting, NOW, TIMING)
+    assert (plan.status["phase"], plan.create_standby) == (c.PHASE_PENDING, [])
+
     # Two workers of two are the whole gang: no resize, no vanished worker, and no
     # shrinking further while a third would be missing.
     gang = [pod(0, gang=1, nodes=2), pod(1, gang=1, nodes=2)]
