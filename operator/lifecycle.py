@@ -191,7 +191,7 @@ def _decide_phase(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, An
         len(current) < started_for or any(is_deleting(p) for p in current))
     # Edited up or down while the gang exists, even before it ran: its workers' torchrun
     # waits for the old number of nodes, and a new worker would wait for the new one.
-    # (A shrunk gang is left alone by an edit up: it shrank for want of nodes.)
+    # (An edit up reaches a shrunk gang through its standby pods, see _keep_standby.)
     resized = any((pod_index(p) or 0) >= nodes or pod_gang_nodes(p) not in (None, nodes) for p in current)
     if failed or vanished or resized:
         # An edit alone is not a disruption: it does not lengthen a run of preemptions.
@@ -252,17 +252,11 @@ def _shrink(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], stuck: lis
     """Elastic gang (workers.minNodes): workers the scheduler cannot place past the pending
     timeout do not hold the others back; the gang restarts on the nodes it has, and
     resumes the latest checkpoint there. Not the job's fault: counted as a preemption."""
-    status = plan.status
-    status["preemptions"] = int(status["preemptions"]) + 1
-    status["gangNodes"] = nodes
+    plan.status["gangNodes"] = nodes
     message = (f"{'; '.join(stuck)} (not scheduled for {timing.pending_timeout_seconds:g}s); restarting the gang on "
                f"{nodes} of workers.nodes = {spec.workers.nodes} nodes (workers.minNodes = {spec.workers.min_nodes}) "
-               "from the latest checkpoint, not counted against backoffLimit; a later gang asks for all of them again")
-    enter_phase(status, c.PHASE_RESTARTING, c.REASON_GANG_SHRUNK, message, now)
-    status["nextRestartTime"] = timestamp(now)
-    plan.events.append(("Warning", c.REASON_GANG_SHRUNK, message))
-    plan.resize = c.RESIZE_SHRINK
-    return _replace_gang(plan, spec, current)
+               "from the latest checkpoint, not counted against backoffLimit; standby pods wait for the other nodes")
+    return _resize(plan, spec, current, c.RESIZE_SHRINK, ("Warning", c.REASON_GANG_SHRUNK, message), now)
 
 
 def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], standby: list[dict[str, Any]],
@@ -287,18 +281,26 @@ def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], stan
 
 def _grow(plan: Plan, spec: JobSpec, pods: list[dict[str, Any]], now: dt.datetime) -> None:
     """Every standby pod placed: the gang (its workers and standby pods, `pods`) restarts
-    on workers.nodes, counted as a preemption as its shrinking was."""
-    status = plan.status
-    status["preemptions"] = int(status["preemptions"]) + 1
-    status.pop("gangNodes", None)
+    on workers.nodes."""
+    plan.status.pop("gangNodes", None)
     names = ", ".join(pod_name(p) for p in pods if is_standby(p))
     message = (f"the scheduler placed {names}: all workers.nodes = {spec.workers.nodes} nodes can be had again; "
                "restarting the gang on all of them from the latest checkpoint, not counted against backoffLimit")
-    enter_phase(status, c.PHASE_RESTARTING, c.REASON_GANG_GROWN, message, now)
+    _resize(plan, spec, pods, c.RESIZE_GROW, ("Normal", c.REASON_GANG_GROWN, message), now)
+
+
+def _resize(plan: Plan, spec: JobSpec, pods: list[dict[str, Any]], resize: str, event: tuple[str, str, str],
+            now: dt.datetime) -> Plan:
+    """An elastic gang restarts at its new size (status.gangNodes) at once: not the job's
+    fault, so counted as a preemption, and not backed off."""
+    status = plan.status
+    status["preemptions"] = int(status["preemptions"]) + 1
+    _, reason, message = event
+    enter_phase(status, c.PHASE_RESTARTING, reason, message, now)
     status["nextRestartTime"] = timestamp(now)
-    plan.events.append(("Normal", c.REASON_GANG_GROWN, message))
-    plan.resize = c.RESIZE_GROW
-    _replace_gang(plan, spec, pods)
+    plan.events.append(event)
+    plan.resize = resize
+    return _replace_gang(plan, spec, pods)
 
 
 def _replace_gang(plan: Plan, spec: JobSpec, current: list[dict[str, Any]]) -> Plan:
