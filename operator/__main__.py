@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backoff-max-seconds", type=float, default=Timing.backoff_max_seconds,
                         help="cap of the restart delay")
     parser.add_argument("--pending-timeout", type=float, default=Timing.pending_timeout_seconds,
-                        help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition")
+                        help="seconds a worker may stay unscheduled before the job gets an Unschedulable condition "
+                             "(and an elastic gang, spec.workers.minNodes, goes on without it)")
     parser.add_argument("--start-timeout", type=float, default=Timing.start_timeout_seconds,
                         help="seconds a scheduled worker's container may fail to start (image pull, missing Secret) "
                              "before the job fails and its pods free their nodes; a worker still creating its "
