@@ -34,6 +34,7 @@ from .podstates import (
     is_preemption,
     is_scheduled,
     is_standby,
+    pod_condition,
     node_refusal,
     pod_gang,
     pod_gang_nodes,
@@ -89,7 +90,7 @@ def decide(spec: JobSpec, status: dict[str, Any], pods: list[dict[str, Any]], no
     """`pods`: the job's, workers and standby pods alike."""
     workers = [p for p in pods if not is_standby(p)]
     plan = _decide_phase(spec, status, workers, now, timing)
-    _keep_standby(plan, spec, workers, [p for p in pods if is_standby(p)], now)
+    _keep_standby(plan, spec, workers, [p for p in pods if is_standby(p)], now, timing)
     if plan.status["phase"] in c.TERMINAL_PHASES:
         _expire_after_ttl(plan, spec, now)
     return plan
@@ -260,11 +261,13 @@ def _shrink(plan: Plan, spec: JobSpec, current: list[dict[str, Any]], stuck: lis
 
 
 def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], standby: list[dict[str, Any]],
-                  now: dt.datetime) -> None:
+                  now: dt.datetime, timing: Timing) -> None:
     """A shrunk gang, once it runs, keeps a standby pod for each worker it lacks
-    (pods.build_standby_pod); once the scheduler has placed every one of them, the nodes
-    are there again and the gang restarts on all of them. Not before it runs: a standby
-    pod would compete with the gang's own workers for the nodes, and win some. Standby pods
+    (pods.build_standby_pod). Once the scheduler has placed every one of them, the nodes
+    are there again and the gang restarts on all of them. Some placed, the others not
+    within the pending timeout: it restarts on those it has, rather than hold the placed
+    ones' nodes idle for a node that may never come. Not before it runs: a standby pod
+    would compete with the gang's own workers for the nodes, and win some. Standby pods
     that ended are replaced; any other standby pod (an older gang's, a finished job's) is
     deleted."""
     running = plan.status["phase"] == c.PHASE_RUNNING and not plan.delete and not plan.create
@@ -272,20 +275,39 @@ def _keep_standby(plan: Plan, spec: JobSpec, workers: list[dict[str, Any]], stan
     ours = [p for p in standby if pod_gang(p) == plan.gang and pod_index(p) in lacking]
     standing = [p for p in ours if pod_phase(p) in (POD_PENDING, POD_RUNNING) and not is_deleting(p)]
     strays = [pod_name(p) for p in standby if p not in standing and not is_deleting(p)]
-    if lacking and len(standing) == len(lacking) and all(is_scheduled(p) for p in standing):
-        _grow(plan, spec, [p for p in workers if pod_gang(p) == plan.gang] + standing, now)
+    placed = [p for p in standing if is_scheduled(p)]
+    waited = max((_placed_for(p, now) for p in placed), default=0.0)
+    if placed and (len(placed) == len(lacking) or waited >= timing.pending_timeout_seconds):
+        _grow(plan, spec, [p for p in workers if pod_gang(p) == plan.gang] + standing, placed, now, timing)
     else:  # one that ended is replaced once it is gone
         plan.create_standby = [i for i in lacking if i not in {pod_index(p) for p in ours}]
+        if placed:
+            requeue(plan, timing.pending_timeout_seconds - waited)
     plan.delete += strays
 
 
-def _grow(plan: Plan, spec: JobSpec, pods: list[dict[str, Any]], now: dt.datetime) -> None:
-    """Every standby pod placed: the gang (its workers and standby pods, `pods`) restarts
-    on workers.nodes."""
-    plan.status.pop("gangNodes", None)
-    names = ", ".join(pod_name(p) for p in pods if is_standby(p))
-    message = (f"the scheduler placed {names}: all workers.nodes = {spec.workers.nodes} nodes can be had again; "
-               "restarting the gang on all of them from the latest checkpoint, not counted against backoffLimit")
+def _placed_for(pod: dict[str, Any], now: dt.datetime) -> float:
+    """Seconds since the scheduler placed the pod (its PodScheduled condition's transition,
+    else its start)."""
+    placed = parse_timestamp((pod_condition(pod, "PodScheduled") or {}).get("lastTransitionTime")
+                             or (pod.get("status") or {}).get("startTime"))
+    return 0.0 if placed is None else (now - placed).total_seconds()
+
+
+def _grow(plan: Plan, spec: JobSpec, pods: list[dict[str, Any]], placed: list[dict[str, Any]], now: dt.datetime,
+          timing: Timing) -> None:
+    """The gang (its workers and standby pods, `pods`) restarts on its own nodes and those
+    the `placed` standby pods found."""
+    nodes = plan.nodes + len(placed)
+    if nodes == spec.workers.nodes:
+        plan.status.pop("gangNodes", None)
+        found = f"all workers.nodes = {nodes} nodes can be had again; restarting the gang on all of them"
+    else:
+        plan.status["gangNodes"] = nodes
+        found = (f"{nodes} of workers.nodes = {spec.workers.nodes} nodes can be had (the others not placed in "
+                 f"{timing.pending_timeout_seconds:g}s); restarting the gang on {nodes}")
+    names = ", ".join(pod_name(p) for p in placed)
+    message = f"the scheduler placed {names}: {found} from the latest checkpoint, not counted against backoffLimit"
     _resize(plan, spec, pods, c.RESIZE_GROW, ("Normal", c.REASON_GANG_GROWN, message), now)
 
 

@@ -132,8 +132,9 @@ def test_a_shrunk_gang_keeps_one_standby_pod_for_each_worker_it_lacks(standing: 
 
 def test_once_every_standby_pod_is_placed_the_gang_grows_back() -> None:
     spec = job_spec(nodes=4, min_nodes=1, backoff_limit=0)
-    half_placed = [*SHRUNK_GANG, standby(2, placed=True), standby(3)]
-    assert decide(spec, RUNNING_SHRUNK, half_placed, NOW, TIMING).resize is None
+    half_placed = [*SHRUNK_GANG, standby(2, placed=True, since=NOW - dt.timedelta(seconds=100)), standby(3)]
+    waiting = decide(spec, RUNNING_SHRUNK, half_placed, NOW, TIMING)
+    assert waiting.resize is None and waiting.requeue_after == TIMING.pending_timeout_seconds - 100
     placed = [*SHRUNK_GANG, standby(2, placed=True), standby(3, "Running")]
     plan = decide(spec, RUNNING_SHRUNK, placed, NOW, TIMING)
     status = plan.status
@@ -146,6 +147,21 @@ def test_once_every_standby_pod_is_placed_the_gang_grows_back() -> None:
     # The next gang is all four workers.
     later = decide(spec, status, [], NOW, TIMING)
     assert (later.create, later.nodes) == ([0, 1, 2, 3], 4)
+
+
+def test_some_standby_pods_placed_and_the_others_not_within_the_pending_timeout_grow_the_gang_to_what_it_has(
+        ) -> None:
+    # Rather than hold worker 2's node idle for a node 3 that may never come back.
+    spec = job_spec(nodes=4, min_nodes=1)
+    half_placed = [*SHRUNK_GANG, standby(2, placed=True, since=LONG_AGO), standby(3)]
+    plan = decide(spec, RUNNING_SHRUNK, half_placed, NOW, TIMING)
+    assert (plan.resize, plan.nodes, plan.status["gangNodes"], plan.status["preemptions"]) == ("grow", 3, 3, 2)
+    assert plan.delete == ["j-worker-0", "j-worker-1", "j-standby-2", "j-standby-3"]
+    [(_, _, message)] = plan.events
+    assert message.startswith("the scheduler placed j-standby-2: 3 of workers.nodes = 4 nodes can be had (the "
+                              "others not placed in 300s); restarting the gang on 3 from the latest checkpoint")
+    later = decide(spec, plan.status, [], NOW, TIMING)
+    assert (later.create, later.nodes) == ([0, 1, 2], 3)
 
 
 def test_an_edit_of_workers_nodes_upward_reaches_a_shrunk_gang_through_its_standby_pods() -> None:
