@@ -154,7 +154,9 @@ def user(emulated: EmulatedCluster, kubectl_binary: Path, kubelet: Kubelet, oper
 @pytest.fixture(autouse=True)
 def explain_failure(request: pytest.FixtureRequest, user: User, operator: OperatorProcess,
                     kubelet: Kubelet) -> Iterator[None]:
-    """On failure: the operator's log, every pod's output and the jobs' status."""
+    """On failure: the operator's log, every pod's output and the jobs' status; then the
+    jobs are deleted, so that a gang the failed scenario left running does not hold the
+    next one's rendezvous port (all pods here share the host's network)."""
     yield
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
@@ -163,13 +165,20 @@ def explain_failure(request: pytest.FixtureRequest, user: User, operator: Operat
         print("=== pods (kubelet) ===\n" + kubelet.logs())
         print(f"=== kubelet error === {kubelet.error!r}")
         print("=== jobs ===\n" + json.dumps([{j["metadata"]["name"]: j.get("status")} for j in jobs], indent=1))
+        user.kubectl("delete", "dbj", "--all", "--wait=false")
+        kubelet.max_pods = None
+        wait_for(lambda: not user.cluster.all_pods(), timeout=180, what="the failed scenario's pods gone")
 
 
 def trainer_events(kubelet: Kubelet, pod: str, uid_prefix: str = "") -> list[dict[str, Any]]:
     """The JSON log events (logging.format: json) a pod's trainer printed."""
     events = []
     for folder in (kubelet.root / "pods").glob(f"default_{pod}_{uid_prefix}*"):
-        for line in (folder / "output.log").read_text(errors="replace").splitlines():
+        try:
+            output = (folder / "output.log").read_text(errors="replace")
+        except FileNotFoundError:  # a pod the kubelet is starting: its folder is made first
+            continue
+        for line in output.splitlines():
             if line.startswith("{"):
                 try:
                     events.append(json.loads(line))
@@ -221,7 +230,9 @@ def test_apply_runs_the_gang_to_an_exported_model(user: User, kubelet: Kubelet) 
 
 def test_killed_worker_restarts_the_gang_from_the_checkpoint(user: User, kubelet: Kubelet,
                                                              prometheus: PrometheusServer) -> None:
-    user.apply_example("tiny-kill")
+    # A checkpoint every 10 steps, not 5: the kill must come before the next one is complete,
+    # and a tiny step can take a tenth of a second.
+    user.apply_example("tiny-kill", checkpoint={"everySteps": 10})
     started = time.time()
     # Kill -9 a trainer of worker-1 a step or two after the checkpoint of step 10,
     # once Prometheus has seen rank 0 go past it.
