@@ -8,7 +8,8 @@ RBAC the chart grants it, which the emulated API enforces), one kubelet (tests/e
 runs the pods as local processes on their own loopback addresses) and one real
 Prometheus serve all scenarios; each scenario is one job of its own, the README's
 example (`manifests/examples/tiny-cpu-job.yaml`: 2 nodes x 1 process, ZeRO-2, tiny
-model, prior preservation, 30 steps, a checkpoint every 5) under another name.
+model, prior preservation, 30 steps, a checkpoint every 5) under another name; a scenario that
+interrupts its job runs it longer (INTERRUPTED_JOB_STEPS), so that the job cannot end first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ EXAMPLE = REPO / "manifests" / "examples" / "tiny-cpu-job.yaml"
 PHOTOS = REPO / "examples" / "instance-images"
 # A first run compiles DeepSpeed's CPU op (cached later); a gang start takes ~20 s here.
 JOB_TIMEOUT = 360
+# Steps of a job that a scenario interrupts after its checkpoint of step 10: a tiny step
+# takes under a tenth of a second, and the interruption must land before the job ends.
+INTERRUPTED_JOB_STEPS = 80
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -137,6 +141,11 @@ class User:
         latest = self.job_dir(name) / "checkpoints" / "latest"
         return latest.read_text().strip() if latest.exists() else ""
 
+    def checkpointed_step(self, name: str) -> int:
+        """The step of the latest complete checkpoint (0 before the first)."""
+        latest = self.latest_checkpoint(name)
+        return int(latest.removeprefix("step-")) if latest else 0
+
     def run_json(self, name: str) -> dict[str, Any]:
         return json.loads((self.job_dir(name) / "output" / "run.json").read_text())
 
@@ -230,33 +239,34 @@ def test_apply_runs_the_gang_to_an_exported_model(user: User, kubelet: Kubelet) 
 
 def test_killed_worker_restarts_the_gang_from_the_checkpoint(user: User, kubelet: Kubelet,
                                                              prometheus: PrometheusServer) -> None:
-    # A checkpoint every 10 steps, not 5: the kill must come before the next one is complete,
-    # and a tiny step can take a tenth of a second.
-    user.apply_example("tiny-kill", checkpoint={"everySteps": 10})
+    # A checkpoint every 20 steps: the kill must come before the next one is complete, and a
+    # tiny step takes under a tenth of a second.
+    checkpointed, last = 20, 50
+    user.apply_example("tiny-kill", checkpoint={"everySteps": checkpointed}, training={"maxSteps": last})
     started = time.time()
-    # Kill -9 a trainer of worker-1 a step or two after the checkpoint of step 10,
-    # once Prometheus has seen rank 0 go past it.
-    wait_for(lambda: user.latest_checkpoint("tiny-kill") == "step-00000010", timeout=JOB_TIMEOUT,
-             what="checkpoint step-00000010 of tiny-kill")
-    wait_for(lambda: max(steps_seen(prometheus, "tiny-kill", started), default=0) > 10,
-             timeout=30, what="Prometheus seeing step > 10")
+    # Kill -9 a trainer of worker-1 a few steps after the checkpoint of step 20, once
+    # Prometheus has seen rank 0 go past it.
+    wait_for(lambda: user.latest_checkpoint("tiny-kill") == "step-00000020", timeout=JOB_TIMEOUT,
+             what="checkpoint step-00000020 of tiny-kill")
+    wait_for(lambda: max(steps_seen(prometheus, "tiny-kill", started), default=0) > checkpointed,
+             timeout=30, what=f"Prometheus seeing step > {checkpointed}")
     kubelet.kill_trainer("tiny-kill-worker-1")
     latest_at_kill = user.latest_checkpoint("tiny-kill")
 
     status = user.wait_phase("tiny-kill", "Succeeded")
     assert status["restarts"] == 1 and status["preemptions"] == 0
     assert status["lastFailure"]["pod"] in ("tiny-kill-worker-0", "tiny-kill-worker-1")
-    assert status["step"] == 30
+    assert status["step"] == last
     run = user.run_json("tiny-kill")
-    assert latest_at_kill == "step-00000010", "the kill came too late: a later checkpoint was already complete"
-    assert run["resumed_from_step"] == 10 and run["final_step"] == 30
+    assert latest_at_kill == "step-00000020", "the kill came too late: a later checkpoint was already complete"
+    assert run["resumed_from_step"] == checkpointed and run["final_step"] == last
 
-    # Prometheus saw rank 0's step pass 10, fall back to 10 in the new gang, then reach 30.
-    steps = wait_for(lambda: (s := steps_seen(prometheus, "tiny-kill", started)) and s[-1] == 30 and s,
-                     timeout=20, what="Prometheus seeing step 30")
-    past_checkpoint = next(i for i, step in enumerate(steps) if step > 10)
-    fallback = next((i for i in range(past_checkpoint, len(steps)) if steps[i] == 10), None)
-    assert fallback is not None, f"no fall back to step 10 after step {steps[past_checkpoint]}: {steps}"
+    # Prometheus saw rank 0's step pass 20, fall back to 20 in the new gang, then reach the last.
+    steps = wait_for(lambda: (s := steps_seen(prometheus, "tiny-kill", started)) and s[-1] == last and s,
+                     timeout=20, what=f"Prometheus seeing step {last}")
+    past_checkpoint = next(i for i, step in enumerate(steps) if step > checkpointed)
+    fallback = next((i for i in range(past_checkpoint, len(steps)) if steps[i] == checkpointed), None)
+    assert fallback is not None, f"no fall back to step {checkpointed} after step {steps[past_checkpoint]}: {steps}"
     assert steps[fallback:] == sorted(steps[fallback:]), f"the resumed gang's step went back: {steps}"
 
 
@@ -271,9 +281,9 @@ def steps_seen(prometheus: PrometheusServer, job: str, since: float) -> list[int
 
 def test_graceful_delete_of_a_worker_checkpoints_and_is_not_counted(user: User, kubelet: Kubelet) -> None:
     # backoffLimit 0: a restart counted as a failure would fail the job.
-    user.apply_example("tiny-preempt", runPolicy={"backoffLimit": 0})
-    wait_for(lambda: user.latest_checkpoint("tiny-preempt") == "step-00000010", timeout=JOB_TIMEOUT,
-             what="checkpoint step-00000010 of tiny-preempt")
+    user.apply_example("tiny-preempt", runPolicy={"backoffLimit": 0}, training={"maxSteps": INTERRUPTED_JOB_STEPS})
+    wait_for(lambda: user.checkpointed_step("tiny-preempt") >= 10, timeout=JOB_TIMEOUT,
+             what="a checkpoint of step 10 or later of tiny-preempt")
     first = kubelet.pod("tiny-preempt-worker-0")
     user.kubectl("delete", "pod", "tiny-preempt-worker-0", "--wait=false")
 
@@ -288,42 +298,42 @@ def test_graceful_delete_of_a_worker_checkpoints_and_is_not_counted(user: User, 
     assert stop_step >= 10
     # ... and the next gang resumed from exactly that step.
     run = user.run_json("tiny-preempt")
-    assert run["resumed_from_step"] == stop_step and run["final_step"] == 30
+    assert run["resumed_from_step"] == stop_step and run["final_step"] == INTERRUPTED_JOB_STEPS
 
 
 def test_suspend_then_resume_continues_from_the_suspend_checkpoint(user: User, kubelet: Kubelet) -> None:
-    user.apply_example("tiny-suspend")
-    wait_for(lambda: user.latest_checkpoint("tiny-suspend") == "step-00000010", timeout=JOB_TIMEOUT,
-             what="checkpoint step-00000010 of tiny-suspend")
+    user.apply_example("tiny-suspend", training={"maxSteps": INTERRUPTED_JOB_STEPS})
+    wait_for(lambda: user.checkpointed_step("tiny-suspend") >= 10, timeout=JOB_TIMEOUT,
+             what="a checkpoint of step 10 or later of tiny-suspend")
     workers = [kubelet.pod(f"tiny-suspend-worker-{i}") for i in range(2)]
     user.kubectl("patch", "dbj", "tiny-suspend", "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
     user.wait_phase("tiny-suspend", "Suspended", timeout=30)
     wait_for(lambda: user.cluster.pods("tiny-suspend") == [], timeout=90, what="workers stopped and deleted")
     assert [kubelet.exit_codes[w.uid] for w in workers] == [143, 143]
-    suspended_at = int(user.latest_checkpoint("tiny-suspend").removeprefix("step-"))
-    assert 10 <= suspended_at < 30
+    suspended_at = user.checkpointed_step("tiny-suspend")
+    assert 10 <= suspended_at < INTERRUPTED_JOB_STEPS
 
     user.kubectl("patch", "dbj", "tiny-suspend", "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
     status = user.wait_phase("tiny-suspend", "Succeeded")
     assert status["restarts"] == 0
     run = user.run_json("tiny-suspend")
-    assert run["resumed_from_step"] == suspended_at and run["final_step"] == 30
+    assert run["resumed_from_step"] == suspended_at and run["final_step"] == INTERRUPTED_JOB_STEPS
 
 
 def test_a_gang_resized_while_it_trains_resumes_its_checkpoint_on_fewer_nodes(user: User, kubelet: Kubelet) -> None:
     """`kubectl patch` of workers.nodes 2 -> 1 mid-run: the operator restarts the gang at
     the new size (a preemption, not a failure: backoffLimit 0 holds), and the one worker
     converts the checkpoint that two ranks wrote (DeepSpeed's universal checkpoint)."""
-    user.apply_example("tiny-resize", runPolicy={"backoffLimit": 0})
-    wait_for(lambda: user.latest_checkpoint("tiny-resize") == "step-00000010", timeout=JOB_TIMEOUT,
-             what="checkpoint step-00000010 of tiny-resize")
+    user.apply_example("tiny-resize", runPolicy={"backoffLimit": 0}, training={"maxSteps": INTERRUPTED_JOB_STEPS})
+    wait_for(lambda: user.checkpointed_step("tiny-resize") >= 10, timeout=JOB_TIMEOUT,
+             what="a checkpoint of step 10 or later of tiny-resize")
     first = kubelet.pod("tiny-resize-worker-0")
     user.kubectl("patch", "dbj", "tiny-resize", "--type", "merge", "-p", '{"spec":{"workers":{"nodes":1}}}')
     status = user.wait_phase("tiny-resize", "Succeeded")
     assert (status["restarts"], status["preemptions"]) == (0, 1)
     assert {pod["metadata"]["name"] for pod in user.cluster.pods("tiny-resize")} <= {"tiny-resize-worker-0"}
     run = user.run_json("tiny-resize")
-    assert (run["world_size"], run["final_step"]) == (1, 30) and run["resumed_from_step"] >= 10
+    assert (run["world_size"], run["final_step"]) == (1, INTERRUPTED_JOB_STEPS) and run["resumed_from_step"] >= 10
     resumed = [event for event in trainer_events(kubelet, "tiny-resize-worker-0")
                if event["event"] == "resumed" and event.get("world_size") == "2 -> 1"]
     assert [event["step"] for event in resumed] == [run["resumed_from_step"]], resumed
@@ -340,9 +350,9 @@ def test_an_elastic_gang_goes_on_without_a_lost_node_and_grows_back_when_it_retu
     and the gang grows back to 2, resuming what one rank wrote (backoffLimit 0 holds:
     no restart counts)."""
     user.apply_example("tiny-elastic", workers={"minNodes": 1}, runPolicy={"backoffLimit": 0},
-                       training={"maxSteps": 60})  # the one node must not finish before the room comes back
-    wait_for(lambda: user.latest_checkpoint("tiny-elastic") == "step-00000010", timeout=JOB_TIMEOUT,
-             what="checkpoint step-00000010 of tiny-elastic")
+                       training={"maxSteps": INTERRUPTED_JOB_STEPS})
+    wait_for(lambda: user.checkpointed_step("tiny-elastic") >= 10, timeout=JOB_TIMEOUT,
+             what="a checkpoint of step 10 or later of tiny-elastic")
     kubelet.max_pods = 1
     try:
         user.kubectl("delete", "pod", "tiny-elastic-worker-1", "--wait=false")
@@ -357,7 +367,7 @@ def test_an_elastic_gang_goes_on_without_a_lost_node_and_grows_back_when_it_retu
     assert "tiny-elastic-worker-1: 0/1 nodes are available: 1 Too many pods." in events["GangShrunk"]
     assert events["GangGrown"].startswith("the scheduler placed tiny-elastic-standby-1")
     run = user.run_json("tiny-elastic")
-    assert (run["world_size"], run["final_step"]) == (2, 60)
+    assert (run["world_size"], run["final_step"]) == (2, INTERRUPTED_JOB_STEPS)
     [shrunk] = resumed(kubelet, "tiny-elastic-worker-0", "2 -> 1")
     [grown] = resumed(kubelet, "tiny-elastic-worker-0", "1 -> 2")
     assert 10 <= shrunk["step"] < grown["step"] == run["resumed_from_step"]
