@@ -257,13 +257,8 @@ class Reconciler:
             await self.api.delete_job(namespace, name)
             return 1.0  # the next pass finds it being deleted, or gone
         if plan.create:
-            await self._create_gang(body, job, config_map, plan, plan.status)
-        for index in plan.create_standby:
-            try:
-                await self.api.create(build_standby_pod(job, index, plan.gang, config_map_hash(config_map)))
-            except Forbidden as error:  # a quota that would refuse the worker too: the gang stays as it is
-                log.info("DreamboothJob %s/%s: standby pod %d forbidden, tried again next pass: %s",
-                         namespace, name, index, error)
+            await self._create_gang(body, job, config_map, plan)
+        await self._create_standby(job, config_map, plan)
 
         delay = plan.requeue_after or self.settings.timing.resync_seconds
         if plan.status.get("phase") == c.PHASE_RUNNING:
@@ -290,11 +285,10 @@ class Reconciler:
         for pod in await self.api.list("Pod", meta["namespace"], job_selector(meta["name"])):
             await self.api.delete("Pod", meta["namespace"], pod_name(pod))
 
-    async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], plan: Plan,
-                           status: dict[str, Any]) -> None:
+    async def _create_gang(self, body: dict[str, Any], job: Job, config_map: dict[str, Any], plan: Plan) -> None:
         """Create the children and the missing workers; a 403 (a quota, a policy, RBAC) is
         reported in condition Created and a Warning Event, and tried again next pass."""
-        config = config_map_hash(config_map)
+        config, status = config_map_hash(config_map), plan.status
         try:
             warnings = await self._children.create(job, config_map)
             for index in plan.create:
@@ -307,6 +301,15 @@ class Reconciler:
             await self.api.post_event(body, "Warning", reason, message)
         await self._write_status(job.namespace, job.name, status,
                                  created_status(status, plan.nodes, utc_now()))
+
+    async def _create_standby(self, job: Job, config_map: dict[str, Any], plan: Plan) -> None:
+        """The standby pods of a shrunk gang (lifecycle._keep_standby). One a quota forbids
+        would forbid its worker too: the gang stays as it is, and the next pass tries again."""
+        for index in plan.create_standby:
+            try:
+                await self.api.create(build_standby_pod(job, index, plan.gang, config_map_hash(config_map)))
+            except Forbidden as error:
+                log.info("DreamboothJob %s/%s: standby pod %d forbidden: %s", job.namespace, job.name, index, error)
 
     async def _report_forbidden(self, body: dict[str, Any], written: dict[str, Any], status: dict[str, Any],
                                 message: str) -> None:
