@@ -359,6 +359,8 @@ def test_an_elastic_gang_goes_on_without_a_lost_node_and_grows_back_when_it_retu
         wait_for(lambda: resumed(kubelet, "tiny-elastic-worker-0", "2 -> 1"), timeout=JOB_TIMEOUT,
                  what="the gang resumed on one node")
         assert user.status("tiny-elastic")["gangNodes"] == 1
+        wide = table_row(user.kubectl("get", "dbj", "tiny-elastic", "-o", "wide"))
+        assert (wide["NODES"], wide["SHRUNK"], wide["PREEMPTIONS"]) == ("2", "1", "2")
     finally:
         kubelet.max_pods = None
     status = user.wait_phase("tiny-elastic", "Succeeded")
@@ -372,6 +374,15 @@ def test_an_elastic_gang_goes_on_without_a_lost_node_and_grows_back_when_it_retu
     [grown] = resumed(kubelet, "tiny-elastic-worker-0", "1 -> 2")
     assert 10 <= shrunk["step"] < grown["step"] == run["resumed_from_step"]
     assert user.cluster.pod("tiny-elastic-standby-1") is None
+
+
+def table_row(output: str) -> dict[str, str]:
+    """kubectl's table of one object, by column: each cell sits under its header's first
+    letter (an empty cell is blanks, so splitting on them would shift the rest)."""
+    header, row = output.splitlines()
+    starts = [index for index, char in enumerate(header) if char != " " and (index == 0 or header[index - 1] == " ")]
+    return {header[start:end].strip(): row[start:end].strip()
+            for start, end in zip(starts, [*starts[1:], max(len(header), len(row))])}
 
 
 def resumed(kubelet: Kubelet, pod: str, world_sizes: str) -> list[dict[str, Any]]:

@@ -101,7 +101,9 @@ def test_crd_names_scope_columns_and_status_subresource() -> None:
     assert VERSION["name"] == c.VERSION and VERSION["served"] and VERSION["storage"]
     assert VERSION["subresources"] == {"status": {}}
     columns = [column["name"] for column in VERSION["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Step", "Progress", "Loss", "Restarts", "Age"]
+    assert columns == ["Phase", "Step", "Progress", "Loss", "Restarts", "Preemptions", "Nodes", "Shrunk", "Age"]
+    # The last three but Age only with -o wide.
+    assert [column.get("priority", 0) for column in VERSION["additionalPrinterColumns"]] == [0] * 5 + [1] * 3 + [0]
     assert SCHEMA["properties"]["status"]["properties"]["phase"]["enum"] == list(c.PHASES)
 
 
@@ -288,11 +290,22 @@ def test_printer_columns_point_at_status_fields_the_operator_writes() -> None:
 
     scraped = progress_status(parse_metrics("dreambooth_step 5\ndreambooth_max_steps 10\ndreambooth_loss 0.5\n"),
                               {}, "/c", "2026-01-01T00:00:00Z")
-    written = set(scraped) | {"phase", "restarts"}
+    # What lifecycle.decide writes, up to an elastic gang's shrinking (status.gangNodes).
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    elastic = JobSpec.model_validate(spec_with(workers={"nodes": 2, "minNodes": 1}))
+    shrunk = decide(elastic, {"phase": c.PHASE_RUNNING}, [pod(0), unscheduled(1, created=now - dt.timedelta(hours=1))],
+                    now).status
+    written = set(scraped) | set(shrunk)
     status_properties = SCHEMA["properties"]["status"]["properties"]
     for column in VERSION["additionalPrinterColumns"]:
         path = column["jsonPath"].split(".")[1:]
         if path[0] == "metadata":
+            continue
+        if path[0] == "spec":  # a field of the spec the user wrote (a default fills it in)
+            node = SCHEMA
+            for part in path:
+                node = node["properties"][part]
+            assert node["type"] == column["type"] and "default" in node, column
             continue
         assert path[0] == "status" and len(path) == 2, column
         assert path[1] in status_properties and path[1] in written, column
