@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .constants import PHASES, RESIZE_GROW, RESIZE_SHRINK
+from .constants import PHASES, RESIZE_GROW, RESIZE_SHRINK, TERMINAL_PHASES
 
 METRIC_JOBS = "dreambooth_operator_jobs"
 METRIC_RECONCILE_SECONDS = "dreambooth_operator_reconcile_seconds"
@@ -13,6 +13,7 @@ METRIC_PODS_CREATED = "dreambooth_operator_pods_created_total"
 METRIC_LEADER = "dreambooth_operator_leader"
 METRIC_CRD_MISSING_FIELDS = "dreambooth_operator_crd_missing_fields"
 METRIC_RECONCILE_ERRORS = "dreambooth_operator_reconcile_errors_total"
+METRIC_SHRUNK_JOBS = "dreambooth_operator_shrunk_jobs"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
@@ -59,17 +60,27 @@ class OperatorMetrics:
                                         "fields it writes that the installed CRD lacks (its API server drops them); "
                                         "-1: not checked",
                                         registry=self.registry)
+        # Elastic gangs (workers.minNodes) that train on fewer nodes than they ask for.
+        self.shrunk_jobs = Gauge(METRIC_SHRUNK_JOBS, "DreamboothJobs not finished whose elastic gang runs on fewer "
+                                 "nodes than workers.nodes", registry=self.registry)
+        self._shrunk: set[tuple[str, str]] = set()
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
-    def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
-        """Record a job's phase (None: the job is gone) and recount the gauge."""
+    def set_phase(self, namespace: str, name: str, phase: str | None, shrunk: bool = False) -> None:
+        """Record a job's phase (None: the job is gone) and whether its gang is shrunk, and
+        recount the gauges."""
         key = (namespace, name)
         if phase is None:
             self._phases.pop(key, None)
         else:
             self._phases[key] = phase
+        if shrunk and phase not in (None, *TERMINAL_PHASES):
+            self._shrunk.add(key)
+        else:
+            self._shrunk.discard(key)
+        self.shrunk_jobs.set(len(self._shrunk))
         counts = {p: 0 for p in PHASES}
         for value in self._phases.values():
             counts[value] = counts.get(value, 0) + 1

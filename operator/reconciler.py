@@ -236,7 +236,7 @@ class Reconciler:
             plan.status["output"] = output_status(job)
         _observe_generation(plan.status, body)
         await self._write_status(namespace, name, body.get("status") or {}, plan.status)
-        self.metrics.set_phase(namespace, name, plan.status.get("phase"))
+        self.metrics.set_phase(namespace, name, plan.status.get("phase"), shrunk="gangNodes" in plan.status)
         for type_, reason, message in plan.events:
             await self.api.post_event(body, type_, reason, message)
         if not pods:

@@ -26,6 +26,7 @@ from dreambooth_operator.pods import build_pod_group, build_standby_pod, build_w
 LONG_AGO = NOW - dt.timedelta(seconds=TIMING.pending_timeout_seconds + 1)
 SHRINK_RESTART = 'dreambooth_operator_restarts_total{reason="shrink"}'
 GROW_RESTART = 'dreambooth_operator_restarts_total{reason="grow"}'
+SHRUNK_JOBS = "dreambooth_operator_shrunk_jobs"
 
 
 def gang_is(cluster: Cluster, job_name: str, gangs: list[str]) -> list[dict[str, Any]] | None:
@@ -247,6 +248,7 @@ def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_grows_
     [event] = [e for e in cluster.events("elastic") if e["reason"] == c.REASON_GANG_SHRUNK]
     assert event["type"] == "Warning" and "elastic-worker-2: 0/2 nodes are available" in event["message"]
     assert operator.metric(SHRINK_RESTART) == 1
+    wait_for(lambda: operator.metric(SHRUNK_JOBS) == 1, what="the job counted as shrunk")
 
     for worker in pods:
         cluster.set_pod_status(worker["metadata"]["name"], running())
@@ -262,3 +264,4 @@ def test_the_operator_shrinks_a_gang_whose_worker_cannot_be_scheduled_and_grows_
     [event] = [e for e in cluster.events("elastic") if e["reason"] == c.REASON_GANG_GROWN]
     assert event["message"].startswith("the scheduler placed elastic-standby-2: all workers.nodes = 3 nodes")
     assert operator.metric(GROW_RESTART) == 1
+    assert operator.metric(SHRUNK_JOBS) == 0

@@ -28,7 +28,7 @@ def run(promtool: str, *args: str) -> subprocess.CompletedProcess:
 def test_the_rules_load(promtool) -> None:
     result = run(promtool, "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_each_alert_fires_on_its_trouble_and_not_on_a_healthy_run(promtool) -> None:
