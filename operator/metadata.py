@@ -15,7 +15,6 @@ from .constants import (
     LABEL_ROLE,
     LABEL_WORKER_INDEX,
     MANAGER,
-    ROLE_STANDBY,
     ROLE_WORKER,
 )
 from .spec import Job
@@ -98,12 +97,6 @@ def worker_labels(job_name: str, index: int, gang: int) -> dict[str, str]:
         LABEL_WORKER_INDEX: str(index),
         LABEL_GANG: str(gang),
     }
-
-
-def standby_labels(job_name: str, index: int, gang: int) -> dict[str, str]:
-    """A standby pod's: the job's, but not its workers' (the Service, NetworkPolicy and
-    PodMonitor select those), with the index of the worker it stands in for."""
-    return {**job_labels(job_name), LABEL_ROLE: ROLE_STANDBY, LABEL_WORKER_INDEX: str(index), LABEL_GANG: str(gang)}
 
 
 def owner_reference(job: Job) -> dict[str, Any]:

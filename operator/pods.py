@@ -23,12 +23,14 @@ from .constants import (
     HF_TOKEN_ENV,
     INSTANCE_IMAGES_MOUNT_DIR,
     INSTANCE_IMAGES_VOLUME,
+    LABEL_ROLE,
     LAUNCHER,
     METRICS_PORT_NAME,
     POD_GROUP_APIS,
     POD_GROUP_KIND,
     RENDEZVOUS_PORT,
     RENDEZVOUS_TIMEOUT_SECONDS,
+    ROLE_STANDBY,
     SHM_MOUNT_DIR,
     SHM_VOLUME,
     STANDBY_COMMAND,
@@ -47,7 +49,6 @@ from .metadata import (
     pod_group_name,
     rendezvous_address,
     service_name,
-    standby_labels,
     standby_name,
     storage_claim_name,
     worker_labels,
@@ -256,7 +257,9 @@ def build_standby_pod(job: Job, index: int, gang: int, config_hash: str) -> dict
     pod = build_worker_pod(job, index, gang, config_hash)
     metadata, spec = pod["metadata"], pod["spec"]
     metadata["name"] = standby_name(job.name, index)
-    metadata["labels"] = {**job.spec.workers.labels, **standby_labels(job.name, index, gang)}
+    # Its worker's labels but the role, which the Service, NetworkPolicy and PodMonitor select.
+    metadata["labels"][LABEL_ROLE] = ROLE_STANDBY
+    metadata["labels"].pop(COSCHEDULING_GROUP_LABEL, None)
     metadata["annotations"].pop(VOLCANO_GROUP_ANNOTATION, None)
     del spec["hostname"], spec["subdomain"]  # the worker's DNS name is not its
     [container] = spec["containers"]

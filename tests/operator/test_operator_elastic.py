@@ -207,6 +207,10 @@ def test_a_standby_pod_is_scheduled_as_its_worker_would_be_and_runs_nothing() ->
     assert stand_in["metadata"]["name"] == "sks-dog-standby-1"
     assert stand_in["metadata"]["labels"] == {**worker["metadata"]["labels"], c.LABEL_ROLE: c.ROLE_STANDBY}
     assert c.VOLCANO_GROUP_ANNOTATION not in stand_in["metadata"]["annotations"]  # not a member of the gang
+    coscheduled = job(minimal_spec(workers={"nodes": 2, "minNodes": 1}, runPolicy={"gangScheduling": {
+        "podGroup": "coscheduling"}}))
+    assert c.COSCHEDULING_GROUP_LABEL in build_worker_pod(coscheduled, 1, 3, "h")["metadata"]["labels"]
+    assert c.COSCHEDULING_GROUP_LABEL not in build_standby_pod(coscheduled, 1, 3, "h")["metadata"]["labels"]
     [container], [worker_container] = stand_in["spec"]["containers"], worker["spec"]["containers"]
     assert container["command"] == list(c.STANDBY_COMMAND) and "ports" not in container
     assert container["resources"] == worker_container["resources"]
