@@ -17,9 +17,6 @@ METRIC_SHRUNK_JOBS = "dreambooth_operator_shrunk_jobs"
 
 RESTART_FAILURE = "failure"
 RESTART_PREEMPTION = "preemption"
-# An elastic gang (workers.minNodes) restarted on fewer nodes, or on all of them again.
-RESTART_SHRINK = RESIZE_SHRINK
-RESTART_GROW = RESIZE_GROW
 
 # Why a reconcile pass failed: the API server forbade a call (403: RBAC, a policy), or
 # anything else (the API unreachable, a bug; the log has the traceback).
@@ -41,7 +38,8 @@ class OperatorMetrics:
                                 ["reason"], registry=self.registry)
         # Every series from the start: increase() cannot count the first failure of a series
         # that appears with it (DreamboothWorkersFailingRepeatedly would need a fourth).
-        for reason in (RESTART_FAILURE, RESTART_PREEMPTION, RESTART_SHRINK, RESTART_GROW):
+        # An elastic gang's resizes count under their own reasons (lifecycle's Plan.resize).
+        for reason in (RESTART_FAILURE, RESTART_PREEMPTION, RESIZE_SHRINK, RESIZE_GROW):
             self.restarts.labels(reason=reason)
         # Both series from the start, for increase() (as restarts above).
         self.reconcile_errors = Counter(METRIC_RECONCILE_ERRORS.removesuffix("_total"),
